@@ -1,0 +1,57 @@
+"""The company's classical part, in numpy: preprocessing, glue and head.
+
+The orchestrator runs inference with these functions and never imports torch; the torch
+model (`qumos.model`) implements the same maps differentiably, and tests check that the
+two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from qumos.spec import GlueSpec, HeadSpec, ModelSpec, PreprocessSpec
+
+
+def preprocess(raw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(N, H*W) pixels -> (N, pool_to**2) features in [0, pi]: center crop, average pool."""
+    raw = np.asarray(raw, dtype=np.float64)
+    h, w = spec.image_shape
+    if raw.ndim != 2 or raw.shape[1] != h * w:
+        raise ValueError(f"images must have shape (batch, {h * w}); got {raw.shape}")
+    c, p = spec.crop, spec.pool_to
+    top, left = (h - c) // 2, (w - c) // 2
+    img = raw.reshape(-1, h, w)[:, top:top + c, left:left + c]
+    pooled = img.reshape(-1, p, c // p, p, c // p).mean(axis=(2, 4))  # (N, p, p)
+    return np.clip(pooled.reshape(len(raw), -1) / spec.max_value, 0, 1) * np.pi
+
+
+def glue_forward(glue: GlueSpec, h: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Fragment k's outputs h (B, n_k) -> fragment k+1's input angles (B, out_dim)."""
+    z = np.concatenate([h, features], axis=1) if glue.reupload else h
+    a = z @ np.asarray(glue.weight).T + np.asarray(glue.bias)
+    return np.pi * (np.tanh(a) if glue.kind == "tanh" else np.sin(a))
+
+
+def head_forward(head: HeadSpec, h: np.ndarray) -> np.ndarray:
+    """Last fragment's outputs (B, n) -> logits (B, n_classes)."""
+    if head.kind == "linear":
+        return h @ np.asarray(head.weight).T + np.asarray(head.bias)
+    return head.scale * np.stack([h[:, g].sum(axis=1) for g in head.readout_groups()], axis=1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def run_chain(spec: ModelSpec, features: np.ndarray,
+              fragment: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Class probabilities (B, C) of features (B, 16), with `fragment(k, angles)`
+    executing fragment k (on Aer, over HTTP, ...)."""
+    h = fragment(0, features)
+    for k, g in enumerate(spec.glue):
+        h = fragment(k + 1, glue_forward(g, h, features))
+    return softmax(head_forward(spec.head, h))

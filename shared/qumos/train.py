@@ -1,0 +1,83 @@
+"""Training: Adam on cross-entropy, model selection on validation accuracy."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from qumos.model import DistributedQNN, accuracy
+from qumos.spec import Design, ModelSpec, build_spec
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the training set
+    lr: float = 0.03  # Adam learning rate
+    batch_size: int = 32
+    seed: int = 0  # initialisation and batch order
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    val_acc: float
+    train_acc: float
+    best_epoch: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+ProgressFn = Callable[[int, int, float], None]  # (epoch, epochs, val_acc)
+
+
+def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
+        progress: ProgressFn | None = None) -> TrainResult:
+    """Train the model's trainable parameters; keep the state with the best validation
+    accuracy (ties: the earlier epoch). x_val may be the training data itself."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    xt = torch.as_tensor(np.asarray(x_train), dtype=torch.float32)
+    yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best = (accuracy(model, x_val, y_val), 0, copy.deepcopy(model.state_dict()))
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        if opt is None:
+            break
+        model.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for i in range(0, len(xt), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val = accuracy(model, x_val, y_val)
+        history.append({"epoch": epoch, "loss": total / max(len(xt), 1), "val_acc": val})
+        if val > best[0]:
+            best = (val, epoch, copy.deepcopy(model.state_dict()))
+        if progress:
+            progress(epoch, cfg.epochs, val)
+    model.load_state_dict(best[2])
+    return TrainResult(model=model, val_acc=best[0], train_acc=accuracy(model, xt, yt),
+                       best_epoch=best[1], seconds=time.perf_counter() - t0, history=history)
+
+
+def train_design(design: Design, data, cfg: TrainConfig, name: str = "qumos-model",
+                 progress: ProgressFn | None = None) -> tuple[ModelSpec, TrainResult, float]:
+    """Train a design on a TaskData; returns (trained spec, result, test accuracy)."""
+    spec = build_spec(design, name=name)
+    model = DistributedQNN(spec, seed=cfg.seed)
+    res = fit(model, data.train.x, data.train.y, data.val.x, data.val.y, cfg, progress)
+    test_acc = accuracy(model, data.test.x, data.test.y)
+    return model.to_spec(), res, test_acc

@@ -1,0 +1,78 @@
+import json
+import math
+
+import pytest
+
+from qumos.errors import DesignError
+from qumos.spec import (BLOCK_TYPES, Design, FragmentSpec, ModelSpec, build_spec,
+                        design_from_flags, validate_design)
+
+
+def test_fragment_json_round_trip():
+    f = FragmentSpec(n_qubits=4, n_inputs=16, block="u3cu3", depth=3)
+    f = f.with_params([0.1 * i for i in range(f.n_params)])
+    again = FragmentSpec.model_validate_json(f.model_dump_json())
+    assert again == f
+    assert again.ops() == f.ops()
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("n", [4, 8])
+def test_param_count_matches_ops(block, n):
+    f = FragmentSpec(n_qubits=n, n_inputs=16, block=block, depth=2)
+    used = sorted(i for op in f.ansatz_ops() for i in op.index)
+    assert used == list(range(f.n_params))
+    assert f.n_params > 0
+
+
+def test_encoder_is_torchquantum_4x4_ryzxy():
+    f = FragmentSpec(n_qubits=4, n_inputs=16)
+    enc = f.encoder_ops()
+    gates = [op.gate for op in enc]
+    assert gates == ["ry"] * 4 + ["rz"] * 4 + ["rx"] * 4 + ["ry"] * 4
+    assert [op.wires[0] for op in enc] == [0, 1, 2, 3] * 4
+    assert [op.index[0] for op in enc] == list(range(16))
+
+
+def test_model_spec_round_trip_and_default_placement():
+    spec = build_spec(design_from_flags(fragments="1-4"))
+    assert spec.placement == ["provider-a", "provider-b"]
+    again = ModelSpec.model_validate(json.loads(spec.model_dump_json()))
+    assert again == spec
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block="nope"), "block"),
+    (dict(fragments="2-0-2"), "depth"),
+    (dict(n_qubits=11), "n_qubits"),
+    (dict(n_qubits=1), "n_qubits"),
+    (dict(n_qubits=2), "n_inputs"),  # 16 features do not fit the encoder on 2 qubits
+    (dict(fragments="two"), "fragments"),
+    (dict(task=3), "task"),
+    (dict(dataset="cifar"), "dataset"),
+])
+def test_invalid_designs_name_the_field(kwargs, field):
+    with pytest.raises(DesignError) as e:
+        design_from_flags(**kwargs)
+    assert field in str(e.value)
+
+
+def test_nan_params_rejected():
+    f = FragmentSpec(n_qubits=4, n_inputs=16, depth=1)
+    with pytest.raises(ValueError, match=r"params\[3\]"):
+        f.with_params([0.0] * 3 + [math.nan] + [0.0] * (f.n_params - 4)).model_validate(
+            f.with_params([0.0] * 3 + [math.nan] + [0.0] * (f.n_params - 4)).model_dump())
+
+
+def test_wrong_param_count_rejected():
+    with pytest.raises(ValueError, match="takes"):
+        FragmentSpec(n_qubits=4, n_inputs=16, depth=1, params=[0.0])
+
+
+def test_canonical_design_key_ignores_first_reupload():
+    a = validate_design({"fragments": [{"reupload": True}, {"depth": 3}]})
+    b = validate_design({"fragments": [{"reupload": False}, {"depth": 3}]})
+    assert a.key() == b.key()
+    c = validate_design({"fragments": [{}, {"depth": 3, "reupload": True}]})
+    assert c.key() != a.key()
+    assert isinstance(a, Design)
