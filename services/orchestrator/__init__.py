@@ -1,0 +1,1 @@
+"""QuMoS orchestrator service (no torch)."""

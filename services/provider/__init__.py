@@ -1,0 +1,1 @@
+"""QuMoS provider service."""

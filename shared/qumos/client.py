@@ -1,0 +1,234 @@
+"""The services' wire contract (pydantic models) and a small synchronous client.
+
+Conventions (the same everywhere on the wire):
+- Fragment inputs are angles in radians, `inputs` shape (B, n_inputs), row-major lists.
+- Fragment outputs are Pauli-Z expectation values of qubits 0..n-1 (qiskit little-endian),
+  shape (B, n_qubits), each in [-1, 1].
+- Predict `instances` are raw flattened images (row-major pixel values, e.g. 64 values for
+  an 8x8 digit); the orchestrator preprocesses them. Probabilities are (B, n_classes).
+- Every float must be finite: NaN or infinity is refused with 422.
+- Errors are `{"error": {"type": ..., "message": ..., "field": ...}}` with a 4xx/5xx status.
+- A fragment id is "<model>.<index>" (see `qumos.artifact.fragment_id`).
+
+The services (services/provider, services/orchestrator) use these models for requests
+and responses; the orchestrator also validates every provider answer with
+`ExecuteResponse`, as untrusted input. `deploy_artifact` and `predict` below are what
+`qumos deploy`, `qumos demo` and the tests use to talk to running services.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from qumos.errors import QumosError
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+MAX_SHOTS = 1_000_000
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ----- provider ---------------------------------------------------------------------------
+class ExecuteRequest(BaseModel):
+    """POST /v1/fragments/{fragment_id}/execute"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[list[FiniteFloat]] = Field(description="(B, n_inputs) angles in radians")
+    shots: int | None = Field(None, ge=1, le=MAX_SHOTS,
+                              description="sample with this many shots; exact when absent")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="sampler seed (shots only)")
+
+
+class ExecuteResponse(BaseModel):
+    """The provider's answer. The orchestrator validates it as untrusted input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: list[list[FiniteFloat]] = Field(description="(B, n_qubits) <Z_q> in [-1, 1]")
+    provider: str
+    fragment_id: str
+    shots: int | None = None
+    seconds: float = Field(description="simulator time for this batch")
+
+
+class FragmentInfo(BaseModel):
+    """GET /v1/fragments[/{id}]: what a provider holds (metadata, no weights)."""
+
+    fragment_id: str
+    model: str
+    index: int
+    n_qubits: int
+    n_inputs: int
+    block: str
+    depth: int
+    entanglement: str
+    n_params: int
+    transpiled_depth: int | None = None
+
+
+class FragmentList(BaseModel):
+    provider: str
+    fragments: list[FragmentInfo]
+
+
+# ----- orchestrator -----------------------------------------------------------------------
+class PredictRequest(BaseModel):
+    """POST /v1/models/{name}/predict"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[list[FiniteFloat]] = Field(
+        description="(B, H*W) raw flattened images (pixel values, row-major)")
+    shots: int | None = Field(None, ge=1, le=MAX_SHOTS,
+                              description="providers sample with shots; exact when absent")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1000, description="sampler seed")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    probabilities: list[list[float]]
+    labels: list[int] = Field(description="predicted class labels (from the model's classes)")
+    predictions: list[int] = Field(description="predicted class indices 0..C-1")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    dataset: str
+    task: int
+    classes: list[int]
+    n_fragments: int
+    placement: list[str]
+    input_shape: list[int]
+
+
+# Open Inference Protocol v2 (KServe).
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor]
+    outputs: list[dict[str, Any]] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+def format_loc(loc: tuple | list) -> str:
+    """('body', 'inputs', 3, 2) -> 'inputs[3][2]'."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path") and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def describe_validation_error(e: ValidationError) -> tuple[str, str]:
+    """(field, message) of the first error, e.g. ('inputs[0][3]', 'inputs[0][3]: ...')."""
+    err = e.errors()[0]
+    loc = err.get("loc", ())
+    if err.get("type") == "json_invalid":
+        return "body", f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})"
+    field = format_loc(loc)
+    msg = err["msg"]
+    if err.get("type") == "finite_number":
+        msg = f"is {err.get('input')}; every value must be a finite number"
+    more = len(e.errors()) - 1
+    return field, f"{field}: {msg}" + (f" (and {more} more errors)" if more > 0 else "")
+
+
+# ----- a small synchronous client ---------------------------------------------------------
+class ServiceError(QumosError):
+    """A service answered with an error (status and its JSON error body)."""
+
+    def __init__(self, status: int, body: Any, url: str):
+        self.status, self.body, self.url = status, body, url
+        msg = body.get("error", {}).get("message") if isinstance(body, dict) else str(body)
+        super().__init__(f"{url}: HTTP {status}: {msg}")
+
+
+def _check(resp) -> Any:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    if resp.status_code >= 400:
+        raise ServiceError(resp.status_code, body, str(resp.request.url))
+    return body
+
+
+def read_token(path: Path | str) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: empty token file")
+    return token
+
+
+def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
+                    providers: dict[str, str], tokens: dict[str, str],
+                    timeout: float = 60.0) -> dict:
+    """Push fragment k to provider placement[k] (with that provider's token), then register
+    the company part (no fragment weights) with the orchestrator."""
+    import httpx
+    from qumos.artifact import Artifact
+
+    assert isinstance(artifact, Artifact)
+    spec = artifact.spec
+    missing = [p for p in spec.placement if p not in providers]
+    if missing:
+        raise ValueError(f"providers: no URL for {missing}; the model is placed on "
+                         f"{spec.placement}")
+    missing = [p for p in spec.placement if p not in tokens]
+    if missing:
+        raise ValueError(f"tokens: no token for {missing}")
+    deployed = []
+    with httpx.Client(timeout=timeout) as client:
+        for k, name in enumerate(spec.placement):
+            ff = artifact.fragment_file(k)
+            url = f"{providers[name].rstrip('/')}/v1/fragments/{ff.fragment_id}"
+            _check(client.put(url, content=ff.model_dump_json(),
+                              headers={"Authorization": f"Bearer {tokens[name]}",
+                                       "Content-Type": "application/json"}))
+            deployed.append({"provider": name, "fragment_id": ff.fragment_id, "url": url})
+        url = f"{orchestrator_url.rstrip('/')}/v1/models/{spec.name}"
+        _check(client.put(url, content=artifact.company_spec().model_dump_json(),
+                          headers={"Authorization": f"Bearer {admin_token}",
+                                   "Content-Type": "application/json"}))
+    return {"model": spec.name, "fragments": deployed, "orchestrator": url}
+
+
+def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,
+            seed: int | None = None) -> PredictResponse:
+    """One predict call with an `httpx.Client`; raises ServiceError on an error status."""
+    body: dict[str, Any] = {"instances": [list(map(float, r)) for r in instances]}
+    if shots is not None:
+        body["shots"] = shots
+    if seed is not None:
+        body["seed"] = seed
+    resp = client.post(f"{orchestrator_url.rstrip('/')}/v1/models/{model}/predict", json=body)
+    return PredictResponse.model_validate(_check(resp))

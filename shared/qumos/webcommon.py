@@ -1,0 +1,195 @@
+"""What every QuMoS service shares: JSON errors, a request-size limit, settings loading,
+metrics, bearer-token checks and body parsing. Imports FastAPI/Starlette (services only).
+
+Error responses are always `{"error": {"type", "message", "field"?}}`:
+
+    ServiceError (HTTPException subclass)   raised by handlers: status, type, message, field
+    ├── BodyTooLarge                        413, raised by the body-limit middleware
+    RequestValidationError / ValidationError   422 naming the field
+    any other exception                     500 "internal" (logged, never the traceback)
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from qumos.client import describe_validation_error, format_loc
+from qumos.errors import QumosError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("qumos.service")
+M = TypeVar("M", bound=BaseModel)
+
+
+class ServiceError(StarletteHTTPException):
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.type, self.message, self.field = type_, message, field
+
+
+class BodyTooLarge(ServiceError):
+    def __init__(self, limit: int):
+        super().__init__(413, "body_too_large",
+                         f"body: request body exceeds {limit} bytes; allowed: at most {limit}",
+                         "body")
+
+
+class SettingsError(QumosError):
+    """Missing or invalid settings: names the environment variable."""
+
+
+def error_json(status: int, type_: str, message: str, field: str | None = None,
+               headers: dict | None = None) -> JSONResponse:
+    err = {"type": type_, "message": message}
+    if field is not None:
+        err["field"] = field
+    return JSONResponse({"error": err}, status_code=status, headers=headers)
+
+
+def load_settings(cls, settings=None):
+    """Build pydantic-settings `cls` from the environment; a clear error names the variable."""
+    if settings is not None:
+        return settings
+    prefix = cls.model_config.get("env_prefix", "")
+    try:
+        return cls()
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            var = prefix + str(err["loc"][0]).upper() if err.get("loc") else prefix
+            what = "is required but not set" if err["type"] == "missing" else err["msg"]
+            problems.append(f"{var} {what}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def read_token_file(path: Path, var: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise SettingsError(f"{var}: cannot read token file {path} ({e.strerror})") from None
+    if len(token) < 16:
+        raise SettingsError(f"{var}: token file {path} holds no token of at least 16 characters")
+    return token
+
+
+def check_bearer(request: Request, token: str) -> None:
+    """401 without credentials, 403 with wrong ones (constant-time comparison)."""
+    auth = request.headers.get("authorization")
+    if not auth:
+        raise ServiceError(401, "unauthorized", "authorization: missing; send "
+                           "'Authorization: Bearer <token>'", "authorization",
+                           headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                             token.encode()):
+        raise ServiceError(403, "forbidden", "authorization: the bearer token is not valid "
+                           "for this service", "authorization")
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Parse the JSON body as `model` (any content type); 422 naming the field."""
+    body = await request.body()
+    if not body:
+        raise ServiceError(422, "validation_error", "body: empty; send a JSON object", "body")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        field, message = describe_validation_error(e)
+        raise ServiceError(422, "validation_error", message, field) from None
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `limit` bytes with 413, by Content-Length or by counting the
+    bytes actually received (chunked bodies)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    resp = error_json(413, "body_too_large", BodyTooLarge(self.limit).message,
+                                      "body", headers={"Connection": "close"})
+                    return await resp(scope, receive, send)
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:
+            if started:
+                raise
+            resp = error_json(413, e.type, e.message, e.field)
+            await resp(scope, receive, send)
+
+
+def install_common(app: FastAPI, max_body_bytes: int, registry=None) -> None:
+    """JSON error handlers, the body limit and Prometheus /metrics."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        return error_json(exc.status_code, exc.type, exc.message, exc.field,
+                          headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = f"path: {request.url.path} is not an endpoint of this service"
+        return error_json(exc.status_code, kind, msg, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        field = format_loc(err.get("loc", ()))
+        return error_json(422, "validation_error", f"{field}: {err.get('msg')}", field)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_json(500, "internal", f"internal error ({type(exc).__name__}); "
+                          "the service is still up")
+
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    reg = registry if registry is not None else CollectorRegistry()
+    app.state.metrics_registry = reg
+    Instrumentator(registry=reg, excluded_handlers=["/metrics"]).instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=False)
+
+
+def json_response(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status,
+                    media_type="application/json")
