@@ -1,17 +1,34 @@
 """Batched, differentiable statevector simulator in torch, built from `FragmentSpec.ops()`.
 
-Two facts make it fast (see the benchmark in bench/bench_simulator.py):
-- the encoder is a layer of single-qubit rotations on |0...0>, so the encoded state is a
-  product state: per wire a (B, 2) vector, combined by Kronecker products;
-- the ansatz does not depend on the data, so its unitary U (2**n, 2**n) is built once
-  per forward pass from the weights (by running the ansatz on the identity) and applied
-  to the whole batch with one matmul. When the batch is smaller than 2**n the ansatz is
-  applied to the batch states directly instead (same ops, less work).
-The op list is compiled once into steps: a run of single-qubit gates becomes one 2x2
-matrix per wire (computed for all wires at once) and, up to 8 qubits, one dense layer
-matrix; a run of fixed gates (cx, cz) becomes one constant matrix.
+States are (B, 2**n) complex tensors in qiskit's little-endian order (qubit 0 is the least
+significant bit of a basis index). Every step maps states to states as rows.
 
-States are (B, 2**n) complex tensors in qiskit's little-endian order.
+What makes it fast (see bench/bench_simulator.py): few, large torch operations per step.
+- The encoder is a layer of single-qubit rotations on |0...0>, so the encoded state is a
+  product state: per wire a (B, 2) vector, combined by Kronecker products. If the ansatz
+  starts with single-qubit gates (every block type but rzz_ry / rzx_rxx does), those are
+  applied to the per-wire vectors too, before the product: the state stays a product state.
+- The op list is compiled once into steps:
+    local  a run of single-qubit gates, fused per wire into one 2x2 matrix (all wires and
+           layers at once); applied as one dense (2**n, 2**n) matmul up to 5 qubits, else
+           as kron(high wires) @ S @ kron(low wires)^T on the state reshaped to
+           (B, 2**h, 2**l);
+    perm   a run of fixed gates (cx, cz) is a signed permutation of basis states: one
+           index operation;
+    diag   a run of rzz gates is diagonal: one phase vector;
+    gates2q other parameterized two-qubit gates, one einsum each.
+- The ansatz does not depend on the data. When it pays off (by an estimated operation
+  count, `FragmentSim.use_unitary`), its unitary is built once per call by running the
+  steps on the identity, and applied to the whole batch with one matmul.
+- Rotation matrices are linear in (cos t/2, sin t/2): c * I + s * (-i P). So a product
+  of L rotations is multilinear in their (cos, sin) pairs: sum_k coef[k] f[k], f the
+  Kronecker product of the pairs (2**L reals), coef constant (`_run_coefficients`). A
+  fused run's matrices, and the encoded per-wire vectors of the whole batch, are each one
+  *real* matmul with a constant, instead of chains of tiny complex ops (whose autograd
+  overhead, not their arithmetic, dominated the old simulator's time).
+
+Cost of one forward+backward step, and the flop floor it is compared with, are printed
+by the benchmark; `flops_per_sample` counts the arithmetic of this method.
 """
 
 from __future__ import annotations
@@ -19,55 +36,41 @@ from __future__ import annotations
 import math
 
 import torch
-
 from qumos.spec import TWO_QUBIT_GATES, FragmentSpec, Op
 
-__all__ = ["FragmentSim", "gate_matrix"]
-
-
-def _c(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype)
+__all__ = ["FragmentSim", "flops_per_sample", "gate_matrix", "init_params"]
 
 
 def gate_matrix(gate: str, angles: list[torch.Tensor], cdtype: torch.dtype) -> torch.Tensor:
-    """The gate's matrix, (..., 2, 2) or (..., 4, 4); angles may be batched (...)."""
+    """The gate's matrix, (..., 2, 2) or (..., 4, 4); angles may be batched (...).
+
+    Two-qubit matrices are in the basis |w0 w1> of the op's wires (w0 more significant).
+    """
     if gate in ("rx", "ry", "rz"):
         t = angles[0]
-        c = _c(torch.cos(t / 2), cdtype)
-        s = _c(torch.sin(t / 2), cdtype)
-        j = torch.tensor(1j, dtype=cdtype)
-        if gate == "rx":
-            m = [c, -j * s, -j * s, c]
-        elif gate == "ry":
-            m = [c, -s, s, c]
-        else:
-            e = torch.exp(-j * _c(t / 2, cdtype))
-            z = torch.zeros_like(e)
-            m = [e, z, z, e.conj()]
-        return torch.stack(m, dim=-1).reshape(*t.shape, 2, 2)
+        cs = torch.stack([torch.cos(t / 2), torch.sin(t / 2)], dim=-1).to(cdtype)  # (..., 2)
+        return (cs @ _ROT_BASIS[gate].to(cdtype)).reshape(*t.shape, 2, 2)
     if gate in ("u3", "cu3"):
         th, ph, la = angles
-        c = _c(torch.cos(th / 2), cdtype)
-        s = _c(torch.sin(th / 2), cdtype)
-        j = torch.tensor(1j, dtype=cdtype)
-        eph = torch.exp(j * _c(ph, cdtype))
-        ela = torch.exp(j * _c(la, cdtype))
+        c = torch.cos(th / 2).to(cdtype)
+        s = torch.sin(th / 2).to(cdtype)
+        eph = torch.polar(torch.ones_like(ph), ph).to(cdtype)
+        ela = torch.polar(torch.ones_like(la), la).to(cdtype)
         u = torch.stack([c, -ela * s, eph * s, eph * ela * c], dim=-1).reshape(*th.shape, 2, 2)
         if gate == "u3":
             return u
+        # controlled U3 = |0><0| (x) I + |1><1| (x) U3, control = the op's first wire
         m = torch.zeros(*th.shape, 4, 4, dtype=cdtype)
         m[..., 0, 0] = 1
         m[..., 1, 1] = 1
         m[..., 2:, 2:] = u
         return m
-    if gate in ("rzz", "rxx", "rzx"):
+    if gate in ("rzz", "rxx", "rzx"):  # exp(-i t/2 P) = cos(t/2) I - i sin(t/2) P
         t = angles[0]
-        c = _c(torch.cos(t / 2), cdtype)
-        s = _c(torch.sin(t / 2), cdtype)
-        j = torch.tensor(1j, dtype=cdtype)
-        pauli = {"rzz": _ZZ, "rxx": _XX, "rzx": _ZX}[gate].to(cdtype)
-        eye = torch.eye(4, dtype=cdtype)
-        return c[..., None, None] * eye - (j * s)[..., None, None] * pauli
+        cs = torch.stack([torch.cos(t / 2), torch.sin(t / 2)], dim=-1).to(cdtype)
+        pauli = {"rzz": _ZZ, "rxx": _XX, "rzx": _ZX}[gate]
+        basis = torch.stack([torch.eye(4, dtype=torch.complex128), -1j * pauli]).to(cdtype)
+        return (cs @ basis.reshape(2, 16)).reshape(*t.shape, 4, 4)
     if gate == "cx":
         return _CX.to(cdtype)
     if gate == "cz":
@@ -75,20 +78,50 @@ def gate_matrix(gate: str, angles: list[torch.Tensor], cdtype: torch.dtype) -> t
     raise ValueError(f"unknown gate {gate!r}")
 
 
+_I = torch.eye(2, dtype=torch.complex128)
 _X = torch.tensor([[0, 1], [1, 0]], dtype=torch.complex128)
+_Y = torch.tensor([[0, -1j], [1j, 0]], dtype=torch.complex128)
 _Z = torch.tensor([[1, 0], [0, -1]], dtype=torch.complex128)
 _ZZ = torch.kron(_Z, _Z)
 _XX = torch.kron(_X, _X)
 _ZX = torch.kron(_Z, _X)  # Z on the op's first wire, X on its second
 _CX = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.complex128)
+# R_P(t) = cos(t/2) I + sin(t/2) (-i P): rows are the flattened coefficients of (c, s), (2, 4).
+_ROT_BASIS = {g: torch.stack([_I.flatten(), (-1j * p).flatten()])
+              for g, p in (("rx", _X), ("ry", _Y), ("rz", _Z))}
+ROTATIONS = frozenset(_ROT_BASIS)
 
 
-DENSE_MAX_QUBITS = 8  # up to here, gate layers are applied as dense (2**n, 2**n) matrices
+def _kron_all(mats: torch.Tensor) -> torch.Tensor:
+    """kron(m[k-1], ..., m[0]) of (k, 2, 2): a (2**k, 2**k) matrix; m[0] acts on the least
+    significant bit."""
+    ms = mats.unbind(0)
+    out = ms[0]
+    for m in ms[1:]:  # kron(m, out)[i*p + k, j*q + l] = m[i, j] * out[k, l]; fewer ops than torch.kron
+        p, q = out.shape
+        out = (m[:, None, :, None] * out[None, :, None, :]).reshape(2 * p, 2 * q)
+    return out
 
 
-class _Run1q:
-    """A run of single-qubit parameterized gates, fused: per layer l one gate type on
-    every wire, parameter indices idx[l, wire, k]; unused slots are identities."""
+def _chain(mats: torch.Tensor) -> torch.Tensor:
+    """mats[L-1] @ ... @ mats[0] over the leading axis of (L, ..., 2, 2) (or a list)."""
+    if isinstance(mats, torch.Tensor):
+        mats = mats.unbind(0)
+    out = mats[0]
+    for m in mats[1:]:
+        out = m @ out
+    return out
+
+
+# Up to this many qubits a local step is one dense (d, d) matmul: for d <= 32 torch's
+# per-op overhead outweighs the 2x fewer flops of the split form (measured, 1 thread).
+DENSE_LOCAL_QUBITS = 5
+
+
+class _Local:
+    """A run of single-qubit parameterized gates, fused per wire. Layer l applies one gate
+    type to every wire that has an l-th gate in the run; `idx[l, wire, k]` is the weight
+    index of the k-th angle (-1 = no gate there: angle 0, the identity)."""
 
     def __init__(self, ops: list[Op], n: int):
         by_wire: list[list[Op]] = [[] for _ in range(n)]
@@ -105,27 +138,57 @@ class _Run1q:
                 if len(v) > layer:
                     idx[layer, wire, : len(v[layer].index)] = torch.tensor(v[layer].index)
         self.idx = idx
+        self.all_rotations = all(t in ROTATIONS for t in self.types)
+        if self.all_rotations:
+            # A wire's fused matrix is multilinear in the (cos, sin) of its L half-angles:
+            # G = sum_k coef[k] f[k], f = their Kronecker product (see _encoder_columns).
+            self.coef = _run_coefficients(self.types)  # (2**L, 2, 2) complex128
 
-    def matrices(self, w: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-        """Per wire the fused 2x2 matrix, (n, 2, 2)."""
-        wz = torch.cat([w, w.new_zeros(1)])  # index -1 -> angle 0 -> identity
-        m = None
+    def features(self, cs: torch.Tensor) -> torch.Tensor:
+        """f (n, 2**L) real: per wire the products of cos / sin of the run's half-angles,
+        index k = sum_l bit_l 2**l (bit 1 = sin). cs (P+1, 2) real (cos, sin) of w/2."""
+        layers = cs[self.idx[:, :, 0]].unbind(0)  # L tensors (n, 2)
+        f = layers[0]
+        for c in layers[1:]:
+            f = (c[:, :, None] * f[:, None, :]).reshape(f.shape[0], -1)
+        return f
+
+    def matrices(self, wz: torch.Tensor, cs: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        """Per wire the fused 2x2 matrix, (n, 2, 2) complex. wz (P+1,) weights padded with
+        a 0 at index -1 (= no gate); cs (P+1, 2) real (cos, sin) of their halves."""
+        if self.all_rotations:
+            # one real matmul: (n, 2**L) @ (2**L, 8 = 2x2 entries x (re, im))
+            coef = torch.view_as_real(self.coef.to(cdtype)).reshape(self.coef.shape[0], 8)
+            g = self.features(cs) @ coef  # (n, 8)
+            return torch.view_as_complex(g.reshape(-1, 2, 2, 2))
+        mats = []
         for layer, gate in enumerate(self.types):
-            k = GATE_ARITY_1Q[gate]
-            g = gate_matrix(gate, [wz[self.idx[layer, :, a]] for a in range(k)], cdtype)
-            m = g if m is None else g @ m
-        return m
+            if gate in ROTATIONS:
+                g = cs[self.idx[layer, :, 0]].to(cdtype) @ _ROT_BASIS[gate].to(cdtype)  # (n, 4)
+                mats.append(g.reshape(-1, 2, 2))
+            else:  # u3
+                angles = [wz[self.idx[layer, :, a]] for a in range(3)]
+                mats.append(gate_matrix(gate, angles, cdtype))
+        return _chain(mats)
 
 
-GATE_ARITY_1Q = {"rx": 1, "ry": 1, "rz": 1, "u3": 3}
+def _run_coefficients(gates: list[str]) -> torch.Tensor:
+    """(2**L, 2, 2): entry k is B_{L-1} ... B_0 with B_l = I if bit l of k is 0 (the
+    cos(t_l/2) term of R_l) else -i P_l (the sin(t_l/2) term)."""
+    out = []
+    for k in range(2 ** len(gates)):
+        m = torch.eye(2, dtype=torch.complex128)
+        for layer, g in enumerate(gates):
+            m = _ROT_BASIS[g][(k >> layer) & 1].reshape(2, 2) @ m
+        out.append(m)
+    return torch.stack(out)
 
 
-def _kron_all(mats: torch.Tensor) -> torch.Tensor:
-    """kron(m[n-1], ..., m[0]) of (n, 2, 2): the layer's (2**n, 2**n) matrix."""
-    out = mats[0]
-    for k in range(1, mats.shape[0]):
-        out = torch.kron(mats[k], out)
-    return out
+def _encoder_columns(gates: list[str]) -> torch.Tensor:
+    """C (2, 2**L): column k is B_{L-1} ... B_0 |0> (see `_run_coefficients`), so for the
+    rotations R_l(t_l) on |0>: v = sum_k C[:, k] f[k] = C @ f, f the Kronecker product of
+    the (cos, sin)(t_l/2) pairs."""
+    return _run_coefficients(gates)[:, :, 0].T
 
 
 class FragmentSim:
@@ -135,13 +198,16 @@ class FragmentSim:
     def __init__(self, spec: FragmentSpec, dtype: torch.dtype = torch.float32):
         self.spec = spec
         self.n = n = spec.n_qubits
+        self.d = 2**n
         self.dtype = dtype
         self.cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-        self.dense = n <= DENSE_MAX_QUBITS
-        # Encoder: input i on wire i % n, layer i // n; pad to 4 layers with angle 0.
+        self.lo = n // 2  # local layers: wires 0..lo-1 are the "low" block, the rest "high"
+        # Encoder: input i on wire i % n, layer i // n; missing inputs are angle 0.
         enc = spec.encoder_ops()
-        self.enc_layers = [enc[layer * n].gate for layer in range((len(enc) + n - 1) // n)]
-        # Ansatz: compile the op list into steps of three kinds.
+        self.n_enc_layers = (len(enc) + n - 1) // n
+        enc_gates = [enc[layer * n].gate for layer in range(self.n_enc_layers)]
+        self.enc_c = _encoder_columns(enc_gates)  # (2, 2**L) complex128
+        # Ansatz: compile the op list into steps (kind, payload).
         self.steps: list[tuple[str, object]] = []
         ops = spec.ansatz_ops()
         i = 0
@@ -150,90 +216,137 @@ class FragmentSim:
             if ops[i].gate in TWO_QUBIT_GATES and ops[i].source == "none":
                 while j < len(ops) and ops[j].gate in TWO_QUBIT_GATES and ops[j].source == "none":
                     j += 1
-                self.steps.append(("fixed", self._fixed_matrix(ops[i:j])))
+                self.steps.append(("perm", self._signed_permutation(ops[i:j])))
             elif ops[i].gate in TWO_QUBIT_GATES:
                 while j < len(ops) and ops[j].gate == ops[i].gate:
                     j += 1
-                wires = [op.wires for op in ops[i:j]]
-                idx = torch.tensor([op.index for op in ops[i:j]], dtype=torch.long)
-                self.steps.append(("param2q", (ops[i].gate, wires, idx)))
+                idx = torch.tensor([op.index for op in ops[i:j]], dtype=torch.long)  # (m, k)
+                if ops[i].gate == "rzz":  # diagonal: phases exp(-i t/2 z_a z_b)
+                    zz = torch.stack([self._z(a) * self._z(b) for a, b in
+                                      (op.wires for op in ops[i:j])])  # (m, d)
+                    self.steps.append(("diag", (idx[:, 0], zz.to(dtype))))
+                else:
+                    wires = [op.wires for op in ops[i:j]]
+                    self.steps.append(("gates2q", (ops[i].gate, wires, idx)))
             else:
                 while j < len(ops) and ops[j].gate not in TWO_QUBIT_GATES:
                     j += 1
-                self.steps.append(("run1q", _Run1q(ops[i:j], n)))
+                self.steps.append(("local", _Local(ops[i:j], n)))
             i = j
-        # z_signs[idx, q] = +1 if bit q of idx is 0 else -1.
-        idx = torch.arange(2**n)
-        self.z_signs = (1 - 2 * ((idx[:, None] >> torch.arange(n)[None, :]) & 1)).to(dtype)
+        # A leading local step acts on the encoder's product state, wire by wire.
+        self.first_local = self.steps.pop(0)[1] if self.steps and self.steps[0][0] == "local" else None
+        # The encoder's per-wire T = G @ C (see encode); with G = sum_k coef[k] f_g[k] it is
+        # one real matmul f_g (n, 2**Lg) @ D (2**Lg, 2**L * 4), D[k] = coef[k] @ C laid out
+        # as T's (re, im) columns.
+        self.first_enc = None
+        if self.first_local is not None and self.first_local.all_rotations:
+            d_k = self.first_local.coef @ self.enc_c  # (2**Lg, 2, 2**L)
+            self.first_enc = torch.view_as_real(d_k.transpose(1, 2)).reshape(d_k.shape[0], -1).to(dtype)
+        # z_signs[idx, q] = +1 if bit q of idx is 0 else -1, (d, n); each row twice, for
+        # the real and imaginary part of amplitude idx: (2d, n).
+        z = torch.stack([self._z(q) for q in range(n)], dim=1)
+        self.z_signs = z.repeat_interleave(2, dim=0).to(dtype)
+        self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
 
-    def _fixed_matrix(self, ops: list[Op]):
-        """Fixed gates: one constant matrix R with state_out = state_in @ R (dense), or the
-        gate list for large n."""
-        if not self.dense:
-            return [(gate_matrix(op.gate, [], self.cdtype), op.wires) for op in ops]
-        state = torch.eye(2**self.n, dtype=torch.complex128)
+    # ---- compilation helpers -------------------------------------------------------
+    def _z(self, q: int) -> torch.Tensor:
+        """(d,) eigenvalue of Z_q on each basis state: +1 if bit q is 0, else -1."""
+        return 1.0 - 2.0 * ((torch.arange(self.d) >> q) & 1).double()
+
+    def _signed_permutation(self, ops: list[Op]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fixed gates as (perm, sign): state_out[:, k] = sign[k] * state_in[:, perm[k]]."""
+        m = torch.eye(self.d, dtype=torch.complex128)  # row j -> the gates applied to |j>
         for op in ops:
-            state = self._apply_2q(state, gate_matrix(op.gate, [], torch.complex128), *op.wires)
-        return state.to(self.cdtype)
+            m = self._apply_2q(m, gate_matrix(op.gate, [], torch.complex128), *op.wires)
+        perm = m.abs().argmax(dim=0)  # (d,): the one nonzero row of each column
+        sign = m[perm, torch.arange(self.d)]
+        rebuilt = torch.zeros_like(m)
+        rebuilt[perm, torch.arange(self.d)] = sign
+        assert torch.equal(rebuilt, m), "cx/cz runs are signed permutations"
+        sign_or_none = None if torch.all(sign == 1) else sign.to(self.cdtype)
+        return perm, sign_or_none
+
+    def _step_cost(self, kind: str, payload) -> int:
+        """Complex multiply-adds per state of one step (the cost model of use_unitary)."""
+        d = self.d
+        if kind == "local":
+            if self.n <= DENSE_LOCAL_QUBITS:
+                return d * d
+            return d * (2 ** (self.n - self.lo) + 2**self.lo)
+        if kind == "gates2q":
+            return 4 * d * len(payload[1])
+        return d  # perm, diag
+
+    def use_unitary(self, batch: int) -> bool:
+        """Build the ansatz unitary (d rows through the steps, then one (B, d) @ (d, d)
+        matmul) only when that is cheaper than running the steps on the B states."""
+        return self.d * self.state_cost + batch * self.d**2 < batch * self.state_cost
 
     # ---- state preparation ---------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n_inputs) angles -> (B, 2**n) product state."""
-        b, n = x.shape[0], self.n
-        pad = len(self.enc_layers) * n - x.shape[1]
-        if pad:
+    def encode(self, x: torch.Tensor, t_ri: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_inputs) angles -> (B, d) product state; `t_ri` (n, 2**L, 4): T = G @ C
+        per wire as (re, im) columns (`_encoder_t`), G the ansatz's leading local step;
+        None: no leading local step.
+
+        Per wire the encoded vector is multilinear in the (cos, sin) of its L half-angles
+        (see `_encoder_columns`): v = G @ C @ f with f (2**L,) their Kronecker product, C
+        constant and G the wire's matrix of the leading local step. So all B * n vectors
+        come from one real batched matmul, f (n, B, 2**L) @ T (n, 2**L, 4).
+        """
+        b, n, layers = x.shape[0], self.n, self.n_enc_layers
+        pad = layers * n - x.shape[1]
+        if pad:  # missing inputs: angle 0, the identity
             x = torch.cat([x, x.new_zeros(b, pad)], dim=1)
-        half = x.reshape(b, -1, n) / 2  # (B, layers, n)
-        c, s = torch.cos(half).to(self.cdtype), torch.sin(half).to(self.cdtype)
-        j = torch.tensor(1j, dtype=self.cdtype)
-        v0 = torch.ones(b, n, dtype=self.cdtype)
-        v1 = torch.zeros(b, n, dtype=self.cdtype)
-        for layer, gate in enumerate(self.enc_layers):
-            cl, sl = c[:, layer], s[:, layer]
-            if gate == "ry":
-                v0, v1 = cl * v0 - sl * v1, sl * v0 + cl * v1
-            elif gate == "rx":
-                v0, v1 = cl * v0 - j * sl * v1, cl * v1 - j * sl * v0
-            else:  # rz
-                v0, v1 = (cl - j * sl) * v0, (cl + j * sl) * v1
-        v = torch.stack([v0, v1], dim=-1)  # (B, n, 2)
-        psi = v[:, 0]
-        for w in range(1, n):  # wire w is more significant than wires < w
-            psi = (v[:, w, :, None] * psi[:, None, :]).reshape(b, -1)
+        half = x.reshape(b, layers, n).permute(1, 2, 0) / 2  # (L, n, B)
+        cs = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (L, n, B, 2) real
+        f = cs[0]
+        for layer in range(1, layers):  # f index k = sum_l i_l 2**l, i_l = 0 cos, 1 sin
+            f = (cs[layer][..., :, None] * f[..., None, :]).reshape(n, b, -1)  # (n, B, 2**l+1)
+        if t_ri is None:
+            t = self.enc_c.to(self.cdtype).expand(n, 2, -1)  # (n, 2, 2**L)
+            t_ri = torch.view_as_real(t.transpose(1, 2)).reshape(n, -1, 4)  # (n, 2**L, 4)
+        v = torch.view_as_complex(torch.bmm(f, t_ri).reshape(n, b, 2, 2))  # (n, B, 2)
+        wires = v.unbind(0)  # n tensors (B, 2); unbind: one stack in backward, not n
+        psi = wires[0]
+        for vw in wires[1:]:  # wire w is more significant than wires < w
+            psi = (vw[:, :, None] * psi[:, None, :]).reshape(b, -1)
         return psi
 
-    # ---- gate application (states are rows) -------------------------------------------
-    def _apply_1q(self, state: torch.Tensor, m: torch.Tensor, w: int) -> torch.Tensor:
-        b = state.shape[0]
-        s = state.reshape(b, 2 ** (self.n - 1 - w), 2, 2**w)
-        return torch.einsum("ij,bajc->baic", m, s).reshape(b, -1)
+    # ---- steps on states (rows) ------------------------------------------------------
+    def _apply_2q(self, s: torch.Tensor, m: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Apply a 4x4 gate m (basis |a b>, a more significant) on wires a, b of (B, d)."""
+        hi, lo = max(a, b), min(a, b)
+        t = s.reshape(s.shape[0], 2 ** (self.n - 1 - hi), 2, 2 ** (hi - lo - 1), 2, 2**lo)
+        g = m.reshape(2, 2, 2, 2)  # [a_out, b_out, a_in, b_in]
+        # t axes: z batch, x above hi, r = bit hi, y between, s = bit lo, u below lo
+        eq = "pqrs,zxrysu->zxpyqu" if a == hi else "pqsr,zxrysu->zxqypu"
+        return torch.einsum(eq, g, t).reshape(s.shape)
 
-    def _apply_2q(self, state: torch.Tensor, m: torch.Tensor, w0: int, w1: int) -> torch.Tensor:
-        b = state.shape[0]
-        t = state.reshape((b,) + (2,) * self.n)
-        a0, a1 = 1 + (self.n - 1 - w0), 1 + (self.n - 1 - w1)
-        t = torch.movedim(t, (a0, a1), (-2, -1))
-        shp = t.shape
-        t = (t.reshape(-1, 4) @ m.T).reshape(shp)
-        t = torch.movedim(t, (-2, -1), (a0, a1))
-        return t.reshape(b, -1)
+    def _apply_local(self, s: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+        """Per-wire 2x2 matrices (n, 2, 2) on (B, d): kron(high) @ S @ kron(low)^T, or one
+        dense (d, d) matmul up to DENSE_LOCAL_QUBITS (fewer, larger ops win there)."""
+        if self.n <= DENSE_LOCAL_QUBITS:
+            return s @ _kron_all(mats).T
+        k_lo = _kron_all(mats[: self.lo])  # (2**lo, 2**lo)
+        k_hi = _kron_all(mats[self.lo:])  # (2**hi, 2**hi)
+        t = s.reshape(s.shape[0], -1, 2**self.lo)  # (B, 2**hi, 2**lo)
+        t = torch.matmul(k_hi, t @ k_lo.T)
+        return t.reshape(s.shape)
 
-    def apply_ansatz(self, state: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Apply the ansatz to a batch of states (B, 2**n)."""
+    def apply_steps(self, state: torch.Tensor, w: torch.Tensor,
+                    cache: dict | None = None) -> torch.Tensor:
+        """Apply the ansatz steps (all but a leading local step) to states (B, d)."""
+        wz, cs = self._angles(w) if cache is None else cache["angles"]
         for kind, step in self.steps:
-            if kind == "run1q":
-                mats = step.matrices(w, self.cdtype)  # (n, 2, 2)
-                if self.dense:
-                    state = state @ _kron_all(mats).T
-                else:
-                    for wire in range(self.n):
-                        state = self._apply_1q(state, mats[wire], wire)
-            elif kind == "fixed":
-                if self.dense:
-                    state = state @ step
-                else:
-                    for m, wires in step:
-                        state = self._apply_2q(state, m, *wires)
+            if kind == "local":
+                state = self._apply_local(state, step.matrices(wz, cs, self.cdtype))
+            elif kind == "perm":
+                perm, sign = step
+                state = state[:, perm] if sign is None else state[:, perm] * sign
+            elif kind == "diag":
+                idx, zz = step
+                phase = (w[idx] @ zz) * -0.5  # (d,)
+                state = state * torch.polar(torch.ones_like(phase), phase)
             else:
                 gate, wires, idx = step
                 mats = gate_matrix(gate, [w[idx[:, a]] for a in range(idx.shape[1])],
@@ -242,36 +355,75 @@ class FragmentSim:
                     state = self._apply_2q(state, m, w0, w1)
         return state
 
+    def _angles(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w padded with a 0 (index -1 = no gate), and (cos, sin) of the halves, real."""
+        wz = torch.cat([w, w.new_zeros(1)])  # (P+1,)
+        half = wz / 2
+        return wz, torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (P+1, 2)
+
+    def _encoder_t(self, wz: torch.Tensor, cs: torch.Tensor) -> torch.Tensor | None:
+        """T = G @ C of `encode`, (n, 2**L, 4) real, or None without a leading local step."""
+        if self.first_local is None:
+            return None
+        if self.first_enc is not None:
+            t = self.first_local.features(cs) @ self.first_enc  # (n, 2**L * 4)
+            return t.reshape(self.n, -1, 4)
+        g = self.first_local.matrices(wz, cs, self.cdtype)  # (n, 2, 2)
+        t = g @ self.enc_c.to(self.cdtype)  # (n, 2, 2**L)
+        return torch.view_as_real(t.transpose(1, 2)).reshape(self.n, -1, 4)
+
     def unitary_rows(self, w: torch.Tensor) -> torch.Tensor:
-        """R = U^T, (2**n, 2**n): row j is the state U|j>, so psi_out = psi_in @ R."""
-        return self.apply_ansatz(torch.eye(2**self.n, dtype=self.cdtype), w)
+        """R = U^T, (d, d), for the steps after the leading local one: row j is U|j>, so
+        psi_out = psi_in @ R."""
+        return self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w)
 
     def statevector(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        psi = self.encode(x)
-        if x.shape[0] >= 2**self.n:
-            return psi @ self.unitary_rows(w)
-        return self.apply_ansatz(psi, w)
+        """(B, d) final states."""
+        wz, cs = self._angles(w)
+        psi = self.encode(x, self._encoder_t(wz, cs))
+        if not self.steps:
+            return psi
+        cache = {"angles": (wz, cs)}
+        if self.use_unitary(x.shape[0]):
+            return psi @ self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w, cache)
+        return self.apply_steps(psi, w, cache)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         w = w.to(self.dtype)
         psi = self.statevector(x, w)
-        probs = psi.real**2 + psi.imag**2  # (B, 2**n)
-        return probs @ self.z_signs  # (B, n)
+        # <Z_q> = sum_idx |psi_idx|^2 z_q(idx) = sum over re and im parts of part^2 z_q(idx)
+        parts = torch.view_as_real(psi).reshape(psi.shape[0], -1)  # (B, 2d): re, im, re, ...
+        return parts.square() @ self.z_signs  # (B, n)
 
     __call__ = forward
 
 
-def flops_per_sample(spec: FragmentSpec) -> float:
-    """Floor estimate: real flops per sample, forward + backward, of the fused method.
+def flops_per_sample(spec: FragmentSpec, batch: int) -> float:
+    """Real flops per sample, forward + backward, of the method FragmentSim uses at this
+    batch size: the arithmetic a perfect implementation of *our method* cannot avoid (a
+    floor for it, not for every possible simulator).
 
-    Encode (product state) ~ 6 * 2**n, apply U (complex matmul) 8 * 4**n, probabilities
-    and readout ~ 2**n * (3 + 2n); the backward pass costs about twice the forward.
-    The per-batch cost of building U is excluded (amortised over the batch).
+    Complex multiply-add = 8 real flops, complex multiply = 6. Per sample, forward:
+    encoder per wire 2**L products f and f @ T (2**L x 4 real multiply-adds), i.e.
+    ~9 * 2**L per wire (cos/sin not counted); Kronecker product ~2d complex multiplies;
+    the steps (`_step_cost` complex multiply-adds per state, or on the unitary path
+    d * cost / B to build U, amortised over the batch, plus d**2 for psi @ U); readout
+    2d squares + 2d * n for the (B, 2d) @ (2d, n) matmul. The backward pass costs about
+    twice the forward (a gradient for each operand of every product).
+
+    (The first version counted only the unitary path, left out building U, and used a
+    dense d**2 per step; the state path at small batches was therefore mis-estimated.)
     """
-    d = 2**spec.n_qubits
-    fwd = 6 * d + 8 * d * d + d * (3 + 2 * spec.n_qubits)
-    return 3.0 * fwd
+    sim = FragmentSim(spec)
+    n, d, layers = sim.n, sim.d, sim.n_enc_layers
+    encoder = n * 9 * 2**layers + 6 * 2 * d
+    if sim.steps and sim.use_unitary(batch):
+        steps = 8 * (d * sim.state_cost / batch + d * d)
+    else:
+        steps = 8 * sim.state_cost
+    readout = 2 * d + 2 * (2 * d) * n
+    return 3.0 * (encoder + steps + readout)
 
 
 def init_params(spec: FragmentSpec, generator: torch.Generator | None = None) -> torch.Tensor:
