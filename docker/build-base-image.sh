@@ -33,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --no-upgrade) UPGRADE=0 ;;
     --host-ca) HOST_CA=1 ;;
     --tag) shift; EXTRA_TAGS+=("$1") ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
