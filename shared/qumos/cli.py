@@ -167,7 +167,8 @@ def _register_commands() -> None:
     """Commands of the services, attacker and search engine live in their own modules."""
     import importlib
 
-    for mod in ("qumos.cli_services", "qumos.cli_attack", "qumos.cli_search"):
+    for mod in ("qumos.cli_services", "qumos.cli_attack", "qumos.cli_search",
+                "qumos.cli_compose"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

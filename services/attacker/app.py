@@ -1,0 +1,363 @@
+"""The attacker: runs attack jobs against one breached provider's holdings.
+
+Run:  QUMOS_ATTACKER_BREACHED_DIR=runs/provider-b QUMOS_ATTACKER_DATA_DIR=runs/attacker \
+      [QUMOS_ATTACKER_ORCHESTRATOR_URL=http://127.0.0.1:8100] \
+      uvicorn --factory services.attacker.app:create_app --port 8200
+
+Endpoints:
+    POST /v1/attacks          AttackRequest -> 202 {"id", "status", ...}
+    GET  /v1/attacks          every job (without per-run details)
+    GET  /v1/attacks/{id}     status, progress {strategy, seed, restart, epoch, done, total},
+                              results (qumos.attack.attack_provider: per strategy accuracy
+                              and fidelity; A_j, S, leak_j), error
+    GET  /healthz, /readyz (503 while BREACHED_DIR is not a provider's data directory), /metrics
+
+The breached directory (BREACHED_DIR, read-only in docker) is only ever read, with
+`qumos.attack.breach`, once per job. Jobs run in worker threads (WORKERS of them), never
+on the event loop. Every job is a JSON file in DATA_DIR/jobs/, rewritten atomically on
+each change; at startup the files are reloaded and a job that was queued or running when
+the service stopped is marked "interrupted" (resubmit it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from qumos.artifact import atomic_write
+from qumos.errors import QumosError
+from qumos.spec import Design
+from qumos.webcommon import ServiceError, install_common, load_settings, parse_body
+
+log = logging.getLogger("qumos.attacker")
+
+MAX_SEEDS = 10
+MAX_EPOCHS = 200
+MAX_RESTARTS = 10
+MAX_QUERIES = 5000
+STRATEGY_NAMES = ("scratch", "substitute", "finetune", "head_only", "query")
+
+
+class AttackerSettings(BaseSettings):
+    """Environment variables QUMOS_ATTACKER_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="QUMOS_ATTACKER_", extra="ignore")
+
+    breached_dir: Path = Field(description="the breached provider's data directory (read only)")
+    data_dir: Path = Field(description="job records persist here")
+    orchestrator_url: str | None = Field(None, description="public API, for query/fidelity")
+    workers: int = Field(1, ge=1, le=8, description="jobs run concurrently")
+    dataset_dir: Path = Field(Path("data"), description="where full MNIST files live")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    predict_batch: int = Field(256, ge=1, le=1024, description="rows per public predict call")
+
+
+# ----- the wire contract ------------------------------------------------------------------
+class BudgetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fraction: float = Field(0.05, gt=0, le=1, description="labelled fraction of the train set")
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="training epochs per restart")
+    restarts: int = Field(3, ge=1, le=MAX_RESTARTS, description="best of R restarts")
+    queries: int = Field(500, ge=0, le=MAX_QUERIES, description="public queries (query)")
+
+
+class AttackRequest(BaseModel):
+    """POST /v1/attacks. The attacker's knowledge of the task (dataset, task, the
+    victim's split seed) is given here; the test split of that task scores the theft."""
+
+    model_config = ConfigDict(extra="forbid")
+    provider: str | None = Field(None, description="must be the breached (mounted) provider")
+    model: str | None = Field(None, description="which model, if the provider hosts several")
+    strategies: list[str] = Field(default_factory=lambda: ["scratch", "substitute",
+                                                           "finetune", "head_only"])
+    budget: BudgetIn = Field(default_factory=BudgetIn)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    know_architecture: bool = Field(True, description="Kerckhoffs: needs `design`")
+    design: Design | None = Field(None, description="the victim's design (Kerckhoffs)")
+    dataset: str = "digits"
+    task: int = 4
+    split_seed: int = Field(0, ge=0, description="the victim's split seed")
+    victim_acc: float | None = Field(None, ge=0, le=1, description="if known; else measured "
+                                     "through the orchestrator's public API when set")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"give at least one strategy; allowed: {list(STRATEGY_NAMES)}")
+        for i, s in enumerate(v):
+            if s not in STRATEGY_NAMES:
+                raise ValueError(f"strategies[{i}] is {s!r}, an unknown strategy; allowed: "
+                                 f"{list(STRATEGY_NAMES)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not 1 <= len(v) <= MAX_SEEDS:
+            raise ValueError(f"has {len(v)} seeds; allowed: 1 to {MAX_SEEDS}")
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError("seeds must be distinct non-negative integers")
+        return v
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "interrupted"]
+    provider: str
+    request: dict
+    progress: dict = Field(default_factory=dict)
+    results: dict | None = None
+    error: str | None = None
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+
+# ----- state ------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def _task_data(dataset: str, task: int, seed: int, data_dir: str):
+    from qumos.datasets import load_task
+
+    return load_task(dataset, task, seed=seed, data_dir=data_dir)
+
+
+class AttackerState:
+    def __init__(self, settings: AttackerSettings):
+        self.settings = settings
+        self.jobs_dir = Path(settings.data_dir) / "jobs"
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.provider: str | None = None
+        self.breach_problem: str | None = None
+        self.ready = False
+        self._last_save: dict[str, float] = {}
+
+    def load(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        for p in sorted(self.jobs_dir.glob("*.json")):
+            try:
+                job = Job.model_validate_json(p.read_bytes())
+            except (ValueError, OSError) as e:
+                log.warning("skipping unreadable job file %s: %s", p, e)
+                continue
+            if job.status in ("queued", "running"):
+                job.status = "interrupted"
+                job.error = ("interrupted: the attacker restarted while this job was "
+                             f"{'running' if job.started else 'queued'}; resubmit it")
+                job.finished = time.time()
+                self.save(job)
+            self.jobs[job.id] = job
+        self.check_breach()
+
+    def check_breach(self) -> None:
+        """Is BREACHED_DIR a provider's data directory? (It may hold no fragment yet.)"""
+        from qumos.store import ProviderStore
+
+        try:
+            self.provider = ProviderStore.open_existing(self.settings.breached_dir).name
+            self.breach_problem = None
+        except QumosError as e:
+            self.provider = None
+            self.breach_problem = (f"{e}; give the data directory of one provider (it holds "
+                                   "provider.json, fragments/ and access.jsonl)")
+
+    def save(self, job: Job) -> None:
+        atomic_write(self.jobs_dir / f"{job.id}.json", job.model_dump_json(indent=1).encode())
+
+    def update(self, job: Job, force: bool = True, **changes) -> None:
+        with self.lock:
+            for k, v in changes.items():
+                setattr(job, k, v)
+            now = time.time()
+            if force or now - self._last_save.get(job.id, 0) > 1.0:
+                self._last_save[job.id] = now
+                self.save(job)
+
+    # ----- running a job (worker thread) ---------------------------------------------------
+    def victim_predict(self, model: str):
+        import httpx
+        import numpy as np
+        from qumos.client import predict
+
+        url, batch = self.settings.orchestrator_url, self.settings.predict_batch
+
+        def vp(raw):
+            raw = np.asarray(raw)
+            out = []
+            with httpx.Client(timeout=60.0) as client:
+                for i in range(0, len(raw), batch):
+                    out.append(np.asarray(predict(client, url, model, raw[i:i + batch])
+                                          .probabilities))
+            return np.concatenate(out) if out else np.zeros((0, 0))
+        return vp
+
+    def run(self, job: Job) -> None:
+        import torch
+        from qumos.attack import AttackBudget, attack_provider, breach
+        from qumos.spec import build_spec
+
+        torch.set_num_threads(1)
+        self.update(job, status="running", started=time.time())
+        try:
+            req = AttackRequest.model_validate(job.request)
+            holdings = breach(self.settings.breached_dir)
+            stolen = holdings.fragment(req.model)
+            budget = AttackBudget(fraction=req.budget.fraction, epochs=req.budget.epochs,
+                                  restarts=req.budget.restarts, queries=req.budget.queries,
+                                  know_architecture=req.know_architecture)
+            arch = build_spec(req.design) if req.design is not None else None
+            data = _task_data(req.dataset, req.task, req.split_seed,
+                              str(self.settings.dataset_dir))
+            vp = self.victim_predict(stolen.model) if self.settings.orchestrator_url else None
+            res = attack_provider(
+                holdings, arch, data, budget, req.seeds, strategies=req.strategies,
+                victim_predict=vp, victim_acc=req.victim_acc, model=stolen.model,
+                progress=lambda info: self.update(job, force=False, progress={
+                    k: v for k, v in info.items() if k in (
+                        "strategy", "seed", "restart", "epoch", "epochs", "done", "total",
+                        "provider")}))
+            self.update(job, status="succeeded", results=res, finished=time.time(),
+                        progress={**job.progress, "done": res["runs"].__len__(),
+                                  "total": res["runs"].__len__()})
+        except Exception as e:
+            if not isinstance(e, QumosError):
+                log.exception("attack job %s failed", job.id)
+            self.update(job, status="failed", error=f"{type(e).__name__}: {e}",
+                        finished=time.time())
+
+
+def _summary(job: Job) -> dict:
+    d = job.model_dump()
+    if d["results"]:
+        d["results"] = {k: v for k, v in d["results"].items() if k != "runs"}
+    return d
+
+
+def create_app(settings: AttackerSettings | None = None) -> FastAPI:
+    settings = load_settings(AttackerSettings, settings)
+    state = AttackerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import anyio
+
+        await anyio.to_thread.run_sync(state.load)
+        state.pool = ThreadPoolExecutor(max_workers=settings.workers,
+                                        thread_name_prefix="attack")
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="QuMoS attacker", lifespan=lifespan)
+    app.state.attacker = state
+    install_common(app, settings.max_body_bytes)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        import anyio
+
+        if not state.ready:
+            raise ServiceError(503, "not_ready", "the attacker is starting")
+        if state.provider is None:
+            await anyio.to_thread.run_sync(state.check_breach)
+        if state.provider is None:
+            raise ServiceError(503, "not_ready", f"breached_dir: {state.breach_problem}",
+                               "breached_dir")
+        return {"status": "ready", "breached_provider": state.provider,
+                "orchestrator": settings.orchestrator_url, "jobs": len(state.jobs)}
+
+    @app.post("/v1/attacks", status_code=202)
+    async def submit(request: Request):
+        import anyio
+
+        req = await parse_body(request, AttackRequest)
+        await anyio.to_thread.run_sync(state.check_breach)
+        if state.provider is None:
+            raise ServiceError(409, "no_breach", f"breached_dir: {state.breach_problem}",
+                               "breached_dir")
+        if req.provider is not None and req.provider != state.provider:
+            raise ServiceError(422, "validation_error", f"provider: {req.provider!r} is not "
+                               f"the breached provider; allowed: {state.provider!r} (the "
+                               "directory this attacker holds)", "provider")
+        await anyio.to_thread.run_sync(_check_request, state, req)
+        job = Job(id=uuid.uuid4().hex[:12], status="queued", provider=state.provider,
+                  request=req.model_dump(mode="json"), created=time.time())
+        await anyio.to_thread.run_sync(state.save, job)
+        state.jobs[job.id] = job
+        state.pool.submit(state.run, job)
+        return _summary(job)
+
+    @app.get("/v1/attacks")
+    async def list_jobs():
+        return {"attacks": [_summary(j) for j in sorted(state.jobs.values(),
+                                                        key=lambda j: j.created)]}
+
+    @app.get("/v1/attacks/{job_id}")
+    async def get_job(job_id: str):
+        job = state.jobs.get(job_id)
+        if job is None:
+            raise ServiceError(404, "not_found", f"id: no attack job {job_id!r}", "id")
+        with state.lock:
+            return json.loads(job.model_dump_json())
+
+    return app
+
+
+def _check_request(state: AttackerState, req: AttackRequest) -> None:
+    """Checks that need the breached holdings (run in a thread): 422 naming the field."""
+    from qumos.attack import AttackBudget, attacker_arch, breach
+    from qumos.datasets import DATASETS
+    from qumos.spec import TASK_CLASSES, build_spec
+
+    def bad(field: str, msg: str):
+        raise ServiceError(422, "validation_error", f"{field}: {msg}", field)
+
+    if req.dataset not in DATASETS:
+        bad("dataset", f"unknown {req.dataset!r}; allowed: {list(DATASETS)}")
+    if req.task not in TASK_CLASSES:
+        bad("task", f"{req.task} is not a task; allowed: {sorted(TASK_CLASSES)}")
+    if "query" in req.strategies and not state.settings.orchestrator_url:
+        bad("strategies", "query needs the orchestrator's public API, and this attacker has "
+            "no QUMOS_ATTACKER_ORCHESTRATOR_URL; allowed here: scratch, substitute, "
+            "finetune, head_only")
+    try:
+        holdings = breach(state.settings.breached_dir)
+    except QumosError as e:
+        raise ServiceError(409, "no_breach", f"breached_dir: {e}", "breached_dir") from None
+    try:
+        stolen = holdings.fragment(req.model)
+    except QumosError as e:
+        bad("model", str(e).removeprefix("model: "))
+    if req.know_architecture and req.design is None:
+        bad("design", "the Kerckhoffs attacker (know_architecture true) needs the victim's "
+            "design; send it or set know_architecture false")
+    if req.design is not None:
+        if (req.design.dataset, req.design.task) != (req.dataset, req.task):
+            bad("design", f"is for {req.design.dataset}-{req.design.task}; the request's task "
+                f"is {req.dataset}-{req.task}")
+        try:
+            arch = build_spec(req.design)
+            attacker_arch(stolen, arch, AttackBudget(know_architecture=req.know_architecture),
+                          req.dataset, req.task)
+        except QumosError as e:
+            bad("design", str(e).removeprefix("design: "))

@@ -1,0 +1,126 @@
+"""The attacker service in process (lifespan included): a job runs to completion, its
+results equal the library's, bad requests get 422 naming the field, jobs persist."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from qumos.artifact import load_artifact
+from qumos.attack import AttackBudget, attack_provider, breach
+from qumos.datasets import load_task
+from qumos.spec import design_of
+from qumos.store import ProviderStore
+
+from services.attacker.app import AttackerSettings, create_app
+
+
+@pytest.fixture()
+def breached(tmp_path, small_artifact):
+    art = load_artifact(small_artifact)
+    store = ProviderStore.create(tmp_path / "provider-b", "provider-b")
+    store.put(art.fragment_file(1))
+    return art, store.root
+
+
+def _settings(tmp_path, breached_dir):
+    return AttackerSettings(breached_dir=breached_dir, data_dir=tmp_path / "attacker")
+
+
+def _wait(client, job_id, timeout=300):
+    seen = []
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        job = client.get(f"/v1/attacks/{job_id}").json()
+        seen.append(job["progress"])
+        if job["status"] not in ("queued", "running"):
+            return job, seen
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+def test_job_runs_and_matches_the_library(tmp_path, breached):
+    art, root = breached
+    before = sorted(p.name for p in root.rglob("*"))
+    body = {"provider": "provider-b", "strategies": ["scratch", "substitute", "head_only"],
+            "budget": {"fraction": 0.05, "epochs": 3, "restarts": 1}, "seeds": [0, 1],
+            "design": design_of(art.spec).model_dump(), "victim_acc": 0.8}
+    with TestClient(create_app(_settings(tmp_path, root))) as client:
+        assert client.get("/readyz").json()["breached_provider"] == "provider-b"
+        r = client.post("/v1/attacks", json=body)
+        assert r.status_code == 202, r.text
+        job, seen = _wait(client, r.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        listed = client.get("/v1/attacks").json()["attacks"]
+        assert [j["id"] for j in listed] == [job["id"]]
+        metrics = client.get("/metrics").text
+        assert "http_requests_total" in metrics or "http_request" in metrics
+    dones = [p.get("done") for p in seen if p.get("done") is not None]
+    assert dones == sorted(dones) and dones[-1] == 6  # 3 strategies x 2 seeds
+    assert any(p.get("epoch") for p in seen)  # progress reports epochs
+    res = job["results"]
+    lib = attack_provider(breach(root), art.spec.model_copy(), load_task("digits", 4, seed=0),
+                          AttackBudget(epochs=3, restarts=1), [0, 1],
+                          strategies=["scratch", "substitute", "head_only"], victim_acc=0.8)
+    for name in ("scratch", "substitute", "head_only"):
+        assert res["by_strategy"][name]["acc_mean"] == pytest.approx(
+            lib["by_strategy"][name]["acc_mean"])
+    assert res["A"] == pytest.approx(lib["A"]) and res["leak"] == pytest.approx(lib["leak"])
+    assert res["index"] == 1 and res["provider"] == "provider-b"
+    # the breached directory was only read
+    assert sorted(p.name for p in root.rglob("*")) == before
+    # results persist: a new app over the same data dir serves the finished job
+    with TestClient(create_app(_settings(tmp_path, root))) as client:
+        again = client.get(f"/v1/attacks/{job['id']}").json()
+        assert again["status"] == "succeeded" and again["results"]["A"] == res["A"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"provider": "provider-x"}, "provider"),
+    ({"budget": {"fraction": 0}}, "budget.fraction"),
+    ({"budget": {"fraction": 1.5}}, "budget.fraction"),
+    ({"budget": {"epochs": 100000}}, "budget.epochs"),
+    ({"strategies": ["scratch", "steal"]}, "strategies"),
+    ({"strategies": ["query"]}, "strategies"),  # no orchestrator configured
+    ({"seeds": []}, "seeds"),
+    ({"seeds": list(range(50))}, "seeds"),
+    ({"design": None}, "design"),
+    ({"model": "other-model"}, "model"),
+])
+def test_bad_requests_name_the_field(tmp_path, breached, change, field):
+    art, root = breached
+    body = {"design": design_of(art.spec).model_dump(), "seeds": [0],
+            "budget": {"epochs": 1, "restarts": 1}, **change}
+    with TestClient(create_app(_settings(tmp_path, root))) as client:
+        r = client.post("/v1/attacks", json=body)
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["field"].startswith(field), err
+        assert field.split(".")[-1] in err["message"]
+        assert client.get("/v1/attacks").json()["attacks"] == []
+        assert client.get("/v1/attacks/nope").status_code == 404
+
+
+def test_not_a_provider_directory_is_refused(tmp_path, small_artifact):
+    with TestClient(create_app(_settings(tmp_path, small_artifact))) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "not a provider's data directory" in r.json()["error"]["message"]
+        r = client.post("/v1/attacks", json={"know_architecture": False, "seeds": [0]})
+        assert r.status_code == 409
+        assert r.json()["error"]["field"] == "breached_dir"
+
+
+def test_interrupted_job_is_marked_not_lost(tmp_path, breached):
+    _, root = breached
+    jobs = tmp_path / "attacker" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "abc123.json").write_text(json.dumps({
+        "id": "abc123", "status": "running", "provider": "provider-b", "request": {},
+        "progress": {"done": 1, "total": 4}, "created": 1.0, "started": 2.0}))
+    with TestClient(create_app(_settings(tmp_path, root))) as client:
+        job = client.get("/v1/attacks/abc123").json()
+        assert job["status"] == "interrupted" and "resubmit" in job["error"]
+        assert job["progress"] == {"done": 1, "total": 4}
