@@ -26,7 +26,7 @@ def emit(result: dict, as_json: bool, human: str | None = None) -> None:
     if as_json:
         print(json.dumps(result, default=str))
     elif human:
-        Console().print(human)
+        Console(soft_wrap=True).print(human, markup=False, highlight=False)
 
 
 def fail(e: Exception) -> None:

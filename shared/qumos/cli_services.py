@@ -55,12 +55,58 @@ def ensure_default_artifact(path: Path, epochs: int = 30, seed: int = 0):
     return load_artifact(path), True
 
 
-def run_security_report(stack, artifact) -> dict | None:
-    """HOOK for the attacker work: breach each provider of the running `stack` in turn
-    (the attacker service reads `stack.data_dir(provider)`; `stack.services['attacker']`
-    exists when services/attacker/app.py does) and return the report as a dict.
-    Returns None until the attack report is implemented; the demo then skips the step."""
-    return None
+def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
+                        epochs: int = 30, restarts: int = 3) -> dict:
+    """Breach each provider of the running `stack` in turn and measure the theft.
+
+    For provider j the attacker reads that provider's data directory and nothing else
+    (`qumos.attack.breach`), knows the design (Kerckhoffs), holds 5% of the labelled
+    training data, and labels the test set's victim answers through the orchestrator's
+    public predict API (for fidelity). Returns the SecurityReport as a dict, with the
+    markdown table under "table"."""
+    from types import SimpleNamespace
+
+    import httpx
+
+    from qumos.attack import (WHITE_BOX, AttackBudget, SecurityReport, attack_provider, breach,
+                              security_report_table, summarize)
+    from qumos.client import predict
+    from qumos.datasets import load_task
+    from qumos.spec import design_of
+
+    spec = artifact.spec
+    data = load_task(spec.dataset, spec.task, seed=int(artifact.training.get("seed", 0)))
+    budget = AttackBudget(epochs=epochs, restarts=restarts)
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=120) as client:
+        def victim_predict(raw: np.ndarray) -> np.ndarray:  # the public API, as any client
+            out = [predict(client, stack.orchestrator_url, spec.name, raw[i:i + 64]).predictions
+                   for i in range(0, len(raw), 64)]
+            return np.concatenate(out)
+
+        victim_labels = victim_predict(data.test.raw)
+        victim_acc = float((victim_labels == data.test.y).mean())
+        runs = []
+        with progress_bar() as bar:
+            tid = bar.add_task("attack", total=len(spec.placement), info="")
+            for j, provider in enumerate(spec.placement):
+                bar.update(tid, info=f"breaching {provider}")
+                holdings = breach(stack.data_dir(provider))
+                res = attack_provider(holdings, spec, data, budget, list(seeds),
+                                      victim_predict=lambda raw: victim_labels
+                                      if raw is data.test.raw else victim_predict(raw),
+                                      victim_acc=victim_acc, model=spec.name)
+                runs += [SimpleNamespace(**r) for r in res["runs"]]
+                bar.update(tid, completed=j + 1)
+    strategies = ["scratch", *WHITE_BOX]
+    summ = summarize(runs, victim_acc, list(seeds), strategies,
+                     [(p, j) for j, p in enumerate(spec.placement)])
+    report = SecurityReport(victim_acc=victim_acc, seconds=time.perf_counter() - t0,
+                            seeds=list(seeds), budget=budget.__dict__, strategies=strategies,
+                            model=spec.name, design=design_of(spec).short(), **summ)
+    out = report.to_dict()
+    out["table"] = security_report_table(out)
+    return out
 
 
 @app.command()
@@ -193,10 +239,14 @@ def demo(
     port: int = typer.Option(8100, help="orchestrator port; providers use the next ones"),
     epochs: int = typer.Option(30, min=1, help="training epochs if the model is missing"),
     batch: int = typer.Option(32, min=1, max=1024, help="images per predict call"),
+    attack: bool = typer.Option(True, help="breach each provider in turn and report"),
+    attack_seeds: str = typer.Option("0,1", help="attacker seeds, comma-separated"),
+    attack_epochs: int = typer.Option(30, min=1, max=500, help="attacker epochs per restart"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train or reuse the default model, start the services, predict the test set over
-    HTTP, compare with the in-process model, report, and shut everything down."""
+    HTTP, compare with the in-process model, breach each provider in turn and print the
+    security report, and shut everything down."""
     from qumos.localstack import LocalStack
 
     _sigterm_as_interrupt()
@@ -210,10 +260,14 @@ def demo(
         result = {"artifact": str(artifact), "trained_now": trained,
                   "services": {n: s.url for n, s in stack.services.items()},
                   **_demo(stack, art, batch)}
-        # ---- security report: filled in by the attacker work (see run_security_report) --
-        report = run_security_report(stack, art)
-        if report is not None:
-            result["security"] = report
+        if attack:
+            try:
+                seeds = tuple(int(v) for v in attack_seeds.split(","))
+            except ValueError:
+                raise QumosError(f"--attack-seeds: {attack_seeds!r} is not a comma-separated "
+                                 "list of integers") from None
+            result["security"] = run_security_report(stack, art, seeds=seeds,
+                                                     epochs=attack_epochs)
     except KeyboardInterrupt:
         stack.stop()
         console.print("interrupted; services stopped")
@@ -234,6 +288,8 @@ def demo(
          f"(max |prob diff| {result['max_prob_diff']:.2e})\n"
          f"  latency per batch of {batch}   p50 {result['latency_ms_p50']:.1f} ms, "
          f"p99 {result['latency_ms_p99']:.1f} ms\n"
-         f"  services stopped; demo took {result['seconds']:.0f}s")
+         f"  services stopped; demo took {result['seconds']:.0f}s"
+         + (f"\n\nSecurity report (each provider breached in turn):\n"
+            f"{result['security']['table']}" if "security" in result else ""))
     if not ok:
         raise typer.Exit(1)
