@@ -1,0 +1,80 @@
+"""Security engine: time per candidate evaluation, and the speed-up of 2 workers over 1.
+
+The same candidates (seeded random designs) are evaluated in one run by the serial
+executor and by a 2-process pool (pool start-up included in its wall time, and shown
+separately); each worker uses one torch thread. Prints a table of ratios.
+
+    python bench/bench_search.py [--candidates 4] [--victim-epochs 2] [--attack-epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--candidates", type=int, default=4)
+    ap.add_argument("--fragments", type=int, default=3)
+    ap.add_argument("--max-depth", type=int, default=2)
+    ap.add_argument("--victim-epochs", type=int, default=2)
+    ap.add_argument("--attack-epochs", type=int, default=2)
+    ap.add_argument("--attack-restarts", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+    from qumos.search.env import DesignSpace
+    from qumos.search.evaluator import EvalConfig, evaluate_design
+    from qumos.search.parallel import PoolExecutor, SerialExecutor
+
+    torch.set_num_threads(1)
+    space = DesignSpace("digits", 4, n_fragments=args.fragments,
+                        depths=tuple(range(1, args.max_depth + 1)))
+    rng = np.random.default_rng(args.seed)
+    designs = [space.sample(rng) for _ in range(args.candidates)]
+    cfg = EvalConfig(seeds=(0,), victim_epochs=args.victim_epochs,
+                     attack_epochs=args.attack_epochs, attack_restarts=args.attack_restarts)
+    jobs = [(d.model_dump(), cfg) for d in designs]
+    evaluate_design(jobs[0])  # warm the data loader and imports in this process
+
+    t0 = time.perf_counter()
+    serial = SerialExecutor().map(evaluate_design, jobs)
+    t_serial = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pool = PoolExecutor(2)
+    pool.map(_noop, [0, 1])  # start both workers
+    t_start = time.perf_counter() - t0
+    par = pool.map(evaluate_design, jobs)
+    t_pool = time.perf_counter() - t0
+    pool.close()
+
+    same = all(a["victim_acc"] == b["victim_acc"] and a.get("worst_leak") == b.get("worst_leak")
+               for a, b in zip(serial, par))
+    per = [r["seconds"] for r in serial]
+    print(f"# bench_search: {args.candidates} candidates, digits-4, K={args.fragments}, depths "
+          f"1-{args.max_depth}, victim {args.victim_epochs} epochs, attacks {args.attack_epochs} "
+          f"epochs x {args.attack_restarts} restart(s), 1 seed; cpus={os.cpu_count()} "
+          f"loadavg={os.getloadavg()[0]:.1f}")
+    print("| executor | wall (s) | per candidate (s) | speed-up vs 1 worker |")
+    print("|---|---|---|---|")
+    print(f"| 1 worker (serial) | {t_serial:.1f} | {t_serial / len(jobs):.1f} | 1.00 |")
+    print(f"| 2 workers (pool, incl. {t_start:.1f}s start-up) | {t_pool:.1f} | "
+          f"{t_pool / len(jobs):.1f} | {t_serial / t_pool:.2f} |")
+    print(f"| 2 workers (pool, excl. start-up) | {t_pool - t_start:.1f} | "
+          f"{(t_pool - t_start) / len(jobs):.1f} | {t_serial / (t_pool - t_start):.2f} |")
+    print(f"\nper-candidate evaluation time (serial): min {min(per):.1f}s, median "
+          f"{float(np.median(per)):.1f}s, max {max(per):.1f}s; identical results: {same}")
+
+
+def _noop(x):
+    return x
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The design space and the gymnasium environment of the security engine.
+
+An action is a whole distributed design (a one-step episode, a contextual bandit):
+
+    MultiDiscrete([n_fragments?] + [block, depth, entanglement, reupload] * max_fragments
+                  + [glue, head])
+
+- `n_fragments?` is present only when the user leaves the number of fragments open
+  (then 2..4 fragments; fragment slots beyond the chosen count are ignored).
+- the space may narrow depths, glue kinds and heads (`DesignSpace.centralized`: one
+  fragment, fixed readout, so a breach of its provider is a full theft)
+- depth is 1..6 (`DEPTHS`, or the space's `depths`); block/entanglement/glue index `BLOCK_TYPES`, `ENTANGLEMENTS`,
+  `GLUE_KINDS`; head indexes ("readout", "linear"); reupload is 0/1 (ignored for the
+  first fragment, which always sees the raw features).
+
+The observation is a fixed task descriptor (dataset one-hot, classes / 4, fixed fragment
+count / 4 or 0 when open): the policy learns a distribution over designs for this task.
+The reward is the evaluator's score `acc_victim - lambda * max_j (A_j - S)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from qumos.errors import DesignError
+from qumos.spec import (
+    BLOCK_TYPES,
+    DATASET_IMAGES,
+    ENTANGLEMENTS,
+    GLUE_KINDS,
+    Design,
+    FragmentDesign,
+    validate_design,
+)
+
+DEPTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+HEADS: tuple[str, ...] = ("readout", "linear")
+OPEN_FRAGMENTS: tuple[int, ...] = (2, 3, 4)
+FIELDS_PER_FRAGMENT = 4  # block, depth, entanglement, reupload
+
+
+@dataclass(frozen=True)
+class DesignSpace:
+    """Which designs the engine may choose for one task."""
+
+    dataset: str = "digits"
+    task: int = 4
+    n_fragments: int | None = 3  # None: the engine chooses 2..4
+    n_qubits: int = 4  # qubits of every fragment
+    depths: tuple[int, ...] = DEPTHS  # allowed depths per fragment (default 1..6)
+    glues: tuple[str, ...] = GLUE_KINDS  # allowed glue kinds
+    heads: tuple[str, ...] = HEADS  # allowed heads (centralized: readout only)
+
+    def __post_init__(self) -> None:
+        if not self.depths or any(not 1 <= d <= 6 for d in self.depths):
+            raise DesignError(f"depths: {self.depths}; allowed: a non-empty subset of 1 to 6")
+        if not self.glues or not set(self.glues) <= set(GLUE_KINDS):
+            raise DesignError(f"glues: {self.glues}; allowed: a non-empty subset of {GLUE_KINDS}")
+        if not self.heads or not set(self.heads) <= set(HEADS):
+            raise DesignError(f"heads: {self.heads}; allowed: a non-empty subset of {HEADS}")
+        if self.dataset not in DATASET_IMAGES:
+            raise DesignError(f"dataset: unknown {self.dataset!r}; allowed: {sorted(DATASET_IMAGES)}")
+        if self.n_fragments is not None and not 1 <= self.n_fragments <= 4:
+            raise DesignError(f"fragments: {self.n_fragments} fragments; allowed: 1 to 4 "
+                              "(or leave it open for 2 to 4)")
+
+    @classmethod
+    def centralized(cls, dataset: str = "digits", task: int = 4,
+                    depths: tuple[int, ...] = DEPTHS) -> DesignSpace:
+        """One fragment with the fixed readout: the model keeps nothing at the company."""
+        return cls(dataset, task, n_fragments=1, depths=depths, glues=("tanh",),
+                   heads=("readout",))
+
+    @property
+    def max_fragments(self) -> int:
+        return self.n_fragments or max(OPEN_FRAGMENTS)
+
+    @property
+    def nvec(self) -> np.ndarray:
+        head = [len(OPEN_FRAGMENTS)] if self.n_fragments is None else []
+        per = [len(BLOCK_TYPES), len(self.depths), len(ENTANGLEMENTS), 2] * self.max_fragments
+        return np.array(head + per + [len(self.glues), len(self.heads)], dtype=np.int64)
+
+    def size(self) -> int:
+        """Number of actions (an upper bound on distinct designs)."""
+        return int(np.prod(self.nvec.astype(float)))
+
+    def decode(self, action) -> Design:
+        a = [int(v) for v in np.asarray(action).reshape(-1)]
+        if len(a) != len(self.nvec) or any(not 0 <= v < n for v, n in zip(a, self.nvec)):
+            raise DesignError(f"action: {a} is not in MultiDiscrete({self.nvec.tolist()})")
+        i = 0
+        if self.n_fragments is None:
+            k, i = OPEN_FRAGMENTS[a[0]], 1
+        else:
+            k = self.n_fragments
+        frags = []
+        for f in range(self.max_fragments):
+            b, d, e, r = a[i:i + FIELDS_PER_FRAGMENT]
+            i += FIELDS_PER_FRAGMENT
+            if f < k:
+                frags.append(FragmentDesign(n_qubits=self.n_qubits, block=BLOCK_TYPES[b],
+                                            depth=self.depths[d], entanglement=ENTANGLEMENTS[e],
+                                            reupload=bool(r) and f > 0))
+        return validate_design({"dataset": self.dataset, "task": self.task,
+                                    "fragments": [f.model_dump() for f in frags],
+                                    "glue": self.glues[a[i]], "head": self.heads[a[i + 1]]})
+
+    def encode(self, design: Design) -> np.ndarray:
+        """An action that decodes to `design` (unused fragment slots are 0)."""
+        k = len(design.fragments)
+        if self.n_fragments is not None and k != self.n_fragments:
+            raise DesignError(f"fragments: the design has {k}; this space has {self.n_fragments}")
+        a = [OPEN_FRAGMENTS.index(k)] if self.n_fragments is None else []
+        for f in range(self.max_fragments):
+            if f < k:
+                fd = design.fragments[f]
+                a += [BLOCK_TYPES.index(fd.block), self.depths.index(fd.depth),
+                      ENTANGLEMENTS.index(fd.entanglement), int(fd.reupload and f > 0)]
+            else:
+                a += [0, 0, 0, 0]
+        a += [self.glues.index(design.glue), self.heads.index(design.head)]
+        return np.array(a, dtype=np.int64)
+
+    def sample(self, rng: np.random.Generator) -> Design:
+        """A uniformly random action's design."""
+        return self.decode(np.array([rng.integers(n) for n in self.nvec]))
+
+    def observation(self) -> np.ndarray:
+        ds = [1.0 if name == self.dataset else 0.0 for name in sorted(DATASET_IMAGES)]
+        return np.array(ds + [self.task / 4.0, (self.n_fragments or 0) / 4.0], dtype=np.float32)
+
+
+RewardFn = Callable[[Design], tuple[float, dict]]
+
+
+class DesignEnv(gym.Env):
+    """One step = choose a whole design and receive its score (then the episode ends)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, space: DesignSpace, reward_fn: RewardFn):
+        super().__init__()
+        self.design_space = space
+        self.reward_fn = reward_fn
+        self.action_space = spaces.MultiDiscrete(space.nvec)
+        obs = space.observation()
+        self.observation_space = spaces.Box(low=0.0, high=1.0, shape=obs.shape, dtype=np.float32)
+        self._obs = obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return self._obs.copy(), {}
+
+    def step(self, action):
+        design = self.design_space.decode(action)
+        reward, info = self.reward_fn(design)
+        info = {**info, "design": design.short(), "key": design.key()}
+        return self._obs.copy(), float(reward), True, False, info

@@ -1,0 +1,204 @@
+"""Score a distributed design: train the victim, attack every single-provider breach.
+
+For each seed s (the data split, the victim's initialisation and the attacker's seed):
+train the victim with `TrainConfig(epochs=victim_epochs, seed=s)`, then
+`qumos.attack.evaluate_security(victim, data, budget, seeds=[s])` runs the white-box
+strategies against every provider. Per seed, `gain = max_j (A_j - S)`; figures are
+means (and spreads) over seeds, and
+
+    reward = acc_victim - lambda * gain        (gain = mean over seeds)
+
+With `attacks=False` only the victim is trained (the centralized search with lambda 0
+needs nothing else); such records have no attack figures and a reward only for lambda 0.
+
+Records are plain dicts, cached in a JSONL file by `design.key()` plus the evaluation
+config's fingerprint (lambda is not part of it: the reward is recomputed from the
+stored figures), so a crashed search resumes without evaluating anything twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from qumos.spec import Design
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seeds: tuple[int, ...] = (0,)  # data split, victim init and attacker seed, one run each
+    victim_epochs: int = 10  # victim training budget (passes over the training set)
+    victim_lr: float = 0.03
+    victim_batch_size: int = 32
+    attacks: bool = True  # False: victim accuracy only (lambda-0 centralized search)
+    attack_fraction: float = 0.05  # attacker's share of the labelled training data
+    attack_epochs: int = 30
+    attack_restarts: int = 3
+    attack_lr: float = 0.03
+    attack_batch_size: int = 16
+    strategies: tuple[str, ...] = ("substitute", "finetune", "head_only")
+    data_dir: str = "data"
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        d.pop("data_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_(self, **kw) -> EvalConfig:
+        return EvalConfig(**{**asdict(self), **kw})
+
+
+@lru_cache(maxsize=8)
+def _task_data(dataset: str, task: int, seed: int, data_dir: str):
+    from qumos.datasets import load_task
+
+    return load_task(dataset, task, seed=seed, data_dir=Path(data_dir))
+
+
+def _ms(values: list[float]) -> list[float]:
+    return [float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0]
+
+
+def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
+    """Evaluate one design (a `Design.model_dump()`); a picklable worker function."""
+    from qumos.train import TrainConfig, train_design
+
+    design_dict, cfg = job
+    design = Design.model_validate(design_dict)
+    t0 = time.perf_counter()
+    per_seed = []
+    for s in cfg.seeds:
+        data = _task_data(design.dataset, design.task, s, cfg.data_dir)
+        spec, _, acc = train_design(design, data, TrainConfig(
+            epochs=cfg.victim_epochs, lr=cfg.victim_lr, batch_size=cfg.victim_batch_size, seed=s))
+        row: dict = {"seed": s, "victim_acc": float(acc)}
+        if cfg.attacks:
+            from qumos.attack import AttackBudget, evaluate_security
+
+            budget = AttackBudget(fraction=cfg.attack_fraction, epochs=cfg.attack_epochs,
+                                  restarts=cfg.attack_restarts, lr=cfg.attack_lr,
+                                  batch_size=cfg.attack_batch_size)
+            rep = evaluate_security(spec, data, budget, seeds=[s], strategies=cfg.strategies)
+            scratch = float(rep.scratch[0])
+            attackers = [float(p.A[0]) for p in rep.per_provider]
+            row.update(scratch=scratch, attacker_acc=attackers,
+                       leak=[float(p.leak[0]) for p in rep.per_provider],
+                       security=float(rep.security[0]),
+                       gain=max(a - scratch for a in attackers))
+        per_seed.append(row)
+    rec: dict = {
+        "design": design.model_dump(), "short": design.short(), "key": design.key(),
+        "n_fragments": len(design.fragments), "seeds": list(cfg.seeds),
+        "fingerprint": cfg.fingerprint(), "attacked": cfg.attacks,
+        "victim_acc": _ms([r["victim_acc"] for r in per_seed]),
+    }
+    if cfg.attacks:
+        k = len(per_seed[0]["attacker_acc"])
+        rec.update(
+            scratch_acc=_ms([r["scratch"] for r in per_seed]),
+            attacker_acc=[_ms([r["attacker_acc"][j] for r in per_seed]) for j in range(k)],
+            worst_attacker_acc=_ms([max(r["attacker_acc"]) for r in per_seed]),
+            worst_gain=_ms([r["gain"] for r in per_seed]),
+            leak=[_ms([r["leak"][j] for r in per_seed]) for j in range(k)],
+            worst_leak=_ms([max(r["leak"]) for r in per_seed]),
+            security=_ms([r["security"] for r in per_seed]),
+        )
+    rec["per_seed"] = per_seed
+    rec["seconds"] = time.perf_counter() - t0
+    rec["pid"] = os.getpid()
+    return rec
+
+
+def reward(rec: dict, lam: float) -> float:
+    """acc_victim - lambda * max_j (A_j - S) on the record's means."""
+    if lam == 0:
+        return rec["victim_acc"][0]
+    if not rec.get("attacked"):
+        raise ValueError(f"design {rec['short']} was evaluated without attacks; lambda {lam} "
+                         "needs attack figures")
+    return rec["victim_acc"][0] - lam * rec["worst_gain"][0]
+
+
+class EvalCache:
+    """Evaluated designs, persisted as one JSON object per line (append-only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path else None
+        self.records: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                self.records[self.cache_key(rec["key"], rec["fingerprint"])] = rec
+
+    @staticmethod
+    def cache_key(design_key: str, fingerprint: str) -> str:
+        return f"{design_key}:{fingerprint}"
+
+    def get(self, design: Design, cfg: EvalConfig) -> dict | None:
+        return self.records.get(self.cache_key(design.key(), cfg.fingerprint()))
+
+    def put(self, rec: dict) -> None:
+        self.records[self.cache_key(rec["key"], rec["fingerprint"])] = rec
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+@dataclass
+class Evaluator:
+    """Evaluates designs through an executor and a cache; counts fresh evaluations."""
+
+    cfg: EvalConfig
+    lam: float = 1.0
+    cache: EvalCache = field(default_factory=lambda: EvalCache(None))
+    executor: object = None  # qumos.search.parallel executor; None = serial
+    on_record: object = None  # callback(rec, fresh: bool) after each result
+    fresh: int = 0  # evaluations run (cache misses)
+    log: list = field(default_factory=list)  # every record returned, in order, with "reward"
+
+    def evaluate_many(self, designs: list[Design], log: bool = True) -> list[dict]:
+        """Records of `designs` (evaluated in parallel where not cached), with "reward".
+        `log=False` only fills the cache (a vectorized environment's prefetch)."""
+        from qumos.search.parallel import SerialExecutor
+
+        ex = self.executor or SerialExecutor()
+        missing: dict[str, Design] = {}
+        for d in designs:
+            if self.cache.get(d, self.cfg) is None:
+                missing.setdefault(d.key(), d)
+        todo = list(missing.values())
+
+        def done(i: int, rec: dict) -> None:
+            self.cache.put(rec)
+            self.fresh += 1
+            if self.on_record:
+                self.on_record(rec, True)
+
+        if todo:
+            ex.map(evaluate_design, [(d.model_dump(), self.cfg) for d in todo], done)
+        out = []
+        for d in designs:
+            rec = dict(self.cache.get(d, self.cfg))
+            rec["reward"] = reward(rec, self.lam)
+            out.append(rec)
+            if log:
+                self.log.append(rec)
+        return out
+
+    def __call__(self, design: Design) -> tuple[float, dict]:
+        """The environment's reward function."""
+        rec = self.evaluate_many([design])[0]
+        return rec["reward"], {"victim_acc": rec["victim_acc"][0],
+                               "worst_gain": (rec.get("worst_gain") or [None])[0]}
