@@ -8,6 +8,7 @@ Run:  QUMOS_ORCH_DATA_DIR=runs/orch QUMOS_ORCH_TOKENS_DIR=runs/tokens \
 Endpoints:
     PUT  /v1/models/{name}            register a model's company part (admin token; no
                                       fragment weights are accepted)
+    PUT  /v1/models/{name}/canaries   register integrity canaries (admin token)
     GET  /v1/models, /v1/models/{name}
     POST /v1/models/{name}/predict    {"instances": [[raw pixels]], "shots"?, "seed"?}
     GET  /v2/health/live, /v2/health/ready, /v2/models/{name}
@@ -20,23 +21,43 @@ calls are retried with tenacity), applies glue and head in numpy, and returns
 probabilities. Every provider answer is validated as untrusted input: a provider that
 is down gives 503, a timeout 504, and a garbage answer 502, each naming the provider and
 fragment -- never a wrong prediction. This module does not import torch.
+
+Reliability and integrity:
+- Each provider call has a hard deadline (TIMEOUT_S for the whole call, so a provider
+  that trickles bytes cannot stall us); a provider's 429/503 with Retry-After is retried
+  (at most RETRIES times, waiting Retry-After capped at MAX_RETRY_AFTER_S), then 503
+  naming it. At most MAX_INFLIGHT requests in flight; more get 503 + Retry-After.
+- Canaries: when the company registered canaries for a model (inputs with outputs it
+  computed with the full model at deploy time), every call to a provider carries
+  CANARIES_PER_CALL of them at random positions; a provider whose canary outputs are
+  off (exact: > tolerance; shots: > shots_z standard errors) gets a 502 "integrity check
+  failed" naming it and the fragment, and no prediction is returned. Canary choice and
+  positions come from a secret key (DATA_DIR/canary.key), so a provider cannot predict
+  them even for seeded requests.
+- Writes to DATA_DIR that fail (disk full, read-only) give 507; serving goes on.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos.artifact import atomic_write, fragment_id
 from qumos.chain import glue_forward, head_forward, preprocess, softmax
 from qumos.client import (
+    CanaryRequest,
     ExecuteResponse,
     ModelInfo,
     PredictRequest,
@@ -51,6 +72,8 @@ from qumos.webcommon import (
     ServiceError,
     SettingsError,
     check_bearer,
+    document_request_bodies,
+    error_responses,
     install_common,
     json_response,
     load_settings,
@@ -76,6 +99,19 @@ class OrchestratorSettings(BaseSettings):
     retries: int = Field(2, ge=0, le=10, description="retries of a failed provider call")
     max_batch: int = Field(1024, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
+    canaries_per_call: int = Field(4, ge=0, le=256, description="integrity canaries mixed "
+                                   "into each provider call (when registered)")
+    provider_max_batch: int = Field(1024, ge=2, description="most rows per provider call, "
+                                    "canaries included (larger batches are split)")
+    max_retry_after_s: float = Field(2.0, ge=0, description="cap on a provider's Retry-After")
+
+    @model_validator(mode="after")
+    def _canary_room(self):
+        if self.canaries_per_call >= self.provider_max_batch:
+            raise ValueError(f"canaries_per_call ({self.canaries_per_call}) must be below "
+                             f"provider_max_batch ({self.provider_max_batch})")
+        return self
 
     @field_validator("providers")
     @classmethod
@@ -100,11 +136,57 @@ def parse_providers(text: str) -> dict[str, str]:
 
 
 class ProviderFailure(Exception):
-    """A provider call failed in a way worth retrying (connection, timeout, 5xx)."""
+    """A provider call failed in a way worth retrying (connection, timeout, 5xx, 429)."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
+        self.retry_after = retry_after
+
+
+class Canaries:
+    """A model's registered canaries, as arrays (inputs, outputs) per fragment."""
+
+    def __init__(self, req: CanaryRequest):
+        self.tolerance, self.shots_z = req.tolerance, req.shots_z
+        self.inputs = [np.asarray(f.inputs, dtype=float) for f in req.fragments]
+        self.outputs = [np.asarray(f.outputs, dtype=float) for f in req.fragments]
+
+    def allowed(self, expected: np.ndarray, shots: int | None) -> np.ndarray:
+        if shots is None:
+            return np.full_like(expected, self.tolerance)
+        return self.shots_z * np.sqrt(np.clip(1 - expected**2, 0, 1) / shots) + 1.0 / shots
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def check_canaries(spec: ModelSpec, canaries: CanaryRequest) -> None:
+    """422 naming the field unless the canaries fit the model's fragments."""
+    def bad(field: str, why: str) -> ServiceError:
+        return ServiceError(422, "validation_error", f"{field}: {why}", field)
+
+    if len(canaries.fragments) != spec.n_fragments:
+        raise bad("fragments", f"{len(canaries.fragments)} entries; model {spec.name} has "
+                  f"{spec.n_fragments} fragments")
+    for k, (c, f) in enumerate(zip(canaries.fragments, spec.fragments)):
+        if len(c.inputs) != len(c.outputs):
+            raise bad(f"fragments[{k}].outputs", f"{len(c.outputs)} rows for "
+                      f"{len(c.inputs)} inputs")
+        for i, row in enumerate(c.inputs):
+            if len(row) != f.n_inputs:
+                raise bad(f"fragments[{k}].inputs[{i}]", f"has {len(row)} values; fragment "
+                          f"{k} takes {f.n_inputs}")
+        for i, row in enumerate(c.outputs):
+            if len(row) != f.n_qubits:
+                raise bad(f"fragments[{k}].outputs[{i}]", f"has {len(row)} values; fragment "
+                          f"{k} has {f.n_qubits} qubits")
+            if any(abs(v) > 1 for v in row):
+                raise bad(f"fragments[{k}].outputs[{i}]", "expectation values lie in [-1, 1]")
 
 
 class OrchestratorState:
@@ -118,19 +200,51 @@ class OrchestratorState:
             self.tokens[name] = read_token_file(settings.tokens_dir / name,
                                                 f"QUMOS_ORCH_TOKENS_DIR ({name})")
         self.models_dir = settings.data_dir / "models"
+        self.canaries_dir = settings.data_dir / "canaries"
         self.models: dict[str, ModelSpec] = {}
+        self.canaries: dict[str, Canaries] = {}
         self.problems: list[str] = []
         self.client: httpx.AsyncClient | None = None
         self.ready = False
+        self.canary_key = secrets.token_bytes(32)  # replaced by the persisted key at load
+        self.counters: dict = {}  # prometheus counters, set in create_app
+
+    def count(self, name: str, **labels) -> None:
+        c = self.counters.get(name)
+        if c is not None:
+            (c.labels(**labels) if labels else c).inc()
 
     def load_models(self) -> None:
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        """Startup (worker thread): registered models, their canaries, the canary key. A
+        read-only data directory is reported in `problems`, not fatal."""
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.problems.append(f"{self.models_dir}: {e.strerror}")
+        key_path = self.settings.data_dir / "canary.key"
+        try:
+            if key_path.is_file():
+                self.canary_key = key_path.read_bytes()
+            else:
+                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.canary_key)
+        except OSError as e:
+            self.problems.append(f"{key_path}: {e.strerror}; using a key for this run only")
         for p in sorted(self.models_dir.glob("*.json")):
             try:
                 spec = ModelSpec.model_validate_json(p.read_bytes())
                 self.models[spec.name] = spec
             except (ValidationError, OSError) as e:
                 self.problems.append(f"{p.name}: {str(e).splitlines()[0]}")
+        for name in self.models:
+            p = self.canaries_dir / f"{name}.json"
+            if p.is_file():
+                try:
+                    self.canaries[name] = Canaries(CanaryRequest.model_validate_json(
+                        p.read_bytes()))
+                except (ValidationError, OSError) as e:
+                    self.problems.append(f"canaries/{p.name}: {str(e).splitlines()[0]}")
 
     def model(self, name: str) -> ModelSpec:
         spec = self.models.get(name)
@@ -144,16 +258,27 @@ class OrchestratorState:
                          n_out: int) -> np.ndarray:
         url = f"{self.providers[provider]}/v1/fragments/{fid}/execute"
         where = f"provider {provider} (fragment {fid})"
+        import anyio
+
         try:
-            resp = await self.client.post(url, content=body, headers={
-                "Authorization": f"Bearer {self.tokens[provider]}",
-                "Content-Type": "application/json"})
+            with anyio.fail_after(self.settings.timeout_s):
+                resp = await self.client.post(url, content=body, headers={
+                    "Authorization": f"Bearer {self.tokens[provider]}",
+                    "Content-Type": "application/json"})
+        except TimeoutError:
+            raise ProviderFailure(504, "provider_timeout", f"{where} did not answer within "
+                                  f"{self.settings.timeout_s}s (deadline)") from None
         except httpx.TimeoutException as e:
             raise ProviderFailure(504, "provider_timeout", f"{where} did not answer within "
                                   f"{self.settings.timeout_s}s ({type(e).__name__})") from None
         except httpx.TransportError as e:
             raise ProviderFailure(503, "provider_unavailable", f"{where} is unreachable at "
                                   f"{self.providers[provider]} ({type(e).__name__}: {e})") from None
+        if resp.status_code in (429, 503) and "retry-after" in resp.headers:
+            ra = _retry_after(resp)
+            raise ProviderFailure(503, "provider_overloaded", f"{where} is overloaded (HTTP "
+                                  f"{resp.status_code}, Retry-After {resp.headers['retry-after']}"
+                                  f"): {_provider_message(resp)}", retry_after=ra)
         if resp.status_code >= 500:
             raise ProviderFailure(503 if resp.status_code == 503 else 502,
                                   "provider_unavailable" if resp.status_code == 503
@@ -191,11 +316,63 @@ class OrchestratorState:
 
     async def execute(self, spec: ModelSpec, k: int, angles: np.ndarray, shots: int | None,
                       seed: int | None) -> np.ndarray:
+        """Fragment k on its provider: split into calls of at most provider_max_batch rows,
+        each carrying canaries when the model has them."""
         provider = spec.placement[k]
         fid = fragment_id(spec.name, k)
         if provider not in self.providers:
             raise ServiceError(503, "provider_unavailable", f"provider {provider} (fragment "
                                f"{fid}) has no URL in QUMOS_ORCH_PROVIDERS", "provider")
+        can = self.canaries.get(spec.name)
+        n_can = min(self.settings.canaries_per_call, len(can.inputs[k])) if can else 0
+        step = self.settings.provider_max_batch - n_can
+        parts = []
+        for c, start in enumerate(range(0, len(angles), step)):
+            part = angles[start:start + step]
+            if not n_can:
+                parts.append(await self._execute_call(spec, k, part, shots, seed))
+                continue
+            rng = self._canary_rng(spec.name, k, c, seed if shots is not None else None)
+            pick = rng.choice(len(can.inputs[k]), size=n_can, replace=False)
+            batch = np.concatenate([part, can.inputs[k][pick]])
+            perm = rng.permutation(len(batch))  # batch[perm] is what the provider sees
+            out = np.empty((len(batch), spec.fragments[k].n_qubits))
+            out[perm] = await self._execute_call(spec, k, batch[perm], shots, seed)
+            self._check_canaries(spec, k, out[len(part):], can, pick, shots)
+            parts.append(out[:len(part)])
+        return np.concatenate(parts)
+
+    def _canary_rng(self, model: str, k: int, call: int, seed: int | None):
+        """Seeded requests get reproducible (still secret-keyed) canaries, so a seeded
+        shots-mode prediction is reproducible; others get fresh randomness."""
+        if seed is None:
+            return np.random.default_rng(secrets.randbits(128))
+        digest = hmac.new(self.canary_key, f"{model}|{k}|{call}|{seed}".encode(),
+                          hashlib.sha256).digest()
+        return np.random.default_rng(int.from_bytes(digest[:16], "big"))
+
+    def _check_canaries(self, spec: ModelSpec, k: int, got: np.ndarray, can: Canaries,
+                        pick: np.ndarray, shots: int | None) -> None:
+        expected = can.outputs[k][pick]
+        err = np.abs(got - expected)
+        bad_rows = (err > can.allowed(expected, shots)).any(axis=1)
+        provider, fid = spec.placement[k], fragment_id(spec.name, k)
+        self.count("canary_checks", provider=provider)
+        if bad_rows.any():
+            self.count("integrity_failures", provider=provider)
+            log.error("integrity check failed: provider %s fragment %s, %d of %d canaries off "
+                      "by up to %.3g", provider, fid, int(bad_rows.sum()), len(pick),
+                      float(err.max()))
+            raise ServiceError(502, "integrity_check_failed", f"provider {provider} (fragment "
+                               f"{fid}) failed the integrity check: {int(bad_rows.sum())} of "
+                               f"{len(pick)} canary rows differ from their known outputs by up "
+                               f"to {float(err.max()):.3g}; its answers are not trusted and no "
+                               "prediction is returned", "provider")
+
+    async def _execute_call(self, spec: ModelSpec, k: int, angles: np.ndarray,
+                            shots: int | None, seed: int | None) -> np.ndarray:
+        provider = spec.placement[k]
+        fid = fragment_id(spec.name, k)
         body: dict = {"inputs": angles.tolist()}
         if shots is not None:
             body["shots"] = shots
@@ -203,9 +380,15 @@ class OrchestratorState:
                 body["seed"] = seed + k
         payload = json.dumps(body).encode()
         n_out = spec.fragments[k].n_qubits
+        backoff = wait_exponential(multiplier=0.05, max=1.0)
+
+        def wait(rs) -> float:  # a provider's Retry-After (capped), else exponential
+            exc = rs.outcome.exception() if rs.outcome else None
+            ra = getattr(exc, "retry_after", None)
+            return backoff(rs) if ra is None else min(ra, self.settings.max_retry_after_s)
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.retries + 1),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_attempt(self.settings.retries + 1), wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, ProviderFailure)),
             reraise=True)
         try:
@@ -213,7 +396,13 @@ class OrchestratorState:
                 with attempt:
                     return await self._call_once(provider, fid, payload, len(angles), n_out)
         except ProviderFailure as e:
-            raise ServiceError(e.status, e.kind, e.message, "provider") from None
+            self.count("provider_failures", provider=provider)
+            msg = e.message
+            if self.settings.retries:
+                msg += f" (after {self.settings.retries + 1} attempts)"
+            raise ServiceError(e.status, e.kind, msg, "provider",
+                               headers={"Retry-After": "1"} if e.status == 503 else None
+                               ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def predict(self, spec: ModelSpec, raw: np.ndarray, shots: int | None,
@@ -232,10 +421,17 @@ def _provider_message(resp: httpx.Response) -> str:
         return resp.text[:200] or "(empty body)"
 
 
-def _model_info(spec: ModelSpec) -> ModelInfo:
+def _model_info(spec: ModelSpec, canaries: Canaries | None = None) -> ModelInfo:
     return ModelInfo(name=spec.name, dataset=spec.dataset, task=spec.task, classes=spec.classes,
                      n_fragments=spec.n_fragments, placement=spec.placement,
-                     input_shape=[-1, spec.preprocess.n_raw])
+                     input_shape=[-1, spec.preprocess.n_raw],
+                     canaries=len(canaries.inputs[0]) if canaries else 0)
+
+
+def _storage_error(path: Path, e: OSError) -> ServiceError:
+    kind = "full" if e.errno == errno.ENOSPC else "not writable"
+    return ServiceError(507, "insufficient_storage", f"data_dir: {path} is {kind} "
+                        f"({e.strerror or e}); registered models keep serving", "data_dir")
 
 
 def _check_instances(state: OrchestratorState, spec: ModelSpec, rows: list[list[float]],
@@ -282,7 +478,22 @@ def create_app(settings: OrchestratorSettings | None = None,
 
     app = FastAPI(title="QuMoS orchestrator", lifespan=lifespan)
     app.state.orchestrator = state
-    install_common(app, settings.max_body_bytes)
+    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
+    from prometheus_client import Counter
+
+    reg = app.state.metrics_registry
+    state.counters = {
+        "canary_checks": Counter("qumos_orch_canary_checks", "provider calls whose canaries "
+                                 "were checked", ["provider"], registry=reg),
+        "integrity_failures": Counter("qumos_orch_integrity_failures", "provider calls that "
+                                      "failed the canary check", ["provider"], registry=reg),
+        "provider_failures": Counter("qumos_orch_provider_failures", "provider calls that "
+                                     "failed after retries", ["provider"], registry=reg)}
+    document_request_bodies(app, {("/v1/models/{name}", "put"): ModelSpec,
+                                  ("/v1/models/{name}/canaries", "put"): CanaryRequest,
+                                  ("/v1/models/{name}/predict", "post"): PredictRequest,
+                                  ("/v2/models/{name}/infer", "post"): V2InferRequest})
+    serving = error_responses(404, 413, 422, 502, 503, 504)
 
     @app.get("/healthz")
     async def healthz():
@@ -296,7 +507,8 @@ def create_app(settings: OrchestratorSettings | None = None,
                 "providers": sorted(state.providers), "problems": state.problems}
 
     # ----- models -----------------------------------------------------------------------
-    @app.put("/v1/models/{name}", status_code=201)
+    @app.put("/v1/models/{name}", status_code=201, response_model=ModelInfo,
+             responses=error_responses(401, 403, 413, 422, 503, 507))
     async def register(name: str, request: Request):
         check_bearer(request, state.admin_token)
         body = await request.body()
@@ -326,20 +538,47 @@ def create_app(settings: OrchestratorSettings | None = None,
                                "placement")
         import anyio
 
-        await anyio.to_thread.run_sync(atomic_write, state.models_dir / f"{name}.json",
-                                       spec.model_dump_json(indent=1).encode())
+        def write():
+            # new weights make old canaries wrong: they go first, the company re-registers
+            (state.canaries_dir / f"{name}.json").unlink(missing_ok=True)
+            atomic_write(state.models_dir / f"{name}.json",
+                         spec.model_dump_json(indent=1).encode())
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except OSError as e:
+            raise _storage_error(settings.data_dir, e) from None
+        state.canaries.pop(name, None)
         state.models[name] = spec
         return json_response(_model_info(spec), status=201)
 
+    @app.put("/v1/models/{name}/canaries", response_model=ModelInfo,
+             responses=error_responses(401, 403, 404, 413, 422, 503, 507))
+    async def register_canaries(name: str, request: Request):
+        check_bearer(request, state.admin_token)
+        spec = state.model(name)
+        req = await parse_body(request, CanaryRequest)
+        check_canaries(spec, req)
+        import anyio
+
+        try:
+            await anyio.to_thread.run_sync(atomic_write, state.canaries_dir / f"{name}.json",
+                                           req.model_dump_json().encode())
+        except OSError as e:
+            raise _storage_error(settings.data_dir, e) from None
+        state.canaries[name] = Canaries(req)
+        return json_response(_model_info(spec, state.canaries[name]))
+
     @app.get("/v1/models")
     async def list_models():
-        return {"models": [_model_info(s).model_dump() for _, s in sorted(state.models.items())]}
+        return {"models": [_model_info(s, state.canaries.get(n)).model_dump()
+                           for n, s in sorted(state.models.items())]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", response_model=ModelInfo, responses=error_responses(404))
     async def get_model(name: str):
-        return json_response(_model_info(state.model(name)))
+        return json_response(_model_info(state.model(name), state.canaries.get(name)))
 
-    @app.post("/v1/models/{name}/predict")
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=serving)
     async def predict(name: str, request: Request):
         spec = state.model(name)
         req = await parse_body(request, PredictRequest)
@@ -361,7 +600,7 @@ def create_app(settings: OrchestratorSettings | None = None,
             raise ServiceError(503, "not_ready", "the orchestrator is starting")
         return {"ready": True}
 
-    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}", responses=error_responses(404))
     async def v2_metadata(name: str):
         spec = state.model(name)
         return {"name": name, "versions": ["1"], "platform": "qumos-distributed-qnn",
@@ -371,12 +610,12 @@ def create_app(settings: OrchestratorSettings | None = None,
                              "shape": [-1, len(spec.classes)]},
                             {"name": "labels", "datatype": "INT64", "shape": [-1]}]}
 
-    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/ready", responses=error_responses(404))
     async def v2_model_ready(name: str):
         state.model(name)
         return {"name": name, "ready": state.ready}
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=serving)
     async def v2_infer(name: str, request: Request):
         spec = state.model(name)
         req = await parse_body(request, V2InferRequest)

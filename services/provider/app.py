@@ -15,6 +15,16 @@ Endpoints (deploy and execute need `Authorization: Bearer <token>`):
 Everything the provider keeps lives in its data directory (`qumos.store.ProviderStore`);
 every executed batch is appended to its access log. Simulation runs in worker threads,
 one Aer call per batch, with the fragment's circuit transpiled once (at deploy or load).
+
+Reliability policy:
+- At most MAX_INFLIGHT requests in flight; more get 503 "overloaded" with Retry-After.
+- A deploy or delete that cannot be written (disk full, read-only data directory) gets
+  507 naming the data directory; fragments already loaded keep serving.
+- Access-log append failure: the access log is the provider's record of what it served,
+  so its loss is counted (`qumos_provider_access_log_failures_total`, and /readyz lists
+  it under "degraded") and logged -- but by default the computed answer is still served:
+  a full disk must not turn a correct answer into an error. ACCESS_LOG_REQUIRED=true
+  makes it fail closed instead (507, no answer without a log line).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from qumos.webcommon import (
     ServiceError,
     SettingsError,
     check_bearer,
+    document_request_bodies,
+    error_responses,
     install_common,
     json_response,
     load_settings,
@@ -63,6 +75,9 @@ class ProviderSettings(BaseSettings):
     max_batch: int = Field(1024, ge=1, description="most rows per execute call")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request size limit")
     workers: int = Field(2, ge=1, description="concurrent simulator calls")
+    max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
+    access_log_required: bool = Field(False, description="refuse (507) an answer whose "
+                                      "access-log line cannot be written")
 
 
 @dataclass
@@ -84,6 +99,9 @@ class ProviderState:
         self.problems: list[str] = []
         self.ready = False
         self.limiter: anyio.CapacityLimiter | None = None  # made in the lifespan
+        self.log_failures = 0
+        self.last_log_error: str | None = None
+        self.log_failure_counter = None  # prometheus Counter, set in create_app
 
     def load_all(self) -> None:
         """Reload every fragment from the data directory (runs in a worker thread)."""
@@ -121,11 +139,28 @@ def _execute(state: ProviderState, fid: str, ld: Loaded, req: ExecuteRequest) ->
     out = ld.runner.run(inputs, shots=req.shots, seed=req.seed)
     seconds = time.perf_counter() - t0
     outputs = out.tolist()
-    state.store.append_log({"fragment_id": fid, "provider": state.settings.name,
-                            "shots": req.shots, "seed": req.seed, "seconds": seconds,
-                            "inputs": req.inputs, "outputs": outputs})
+    try:
+        state.store.append_log({"fragment_id": fid, "provider": state.settings.name,
+                                "shots": req.shots, "seed": req.seed, "seconds": seconds,
+                                "inputs": req.inputs, "outputs": outputs})
+    except OSError as e:
+        state.log_failures += 1
+        state.last_log_error = f"{state.store.log_path}: {e.strerror or e}"
+        if state.log_failure_counter is not None:
+            state.log_failure_counter.inc()
+        log.error("access log append failed (%s); %s", state.last_log_error,
+                  "refusing the answer" if state.settings.access_log_required
+                  else "serving the answer")
+        if state.settings.access_log_required:
+            raise _storage_error(state, "access log", e) from None
     return ExecuteResponse(outputs=outputs, provider=state.settings.name, fragment_id=fid,
                            shots=req.shots, seconds=seconds)
+
+
+def _storage_error(state: ProviderState, what: str, e: OSError) -> ServiceError:
+    return ServiceError(507, "insufficient_storage", f"data_dir: cannot write the {what} "
+                        f"in {state.settings.data_dir} ({e.strerror or e}); fragments already "
+                        f"deployed on {state.settings.name} keep serving", "data_dir")
 
 
 def create_app(settings: ProviderSettings | None = None) -> FastAPI:
@@ -150,7 +185,15 @@ def create_app(settings: ProviderSettings | None = None) -> FastAPI:
 
     app = FastAPI(title=f"QuMoS provider {settings.name}", lifespan=lifespan)
     app.state.provider = state
-    install_common(app, settings.max_body_bytes)
+    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
+    from prometheus_client import Counter
+
+    state.log_failure_counter = Counter(
+        "qumos_provider_access_log_failures", "access-log lines that could not be written",
+        registry=app.state.metrics_registry)
+    document_request_bodies(app, {("/v1/fragments/{fragment_id}", "put"): FragmentFile,
+                                  ("/v1/fragments/{fragment_id}/execute", "post"):
+                                      ExecuteRequest})
 
     @app.get("/healthz")
     async def healthz():
@@ -159,23 +202,28 @@ def create_app(settings: ProviderSettings | None = None) -> FastAPI:
     @app.get("/readyz")
     async def readyz():
         body = {"status": "ready" if state.ready else "starting", "provider": settings.name,
-                "fragments": len(state.fragments), "problems": state.problems}
+                "fragments": len(state.fragments), "problems": state.problems,
+                "degraded": ([(f"access log: {state.log_failures} lines not written "
+                               f"(last: {state.last_log_error})")] if state.log_failures
+                             else [])}
         if not state.ready:
             raise ServiceError(503, "not_ready", f"{settings.name} is still loading its "
                                "fragments")
         return body
 
-    @app.get("/v1/fragments")
+    @app.get("/v1/fragments", response_model=FragmentList)
     async def list_fragments():
         return json_response(FragmentList(provider=settings.name,
                                           fragments=[state.info(f) for f in sorted(state.fragments)]))
 
-    @app.get("/v1/fragments/{fragment_id}")
+    @app.get("/v1/fragments/{fragment_id}", response_model=FragmentInfo,
+             responses=error_responses(404))
     async def get_fragment(fragment_id: str):
         state.get(fragment_id)
         return json_response(state.info(fragment_id))
 
-    @app.put("/v1/fragments/{fragment_id}", status_code=201)
+    @app.put("/v1/fragments/{fragment_id}", status_code=201, response_model=FragmentInfo,
+             responses=error_responses(401, 403, 413, 422, 503, 507))
     async def deploy(fragment_id: str, request: Request):
         check_bearer(request, state.token)
         ff = await parse_body(request, FragmentFile)
@@ -197,20 +245,27 @@ def create_app(settings: ProviderSettings | None = None) -> FastAPI:
 
         try:
             loaded = await anyio.to_thread.run_sync(build_and_store, limiter=state.limiter)
+        except OSError as e:  # disk full, read-only data directory
+            raise _storage_error(state, f"fragment {fragment_id}", e) from None
         except (ValueError, StoreError) as e:
             raise ServiceError(422, "validation_error", f"fragment: {e}", "fragment") from None
         state.fragments[fragment_id] = loaded
         return json_response(state.info(fragment_id), status=201)
 
-    @app.delete("/v1/fragments/{fragment_id}")
+    @app.delete("/v1/fragments/{fragment_id}", responses=error_responses(401, 403, 404, 503,
+                                                                          507))
     async def delete(fragment_id: str, request: Request):
         check_bearer(request, state.token)
         state.get(fragment_id)
-        await anyio.to_thread.run_sync(state.store.delete, fragment_id)
+        try:
+            await anyio.to_thread.run_sync(state.store.delete, fragment_id)
+        except OSError as e:
+            raise _storage_error(state, f"removal of fragment {fragment_id}", e) from None
         state.fragments.pop(fragment_id, None)
         return {"deleted": fragment_id}
 
-    @app.post("/v1/fragments/{fragment_id}/execute")
+    @app.post("/v1/fragments/{fragment_id}/execute", response_model=ExecuteResponse,
+              responses=error_responses(401, 403, 404, 413, 422, 503, 507))
     async def execute(fragment_id: str, request: Request):
         check_bearer(request, state.token)
         ld = state.get(fragment_id)

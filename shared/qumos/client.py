@@ -110,6 +110,35 @@ class ModelInfo(BaseModel):
     n_fragments: int
     placement: list[str]
     input_shape: list[int]
+    canaries: int = Field(0, description="integrity canaries registered per fragment")
+
+
+# Integrity canaries: inputs with known outputs, mixed into every provider call.
+MAX_CANARIES = 4096
+
+
+class FragmentCanaries(BaseModel):
+    """Canary rows for one fragment: inputs (N, n_inputs) and the expected outputs
+    (N, n_qubits) computed by the company with the full model at deploy time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[list[FiniteFloat]] = Field(min_length=1, max_length=MAX_CANARIES)
+    outputs: list[list[FiniteFloat]] = Field(min_length=1, max_length=MAX_CANARIES)
+
+
+class CanaryRequest(BaseModel):
+    """PUT /v1/models/{name}/canaries (admin). The company's secret: the orchestrator mixes
+    random canaries, at random positions, into each batch it sends to a provider and
+    refuses (502) to answer when the provider's outputs for them are wrong."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fragments: list[FragmentCanaries] = Field(min_length=1, description="one per fragment")
+    tolerance: float = Field(1e-6, gt=0, le=1, description="exact mode: largest allowed "
+                             "|output - expected|")
+    shots_z: float = Field(6.0, gt=0, le=50, description="shots mode: allowed deviation in "
+                           "standard errors sqrt((1 - e^2) / shots), plus 1/shots")
 
 
 # Open Inference Protocol v2 (KServe).
@@ -189,11 +218,45 @@ def read_token(path: Path | str) -> str:
     return token
 
 
+def make_canaries(spec, images, tolerance: float = 1e-6) -> CanaryRequest:
+    """Canaries for every fragment from raw `images` (N, H*W), computed with the full model
+    (all fragment parameters: only the company can do this). Fragment k's canary inputs are
+    what fragment k really receives for those images (preprocess, fragments, glue), so on
+    the wire they look like real traffic; outputs are exact expectation values."""
+    import numpy as np
+    from qumos.chain import glue_forward, preprocess
+    from qumos.quantum import AerRunner, DeviceProfile
+
+    feats = preprocess(np.asarray(images, dtype=float), spec.preprocess)
+    x, frags = feats, []
+    for k, frag in enumerate(spec.fragments):
+        if frag.params is None:
+            raise ValueError(f"fragments[{k}].params: canaries need the full model")
+        y = AerRunner(frag, DeviceProfile()).run(x)
+        frags.append(FragmentCanaries(inputs=x.tolist(), outputs=y.tolist()))
+        if k < len(spec.glue):
+            x = glue_forward(spec.glue[k], y, feats)
+    return CanaryRequest(fragments=frags, tolerance=tolerance)
+
+
+def canary_images(spec, n: int, seed: int | None = None):
+    """`n` of the company's own training images (random, so each deployment's canaries
+    differ; a provider cannot learn them from the code)."""
+    import numpy as np
+    from qumos.datasets import load_task
+
+    raw = load_task(spec.dataset, spec.task, seed=0).train.raw
+    rng = np.random.default_rng(seed)
+    return raw[rng.choice(len(raw), size=min(n, len(raw)), replace=False)]
+
+
 def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
                     providers: dict[str, str], tokens: dict[str, str],
-                    timeout: float = 60.0) -> dict:
+                    timeout: float = 60.0, canaries: int = 64,
+                    canary_seed: int | None = None) -> dict:
     """Push fragment k to provider placement[k] (with that provider's token), then register
-    the company part (no fragment weights) with the orchestrator."""
+    the company part (no fragment weights) with the orchestrator, then `canaries` integrity
+    canaries per fragment (0: none)."""
     import httpx
     from qumos.artifact import Artifact
 
@@ -219,7 +282,13 @@ def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
         _check(client.put(url, content=artifact.company_spec().model_dump_json(),
                           headers={"Authorization": f"Bearer {admin_token}",
                                    "Content-Type": "application/json"}))
-    return {"model": spec.name, "fragments": deployed, "orchestrator": url}
+        if canaries > 0:
+            req = make_canaries(spec, canary_images(spec, canaries, canary_seed))
+            _check(client.put(f"{url}/canaries", content=req.model_dump_json(),
+                              headers={"Authorization": f"Bearer {admin_token}",
+                                       "Content-Type": "application/json"}))
+    return {"model": spec.name, "fragments": deployed, "orchestrator": url,
+            "canaries": canaries}
 
 
 def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,

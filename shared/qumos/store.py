@@ -16,16 +16,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
-
 from qumos.artifact import FragmentFile, atomic_write
 from qumos.errors import QumosError
 
 MARKER = "provider.json"
 MARKER_FORMAT = "qumos-provider"
+_LOG_LOCK = threading.Lock()
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -114,11 +115,22 @@ class ProviderStore:
     def append_log(self, entry: dict) -> None:
         entry = {"time": time.time(), **entry}
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        with _LOG_LOCK:  # one appender at a time, so a failed line can be cut off again
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                start = os.fstat(fd).st_size
+                view = memoryview(line)
+                try:
+                    while view:  # a full disk gives a short write first, then ENOSPC
+                        view = view[os.write(fd, view):]
+                except OSError:
+                    try:
+                        os.ftruncate(fd, start)  # no torn line left behind
+                    except OSError:
+                        pass
+                    raise
+            finally:
+                os.close(fd)
 
     def read_log(self) -> list[dict]:
         if not self.log_path.is_file():

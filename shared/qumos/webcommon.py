@@ -6,13 +6,18 @@ Error responses are always `{"error": {"type", "message", "field"?}}`:
     ServiceError (HTTPException subclass)   raised by handlers: status, type, message, field
     ├── BodyTooLarge                        413, raised by the body-limit middleware
     RequestValidationError / ValidationError   422 naming the field
+    overload (ConcurrencyLimitMiddleware)   503 "overloaded" + Retry-After, never queued
     any other exception                     500 "internal" (logged, never the traceback)
+
+Credentials: tokens come from files (`read_token_file`), are compared with
+`hmac.compare_digest` and never appear in a log line or an error message.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from qumos.client import describe_validation_error, format_loc
+from qumos.client import ErrorBody, describe_validation_error, format_loc
 from qumos.errors import QumosError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -153,9 +158,84 @@ class BodyLimitMiddleware:
             await resp(scope, receive, send)
 
 
-def install_common(app: FastAPI, max_body_bytes: int, registry=None) -> None:
-    """JSON error handlers, the body limit and Prometheus /metrics."""
-    from prometheus_client import CollectorRegistry
+UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+class ConcurrencyLimitMiddleware:
+    """At most `limit` requests in flight; the next one is refused at once with 503
+    "overloaded" and `Retry-After` (a non-blocking acquire: nothing queues without bound).
+    Health, readiness and metrics are never limited, so a busy service is not restarted."""
+
+    def __init__(self, app, limit: int, retry_after: int = 1,
+                 on_reject: Callable[[], None] | None = None):
+        self.app, self.limit, self.retry_after = app, limit, retry_after
+        self.on_reject = on_reject
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in UNLIMITED_PATHS:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            if self.on_reject is not None:
+                self.on_reject()
+            resp = error_json(503, "overloaded", f"the service is at its limit of "
+                              f"{self.limit} requests in flight; retry after "
+                              f"{self.retry_after}s", headers={
+                                  "Retry-After": str(self.retry_after)})
+            return await resp(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+# Responses every documented endpoint may give (for the OpenAPI schema).
+ERROR_DESCRIPTIONS = {
+    401: "no credentials", 403: "wrong credentials", 404: "unknown model or fragment",
+    413: "body or batch too large", 422: "invalid input (names the field)",
+    500: "internal error", 502: "a provider sent a bad or tampered answer",
+    503: "overloaded or a provider is unavailable (Retry-After)",
+    504: "a provider did not answer in time", 507: "the data directory cannot be written",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """`responses=` for a route: the JSON error body under each status."""
+    return {c: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+def document_request_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[BaseModel]]
+                            ) -> None:
+    """Routes parse their bodies themselves (`parse_body`, for clear errors on any content
+    type); this puts those request models into the OpenAPI schema, so clients and
+    schemathesis see the contract. `bodies`: {(path, method): model}."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in bodies.values()],
+                                     ref_template="#/components/schemas/{model}")
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, d in defs.get("$defs", {}).items():
+            comps.setdefault(name, d)
+        for (path, method), model in bodies.items():
+            op = schema["paths"][path][method]
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def install_common(app: FastAPI, max_body_bytes: int, registry=None,
+                   max_inflight: int | None = None, retry_after: int = 1) -> None:
+    """JSON error handlers, the body limit, the in-flight limit and Prometheus /metrics."""
+    from prometheus_client import CollectorRegistry, Counter
     from prometheus_fastapi_instrumentator import Instrumentator
 
     @app.exception_handler(ServiceError)
@@ -186,6 +266,13 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None) -> None:
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     reg = registry if registry is not None else CollectorRegistry()
     app.state.metrics_registry = reg
+    if max_inflight is not None:
+        rejected = Counter("qumos_overload_rejections", "requests refused with 503 because "
+                           "the in-flight limit was reached", registry=reg)
+        app.state.overload_rejections = rejected
+        # added last = outermost: refused before the body is even read
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=max_inflight,
+                           retry_after=retry_after, on_reject=rejected.inc)
     Instrumentator(registry=reg, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False)
 

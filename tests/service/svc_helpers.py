@@ -38,7 +38,8 @@ async def running(app):
 async def company_stack(tmp_path, artifact, provider_overrides=None, **orch_kw):
     """Three real provider apps and the orchestrator, wired in-process with ASGITransport.
 
-    provider_overrides: {name: httpx transport} replacing a provider (down, misbehaving).
+    provider_overrides: {name: httpx transport} replacing a provider (down, misbehaving),
+    or {name: callable(app) -> transport} wrapping the real provider app.
     Yields (orchestrator client, admin token, {name: (app, token)})."""
     from services.orchestrator.app import OrchestratorSettings
     from services.orchestrator.app import create_app as orch_app
@@ -53,8 +54,10 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, **orch_kw):
             providers[name] = (app, token)
         mounts = {}
         for name, (app, _) in providers.items():
-            mounts[f"http://{name}"] = (provider_overrides or {}).get(
-                name, httpx.ASGITransport(app=app))
+            ov = (provider_overrides or {}).get(name)
+            if callable(ov) and not isinstance(ov, httpx.AsyncBaseTransport):
+                ov = ov(app)  # a factory wrapping the real provider app (e.g. tampering)
+            mounts[f"http://{name}"] = ov or httpx.ASGITransport(app=app)
         admin = write_token(tmp_path / "admin_token")
         settings = OrchestratorSettings(
             data_dir=tmp_path / "orchestrator", tokens_dir=tmp_path / "tokens",
