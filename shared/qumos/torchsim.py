@@ -27,6 +27,13 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
   *real* matmul with a constant, instead of chains of tiny complex ops (whose autograd
   overhead, not their arithmetic, dominated the old simulator's time).
 
+- The data-dependent part (encoder, psi @ U, readout) is one `torch.autograd.Function`
+  with a hand-written backward (`_EncodeUnitaryReadout`; on the per-state path `_Encode`
+  and `_Readout` around the autograd steps): no graph of small ops to record and replay.
+  It keeps the batch as the last, contiguous axis, so each elementwise op runs over long
+  rows. Only the small, data-independent part (weights -> T and U) goes through autograd,
+  with fused per-wire features and Kronecker products as one gather + one product each.
+
 Cost of one forward+backward step, and the flop floor it is compared with, are printed
 by the benchmark; `flops_per_sample` counts the arithmetic of this method.
 """
@@ -138,6 +145,12 @@ class _Local:
                 if len(v) > layer:
                     idx[layer, wire, : len(v[layer].index)] = torch.tensor(v[layer].index)
         self.idx = idx
+        # feature_index[l, wire, k]: position in cs.reshape(-1) of the cos (bit l of k = 0)
+        # or sin (bit 1) of the wire's l-th half-angle, (L, n, 2**L); no gate (-1): the
+        # padding angle 0 at the end of cs, i.e. flat positions -2 (cos) and -1 (sin)
+        bits = (torch.arange(2**depth)[None, :] >> torch.arange(depth)[:, None]) & 1  # (L, 2**L)
+        first = idx[:, :, 0, None]  # (L, n, 1)
+        self.feature_index = torch.where(first >= 0, first * 2, -2) + bits[:, None, :]
         self.all_rotations = all(t in ROTATIONS for t in self.types)
         if self.all_rotations:
             # A wire's fused matrix is multilinear in the (cos, sin) of its L half-angles:
@@ -146,12 +159,9 @@ class _Local:
 
     def features(self, cs: torch.Tensor) -> torch.Tensor:
         """f (n, 2**L) real: per wire the products of cos / sin of the run's half-angles,
-        index k = sum_l bit_l 2**l (bit 1 = sin). cs (P+1, 2) real (cos, sin) of w/2."""
-        layers = cs[self.idx[:, :, 0]].unbind(0)  # L tensors (n, 2)
-        f = layers[0]
-        for c in layers[1:]:
-            f = (c[:, :, None] * f[:, None, :]).reshape(f.shape[0], -1)
-        return f
+        index k = sum_l bit_l 2**l (bit 1 = sin). cs (P+1, 2) real (cos, sin) of w/2.
+        One gather and one product (two autograd nodes, not 2L)."""
+        return cs.reshape(-1)[self.feature_index].prod(0)  # (L, n, 2**L) -> (n, 2**L)
 
     def matrices(self, wz: torch.Tensor, cs: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
         """Per wire the fused 2x2 matrix, (n, 2, 2) complex. wz (P+1,) weights padded with
@@ -246,6 +256,12 @@ class FragmentSim:
         # the real and imaginary part of amplitude idx: (2d, n).
         z = torch.stack([self._z(q) for q in range(n)], dim=1)
         self.z_signs = z.repeat_interleave(2, dim=0).to(dtype)
+        self.z_t = z.T.contiguous().to(dtype)  # (n, d)
+        # kron_index[w, i, j] = position of mats[w, bit_w(i), bit_w(j)] in mats (n, 2, 2)
+        # flattened, for the dense Kronecker product of per-wire 2x2 matrices (_apply_local)
+        bit = (torch.arange(self.d)[None, :] >> torch.arange(n)[:, None]) & 1  # (n, d)
+        self.kron_index = (4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None]
+                           + bit[:, None, :])  # (n, d, d)
         self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
 
     # ---- compilation helpers -------------------------------------------------------
@@ -283,34 +299,24 @@ class FragmentSim:
         return self.d * self.state_cost + batch * self.d**2 < batch * self.state_cost
 
     # ---- state preparation ---------------------------------------------------------
+    def _encoder_default_t(self) -> torch.Tensor:
+        """T = C per wire as (re, im) columns, (n, 2**L, 4): no leading local step."""
+        t = self.enc_c.to(self.cdtype).expand(self.n, 2, -1)  # (n, 2, 2**L)
+        return torch.view_as_real(t.transpose(1, 2)).reshape(self.n, -1, 4)
+
     def encode(self, x: torch.Tensor, t_ri: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n_inputs) angles -> (B, d) product state; `t_ri` (n, 2**L, 4): T = G @ C
         per wire as (re, im) columns (`_encoder_t`), G the ansatz's leading local step;
-        None: no leading local step.
+        None: no leading local step. Differentiable in x and t_ri (`_Encode`).
 
         Per wire the encoded vector is multilinear in the (cos, sin) of its L half-angles
         (see `_encoder_columns`): v = G @ C @ f with f (2**L,) their Kronecker product, C
         constant and G the wire's matrix of the leading local step. So all B * n vectors
         come from one real batched matmul, f (n, B, 2**L) @ T (n, 2**L, 4).
         """
-        b, n, layers = x.shape[0], self.n, self.n_enc_layers
-        pad = layers * n - x.shape[1]
-        if pad:  # missing inputs: angle 0, the identity
-            x = torch.cat([x, x.new_zeros(b, pad)], dim=1)
-        half = x.reshape(b, layers, n).permute(1, 2, 0) / 2  # (L, n, B)
-        cs = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (L, n, B, 2) real
-        f = cs[0]
-        for layer in range(1, layers):  # f index k = sum_l i_l 2**l, i_l = 0 cos, 1 sin
-            f = (cs[layer][..., :, None] * f[..., None, :]).reshape(n, b, -1)  # (n, B, 2**l+1)
         if t_ri is None:
-            t = self.enc_c.to(self.cdtype).expand(n, 2, -1)  # (n, 2, 2**L)
-            t_ri = torch.view_as_real(t.transpose(1, 2)).reshape(n, -1, 4)  # (n, 2**L, 4)
-        v = torch.view_as_complex(torch.bmm(f, t_ri).reshape(n, b, 2, 2))  # (n, B, 2)
-        wires = v.unbind(0)  # n tensors (B, 2); unbind: one stack in backward, not n
-        psi = wires[0]
-        for vw in wires[1:]:  # wire w is more significant than wires < w
-            psi = (vw[:, :, None] * psi[:, None, :]).reshape(b, -1)
-        return psi
+            t_ri = self._encoder_default_t()
+        return _Encode.apply(x, t_ri, self)
 
     # ---- steps on states (rows) ------------------------------------------------------
     def _apply_2q(self, s: torch.Tensor, m: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -326,7 +332,9 @@ class FragmentSim:
         """Per-wire 2x2 matrices (n, 2, 2) on (B, d): kron(high) @ S @ kron(low)^T, or one
         dense (d, d) matmul up to DENSE_LOCAL_QUBITS (fewer, larger ops win there)."""
         if self.n <= DENSE_LOCAL_QUBITS:
-            return s @ _kron_all(mats).T
+            # kron(mats)[i, j] = prod_w mats[w, bit_w(i), bit_w(j)]: one gather, one product
+            kron = mats.reshape(-1)[self.kron_index].prod(0)  # (n, d, d) -> (d, d)
+            return s @ kron.T
         k_lo = _kron_all(mats[: self.lo])  # (2**lo, 2**lo)
         k_hi = _kron_all(mats[self.lo:])  # (2**hi, 2**hi)
         t = s.reshape(s.shape[0], -1, 2**self.lo)  # (B, 2**hi, 2**lo)
@@ -391,13 +399,155 @@ class FragmentSim:
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         w = w.to(self.dtype)
-        psi = self.statevector(x, w)
-        # <Z_q> = sum_idx |psi_idx|^2 z_q(idx) = sum over re and im parts of part^2 z_q(idx)
-        parts = torch.view_as_real(psi).reshape(psi.shape[0], -1)  # (B, 2d): re, im, re, ...
-        return parts.square() @ self.z_signs  # (B, n)
+        wz, cs = self._angles(w)
+        t_ri = self._encoder_t(wz, cs)
+        if t_ri is None:
+            t_ri = self._encoder_default_t()
+        if not self.steps or self.use_unitary(x.shape[0]):
+            # data-independent part (t_ri, R) through autograd; the batch part in one
+            # hand-differentiated function
+            r = (self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w, {"angles": (wz, cs)})
+                 if self.steps else None)
+            return _EncodeUnitaryReadout.apply(x, t_ri, r, self)
+        psi = _Encode.apply(x, t_ri, self)
+        return _Readout.apply(self.apply_steps(psi, w, {"angles": (wz, cs)}), self)
 
     __call__ = forward
 
+
+
+# ---- the batch part, differentiated by hand ---------------------------------------------
+# Autograd records every small op and replays it backward; at 4 qubits that bookkeeping,
+# not the arithmetic, was most of a step's time. The functions below run the data-dependent
+# part (encoder, psi @ R, readout) without a graph and compute its gradients directly.
+# Complex gradients follow torch's convention: for a real loss, grad z = dL/dRe z + i dL/dIm z,
+# so for y = a * b: grad a = grad y * conj(b), and for Y = X @ M: grad X = grad Y @ M^H,
+# grad M = X^H @ grad Y.
+
+# Layout: the batch is the last (contiguous) axis everywhere, so every elementwise op runs
+# over long rows of B values and every sum over a small axis adds a few such rows.
+
+def _encode_fwd(sim: FragmentSim, x: torch.Tensor, t_ri: torch.Tensor):
+    """Encoder forward without autograd: x (B, n_inputs) -> psi (d, B) complex, and what
+    backward needs."""
+    b, n, layers = x.shape[0], sim.n, sim.n_enc_layers
+    xt = x.T  # (n_inputs, B)
+    pad = layers * n - x.shape[1]
+    if pad:  # missing inputs: angle 0, the identity
+        xt = torch.cat([xt, xt.new_zeros(pad, b)])
+    half = xt.reshape(layers, n, 1, b) * 0.5  # input i = layer i // n, wire i % n
+    c, s = torch.cos(half), torch.sin(half)  # (L, n, 1, B) each
+    cs = torch.cat([c, s], dim=2)  # (L, n, 2, B)
+    fs = [cs[0]]  # fs[l]: Kronecker product of layers 0..l, (n, 2**(l+1), B); bit l = layer l
+    for layer in range(1, layers):
+        fs.append((cs[layer][:, :, None] * fs[-1][:, None]).reshape(n, -1, b))
+    v_ri = torch.bmm(t_ri.transpose(1, 2), fs[-1])  # (n, 4 = (amp 0, amp 1) x (re, im), B)
+    v = torch.complex(v_ri[:, 0::2], v_ri[:, 1::2])  # (n, 2, B)
+    psis = [v[0]]  # psis[k]: wires 0..k, (2**(k+1), B); wire k the most significant
+    for k in range(1, n):
+        psis.append((v[k][:, None] * psis[-1][None]).reshape(-1, b))
+    return psis[-1], (c, s, cs, fs, v, psis, pad)
+
+
+def _encode_bwd(sim: FragmentSim, saved, t_ri: torch.Tensor, g_psi: torch.Tensor,
+                need_x: bool, need_t: bool):
+    """Gradients w.r.t. x (B, n_inputs) and t_ri (n, 2**L, 4) from grad psi (d, B)."""
+    c, s, cs, fs, v, psis, pad = saved
+    n, b = sim.n, g_psi.shape[-1]
+    g_v = []  # per wire (2, B), from the last wire down
+    for k in range(n - 1, 0, -1):
+        g = g_psi.reshape(2, -1, b)  # (2 = bit k, 2**k, B)
+        g_v.append((g * psis[k - 1].conj()[None]).sum(1))
+        g_psi = (g * v[k].conj()[:, None]).sum(0)  # (2**k, B)
+    g_v.append(g_psi)
+    g_v = torch.stack(g_v[::-1])  # (n, 2, B) complex
+    g_vri = torch.stack([g_v.real, g_v.imag], dim=2).reshape(n, 4, b)  # as v_ri
+    g_t = torch.bmm(fs[-1], g_vri.transpose(1, 2)) if need_t else None  # (n, 2**L, 4)
+    g_x = None
+    if need_x:
+        g_f = torch.bmm(t_ri, g_vri)  # (n, 2**L, B)
+        g_cs = []  # per layer (n, 2, B), from the last layer down
+        for layer in range(len(fs) - 1, 0, -1):
+            g = g_f.reshape(n, 2, -1, b)  # (n, 2 = bit of this layer, 2**layer, B)
+            g_cs.append((g * fs[layer - 1][:, None]).sum(2))
+            g_f = (g * cs[layer][:, :, None]).sum(1)
+        g_cs.append(g_f)
+        g_cs = torch.stack(g_cs[::-1])  # (L, n, 2, B)
+        g_half = g_cs[:, :, 1:] * c - g_cs[:, :, :1] * s  # d cos = -sin, d sin = cos
+        g_x = (g_half * 0.5).reshape(-1, b)  # (L * n, B)
+        if pad:
+            g_x = g_x[: g_x.shape[0] - pad]
+        g_x = g_x.T
+    return g_x, g_t
+
+
+def _readout_fwd(sim: FragmentSim, psi: torch.Tensor):
+    """<Z_q> = sum_idx |psi_idx|**2 z_q(idx); psi (d, B) -> (B, n)."""
+    p = psi.real.square() + psi.imag.square()  # (d, B)
+    return (sim.z_t @ p).T, psi
+
+
+def _readout_bwd(sim: FragmentSim, psi: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """grad psi (d, B) complex from grad out (B, n)."""
+    return (sim.z_t.T @ g_out.T) * (2 * psi)  # (d, B)
+
+
+class _Encode(torch.autograd.Function):
+    """psi = encode(x, t_ri), (B, d) complex."""
+
+    @staticmethod
+    def forward(ctx, x, t_ri, sim):
+        psi, saved = _encode_fwd(sim, x, t_ri)
+        ctx.sim, ctx.saved = sim, saved
+        ctx.save_for_backward(t_ri)
+        return psi.T.contiguous()
+
+    @staticmethod
+    def backward(ctx, g_psi):
+        (t_ri,) = ctx.saved_tensors
+        g_x, g_t = _encode_bwd(ctx.sim, ctx.saved, t_ri, g_psi.T.contiguous(),
+                               *ctx.needs_input_grad[:2])
+        return g_x, g_t, None
+
+
+class _Readout(torch.autograd.Function):
+    """(B, d) states -> (B, n) <Z_q>."""
+
+    @staticmethod
+    def forward(ctx, psi, sim):
+        out, psi_t = _readout_fwd(sim, psi.T)
+        ctx.sim = sim
+        ctx.save_for_backward(psi_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        (psi_t,) = ctx.saved_tensors
+        return _readout_bwd(ctx.sim, psi_t, g_out).T, None
+
+
+class _EncodeUnitaryReadout(torch.autograd.Function):
+    """out = readout(encode(x, t_ri) @ r), r = U^T (d, d) or None (no ansatz steps)."""
+
+    @staticmethod
+    def forward(ctx, x, t_ri, r, sim):
+        psi, saved = _encode_fwd(sim, x, t_ri)  # (d, B)
+        phi = psi if r is None else r.T @ psi  # (d, B)
+        out, _ = _readout_fwd(sim, phi)
+        ctx.sim, ctx.saved = sim, saved
+        ctx.save_for_backward(t_ri, r, psi, phi)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        t_ri, r, psi, phi = ctx.saved_tensors
+        need_x, need_t, need_r = ctx.needs_input_grad[:3]
+        g_phi = _readout_bwd(ctx.sim, phi, g_out)  # (d, B)
+        # phi^T = psi^T @ r: grad r = conj(psi) @ g_phi^T, grad psi^T = g_phi^T @ r^H
+        g_r = psi.conj() @ g_phi.T if (r is not None and need_r) else None  # (d, d)
+        g_psi = g_phi if r is None else r.conj() @ g_phi
+        g_x, g_t = _encode_bwd(ctx.sim, ctx.saved, t_ri, g_psi, need_x, need_t)
+        return g_x, g_t, g_r, None
 
 def flops_per_sample(spec: FragmentSpec, batch: int) -> float:
     """Real flops per sample, forward + backward, of the method FragmentSim uses at this

@@ -87,3 +87,18 @@ def test_aer_shots_close_to_exact():
     assert np.abs(shots - exact).max() < 0.06
     assert not np.allclose(shots, exact, atol=1e-9)  # really sampled
     np.testing.assert_array_equal(shots, runner.run(x, shots=8192, seed=5))  # seeded
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("unitary", [True, False])
+def test_gradients_match_finite_differences(block, n, unitary):
+    """torch.autograd.gradcheck (float64) of the hand-written backward of the batch part
+    (encoder, psi @ U, readout) and the autograd part (weights -> U), on both paths."""
+    rng = np.random.default_rng(n)
+    f = FragmentSpec(n_qubits=n, n_inputs=3 * n - 1, block=block, depth=2, entanglement="ring")
+    sim = FragmentSim(f, dtype=torch.float64)
+    sim.use_unitary = lambda batch: unitary  # force the path under test
+    x = torch.tensor(rng.uniform(-np.pi, np.pi, (3, f.n_inputs)), requires_grad=True)
+    w = torch.tensor(rng.uniform(-np.pi, np.pi, f.n_params), requires_grad=True)
+    assert torch.autograd.gradcheck(sim.forward, (x, w), atol=1e-6, rtol=1e-5)
