@@ -208,9 +208,14 @@ def test_each_provider_volume_holds_only_its_own_fragment(stack, demo):
                  f"{stack.volume('orchestrator-data')}:/d:ro", "qumos-provider:latest",
                  "python3", "-c", "import json, pathlib; print(json.dumps([json.loads("
                  "p.read_text()) for p in pathlib.Path('/d').rglob('*.json')]))").stdout
-    models = json.loads(out)
-    assert len(models) == 1
+    files = json.loads(out)
+    # the registered company part (a ModelSpec) and the company's canaries (angle vectors
+    # with expected outputs); neither carries a fragment's weights
+    models = [d for d in files if "schema_version" in d]
+    assert len(models) == 1, files
     assert all(f.get("params") is None for f in models[0]["fragments"])
+    assert all(set(d) <= {"fragments", "tolerance", "shots_z"} for d in files
+               if "schema_version" not in d), files  # canaries: inputs and outputs only
 
 
 def test_attacker_reads_only_the_breached_volume_and_has_no_credentials(stack, demo):
