@@ -110,6 +110,16 @@ def _kron_all(mats: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _prod0(t: torch.Tensor) -> torch.Tensor:
+    """t.prod(0) as a chain of multiplications: for the few factors here, autograd's
+    backward of a product chain is much cheaper than prod's (which guards against zeros)."""
+    parts = t.unbind(0)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out * p
+    return out
+
+
 def _chain(mats: torch.Tensor) -> torch.Tensor:
     """mats[L-1] @ ... @ mats[0] over the leading axis of (L, ..., 2, 2) (or a list)."""
     if isinstance(mats, torch.Tensor):
@@ -161,7 +171,7 @@ class _Local:
         """f (n, 2**L) real: per wire the products of cos / sin of the run's half-angles,
         index k = sum_l bit_l 2**l (bit 1 = sin). cs (P+1, 2) real (cos, sin) of w/2.
         One gather and one product (two autograd nodes, not 2L)."""
-        return cs.reshape(-1)[self.feature_index].prod(0)  # (L, n, 2**L) -> (n, 2**L)
+        return _prod0(cs.reshape(-1)[self.feature_index])  # (L, n, 2**L) -> (n, 2**L)
 
     def matrices(self, wz: torch.Tensor, cs: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
         """Per wire the fused 2x2 matrix, (n, 2, 2) complex. wz (P+1,) weights padded with
@@ -263,6 +273,12 @@ class FragmentSim:
         self.kron_index = (4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None]
                            + bit[:, None, :])  # (n, d, d)
         self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
+        # For building R = U^T (the unitary path): up to DENSE_LOCAL_QUBITS a local step's
+        # matrix is gathered from the per-wire 2x2s, and the signed permutations next to
+        # it fold into that gather's index (and a sign): one gather + product per local
+        # step instead of index operations on R and their backward.
+        self.r_steps = (self._fold_permutations() if self.n <= DENSE_LOCAL_QUBITS
+                        else self.steps)
 
     # ---- compilation helpers -------------------------------------------------------
     def _z(self, q: int) -> torch.Tensor:
@@ -281,6 +297,58 @@ class FragmentSim:
         assert torch.equal(rebuilt, m), "cx/cz runs are signed permutations"
         sign_or_none = None if torch.all(sign == 1) else sign.to(self.cdtype)
         return perm, sign_or_none
+
+    def _fold_permutations(self) -> list[tuple[str, object]]:
+        """self.steps with every perm step merged into the local step after it (else the
+        one before it) as ("dense", (local, index (n, d, d), sign (d, d) or None)), where
+        the dense step's matrix M (row convention: states @ M) is gathered as
+        M[i, j] = sign[i, j] * prod_w mats[w].flat[index[w, i, j]]."""
+        kinds = [k for k, _ in self.steps]
+        before: dict[int, tuple] = {}  # local step position -> perm applied before it
+        after: dict[int, tuple] = {}
+        keep: list[int] = []
+        for i, (kind, payload) in enumerate(self.steps):
+            if kind == "perm" and i + 1 < len(kinds) and kinds[i + 1] == "local":
+                before[i + 1] = payload
+            elif kind == "perm" and i > 0 and kinds[i - 1] == "local":
+                after[i - 1] = payload
+            else:
+                keep.append(i)
+        ident = (torch.arange(self.d), None)
+        out = []
+        for i in keep:
+            kind, payload = self.steps[i]
+            if kind != "local":
+                out.append((kind, payload))
+                continue
+            (perm_a, sign_a), (perm_b, sign_b) = before.get(i, ident), after.get(i, ident)
+            # s[:, perm_a] * sign_a @ K^T, then [:, perm_b] * sign_b: with inv_a the
+            # inverse of perm_a, M[i, j] = sign_a[inv_a[i]] sign_b[j] K[perm_b[j], inv_a[i]]
+            inv_a = torch.argsort(perm_a)
+            index = self.kron_index[:, perm_b[None, :], inv_a[:, None]]  # (n, d, d)
+            sign = None
+            if sign_a is not None or sign_b is not None:
+                sa = sign_a[inv_a] if sign_a is not None else torch.ones(self.d, dtype=self.cdtype)
+                sb = sign_b if sign_b is not None else torch.ones(self.d, dtype=self.cdtype)
+                sign = sa[:, None] * sb[None, :]
+            out.append(("dense", (payload, index, sign)))
+        return out
+
+    def unitary(self, w: torch.Tensor, wz: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        """R = U^T (d, d) of the steps after the leading local one (psi_out = psi_in @ R),
+        through `r_steps`; differentiable in w (autograd)."""
+        r = None
+        for kind, payload in self.r_steps:
+            if kind == "dense":
+                local, index, sign = payload
+                m = _prod0(local.matrices(wz, cs, self.cdtype).reshape(-1)[index])
+                if sign is not None:
+                    m = m * sign
+                r = m if r is None else r @ m
+            else:
+                start = torch.eye(self.d, dtype=self.cdtype) if r is None else r
+                r = self.apply_steps(start, w, {"angles": (wz, cs)}, [(kind, payload)])
+        return r
 
     def _step_cost(self, kind: str, payload) -> int:
         """Complex multiply-adds per state of one step (the cost model of use_unitary)."""
@@ -333,7 +401,7 @@ class FragmentSim:
         dense (d, d) matmul up to DENSE_LOCAL_QUBITS (fewer, larger ops win there)."""
         if self.n <= DENSE_LOCAL_QUBITS:
             # kron(mats)[i, j] = prod_w mats[w, bit_w(i), bit_w(j)]: one gather, one product
-            kron = mats.reshape(-1)[self.kron_index].prod(0)  # (n, d, d) -> (d, d)
+            kron = _prod0(mats.reshape(-1)[self.kron_index])  # (n, d, d) -> (d, d)
             return s @ kron.T
         k_lo = _kron_all(mats[: self.lo])  # (2**lo, 2**lo)
         k_hi = _kron_all(mats[self.lo:])  # (2**hi, 2**hi)
@@ -342,10 +410,11 @@ class FragmentSim:
         return t.reshape(s.shape)
 
     def apply_steps(self, state: torch.Tensor, w: torch.Tensor,
-                    cache: dict | None = None) -> torch.Tensor:
-        """Apply the ansatz steps (all but a leading local step) to states (B, d)."""
+                    cache: dict | None = None, steps: list | None = None) -> torch.Tensor:
+        """Apply the ansatz steps (all but a leading local step; or `steps`) to states
+        (B, d)."""
         wz, cs = self._angles(w) if cache is None else cache["angles"]
-        for kind, step in self.steps:
+        for kind, step in self.steps if steps is None else steps:
             if kind == "local":
                 state = self._apply_local(state, step.matrices(wz, cs, self.cdtype))
             elif kind == "perm":
@@ -383,7 +452,8 @@ class FragmentSim:
     def unitary_rows(self, w: torch.Tensor) -> torch.Tensor:
         """R = U^T, (d, d), for the steps after the leading local one: row j is U|j>, so
         psi_out = psi_in @ R."""
-        return self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w)
+        wz, cs = self._angles(w)
+        return self.unitary(w, wz, cs)
 
     def statevector(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(B, d) final states."""
@@ -393,7 +463,7 @@ class FragmentSim:
             return psi
         cache = {"angles": (wz, cs)}
         if self.use_unitary(x.shape[0]):
-            return psi @ self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w, cache)
+            return psi @ self.unitary(w, wz, cs)
         return self.apply_steps(psi, w, cache)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -406,8 +476,7 @@ class FragmentSim:
         if not self.steps or self.use_unitary(x.shape[0]):
             # data-independent part (t_ri, R) through autograd; the batch part in one
             # hand-differentiated function
-            r = (self.apply_steps(torch.eye(self.d, dtype=self.cdtype), w, {"angles": (wz, cs)})
-                 if self.steps else None)
+            r = self.unitary(w, wz, cs) if self.steps else None
             return _EncodeUnitaryReadout.apply(x, t_ri, r, self)
         psi = _Encode.apply(x, t_ri, self)
         return _Readout.apply(self.apply_steps(psi, w, {"angles": (wz, cs)}), self)

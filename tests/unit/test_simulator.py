@@ -102,3 +102,22 @@ def test_gradients_match_finite_differences(block, n, unitary):
     x = torch.tensor(rng.uniform(-np.pi, np.pi, (3, f.n_inputs)), requires_grad=True)
     w = torch.tensor(rng.uniform(-np.pi, np.pi, f.n_params), requires_grad=True)
     assert torch.autograd.gradcheck(sim.forward, (x, w), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("entanglement", ["ring", "linear", "full"])
+@pytest.mark.parametrize("n", [3, 4])
+def test_folded_unitary_matches_steps_on_identity(block, entanglement, n):
+    """`FragmentSim.unitary` (signed permutations folded into the local steps' gathers)
+    equals running the compiled steps on the identity."""
+    rng = np.random.default_rng(7)
+    f = FragmentSpec(n_qubits=n, n_inputs=2 * n, block=block, depth=3,
+                     entanglement=entanglement)
+    sim = FragmentSim(f, dtype=torch.float64)
+    w = torch.tensor(rng.uniform(-np.pi, np.pi, f.n_params))
+    if not sim.steps:
+        pytest.skip("no steps after the leading local one")
+    wz, cs = sim._angles(w)
+    folded = sim.unitary(w, wz, cs)
+    plain = sim.apply_steps(torch.eye(sim.d, dtype=sim.cdtype), w)
+    torch.testing.assert_close(folded, plain, atol=1e-12, rtol=0)
