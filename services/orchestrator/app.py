@@ -85,6 +85,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 log = logging.getLogger("qumos.orchestrator")
 OUTPUT_TOLERANCE = 1e-6  # provider outputs must lie in [-1 - tol, 1 + tol]
+CONNECT_TIMEOUT_S = 5.0  # a new connection to a provider (capped by timeout_s)
 
 
 class OrchestratorSettings(BaseSettings):
@@ -269,6 +270,10 @@ class OrchestratorState:
                 resp = await self.client.post(url, content=body, headers={
                     "Authorization": f"Bearer {self.tokens[provider]}",
                     "Content-Type": "application/json"})
+        except httpx.ConnectTimeout:
+            raise ProviderFailure(503, "provider_unavailable", f"{where} is unreachable at "
+                                  f"{self.providers[provider]} (no connection within "
+                                  f"{min(CONNECT_TIMEOUT_S, self.settings.timeout_s)}s)") from None
         except TimeoutError:
             raise ProviderFailure(504, "provider_timeout", f"{where} did not answer within "
                                   f"{self.settings.timeout_s}s (deadline)") from None
@@ -475,7 +480,7 @@ def create_app(settings: OrchestratorSettings | None = None,
 
             net = AiohttpTransport(max_connections=64, max_per_host=32)
         state.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(t, connect=min(5.0, t)),
+            timeout=httpx.Timeout(t, connect=min(CONNECT_TIMEOUT_S, t)),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             transport=net, mounts=mounts)
         state.ready = True

@@ -31,8 +31,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _get_session(self) -> aiohttp.ClientSession:
         # made on first use, inside the running event loop (aiohttp binds to it)
         if self._session is None or self._session.closed:
+            # no DNS cache: a restarted provider container comes back under a new address
+            # (and a killed one's name stops resolving: a fast ConnectError, not a timeout)
             conn = aiohttp.TCPConnector(limit=self._limits[0], limit_per_host=self._limits[1],
-                                        ttl_dns_cache=300, enable_cleanup_closed=False)
+                                        use_dns_cache=False)
             self._session = aiohttp.ClientSession(connector=conn, auto_decompress=False,
                                                   skip_auto_headers=("User-Agent",),
                                                   cookie_jar=aiohttp.DummyCookieJar())

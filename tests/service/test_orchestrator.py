@@ -185,6 +185,23 @@ async def test_down_and_slow_providers(tmp_path, artifact, test_data):
         assert r.status_code == 504 and "provider-a" in r.json()["error"]["message"]
 
 
+async def test_unreachable_provider_is_503_not_a_timeout(tmp_path, artifact, test_data):
+    """No connection at all (a killed container's stale address) is 'unavailable' (503),
+    not 'did not answer in time' (504)."""
+    def unreachable(request):
+        raise httpx.ConnectTimeout("connect timed out", request=request)
+
+    async with company_stack(tmp_path, artifact,
+                             {"provider-b": httpx.MockTransport(unreachable)}, retries=0) as (
+            c, admin, providers):
+        await deploy_inprocess(c, admin, providers, artifact)
+        r = await c.post("/v1/models/digits4/predict",
+                         json={"instances": test_data.raw[:2].tolist()})
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        assert "provider-b" in msg and "unreachable" in msg and "digits4.1" in msg
+
+
 def test_settings_errors(tmp_path, monkeypatch):
     from qumos.webcommon import SettingsError
 

@@ -67,6 +67,33 @@ def test_refused_connection_is_connect_error():
         _run(main())
 
 
+def test_full_accept_queue_is_connect_timeout():
+    """A listener that never accepts: once its queue is full the kernel drops new SYNs,
+    so the connection is never made (loopback only)."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue (never accepted)
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+
+        async def main():
+            async with httpx.AsyncClient(transport=AiohttpTransport(),
+                                         timeout=httpx.Timeout(5, connect=0.3)) as c:
+                await c.get(f"http://127.0.0.1:{port}/")
+
+        try:
+            with pytest.raises(httpx.ConnectTimeout):
+                _run(main())
+        finally:
+            for f in fillers:
+                f.close()
+
+
 def test_silent_server_is_read_timeout():
     async def handler(reader, writer):
         await asyncio.sleep(5)
