@@ -86,6 +86,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 log = logging.getLogger("qumos.orchestrator")
 OUTPUT_TOLERANCE = 1e-6  # provider outputs must lie in [-1 - tol, 1 + tol]
 CONNECT_TIMEOUT_S = 5.0  # a new connection to a provider (capped by timeout_s)
+MAX_CONNECTIONS, MAX_PER_PROVIDER = 64, 32  # the provider connection pool
 
 
 class OrchestratorSettings(BaseSettings):
@@ -273,7 +274,7 @@ class OrchestratorState:
         except httpx.ConnectTimeout:
             raise ProviderFailure(503, "provider_unavailable", f"{where} is unreachable at "
                                   f"{self.providers[provider]} (no connection within "
-                                  f"{min(CONNECT_TIMEOUT_S, self.settings.timeout_s)}s)") from None
+                                  f"{self.client.timeout.connect}s)") from None
         except TimeoutError:
             raise ProviderFailure(504, "provider_timeout", f"{where} did not answer within "
                                   f"{self.settings.timeout_s}s (deadline)") from None
@@ -478,10 +479,11 @@ def create_app(settings: OrchestratorSettings | None = None,
         if net is None and mounts is None and settings.http_transport == "aiohttp":
             from services.orchestrator.transport import AiohttpTransport
 
-            net = AiohttpTransport(max_connections=64, max_per_host=32)
+            net = AiohttpTransport(max_connections=MAX_CONNECTIONS, max_per_host=MAX_PER_PROVIDER)
         state.client = httpx.AsyncClient(
             timeout=httpx.Timeout(t, connect=min(CONNECT_TIMEOUT_S, t)),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                max_keepalive_connections=MAX_PER_PROVIDER),
             transport=net, mounts=mounts)
         state.ready = True
         try:

@@ -4,8 +4,8 @@ The orchestrator keeps one pooled `httpx.AsyncClient` (timeouts, retries and err
 handling are written against httpx). httpx's own transport (httpcore) costs about 1.6 ms
 of CPU per call on loopback here -- it writes headers and body as two separate socket
 sends, and more per call -- while aiohttp costs about 0.3 ms; through this transport an
-httpx call costs about 0.8 ms (measured with /tmp-style microbenchmarks, see
-bench/bench_chain.py for the end-to-end effect). The contract of an httpx transport is
+httpx call costs about 0.8 ms (CPU per GET on loopback; README "Services" has the
+numbers, and `bench/bench_chain.py --variants default,httpcore` the end-to-end effect). The contract of an httpx transport is
 kept: httpx's per-request timeouts apply, and every aiohttp failure is raised as the
 matching httpx exception (ConnectError, ReadTimeout, RemoteProtocolError, ...) so the
 caller's handling does not change.

@@ -120,6 +120,12 @@ def _prod0(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gather_kron(mats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(d, d) entries prod_w mats.flat[index[w, i, j]] of per-wire (n, 2, 2) matrices:
+    kron(mats) for `kron_index`, or that matrix with rows/columns permuted (folded perms)."""
+    return _prod0(mats.reshape(-1)[index])
+
+
 def _chain(mats: torch.Tensor) -> torch.Tensor:
     """mats[L-1] @ ... @ mats[0] over the leading axis of (L, ..., 2, 2) (or a list)."""
     if isinstance(mats, torch.Tensor):
@@ -341,7 +347,7 @@ class FragmentSim:
         for kind, payload in self.r_steps:
             if kind == "dense":
                 local, index, sign = payload
-                m = _prod0(local.matrices(wz, cs, self.cdtype).reshape(-1)[index])
+                m = _gather_kron(local.matrices(wz, cs, self.cdtype), index)
                 if sign is not None:
                     m = m * sign
                 r = m if r is None else r @ m
@@ -401,7 +407,7 @@ class FragmentSim:
         dense (d, d) matmul up to DENSE_LOCAL_QUBITS (fewer, larger ops win there)."""
         if self.n <= DENSE_LOCAL_QUBITS:
             # kron(mats)[i, j] = prod_w mats[w, bit_w(i), bit_w(j)]: one gather, one product
-            kron = _prod0(mats.reshape(-1)[self.kron_index])  # (n, d, d) -> (d, d)
+            kron = _gather_kron(mats, self.kron_index)  # (d, d)
             return s @ kron.T
         k_lo = _kron_all(mats[: self.lo])  # (2**lo, 2**lo)
         k_hi = _kron_all(mats[self.lo:])  # (2**hi, 2**hi)
