@@ -42,7 +42,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -74,7 +73,9 @@ from qumos.webcommon import (
     SettingsError,
     check_bearer,
     document_request_bodies,
+    dump_json,
     error_responses,
+    freeze_startup_heap,
     install_common,
     json_response,
     load_settings,
@@ -383,12 +384,12 @@ class OrchestratorState:
                             shots: int | None, seed: int | None) -> np.ndarray:
         provider = spec.placement[k]
         fid = fragment_id(spec.name, k)
-        body: dict = {"inputs": angles.tolist()}
+        body: dict = {"inputs": np.ascontiguousarray(angles, dtype=float)}
         if shots is not None:
             body["shots"] = shots
             if seed is not None:
                 body["seed"] = seed + k
-        payload = json.dumps(body).encode()
+        payload = dump_json(body)
         n_out = spec.fragments[k].n_qubits
         backoff = wait_exponential(multiplier=0.05, max=1.0)
 
@@ -485,6 +486,7 @@ def create_app(settings: OrchestratorSettings | None = None,
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
                                 max_keepalive_connections=MAX_PER_PROVIDER),
             transport=net, mounts=mounts)
+        freeze_startup_heap()
         state.ready = True
         try:
             yield

@@ -294,10 +294,17 @@ def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
 def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,
             seed: int | None = None) -> PredictResponse:
     """One predict call with an `httpx.Client`; raises ServiceError on an error status."""
-    body: dict[str, Any] = {"instances": [list(map(float, r)) for r in instances]}
+    import numpy as np
+    import orjson
+
+    body: dict[str, Any] = {"instances": np.ascontiguousarray(instances, dtype=float)}
     if shots is not None:
         body["shots"] = shots
     if seed is not None:
         body["seed"] = seed
-    resp = client.post(f"{orchestrator_url.rstrip('/')}/v1/models/{model}/predict", json=body)
-    return PredictResponse.model_validate(_check(resp))
+    resp = client.post(f"{orchestrator_url.rstrip('/')}/v1/models/{model}/predict",
+                       content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                       headers={"Content-Type": "application/json"})
+    if resp.status_code >= 400:
+        _check(resp)
+    return PredictResponse.model_validate_json(resp.content)

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 from pydantic import ValidationError
 from qumos.artifact import FragmentFile, atomic_write
 from qumos.errors import QumosError
@@ -114,7 +115,7 @@ class ProviderStore:
     # ----- access log ----------------------------------------------------------------------
     def append_log(self, entry: dict) -> None:
         entry = {"time": time.time(), **entry}
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        line = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
         with _LOG_LOCK:  # one appender at a time, so a failed line can be cut off again
             fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:

@@ -15,12 +15,14 @@ Credentials: tokens come from files (`read_token_file`), are compared with
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -57,6 +59,19 @@ def error_json(status: int, type_: str, message: str, field: str | None = None,
     if field is not None:
         err["field"] = field
     return JSONResponse({"error": err}, status_code=status, headers=headers)
+
+
+def freeze_startup_heap() -> None:
+    """Call once a service has loaded (end of its lifespan's start-up, and after a
+    deploy: transpiling loads much of qiskit lazily). Moves every object
+    alive now -- the imported libraries (qiskit, numpy, FastAPI: millions of objects) and
+    the loaded models -- out of the garbage collector's generations (`gc.freeze`). A full
+    collection then scans only what requests allocate, instead of pausing a request for
+    ~100+ ms now and then (seen as p99 outliers and lost batch-256 throughput). The cost:
+    what a later delete drops stays in memory (a fragment's circuit: small, deploys are
+    rare)."""
+    gc.collect()
+    gc.freeze()
 
 
 def load_settings(cls, settings=None):
@@ -275,6 +290,12 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
                            retry_after=retry_after, on_reject=rejected.inc)
     Instrumentator(registry=reg, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False)
+
+
+def dump_json(obj) -> bytes:
+    """JSON bytes of plain data with numpy arrays in it (orjson: large float batches
+    serialise ~10x faster than with the json module; floats round-trip exactly)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
