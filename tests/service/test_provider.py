@@ -3,6 +3,8 @@ reload after restart, bad input."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from qumos.quantum import statevector_expectations
@@ -25,10 +27,15 @@ async def deploy(client, artifact, k, token):
 
 async def test_deploy_execute_matches_statevector(tmp_path, artifact):
     s, token = provider_settings(tmp_path, "provider-a")
+    frozen = gc.get_freeze_count()
     async with running(create_app(s)) as c:
         assert (await c.get("/readyz")).json()["status"] == "ready"
+        # start-up heap frozen (no full-GC pauses over qiskit's objects), again after deploy
+        assert gc.get_freeze_count() > frozen
+        frozen = gc.get_freeze_count()
         r = await deploy(c, artifact, 0, token)
         assert r.status_code == 201, r.text
+        assert gc.get_freeze_count() > frozen
         assert r.json()["fragment_id"] == "digits4.0"
         x = np.random.default_rng(1).uniform(0, np.pi, (5, 16))
         r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()},
