@@ -9,7 +9,9 @@ What is timed, per (fragment, batch B): one training-style step on fixed random 
     out.sum().backward()         # gradients w.r.t. both x and w
 
 for
-- ours: `qumos.torchsim.FragmentSim` (complex64 / float32);
+- ours: `qumos.torchsim.FragmentSim` (complex64 / float32), with its batch part in the C
+  kernels (`qumos.kernels`) when they compile here; and, when they do, the same simulator
+  with the batch part as torch ops (`ours, torch only`: the fallback without a compiler);
 - PennyLane `default.qubit`, torch interface, diff_method="backprop" (its fastest
   simulator gradient), fed float32 tensors like ours, with parameter broadcasting:
   the whole batch goes through one QNode call, the same circuit built gate by gate from
@@ -40,6 +42,7 @@ import time
 import numpy as np
 import pennylane as qml
 import torch
+from qumos import kernels
 from qumos.spec import FragmentSpec
 from qumos.torchsim import FragmentSim, flops_per_sample
 
@@ -181,12 +184,24 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
           f"thread(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
+    with_c = kernels.get() is not None
+    print("batch part: " + ("C kernels (qumos.kernels), also timed as torch ops" if with_c
+                            else "torch ops (the C kernels are unavailable here)"))
     rows = []
     for n in args.qubits:
         spec = FragmentSpec(n_qubits=n, n_inputs=16, block="rxyz_cnot", depth=2, entanglement="ring")
         rng = np.random.default_rng(n)
         spec = spec.with_params(rng.uniform(-math.pi, math.pi, spec.n_params).tolist())
-        fns = {"ours": FragmentSim(spec)}
+        sim = FragmentSim(spec)
+        fns = {"ours": sim}
+        if with_c:
+            def torch_only(x, w, sim=sim):  # the kernel is chosen in forward; backward follows
+                kernels.set_mode("torch")
+                try:
+                    return sim(x, w)
+                finally:
+                    kernels.set_mode("auto")
+            fns["ours-torch"] = torch_only
         if not args.skip_pennylane:
             fns["pennylane"] = pennylane_sim(spec)
             err = check_agree(spec, fns["ours"], fns["pennylane"])
@@ -196,18 +211,21 @@ def main() -> None:
             t = time_steps(fns, b, spec, args.min_time, args.max_reps)
             so = b / t["ours"]
             sp = b / t["pennylane"] if "pennylane" in t else float("nan")
+            st = b / t["ours-torch"] if "ours-torch" in t else float("nan")
             fps = flops_per_sample(spec, b)
-            rows.append((n, b, so, sp, flops / fps, fps, flops))
-            print(f"  {n}q B={b}: ours {so:,.0f}/s  pennylane {sp:,.0f}/s  "
-                  f"floor {flops / fps:,.0f}/s ({flops / 1e9:.1f} GFLOP/s)", flush=True)
+            rows.append((n, b, so, st, sp, flops / fps, fps, flops))
+            print(f"  {n}q B={b}: ours {so:,.0f}/s  torch only {st:,.0f}/s  pennylane "
+                  f"{sp:,.0f}/s  floor {flops / fps:,.0f}/s ({flops / 1e9:.1f} GFLOP/s)",
+                  flush=True)
 
     print()
-    print("| qubits | batch | ours (samples/s) | PennyLane (samples/s) | flop floor (samples/s) "
-          "| ours / PennyLane | ours / floor | flops per sample | machine GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, b, so, sp, fl, fps, flops in rows:
-        print(f"| {n} | {b} | {so:,.0f} | {sp:,.0f} | {fl:,.0f} | {so / sp:.1f}x | "
-              f"1/{fl / so:.1f} | {fps:,.0f} | {flops / 1e9:.1f} |")
+    print("| qubits | batch | ours (samples/s) | ours, torch only (samples/s) | PennyLane "
+          "(samples/s) | flop floor (samples/s) | ours / torch only | ours / PennyLane | "
+          "ours / floor | flops per sample | machine GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, b, so, st, sp, fl, fps, flops in rows:
+        print(f"| {n} | {b} | {so:,.0f} | {st:,.0f} | {sp:,.0f} | {fl:,.0f} | {so / st:.2f}x | "
+              f"{so / sp:.1f}x | 1/{fl / so:.1f} | {fps:,.0f} | {flops / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,15 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
 - The data-dependent part (encoder, psi @ U, readout) is one `torch.autograd.Function`
   with a hand-written backward (`_EncodeUnitaryReadout`; on the per-state path `_Encode`
   and `_Readout` around the autograd steps): no graph of small ops to record and replay.
-  It keeps the batch as the last, contiguous axis, so each elementwise op runs over long
-  rows. Only the small, data-independent part (weights -> T and U) goes through autograd,
-  with fused per-wire features and Kronecker products as one gather + one product each.
+  Only the small, data-independent part (weights -> T and U) goes through autograd, with
+  fused per-wire features and Kronecker products as one gather + one product each.
+- Everything elementwise in that batch part (the encoder, the readout and their
+  gradients) runs in C (`kernels.c`, loaded by `qumos.kernels`: compiled with the system's
+  `cc` at first use and cached): four calls that loop over the samples instead of ~45
+  small torch ops, whose per-op overhead, not arithmetic, dominated. The three complex
+  matmuls (psi @ R; grad R and grad psi) stay in torch, on (B, d) states. Without a C
+  compiler (or with QUMOS_SIM_KERNEL=torch, or on a GPU) the same maths runs as torch ops
+  on (d, B) states, the batch the last, contiguous axis so each op runs over long rows.
 
 Cost of one forward+backward step, and the flop floor it is compared with, are printed
 by the benchmark; `flops_per_sample` counts the arithmetic of this method.
@@ -43,6 +49,7 @@ from __future__ import annotations
 import math
 
 import torch
+from qumos import kernels
 from qumos.spec import TWO_QUBIT_GATES, FragmentSpec, Op
 
 __all__ = ["FragmentSim", "flops_per_sample", "gate_matrix", "init_params"]
@@ -499,8 +506,11 @@ class FragmentSim:
 # so for y = a * b: grad a = grad y * conj(b), and for Y = X @ M: grad X = grad Y @ M^H,
 # grad M = X^H @ grad Y.
 
-# Layout: the batch is the last (contiguous) axis everywhere, so every elementwise op runs
-# over long rows of B values and every sum over a small axis adds a few such rows.
+# Two implementations of the elementwise parts: the C kernels (`qumos.kernels`, used when
+# they are available for the dtype and device; states (B, d)) and the torch functions below
+# (the reference and the fallback; states (d, B): the batch is the last, contiguous axis,
+# so every elementwise op runs over long rows of B values and every sum over a small axis
+# adds a few such rows).
 
 def _encode_fwd(sim: FragmentSim, x: torch.Tensor, t_ri: torch.Tensor):
     """Encoder forward without autograd: x (B, n_inputs) -> psi (d, B) complex, and what
@@ -567,21 +577,34 @@ def _readout_bwd(sim: FragmentSim, psi: torch.Tensor, g_out: torch.Tensor) -> to
     return (sim.z_t.T @ g_out.T) * (2 * psi)  # (d, B)
 
 
+def _c_kernels(t: torch.Tensor) -> kernels.Kernels | None:
+    """The C kernels (`qumos.kernels`) if they are available and handle t's dtype and
+    device, else None: the torch functions above."""
+    k = kernels.get()
+    return k if k is not None and k.supports(t) else None
+
+
 class _Encode(torch.autograd.Function):
     """psi = encode(x, t_ri), (B, d) complex."""
 
     @staticmethod
     def forward(ctx, x, t_ri, sim):
-        psi, saved = _encode_fwd(sim, x, t_ri)
-        ctx.sim, ctx.saved = sim, saved
-        ctx.save_for_backward(t_ri)
+        ctx.sim, ctx.kern = sim, _c_kernels(x)
+        ctx.save_for_backward(x, t_ri)
+        if ctx.kern is not None:
+            return ctx.kern.encode_fwd(x, t_ri)
+        psi, ctx.saved = _encode_fwd(sim, x, t_ri)
         return psi.T.contiguous()
 
     @staticmethod
     def backward(ctx, g_psi):
-        (t_ri,) = ctx.saved_tensors
-        g_x, g_t = _encode_bwd(ctx.sim, ctx.saved, t_ri, g_psi.T.contiguous(),
-                               *ctx.needs_input_grad[:2])
+        x, t_ri = ctx.saved_tensors
+        need_x, need_t = ctx.needs_input_grad[:2]
+        if ctx.kern is not None:
+            g_x, g_t = ctx.kern.encode_bwd(x, t_ri, g_psi, need_x, need_t)
+        else:
+            g_x, g_t = _encode_bwd(ctx.sim, ctx.saved, t_ri, g_psi.T.contiguous(),
+                                   need_x, need_t)
         return g_x, g_t, None
 
 
@@ -590,15 +613,20 @@ class _Readout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, psi, sim):
+        ctx.sim, ctx.kern = sim, _c_kernels(psi)
+        if ctx.kern is not None:
+            ctx.save_for_backward(psi)
+            return ctx.kern.readout_fwd(psi, sim.n)
         out, psi_t = _readout_fwd(sim, psi.T)
-        ctx.sim = sim
         ctx.save_for_backward(psi_t)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        (psi_t,) = ctx.saved_tensors
-        return _readout_bwd(ctx.sim, psi_t, g_out).T, None
+        (psi,) = ctx.saved_tensors
+        if ctx.kern is not None:
+            return ctx.kern.readout_bwd(psi, g_out), None
+        return _readout_bwd(ctx.sim, psi, g_out).T, None
 
 
 class _EncodeUnitaryReadout(torch.autograd.Function):
@@ -606,23 +634,38 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t_ri, r, sim):
-        psi, saved = _encode_fwd(sim, x, t_ri)  # (d, B)
+        ctx.sim, ctx.kern = sim, _c_kernels(x)
+        if ctx.kern is not None:  # (B, d) states, sample-major
+            psi = ctx.kern.encode_fwd(x, t_ri)
+            phi = psi if r is None else psi @ r
+            out = ctx.kern.readout_fwd(phi, sim.n)
+            ctx.save_for_backward(x, t_ri, r, psi, phi)
+            return out
+        psi, ctx.saved = _encode_fwd(sim, x, t_ri)  # (d, B)
         phi = psi if r is None else r.T @ psi  # (d, B)
         out, _ = _readout_fwd(sim, phi)
-        ctx.sim, ctx.saved = sim, saved
-        ctx.save_for_backward(t_ri, r, psi, phi)
+        ctx.save_for_backward(x, t_ri, r, psi, phi)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        t_ri, r, psi, phi = ctx.saved_tensors
+        x, t_ri, r, psi, phi = ctx.saved_tensors
         need_x, need_t, need_r = ctx.needs_input_grad[:3]
+        need_r = need_r and r is not None
+        if ctx.kern is not None:
+            # phi = psi @ r: grad r = psi^H @ g_phi, grad psi = g_phi @ r^H
+            g_phi = ctx.kern.readout_bwd(phi, g_out)  # (B, d)
+            g_r = psi.conj().T @ g_phi if need_r else None
+            g_psi = g_phi if r is None else g_phi @ r.conj().T
+            g_x, g_t = ctx.kern.encode_bwd(x, t_ri, g_psi, need_x, need_t)
+            return g_x, g_t, g_r, None
         g_phi = _readout_bwd(ctx.sim, phi, g_out)  # (d, B)
         # phi^T = psi^T @ r: grad r = conj(psi) @ g_phi^T, grad psi^T = g_phi^T @ r^H
-        g_r = psi.conj() @ g_phi.T if (r is not None and need_r) else None  # (d, d)
+        g_r = psi.conj() @ g_phi.T if need_r else None  # (d, d)
         g_psi = g_phi if r is None else r.conj() @ g_phi
         g_x, g_t = _encode_bwd(ctx.sim, ctx.saved, t_ri, g_psi, need_x, need_t)
         return g_x, g_t, g_r, None
+
 
 def flops_per_sample(spec: FragmentSpec, batch: int) -> float:
     """Real flops per sample, forward + backward, of the method FragmentSim uses at this

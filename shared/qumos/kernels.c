@@ -1,0 +1,368 @@
+/* The batch part of qumos.torchsim (encoder, readout and their gradients) as fused C
+ * loops. Compiled at first use and called through ctypes by qumos/kernels.py; the
+ * pure-torch code in torchsim.py is the reference and the fallback. Plain C99.
+ *
+ * Conventions, as in torchsim.py:
+ * - States are sample-major: (B, d) complex, d = 2**n, stored as interleaved (re, im)
+ *   pairs (torch's complex64 / complex128 layout). Wire k is bit k of a basis index
+ *   (qubit 0 least significant).
+ * - Encoder: input i is on wire i % n, layer i // n; inputs >= n_inputs are angle 0.
+ *   Per wire, f (K = 2**L reals) is the Kronecker product of the (cos, sin) of the L half
+ *   angles (bit l of k set: the sin of layer l) and the wire's two amplitudes are
+ *   v = T^T f with T = t[w] (K, 4), columns (re amp0, im amp0, re amp1, im amp1). The
+ *   state is the product psi[i] = prod_w v[w][bit_w(i)].
+ * - Complex gradients follow torch: g = dL/dRe + i dL/dIm, so for y = a * b,
+ *   grad a = grad y * conj(b).
+ *
+ * Layout inside: samples are processed in blocks of W, and every intermediate is stored
+ * as rows of W values (one per sample of the block, a "lane"), so the innermost loop of
+ * all arithmetic runs over the lanes: the compiler vectorises it, and there are no
+ * reductions across it (which it would not vectorise without -ffast-math). Inputs and
+ * outputs are transposed to and from this layout at the block's edges; the lanes of a
+ * last, partial block are zero.
+ *
+ * The body below is written once for a real type REAL and instantiated for float
+ * (functions *_f32) and double (*_f64) by including this file into itself.
+ */
+#ifndef REAL
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Samples per block, and the loop over them. "omp simd" (honoured with -fopenmp-simd,
+ * which needs no OpenMP runtime) tells the compiler that the iterations are independent
+ * (true: lane j only touches lane j of rows that do not overlap), so it vectorises these
+ * loops without alias checks; without it, gcc -O3 left most of them scalar. Not for
+ * reductions over the lanes. */
+#define W 16
+#define LANES _Pragma("omp simd") for (int j = 0; j < W; j++)
+
+/* cos and sin of W floats. Round-to-nearest quadrant, x - k pi/2 in three parts (Cody &
+ * Waite) and the cephes single-precision polynomials on [-pi/4, pi/4]: within ~1 ulp of
+ * libm, and vectorisable. |x| > 8192 (where the reduction loses accuracy) or NaN: libm. */
+static void sincos_f32(const float *restrict x, float *restrict c, float *restrict s)
+{
+    LANES {
+        const float k = (x[j] * 0.636619772f + 12582912.0f) - 12582912.0f;
+        const float r = ((x[j] - k * 1.5703125f) - k * 4.837512969970703125e-4f)
+                        - k * 7.54978995489188216e-8f;
+        const float z = r * r;
+        const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f)
+                         * z * r + r;
+        const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z
+                          + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
+        const int q = (int)k;  /* x = r + q pi/2 */
+        const float sq = q & 1 ? cr : sr, cq = q & 1 ? sr : cr;
+        s[j] = q & 2 ? -sq : sq;
+        c[j] = (q + 1) & 2 ? -cq : cq;
+    }
+    LANES if (!(fabsf(x[j]) <= 8192.0f)) {
+        c[j] = cosf(x[j]);
+        s[j] = sinf(x[j]);
+    }
+}
+
+static void sincos_f64(const double *restrict x, double *restrict c, double *restrict s)
+{
+    LANES {
+        c[j] = cos(x[j]);
+        s[j] = sin(x[j]);
+    }
+}
+
+#define REAL float
+#define FN(name) name##_f32
+#include __FILE__
+#undef REAL
+#undef FN
+
+#define REAL double
+#define FN(name) name##_f64
+#include __FILE__
+
+#else /* the body, for one REAL */
+
+/* Row i of a block buffer: W lanes. A complex array of a block is stored as rows
+ * (re of element 0, im of element 0, re of element 1, ...). */
+#define ROW(buf, i) ((buf) + (size_t)(i) * W)
+
+/* Work space of one block, for n wires and L encoder layers (K = 2**L, d = 2**n). */
+typedef struct {
+    REAL *h;      /* (L * n) rows: the half angle of input l * n + w (0 past n_inputs) */
+    REAL *c, *s;  /* (L * n) rows: its cos and sin */
+    REAL *F;      /* per wire 2K - 2 rows: the Kronecker prefixes, layers 0..l at row
+                     2**(l+1) - 2 (2**(l+1) rows); the last, l = L - 1, is f */
+    REAL *v;      /* per wire 4 rows: re, im of amplitude 0, re, im of amplitude 1 */
+    REAL *P;      /* the state's prefixes: the product over wires 0..k at complex element
+                     2**(k+1) - 2 (2**(k+1) elements); the last, k = n - 1, is psi */
+} FN(block);
+
+static FN(block) FN(block_alloc)(int n, int L)
+{
+    const size_t K = (size_t)1 << L, d = (size_t)1 << n;
+    const size_t rows = 3 * (size_t)L * n + n * (2 * K - 2) + 4 * (size_t)n + 2 * (2 * d - 2);
+    FN(block) w;
+    w.h = calloc((size_t)W * rows, sizeof(REAL));
+    w.c = w.h + (size_t)W * L * n;
+    w.s = w.c + (size_t)W * L * n;
+    w.F = w.s + (size_t)W * L * n;
+    w.v = w.F + (size_t)W * n * (2 * K - 2);
+    w.P = w.v + (size_t)W * 4 * n;
+    return w;
+}
+
+/* rows (cols rows) <- the block's samples b0 .. b0 + nb - 1 of src (B, cols), transposed;
+ * the lanes past nb are zero. */
+static void FN(load_rows)(REAL *rows, const REAL *src, long b0, int nb, size_t cols)
+{
+    if (nb < W)
+        memset(rows, 0, sizeof(REAL) * W * cols);
+    for (int j = 0; j < nb; j++)
+        for (size_t r = 0; r < cols; r++)
+            rows[r * W + j] = src[(b0 + j) * cols + r];
+}
+
+/* dst (B, cols) <- the first nb lanes of rows (cols rows), at samples b0 .. b0 + nb - 1. */
+static void FN(store_rows)(REAL *dst, const REAL *rows, long b0, int nb, size_t cols)
+{
+    for (int j = 0; j < nb; j++)
+        for (size_t r = 0; r < cols; r++)
+            dst[(b0 + j) * cols + r] = rows[r * W + j];
+}
+
+/* Forward of the block's samples b0 .. b0 + nb - 1: angles, features, state (in w). */
+static void FN(encode_block)(FN(block) *w, long b0, int nb, int n, int n_inputs, int L,
+                             const REAL *x, const REAL *t)
+{
+    const int K = 1 << L, FW = 2 * K - 2;
+    FN(load_rows)(w->h, x, b0, nb, n_inputs);  /* rows past n_inputs stay 0 */
+    for (int i = 0; i < n_inputs; i++) {
+        REAL *h = ROW(w->h, i);
+        LANES h[j] *= (REAL)0.5;
+    }
+    for (int i = 0; i < L * n; i++)
+        FN(sincos)(ROW(w->h, i), ROW(w->c, i), ROW(w->s, i));
+    for (int wire = 0; wire < n; wire++) {
+        REAL *Fw = ROW(w->F, wire * FW);
+        memcpy(ROW(Fw, 0), ROW(w->c, wire), sizeof(REAL) * W);
+        memcpy(ROW(Fw, 1), ROW(w->s, wire), sizeof(REAL) * W);
+        for (int l = 1; l < L; l++) {
+            const int m = 1 << l;
+            const REAL *cl = ROW(w->c, l * n + wire), *sl = ROW(w->s, l * n + wire);
+            for (int k = 0; k < m; k++) {
+                const REAL *prev = ROW(Fw, m - 2 + k);
+                REAL *lo = ROW(Fw, 2 * m - 2 + k), *hi = ROW(Fw, 3 * m - 2 + k);
+                LANES {
+                    lo[j] = prev[j] * cl[j];
+                    hi[j] = prev[j] * sl[j];
+                }
+            }
+        }
+        const REAL *tw = t + (size_t)wire * K * 4;
+        for (int q = 0; q < 4; q++) {
+            REAL *vq = ROW(w->v, 4 * wire + q);
+            LANES vq[j] = 0;
+            for (int k = 0; k < K; k++) {
+                const REAL tk = tw[4 * k + q];
+                const REAL *f = ROW(Fw, K - 2 + k);
+                LANES vq[j] += tk * f[j];
+            }
+        }
+    }
+    /* psi = v[n-1] (x) ... (x) v[0], keeping every prefix */
+    memcpy(w->P, w->v, sizeof(REAL) * W * 4);
+    for (int k = 1; k < n; k++) {
+        const int m = 1 << k;
+        const REAL *a_re = ROW(w->v, 4 * k), *a_im = ROW(w->v, 4 * k + 1);
+        const REAL *b_re = ROW(w->v, 4 * k + 2), *b_im = ROW(w->v, 4 * k + 3);
+        for (int e = 0; e < m; e++) {
+            const REAL *p_re = ROW(w->P, 2 * (m - 2 + e)), *p_im = p_re + W;
+            REAL *lo_re = ROW(w->P, 2 * (2 * m - 2 + e)), *lo_im = lo_re + W;
+            REAL *hi_re = ROW(w->P, 2 * (3 * m - 2 + e)), *hi_im = hi_re + W;
+            LANES {
+                lo_re[j] = a_re[j] * p_re[j] - a_im[j] * p_im[j];
+                lo_im[j] = a_re[j] * p_im[j] + a_im[j] * p_re[j];
+                hi_re[j] = b_re[j] * p_re[j] - b_im[j] * p_im[j];
+                hi_im[j] = b_re[j] * p_im[j] + b_im[j] * p_re[j];
+            }
+        }
+    }
+}
+
+/* Encoder forward: x (B, n_inputs), t (n, 2**L, 4) -> psi (B, 2**n) complex. */
+void FN(qk_encode_fwd)(long B, int n, int n_inputs, int L, const REAL *x, const REAL *t,
+                       REAL *psi)
+{
+    const size_t d = (size_t)1 << n;
+    FN(block) w = FN(block_alloc)(n, L);
+    const REAL *out = ROW(w.P, 2 * (d - 2));
+    for (long b0 = 0; b0 < B; b0 += W) {
+        const int nb = B - b0 < W ? (int)(B - b0) : W;
+        FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
+        FN(store_rows)(psi, out, b0, nb, 2 * d);
+    }
+    free(w.h);
+}
+
+/* Encoder backward: from x, t and g_psi (B, 2**n) complex, g_x (B, n_inputs) (if need_x)
+ * and g_t (n, 2**L, 4) summed over the batch (if need_t). Recomputes the forward. */
+void FN(qk_encode_bwd)(long B, int n, int n_inputs, int L, const REAL *x, const REAL *t,
+                       const REAL *g_psi, int need_x, int need_t, REAL *g_x, REAL *g_t)
+{
+    const size_t d = (size_t)1 << n;
+    const int K = 1 << L, FW = 2 * K - 2;
+    FN(block) w = FN(block_alloc)(n, L);
+    /* G: grad of the current prefix (2d rows); gv: grad of v (4n rows); gf: grad of f (K
+     * rows); g_c, g_s: of one layer's cos, sin; gx: grad x (n_inputs rows); acc: per-lane
+     * sums of g_t (n K 4 rows) */
+    const size_t acc_rows = need_t ? (size_t)n * K * 4 : 0;
+    REAL *G = calloc((size_t)W * (2 * d + 4 * n + K + 2 + n_inputs + acc_rows), sizeof(REAL));
+    REAL *gv = ROW(G, 2 * d), *gf = ROW(gv, 4 * n), *g_c = ROW(gf, K), *g_s = ROW(g_c, 1);
+    REAL *gx = ROW(g_s, 1), *acc = ROW(gx, n_inputs);
+    for (long b0 = 0; b0 < B; b0 += W) {
+        const int nb = B - b0 < W ? (int)(B - b0) : W;
+        FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
+        FN(load_rows)(G, g_psi, b0, nb, 2 * d);
+        /* grad of each wire's v, from the last wire down: prefix_k = v[k] (x) prefix_{k-1} */
+        for (int k = n - 1; k >= 1; k--) {
+            const int m = 1 << k;
+            const REAL *a_re = ROW(w.v, 4 * k), *a_im = ROW(w.v, 4 * k + 1);
+            const REAL *b_re = ROW(w.v, 4 * k + 2), *b_im = ROW(w.v, 4 * k + 3);
+            REAL *g0_re = ROW(gv, 4 * k), *g0_im = ROW(gv, 4 * k + 1);
+            REAL *g1_re = ROW(gv, 4 * k + 2), *g1_im = ROW(gv, 4 * k + 3);
+            LANES g0_re[j] = g0_im[j] = g1_re[j] = g1_im[j] = 0;
+            for (int e = 0; e < m; e++) {
+                const REAL *p_re = ROW(w.P, 2 * (m - 2 + e)), *p_im = p_re + W;
+                REAL *h0_re = ROW(G, 2 * e), *h0_im = h0_re + W;
+                const REAL *h1_re = ROW(G, 2 * (m + e)), *h1_im = h1_re + W;
+                LANES {
+                    /* g_v[k][bit] += G[bit, e] * conj(prefix_{k-1}[e]) */
+                    g0_re[j] += h0_re[j] * p_re[j] + h0_im[j] * p_im[j];
+                    g0_im[j] += h0_im[j] * p_re[j] - h0_re[j] * p_im[j];
+                    g1_re[j] += h1_re[j] * p_re[j] + h1_im[j] * p_im[j];
+                    g1_im[j] += h1_im[j] * p_re[j] - h1_re[j] * p_im[j];
+                    /* grad prefix_{k-1}[e] = sum over the bit of G[bit, e] * conj(v[k][bit]) */
+                    const REAL re = h0_re[j] * a_re[j] + h0_im[j] * a_im[j]
+                                    + h1_re[j] * b_re[j] + h1_im[j] * b_im[j];
+                    h0_im[j] = h0_im[j] * a_re[j] - h0_re[j] * a_im[j]
+                               + h1_im[j] * b_re[j] - h1_re[j] * b_im[j];
+                    h0_re[j] = re;
+                }
+            }
+        }
+        memcpy(gv, G, sizeof(REAL) * W * 4);
+        /* v[w] = T^T f, real: gv's 4 rows are the grad of T's columns */
+        for (int wire = 0; wire < n; wire++) {
+            const REAL *Fw = ROW(w.F, wire * FW), *f = ROW(Fw, K - 2), *gw = ROW(gv, 4 * wire);
+            const REAL *tw = t + (size_t)wire * K * 4;
+            if (need_t)
+                for (int k = 0; k < K; k++)
+                    for (int q = 0; q < 4; q++) {
+                        REAL *a = ROW(acc, (wire * K + k) * 4 + q);
+                        const REAL *fk = ROW(f, k), *gq = ROW(gw, q);
+                        LANES a[j] += fk[j] * gq[j];
+                    }
+            if (!need_x)
+                continue;
+            for (int k = 0; k < K; k++) {
+                REAL *g = ROW(gf, k);
+                const REAL t0 = tw[4 * k], t1 = tw[4 * k + 1], t2 = tw[4 * k + 2], t3 = tw[4 * k + 3];
+                const REAL *g0 = ROW(gw, 0), *g1 = ROW(gw, 1);
+                const REAL *g2 = ROW(gw, 2), *g3 = ROW(gw, 3);
+                LANES g[j] = t0 * g0[j] + t1 * g1[j] + t2 * g2[j] + t3 * g3[j];
+            }
+            /* f's prefix for layers 0..l = (c_l, s_l) (x) prefix_{l-1}, from the last layer down */
+            for (int l = L - 1; l >= 0; l--) {
+                const int i = l * n + wire;
+                const REAL *cl = ROW(w.c, i), *sl = ROW(w.s, i);
+                if (l == 0) {
+                    memcpy(g_c, gf, sizeof(REAL) * W * 2);  /* g_c, g_s are adjacent rows */
+                } else {
+                    const int m = 1 << l;
+                    LANES g_c[j] = g_s[j] = 0;
+                    for (int e = 0; e < m; e++) {
+                        const REAL *pre = ROW(Fw, m - 2 + e);
+                        REAL *lo = ROW(gf, e);
+                        const REAL *hi = ROW(gf, m + e);
+                        LANES {
+                            g_c[j] += lo[j] * pre[j];
+                            g_s[j] += hi[j] * pre[j];
+                            lo[j] = lo[j] * cl[j] + hi[j] * sl[j];
+                        }
+                    }
+                }
+                if (i < n_inputs) {  /* d cos(x/2) = -sin(x/2) / 2, d sin(x/2) = cos(x/2) / 2 */
+                    REAL *g = ROW(gx, i);
+                    LANES g[j] = (g_s[j] * cl[j] - g_c[j] * sl[j]) * (REAL)0.5;
+                }
+            }
+        }
+        if (need_x)
+            FN(store_rows)(g_x, gx, b0, nb, n_inputs);
+    }
+    for (size_t r = 0; r < acc_rows; r++) {  /* the sum over the lanes (not LANES: a reduction) */
+        double sum = 0;
+        for (int j = 0; j < W; j++)
+            sum += ROW(acc, r)[j];
+        g_t[r] = (REAL)sum;
+    }
+    free(G);
+    free(w.h);
+}
+
+/* Readout: phi (B, 2**n) complex -> out (B, n), out[b, q] = sum_i |phi_i|^2 z_q(i), with
+ * z_q(i) = +1 if bit q of i is 0 else -1. */
+void FN(qk_readout_fwd)(long B, int n, const REAL *phi, REAL *out)
+{
+    const size_t d = (size_t)1 << n;
+    REAL *rows = malloc(sizeof(REAL) * W * (2 * d + n)), *o = ROW(rows, 2 * d);
+    for (long b0 = 0; b0 < B; b0 += W) {
+        const int nb = B - b0 < W ? (int)(B - b0) : W;
+        FN(load_rows)(rows, phi, b0, nb, 2 * d);
+        memset(o, 0, sizeof(REAL) * W * n);
+        for (size_t i = 0; i < d; i++) {
+            const REAL *re = ROW(rows, 2 * i), *im = ROW(rows, 2 * i + 1);
+            REAL prob[W];
+            LANES prob[j] = re[j] * re[j] + im[j] * im[j];
+            for (int q = 0; q < n; q++) {
+                REAL *oq = ROW(o, q);
+                if ((i >> q) & 1)
+                    LANES oq[j] -= prob[j];
+                else
+                    LANES oq[j] += prob[j];
+            }
+        }
+        FN(store_rows)(out, o, b0, nb, n);
+    }
+    free(rows);
+}
+
+/* Readout backward: g_phi[b, i] = 2 phi[b, i] sum_q g_out[b, q] z_q(i). Per sample: the
+ * arrays are already contiguous along i. */
+void FN(qk_readout_bwd)(long B, int n, const REAL *phi, const REAL *g_out, REAL *g_phi)
+{
+    const size_t d = (size_t)1 << n;
+    REAL *zg = malloc(sizeof(REAL) * d);
+    for (long b = 0; b < B; b++) {
+        const REAL *g = g_out + (size_t)n * b, *p = phi + 2 * d * b;
+        REAL *gp = g_phi + 2 * d * b;
+        /* zg[i] = 2 sum_q g[q] z_q(i), built bit by bit: setting bit q subtracts 4 g[q] */
+        zg[0] = 0;
+        for (int q = 0; q < n; q++)
+            zg[0] += 2 * g[q];
+        for (int q = 0; q < n; q++) {
+            const size_t m = (size_t)1 << q;
+            for (size_t i = 0; i < m; i++)
+                zg[m + i] = zg[i] - 4 * g[q];
+        }
+        for (size_t i = 0; i < d; i++) {
+            gp[2 * i] = zg[i] * p[2 * i];
+            gp[2 * i + 1] = zg[i] * p[2 * i + 1];
+        }
+    }
+    free(zg);
+}
+
+#undef ROW
+#endif

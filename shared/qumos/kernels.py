@@ -1,0 +1,204 @@
+"""The C kernels of the simulator's batch part (`kernels.c`): compiled at first use with
+`$CC` (default `cc`), called through ctypes.
+
+`get()` returns a `Kernels` object, or None when the pure-torch path is to be used:
+`QUMOS_SIM_KERNEL=torch`, or (the default, `auto`) when compiling or loading failed — then
+one warning is logged and torch is used. With `QUMOS_SIM_KERNEL=c` a failure raises.
+
+The shared library is cached in `$QUMOS_CACHE_DIR` (default `~/.cache/qumos`) under a name
+keyed by a hash of the source, the compiler command and flags, the compiler's version and
+the machine, so a changed source or compiler recompiles. It is written to a temporary name
+and renamed into place, so processes compiling at the same time do not see partial files.
+
+The C source is plain C99 (no Python or torch headers); see it for the maths and layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["Kernels", "get", "set_mode"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+COMPILER = shlex.split(os.environ.get("CC", "cc"))
+# -fopenmp-simd: honour kernels.c's "omp simd" loops (no OpenMP runtime). No -march=native:
+# measured 5-10% faster kernels here, not worth a library tied to the CPU that built it.
+FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99"]
+LIBS = ["-lm"]
+MODES = ("auto", "c", "torch")
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+_REAL = {c: r for r, c in _COMPLEX.items()}
+
+_lock = threading.Lock()
+_mode: str | None = None  # the mode in force; None: read QUMOS_SIM_KERNEL at the next get()
+_lib: Kernels | Exception | None = None  # the loaded kernels, or why loading failed
+
+
+def set_mode(mode: str | None) -> None:
+    """Override QUMOS_SIM_KERNEL: "auto", "c" or "torch" (None: read the variable again).
+    Cheap, for tests and benchmarks: the library is compiled and loaded once per process."""
+    global _mode
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}; allowed: {MODES}")
+    _mode = mode
+
+
+def get() -> Kernels | None:
+    """The C kernels, or None for the torch path."""
+    global _mode
+    mode = _mode
+    if mode is None:
+        mode = os.environ.get("QUMOS_SIM_KERNEL", "auto").strip().lower() or "auto"
+        if mode not in MODES:
+            raise ValueError(f"QUMOS_SIM_KERNEL={mode!r}; allowed: {MODES}")
+        if mode == "torch":
+            log.debug("QUMOS_SIM_KERNEL=torch: the simulator's batch part runs in torch")
+        _mode = mode
+    if mode == "torch":
+        return None
+    lib = _load()
+    if isinstance(lib, Kernels):
+        return lib
+    if mode == "c":
+        raise RuntimeError(f"QUMOS_SIM_KERNEL=c but the C kernels are unavailable: {lib}") from lib
+    return None
+
+
+def _load() -> Kernels | Exception:
+    """Compile (if not cached) and load the library, once per process; a failure is
+    logged once and kept."""
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                try:
+                    _lib = Kernels(ctypes.CDLL(str(_compile())))
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                    # no compiler, a compile error, an unloadable library or missing symbol
+                    log.warning("C simulator kernels unavailable, using torch: %s", e)
+                    _lib = e
+    return _lib
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("QUMOS_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "qumos"
+
+
+def _compile() -> Path:
+    """Path of the shared library, compiled if it is not in the cache yet."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([*COMPILER, "--version"], capture_output=True, check=True,
+                             timeout=60).stdout
+    command = " ".join([*COMPILER, *FLAGS, *LIBS]).encode()
+    key = hashlib.sha256(b"\0".join([source, command, version, platform.machine().encode()]))
+    lib = _cache_dir() / f"qumos_kernels_{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=lib.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        res = subprocess.run([*COMPILER, *FLAGS, "-o", tmp, str(SOURCE), *LIBS],
+                             check=False, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(COMPILER)} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.debug("compiled %s", lib)
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _arg(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """t as the C code reads it: checked (a wrong pointer would corrupt memory, not raise),
+    and contiguous (a no-op if it is)."""
+    if t.dtype != dtype or not t.is_cpu or t.shape != shape:
+        raise ValueError(f"kernel argument {tuple(t.shape)} {t.dtype} on {t.device}; "
+                         f"expected {shape} {dtype} on the CPU")
+    return t.contiguous()
+
+
+class Kernels:
+    """Typed wrappers around the library's functions (see kernels.c). They take CPU tensors
+    of one real dtype, float32 or float64 (states complex64 / complex128), of any layout,
+    and return new contiguous tensors."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        self._fn = {}
+        for dtype, sfx in _SUFFIX.items():
+            for name, args in (("qk_encode_fwd", [long, i, i, i, p, p, p]),
+                               ("qk_encode_bwd", [long, i, i, i, p, p, p, i, i, p, p]),
+                               ("qk_readout_fwd", [long, i, p, p]),
+                               ("qk_readout_bwd", [long, i, p, p, p])):
+                fn = getattr(lib, f"{name}_{sfx}")
+                fn.argtypes, fn.restype = args, None
+                self._fn[name, dtype] = fn
+
+    @staticmethod
+    def supports(t: torch.Tensor) -> bool:
+        """Whether the kernels handle tensors like t (float32/64 or complex64/128, on the CPU)."""
+        return t.is_cpu and (t.dtype in _SUFFIX or t.dtype in _REAL)
+
+    def encode_fwd(self, x: torch.Tensor, t_ri: torch.Tensor) -> torch.Tensor:
+        """x (B, n_inputs), t_ri (n, 2**L, 4) -> psi (B, 2**n) complex."""
+        (b, n_in), (n, k, _) = x.shape, t_ri.shape
+        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, (n, k, 4))
+        psi = torch.empty(b, 2**n, dtype=_COMPLEX[x.dtype])
+        self._fn["qk_encode_fwd", x.dtype](b, n, n_in, k.bit_length() - 1, x.data_ptr(),
+                                           t_ri.data_ptr(), psi.data_ptr())
+        return psi
+
+    def encode_bwd(self, x: torch.Tensor, t_ri: torch.Tensor, g_psi: torch.Tensor,
+                   need_x: bool, need_t: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """grad x (B, n_inputs) and grad t_ri (n, 2**L, 4), summed over the batch, from
+        grad psi (B, 2**n); None where not needed."""
+        if not (need_x or need_t):
+            return None, None
+        (b, n_in), (n, k, _) = x.shape, t_ri.shape
+        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, (n, k, 4))
+        g_psi = _arg(g_psi, _COMPLEX[x.dtype], (b, 2**n))
+        g_x = torch.empty_like(x) if need_x else None
+        g_t = torch.empty_like(t_ri) if need_t else None
+        self._fn["qk_encode_bwd", x.dtype](b, n, n_in, k.bit_length() - 1, x.data_ptr(),
+                                           t_ri.data_ptr(), g_psi.data_ptr(), int(need_x),
+                                           int(need_t), _ptr(g_x), _ptr(g_t))
+        return g_x, g_t
+
+    def readout_fwd(self, phi: torch.Tensor, n: int) -> torch.Tensor:
+        """phi (B, 2**n) complex -> (B, n) <Z_q>."""
+        phi = _arg(phi, phi.dtype, (phi.shape[0], 2**n))
+        out = torch.empty(phi.shape[0], n, dtype=_REAL[phi.dtype])
+        self._fn["qk_readout_fwd", out.dtype](phi.shape[0], n, phi.data_ptr(), out.data_ptr())
+        return out
+
+    def readout_bwd(self, phi: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+        """grad phi (B, 2**n) complex from grad out (B, n)."""
+        (b, n) = g_out.shape
+        phi = _arg(phi, phi.dtype, (b, 2**n))
+        g_out = _arg(g_out, _REAL[phi.dtype], (b, n))
+        g_phi = torch.empty_like(phi)
+        self._fn["qk_readout_bwd", g_out.dtype](b, n, phi.data_ptr(), g_out.data_ptr(),
+                                                g_phi.data_ptr())
+        return g_phi

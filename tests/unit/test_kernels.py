@@ -1,0 +1,166 @@
+"""The C kernels of the simulator's batch part (`qumos.kernels`) against the torch path,
+and their loading: cache, fallback without a compiler, QUMOS_SIM_KERNEL."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from qumos import kernels
+from qumos.spec import BLOCK_TYPES, FragmentSpec
+from qumos.torchsim import FragmentSim
+
+needs_cc = pytest.mark.skipif(shutil.which(kernels.COMPILER[0]) is None,
+                              reason=f"no C compiler ({kernels.COMPILER[0]})")
+
+
+def step(f: FragmentSpec, mode: str, x, w, unitary: bool, dtype=torch.float32,
+         grad_x: bool = True, grad_w: bool = True):
+    """Output and gradients of a random-weighted loss, with the kernels in `mode`."""
+    kernels.set_mode(mode)
+    try:
+        sim = FragmentSim(f, dtype=dtype)
+        sim.use_unitary = lambda batch: unitary  # force the path under test
+        x = torch.tensor(x, dtype=dtype, requires_grad=grad_x)
+        w = torch.tensor(w, dtype=dtype, requires_grad=grad_w)
+        out = sim(x, w)
+        coef = torch.linspace(-1, 2, out.numel(), dtype=dtype).reshape(out.shape)
+        (out * coef).sum().backward()
+    finally:
+        kernels.set_mode(None)
+    return out.detach(), x.grad, w.grad
+
+
+def assert_close(a, b, rtol):
+    """Equal to rtol, relative to the tensors' scale (float32 rounding differs)."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+@needs_cc
+@pytest.mark.parametrize("unitary", [True, False])
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("n,n_inputs", [(4, 16), (4, 10), (8, 32), (8, 13)])
+def test_c_path_equals_torch_path(n, n_inputs, block, unitary):
+    rng = np.random.default_rng(n * 100 + n_inputs)
+    f = FragmentSpec(n_qubits=n, n_inputs=n_inputs, block=block, depth=2, entanglement="ring")
+    w = rng.uniform(-np.pi, np.pi, f.n_params)
+    for batch in (1, 7, 64):
+        x = rng.uniform(-np.pi, np.pi, (batch, n_inputs))
+        c = step(f, "c", x, w, unitary)
+        ref = step(f, "torch", x, w, unitary)
+        for got, want in zip(c, ref):
+            assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+            assert_close(got, want, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("unitary", [True, False])
+@pytest.mark.parametrize("block", ["u3cu3", "rzx_rxx"])
+@pytest.mark.parametrize("n,n_inputs", [(3, 7), (2, 1)])  # 3 encoder layers, and 1
+def test_c_path_float64(n, n_inputs, block, unitary):
+    """The float64 kernels agree with torch to float64 rounding."""
+    rng = np.random.default_rng(3)
+    f = FragmentSpec(n_qubits=n, n_inputs=n_inputs, block=block, depth=2, entanglement="full")
+    w, x = rng.uniform(-np.pi, np.pi, f.n_params), rng.uniform(-9, 9, (19, n_inputs))
+    c = step(f, "c", x, w, unitary, dtype=torch.float64)
+    ref = step(f, "torch", x, w, unitary, dtype=torch.float64)
+    for got, want in zip(c, ref):
+        assert_close(got, want, rtol=1e-12)
+
+
+@needs_cc
+@pytest.mark.parametrize("grad_x,grad_w", [(True, False), (False, True)])
+def test_c_path_one_gradient(grad_x, grad_w):
+    """Only the gradient asked for (the kernel's need_x / need_t flags)."""
+    rng = np.random.default_rng(5)
+    f = FragmentSpec(n_qubits=4, n_inputs=12, block="rxyz_cnot", depth=2, entanglement="ring")
+    w, x = rng.uniform(-np.pi, np.pi, f.n_params), rng.uniform(-np.pi, np.pi, (33, 12))
+    c = step(f, "c", x, w, True, grad_x=grad_x, grad_w=grad_w)
+    ref = step(f, "torch", x, w, True, grad_x=grad_x, grad_w=grad_w)
+    assert (c[1] is None) == (not grad_x) and (c[2] is None) == (not grad_w)
+    for got, want in zip(c, ref):
+        if want is not None:
+            assert_close(got, want, rtol=1e-5)
+
+
+@needs_cc
+def test_large_angles_and_batch_tails():
+    """Angles beyond the fast sin/cos's range, and batches that are not a multiple of the
+    kernels' block of samples."""
+    rng = np.random.default_rng(6)
+    f = FragmentSpec(n_qubits=2, n_inputs=5, block="ry_cz", depth=1, entanglement="linear")
+    w = rng.uniform(-np.pi, np.pi, f.n_params)
+    for batch in (15, 16, 17, 33):
+        x = rng.uniform(-np.pi, np.pi, (batch, 5))
+        x[0, 0], x[-1, 2] = 4e4, -1e5
+        c = step(f, "c", x, w, True)
+        ref = step(f, "torch", x, w, True)
+        for got, want in zip(c, ref):
+            assert_close(got, want, rtol=1e-5)
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """The next get() loads again (compiles into an empty cache, tmp_path); the loaded
+    library and the mode are restored afterwards."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setenv("QUMOS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("QUMOS_SIM_KERNEL", raising=False)
+    return tmp_path
+
+
+def forward_backward():
+    f = FragmentSpec(n_qubits=3, n_inputs=5, block="rzz_ry", depth=1, entanglement="ring")
+    x = torch.rand(4, 5, requires_grad=True)
+    w = torch.rand(f.n_params, requires_grad=True)
+    FragmentSim(f)(x, w).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_missing_compiler_falls_back_to_torch(fresh_load, monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "COMPILER", ["qumos-no-such-compiler"])
+    with caplog.at_level(logging.WARNING, logger="qumos.kernels"):
+        assert kernels.get() is None
+        forward_backward()  # the torch path
+        assert kernels.get() is None
+    warnings = [r for r in caplog.records if r.name == "qumos.kernels"]
+    assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()  # one, once
+    kernels.set_mode("c")  # where a missing compiler is an error
+    with pytest.raises(RuntimeError, match="QUMOS_SIM_KERNEL=c"):
+        kernels.get()
+
+
+@needs_cc
+def test_compile_error_falls_back(fresh_load, monkeypatch, tmp_path):
+    bad = tmp_path / "kernels.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(kernels, "SOURCE", bad)
+    assert kernels.get() is None
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setenv("QUMOS_SIM_KERNEL", "c")
+    kernels.set_mode(None)
+    with pytest.raises(RuntimeError, match="failed"):
+        kernels.get()
+
+
+def test_forced_torch_path_does_not_compile(fresh_load, monkeypatch):
+    monkeypatch.setenv("QUMOS_SIM_KERNEL", "torch")
+    monkeypatch.setattr(kernels, "COMPILER", ["qumos-no-such-compiler"])
+    assert kernels.get() is None
+    forward_backward()
+    assert kernels._lib is None  # never tried to load
+    monkeypatch.setenv("QUMOS_SIM_KERNEL", "fast")
+    kernels.set_mode(None)
+    with pytest.raises(ValueError, match="QUMOS_SIM_KERNEL"):
+        kernels.get()
+
+
+@needs_cc
+def test_compiled_library_is_cached(fresh_load):
+    assert kernels.get() is not None
+    (lib,) = fresh_load.glob("qumos_kernels_*.so")
+    assert not list(fresh_load.glob("*.tmp"))
+    mtime = lib.stat().st_mtime_ns
+    assert kernels._compile() == lib and lib.stat().st_mtime_ns == mtime  # not recompiled
