@@ -293,11 +293,24 @@ def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
 
 def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,
             seed: int | None = None) -> PredictResponse:
-    """One predict call with an `httpx.Client`; raises ServiceError on an error status."""
+    """One predict call with an `httpx.Client`; raises ServiceError on an error status, and
+    ValueError (naming the position) before sending instances that are ragged, not numbers,
+    NaN or infinite. The body is encoded with orjson straight from a numpy array."""
     import numpy as np
     import orjson
 
-    body: dict[str, Any] = {"instances": np.ascontiguousarray(instances, dtype=float)}
+    try:
+        x = np.ascontiguousarray(instances, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"instances: not a (batch, features) array of numbers ({e})") from None
+    if x.ndim != 2:
+        raise ValueError(f"instances: shape {x.shape}; expected (batch, features)")
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):  # JSON has no NaN or infinity; the service would refuse them too
+        i, j = bad[0]
+        raise ValueError(f"instances[{i}][{j}]: is {x[i, j]}; every value must be a finite "
+                         "number")
+    body: dict[str, Any] = {"instances": x}
     if shots is not None:
         body["shots"] = shots
     if seed is not None:

@@ -90,3 +90,21 @@ def test_training_learns(small_artifact):
     art = load_artifact(small_artifact)
     assert art.metrics["test_acc"] > 0.5  # 4 classes: chance is 0.25
     assert np.isfinite(art.metrics["val_acc"])
+
+
+@pytest.mark.parametrize("instances, where", [
+    ([[0.1, float("nan")]], "instances[0][1]: is nan"),
+    ([[0.1, 0.2], [float("inf"), 0.0]], "instances[1][0]: is inf"),
+    ([[0.1, 0.2], [0.3]], "instances: not a (batch, features) array"),
+    ([0.1, 0.2], "instances: shape (2,)"),
+])
+def test_client_predict_refuses_bad_instances_before_sending(instances, where):
+    from qumos.client import predict
+
+    class NoNetwork:
+        def post(self, *a, **k):
+            raise AssertionError("nothing may be sent")
+
+    with pytest.raises(ValueError) as e:
+        predict(NoNetwork(), "http://127.0.0.1:9", "m", instances)
+    assert where in str(e.value)
