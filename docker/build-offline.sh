@@ -8,6 +8,7 @@
 #   3. the compose secrets (docker/make-secrets.sh; existing tokens are kept)
 #   4. the images qumos-provider, qumos-orchestrator, qumos-attacker from the same
 #      Dockerfiles an online build uses, with --build-arg PIP_NO_INDEX=1 (wheelhouse only).
+#   5. removes the images those builds superseded (dangling, label org.qumos.project=qumos)
 # Afterwards `docker compose up` (or `docker-compose up`) starts the stack from them.
 #
 # Usage: docker/build-offline.sh [--force-base] [--force-wheels] [--only IMAGE...]
@@ -69,8 +70,12 @@ pids=()
 for img in "${IMAGES[@]}"; do
   (
     s=$(date +%s)
+    # the build stage gets a tag too (a cache hit, no rebuild), so that only superseded
+    # stages are left dangling for the clean-up below and the next build keeps its cache
     if docker build --build-arg PIP_NO_INDEX=1 -f "services/$img/Dockerfile" \
-         -t "qumos-$img:$TAG" . >"/tmp/qumos-build/$img.log" 2>&1; then
+         -t "qumos-$img:$TAG" . >"/tmp/qumos-build/$img.log" 2>&1 \
+       && docker build --build-arg PIP_NO_INDEX=1 -f "services/$img/Dockerfile" --target build \
+         -t "qumos-$img-build:$TAG" . >>"/tmp/qumos-build/$img.log" 2>&1; then
       log "image qumos-$img:$TAG built ($(since "$s")), $(docker image inspect -f '{{.Size}}' "qumos-$img:$TAG" | awk '{printf "%.0f MB", $1/1e6}')"
     else
       log "image qumos-$img FAILED; last lines of /tmp/qumos-build/$img.log:"
@@ -84,3 +89,9 @@ rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 [[ $rc -eq 0 ]] || { log "image build failed"; exit 1; }
 log "all images built in $(since "$T0")"
+
+# 5. clean-up: every rebuild leaves the images it replaced behind, untagged (~5 GB a
+# round; repeated builds filled this machine's disk). Remove the dangling ones that carry
+# this project's label, nothing else.
+freed=$(docker image prune -f --filter label=org.qumos.project=qumos 2>/dev/null | tail -n 1)
+log "superseded qumos images removed (${freed:-nothing to remove})"
