@@ -132,11 +132,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _arg(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """t as the C code reads it: checked (a wrong pointer would corrupt memory, not raise),
-    and contiguous (a no-op if it is)."""
+    contiguous, and with torch's lazy conjugate / negative views applied (data_ptr() would
+    otherwise show the un-conjugated numbers); no-ops when it already is."""
     if t.dtype != dtype or not t.is_cpu or t.shape != shape:
         raise ValueError(f"kernel argument {tuple(t.shape)} {t.dtype} on {t.device}; "
                          f"expected {shape} {dtype} on the CPU")
-    return t.contiguous()
+    return t.resolve_conj().resolve_neg().contiguous()
 
 
 class Kernels:

@@ -100,6 +100,21 @@ def test_large_angles_and_batch_tails():
             assert_close(got, want, rtol=1e-5)
 
 
+@needs_cc
+def test_lazy_conjugate_view_is_applied():
+    """torch's conj() is a view sharing memory with the plain tensor; the kernels must see
+    the numbers the view stands for, not the raw memory."""
+    kernels.set_mode("c")
+    try:
+        k = kernels.get()
+        phi = torch.randn(5, 16, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+        g = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+        assert phi.conj().is_conj()
+        torch.testing.assert_close(k.readout_bwd(phi.conj(), g), k.readout_bwd(phi, g).conj())
+    finally:
+        kernels.set_mode(None)
+
+
 @pytest.fixture
 def fresh_load(monkeypatch, tmp_path):
     """The next get() loads again (compiles into an empty cache, tmp_path); the loaded
