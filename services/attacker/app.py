@@ -225,10 +225,12 @@ class AttackerState:
             res = attack_provider(
                 holdings, arch, data, budget, req.seeds, strategies=req.strategies,
                 victim_predict=vp, victim_acc=req.victim_acc, model=stolen.model,
+                # merged, not replaced: a "run done" report keeps the last strategy / seed /
+                # epoch shown, so a poller always sees where the job got to
                 progress=lambda info: self.update(job, force=False, progress={
-                    k: v for k, v in info.items() if k in (
+                    **job.progress, **{k: v for k, v in info.items() if k in (
                         "strategy", "seed", "restart", "epoch", "epochs", "done", "total",
-                        "provider")}))
+                        "provider")}}))
             self.update(job, status="succeeded", results=res, finished=time.time(),
                         progress={**job.progress, "done": res["runs"].__len__(),
                                   "total": res["runs"].__len__()})
