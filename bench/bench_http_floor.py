@@ -1,0 +1,119 @@
+"""What one HTTP exchange costs on this machine, whatever the service does: the floor under
+the batch-1 latency of the provider chain (bench/bench_chain.py), which makes four
+sequential exchanges per prediction (client -> orchestrator, orchestrator -> 3 providers).
+
+    python bench/bench_http_floor.py [--requests 1500]
+
+Two uvicorn processes on loopback answer the same POST (an execute-sized body: one row of
+16 angles, an answer of 4 values) with a fixed answer and no work:
+- `fastapi`: a FastAPI route behind the services' own stack (`webcommon.install_common`:
+  body limit, in-flight limit, Prometheus instrumentation, JSON errors) plus the bearer
+  check: what a provider or the orchestrator adds per exchange before doing anything;
+- `raw ASGI`: a bare ASGI callable that reads the body and answers: the least a Python
+  HTTP server under uvicorn can do.
+One `httpx.Client` (as `qumos.client` uses) sends the requests, alternating between the
+two, so both see the same machine state. Prints p50/p99 per exchange and their ratio.
+Bounded: --requests per server, after 200 warm-up requests each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from qumos.localstack import HOST, free_port
+from qumos.webcommon import check_bearer, install_common
+
+TOKEN = "bench-token"
+ANSWER = b'{"outputs": [[0.1, 0.2, 0.3, 0.4]]}'
+
+
+def fastapi_app() -> FastAPI:
+    app = FastAPI()
+    install_common(app, 8 * 1024 * 1024, max_inflight=64)
+
+    @app.post("/v1/fragments/{fragment_id}/execute")
+    async def execute(fragment_id: str, request: Request):
+        check_bearer(request, TOKEN)
+        await request.body()
+        return Response(ANSWER, media_type="application/json")
+
+    return app
+
+
+async def raw_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": ANSWER})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1500, help="timed requests per server")
+    args = ap.parse_args()
+    servers = {"fastapi": ("--factory", "bench_http_floor:fastapi_app"),
+               "raw ASGI": ("bench_http_floor:raw_app",)}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)) + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    ports, procs = {}, []
+    try:
+        for name, app in servers.items():
+            ports[name] = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port",
+                 str(ports[name]), "--log-level", "warning", "--no-access-log"],
+                env=env, stdin=subprocess.DEVNULL))
+        body = ('{"inputs": [[' + ",".join(f"{v:.3f}" for v in np.linspace(0, 3, 16))
+                + "]]}").encode()
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        times: dict[str, list[float]] = {name: [] for name in servers}
+        with httpx.Client(timeout=10) as c:
+            deadline = time.monotonic() + 60
+            for name, port in ports.items():  # wait until both answer
+                while True:
+                    try:
+                        c.post(f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
+                               headers=headers).raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"{name} server did not start") from None
+                        time.sleep(0.2)
+            for i in range(200 + args.requests):
+                for name, port in ports.items():
+                    t0 = time.perf_counter()
+                    c.post(f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
+                           headers=headers).raise_for_status()
+                    if i >= 200:
+                        times[name].append(time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+    ms = {name: np.array(t) * 1e3 for name, t in times.items()}
+    print("| one HTTP exchange | fastapi + services' middleware (ms) | raw ASGI (ms) | ratio |")
+    print("|---|---|---|---|")
+    for q in (50, 99):
+        a, b = np.percentile(ms["fastapi"], q), np.percentile(ms["raw ASGI"], q)
+        print(f"| p{q} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    print(f"\n{args.requests} requests per server, interleaved, one httpx.Client; mean "
+          f"{statistics.mean(ms['fastapi']):.3f} vs {statistics.mean(ms['raw ASGI']):.3f} ms; "
+          f"loadavg {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
