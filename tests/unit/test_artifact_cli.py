@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from qumos.artifact import load_artifact
 from qumos.errors import ArtifactError
 
