@@ -66,6 +66,7 @@ from qumos.client import (
     V2InferResponse,
     V2Tensor,
     describe_validation_error,
+    dump_json,
 )
 from qumos.spec import ModelSpec, format_validation_error
 from qumos.webcommon import (
@@ -73,7 +74,6 @@ from qumos.webcommon import (
     SettingsError,
     check_bearer,
     document_request_bodies,
-    dump_json,
     error_responses,
     freeze_startup_heap,
     install_common,

@@ -41,7 +41,13 @@ from fastapi import FastAPI, Request, Response
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos.artifact import FragmentFile
-from qumos.client import ExecuteRequest, ExecuteResponse, FragmentInfo, FragmentList
+from qumos.client import (
+    ExecuteRequest,
+    ExecuteResponse,
+    FragmentInfo,
+    FragmentList,
+    dump_json,
+)
 from qumos.quantum import FAKE_BACKENDS, AerRunner, DeviceProfile
 from qumos.store import ProviderStore, StoreError
 from qumos.webcommon import (
@@ -49,7 +55,6 @@ from qumos.webcommon import (
     SettingsError,
     check_bearer,
     document_request_bodies,
-    dump_json,
     error_responses,
     freeze_startup_heap,
     install_common,

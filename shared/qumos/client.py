@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qumos.errors import QumosError
 
@@ -191,6 +192,14 @@ def describe_validation_error(e: ValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}" + (f" (and {more} more errors)" if more > 0 else "")
 
 
+def dump_json(obj) -> bytes:
+    """The wire format of every large batch (predict bodies, provider calls and answers,
+    access-log lines): JSON bytes of plain data with numpy arrays in it, by orjson (large
+    float batches serialise ~10x faster than with the json module; floats round-trip
+    exactly)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 # ----- a small synchronous client ---------------------------------------------------------
 class ServiceError(QumosError):
     """A service answered with an error (status and its JSON error body)."""
@@ -297,7 +306,6 @@ def predict(client, orchestrator_url: str, model: str, instances, shots: int | N
     ValueError (naming the position) before sending instances that are ragged, not numbers,
     NaN or infinite. The body is encoded with orjson straight from a numpy array."""
     import numpy as np
-    import orjson
 
     try:
         x = np.ascontiguousarray(instances, dtype=float)
@@ -316,7 +324,7 @@ def predict(client, orchestrator_url: str, model: str, instances, shots: int | N
     if seed is not None:
         body["seed"] = seed
     resp = client.post(f"{orchestrator_url.rstrip('/')}/v1/models/{model}/predict",
-                       content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                       content=dump_json(body),
                        headers={"Content-Type": "application/json"})
     if resp.status_code >= 400:
         _check(resp)

@@ -20,9 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-import orjson
 from pydantic import ValidationError
 from qumos.artifact import FragmentFile, atomic_write
+from qumos.client import dump_json
 from qumos.errors import QumosError
 
 MARKER = "provider.json"
@@ -115,7 +115,7 @@ class ProviderStore:
     # ----- access log ----------------------------------------------------------------------
     def append_log(self, entry: dict) -> None:
         entry = {"time": time.time(), **entry}
-        line = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+        line = dump_json(entry) + b"\n"
         with _LOG_LOCK:  # one appender at a time, so a failed line can be cut off again
             fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -290,12 +289,6 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
                            retry_after=retry_after, on_reject=rejected.inc)
     Instrumentator(registry=reg, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False)
-
-
-def dump_json(obj) -> bytes:
-    """JSON bytes of plain data with numpy arrays in it (orjson: large float batches
-    serialise ~10x faster than with the json module; floats round-trip exactly)."""
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
