@@ -7,10 +7,12 @@ process, measured side by side (interleaved rounds) in one run.
 For batch 1, 32 and 256: throughput (samples/s) of in-process Aer, of the HTTP chain with
 one client, and of the HTTP chain with 3 concurrent clients (the providers then work in
 parallel, as a pipeline); latency p50/p99 at batch 1. Each orchestrator variant (default:
-4 integrity canaries per provider call; no-canaries; httpcore = httpx's own transport
-instead of the aiohttp pool) is its own stack, measured in the same interleaved rounds. Prints a markdown table with the
-ratios HTTP / in-process. Targets: >= 0.8 of in-process throughput at batch 256, <= 1.3x
-in-process latency at batch 1. Bounded: a fixed number of calls per cell and a time limit.
+4 integrity canaries per provider call; no-canaries: the chain alone, as the issue's
+target defines it; httpcore: httpx's own transport instead of qumos.http11) is its own
+stack, measured in the same interleaved rounds. Clients are `qumos.client.make_client()`
+(httpx on qumos.http11). Prints a markdown table with the ratios HTTP / in-process.
+Targets: >= 0.8 of in-process throughput at batch 256, <= 1.3x in-process latency at
+batch 1. Bounded: a fixed number of calls per cell and a time limit.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import numpy as np
 from qumos.artifact import load_artifact
 from qumos.chain import preprocess, run_chain
-from qumos.client import predict
+from qumos.client import make_client, predict
 from qumos.datasets import load_task
 from qumos.localstack import stack_on_free_ports
 from qumos.quantum import AerRunner
@@ -39,7 +40,7 @@ CALLS = {1: 40, 32: 12, 256: 4}  # calls per round per cell
 
 # Orchestrator configurations measured side by side (each its own stack of 4 processes).
 VARIANTS = {
-    "default": {},  # 4 integrity canaries per provider call, aiohttp transport
+    "default": {},  # 4 integrity canaries per provider call, qumos.http11 transport
     "no-canaries": {"QUMOS_ORCH_CANARIES_PER_CALL": "0"},
     "httpcore": {"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"},  # httpx's own transport
 }
@@ -76,7 +77,7 @@ def main() -> int:
                 Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v]))
             stack.deploy(art)
             urls[v] = stack.orchestrator_url
-        with httpx.Client(timeout=120) as client:
+        with make_client(timeout=120) as client:
             calls = {"local": in_process}
             for v, url in urls.items():
                 calls[v] = lambda x, url=url: predict(client, url, spec.name, x)
@@ -101,7 +102,7 @@ def main() -> int:
                             samples[bsz][p].append(time.perf_counter() - t0)
                     xs = [raw[rng.choice(len(raw), bsz, replace=False)] for _ in range(3 * n)]
                     url = urls[variants[0]]
-                    with ThreadPoolExecutor(3) as pool, httpx.Client(timeout=120) as c2:
+                    with ThreadPoolExecutor(3) as pool, make_client(timeout=120) as c2:
                         t0 = time.perf_counter()
                         list(pool.map(lambda x: predict(c2, url, spec.name, x), xs))
                         conc[bsz].append((3 * n * bsz, time.perf_counter() - t0))

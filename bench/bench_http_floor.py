@@ -6,14 +6,15 @@ sequential exchanges per prediction (client -> orchestrator, orchestrator -> 3 p
 
 Two uvicorn processes on loopback answer the same POST (an execute-sized body: one row of
 16 angles, an answer of 4 values) with a fixed answer and no work:
-- `fastapi`: a FastAPI route behind the services' own stack (`webcommon.install_common`:
-  body limit, in-flight limit, Prometheus instrumentation, JSON errors) plus the bearer
-  check: what a provider or the orchestrator adds per exchange before doing anything;
+- `fastapi`: the route served the way the services serve execute and predict (a
+  `webcommon.hot_route` behind the services' own stack from `install_common`: metrics,
+  body limit, in-flight limit, JSON errors) plus the bearer check;
 - `raw ASGI`: a bare ASGI callable that reads the body and answers: the least a Python
   HTTP server under uvicorn can do.
-One `httpx.Client` (as `qumos.client` uses) sends the requests, alternating between the
-two, so both see the same machine state. Prints p50/p99 per exchange and their ratio.
-Bounded: --requests per server, after 200 warm-up requests each.
+Two clients send to both, all four combinations alternating request by request so all see
+the same machine state: `httpx.Client()` with httpx's own transport (httpcore + h11), and
+`qumos.client.make_client()` (httpx on `qumos.http11.SyncTransport`). Prints p50/p99 per
+exchange and the ratios. Bounded: --requests per combination, after 200 warm-up requests.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from qumos.localstack import HOST, free_port
-from qumos.webcommon import check_bearer, install_common
+from qumos.client import make_client
+from qumos.webcommon import check_bearer, hot_route, install_common
 
 TOKEN = "bench-token"
 ANSWER = b'{"outputs": [[0.1, 0.2, 0.3, 0.4]]}'
@@ -39,7 +41,7 @@ def fastapi_app() -> FastAPI:
     app = FastAPI()
     install_common(app, 8 * 1024 * 1024, max_inflight=64)
 
-    @app.post("/v1/fragments/{fragment_id}/execute")
+    @hot_route(app, "POST", "/v1/fragments/{fragment_id}/execute")
     async def execute(fragment_id: str, request: Request):
         check_bearer(request, TOKEN)
         await request.body()
@@ -73,45 +75,50 @@ def main() -> int:
             ports[name] = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port",
-                 str(ports[name]), "--log-level", "warning", "--no-access-log"],
+                 str(ports[name]), "--log-level", "warning", "--no-access-log",
+                 "--no-proxy-headers"],
                 env=env, stdin=subprocess.DEVNULL))
         body = ('{"inputs": [[' + ",".join(f"{v:.3f}" for v in np.linspace(0, 3, 16))
                 + "]]}").encode()
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-        times: dict[str, list[float]] = {name: [] for name in servers}
-        with httpx.Client(timeout=10) as c:
-            deadline = time.monotonic() + 60
-            for name, port in ports.items():  # wait until both answer
-                while True:
-                    try:
-                        c.post(f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
-                               headers=headers).raise_for_status()
-                        break
-                    except httpx.TransportError:
-                        if time.monotonic() > deadline:
-                            raise SystemExit(f"{name} server did not start") from None
-                        time.sleep(0.2)
-            for i in range(200 + args.requests):
-                for name, port in ports.items():
-                    t0 = time.perf_counter()
-                    c.post(f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
-                           headers=headers).raise_for_status()
-                    if i >= 200:
-                        times[name].append(time.perf_counter() - t0)
+        clients = {"httpx default": httpx.Client(timeout=10), "make_client": make_client(10)}
+        times = {(s, c): [] for s in servers for c in clients}
+        deadline = time.monotonic() + 60
+        for name, port in ports.items():  # wait until both answer
+            while True:
+                try:
+                    clients["httpx default"].post(
+                        f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
+                        headers=headers).raise_for_status()
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{name} server did not start") from None
+                    time.sleep(0.2)
+        for i in range(200 + args.requests):
+            for (name, cname), ts in times.items():
+                t0 = time.perf_counter()
+                clients[cname].post(f"http://{HOST}:{ports[name]}/v1/fragments/a.0/execute",
+                                    content=body, headers=headers).raise_for_status()
+                if i >= 200:
+                    ts.append(time.perf_counter() - t0)
+        for c in clients.values():
+            c.close()
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(10)
-    ms = {name: np.array(t) * 1e3 for name, t in times.items()}
-    print("| one HTTP exchange | fastapi + services' middleware (ms) | raw ASGI (ms) | ratio |")
-    print("|---|---|---|---|")
-    for q in (50, 99):
-        a, b = np.percentile(ms["fastapi"], q), np.percentile(ms["raw ASGI"], q)
-        print(f"| p{q} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
-    print(f"\n{args.requests} requests per server, interleaved, one httpx.Client; mean "
-          f"{statistics.mean(ms['fastapi']):.3f} vs {statistics.mean(ms['raw ASGI']):.3f} ms; "
-          f"loadavg {os.getloadavg()[0]:.1f}")
+    ms = {k: np.array(t) * 1e3 for k, t in times.items()}
+    base = ms[("fastapi", "httpx default")]
+    print("| one HTTP exchange | client | p50 (ms) | p99 (ms) | p50 / fastapi + httpx default |")
+    print("|---|---|---|---|---|")
+    for (name, cname), v in ms.items():
+        print(f"| {name} | {cname} | {np.percentile(v, 50):.3f} | {np.percentile(v, 99):.3f} "
+              f"| {np.percentile(v, 50) / np.percentile(base, 50):.2f} |")
+    print(f"\n{args.requests} requests per combination, interleaved; mean "
+          + ", ".join(f"{n}/{c} {statistics.mean(v):.3f}" for (n, c), v in ms.items())
+          + f" ms; loadavg {os.getloadavg()[0]:.1f}")
     return 0
 
 

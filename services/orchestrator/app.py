@@ -39,16 +39,19 @@ Reliability and integrity:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import hmac
 import logging
 import os
+import random
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
@@ -68,6 +71,7 @@ from qumos.client import (
     describe_validation_error,
     dump_json,
 )
+from qumos.http11 import AsyncTransport
 from qumos.spec import ModelSpec, format_validation_error
 from qumos.webcommon import (
     ServiceError,
@@ -76,13 +80,14 @@ from qumos.webcommon import (
     document_request_bodies,
     error_responses,
     freeze_startup_heap,
+    hot_route,
     install_common,
     json_response,
     load_settings,
     parse_body,
     read_token_file,
 )
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 log = logging.getLogger("qumos.orchestrator")
 OUTPUT_TOLERANCE = 1e-6  # provider outputs must lie in [-1 - tol, 1 + tol]
@@ -109,9 +114,9 @@ class OrchestratorSettings(BaseSettings):
     provider_max_batch: int = Field(1024, ge=2, description="most rows per provider call, "
                                     "canaries included (larger batches are split)")
     max_retry_after_s: float = Field(2.0, ge=0, description="cap on a provider's Retry-After")
-    http_transport: Literal["aiohttp", "httpcore"] = Field(
-        "aiohttp", description="what the pooled httpx.AsyncClient sends through: aiohttp's "
-        "pool (default, less CPU per call) or httpx's own httpcore")
+    http_transport: Literal["qumos", "httpcore"] = Field(
+        "qumos", description="what the pooled httpx.AsyncClient sends through: "
+        "qumos.http11 (default, least CPU per call) or httpx's own httpcore")
 
     @model_validator(mode="after")
     def _canary_room(self):
@@ -212,6 +217,8 @@ class OrchestratorState:
         self.canaries: dict[str, Canaries] = {}
         self.problems: list[str] = []
         self.client: httpx.AsyncClient | None = None
+        self.request_extensions: dict = {}  # {"timeout": the client's}, set with the client
+        self._endpoints: dict[tuple[str, str], tuple[httpx.URL, list]] = {}
         self.ready = False
         self.canary_key = secrets.token_bytes(32)  # replaced by the persisted key at load
         self.counters: dict = {}  # prometheus counters, set in create_app
@@ -261,17 +268,27 @@ class OrchestratorState:
         return spec
 
     # ----- one provider call --------------------------------------------------------------
+    def _endpoint(self, provider: str, fid: str) -> tuple[httpx.URL, list]:
+        """The execute URL (parsed) and request headers for a fragment, made once."""
+        hit = self._endpoints.get((provider, fid))
+        if hit is None:
+            url = httpx.URL(f"{self.providers[provider]}/v1/fragments/{fid}/execute")
+            headers = [(b"Authorization", f"Bearer {self.tokens[provider]}".encode()),
+                       (b"Content-Type", b"application/json")]
+            hit = self._endpoints[(provider, fid)] = (url, headers)
+        return hit
+
     async def _call_once(self, provider: str, fid: str, body: bytes, n_rows: int,
                          n_out: int) -> np.ndarray:
-        url = f"{self.providers[provider]}/v1/fragments/{fid}/execute"
         where = f"provider {provider} (fragment {fid})"
-        import anyio
-
+        url, headers = self._endpoint(provider, fid)
+        # httpx.Request + send: the client's timeouts, without merging base URL, default
+        # headers and cookies on every call (none are used); URL parsed once per fragment
+        request = httpx.Request("POST", url, content=body, headers=headers,
+                                extensions=self.request_extensions)
         try:
-            with anyio.fail_after(self.settings.timeout_s):
-                resp = await self.client.post(url, content=body, headers={
-                    "Authorization": f"Bearer {self.tokens[provider]}",
-                    "Content-Type": "application/json"})
+            async with asyncio.timeout(self.settings.timeout_s):  # the whole call
+                resp = await self.client.send(request)
         except httpx.ConnectTimeout:
             raise ProviderFailure(503, "provider_unavailable", f"{where} is unreachable at "
                                   f"{self.providers[provider]} (no connection within "
@@ -343,27 +360,32 @@ class OrchestratorState:
             if not n_can:
                 parts.append(await self._execute_call(spec, k, part, shots, seed))
                 continue
-            rng = self._canary_rng(spec.name, k, c, seed if shots is not None else None)
-            pick = rng.choice(len(can.inputs[k]), size=n_can, replace=False)
-            batch = np.concatenate([part, can.inputs[k][pick]])
-            perm = rng.permutation(len(batch))  # batch[perm] is what the provider sees
-            out = np.empty((len(batch), spec.fragments[k].n_qubits))
-            out[perm] = await self._execute_call(spec, k, batch[perm], shots, seed)
-            self._check_canaries(spec, k, out[len(part):], can, pick, shots)
-            parts.append(out[:len(part)])
+            rnd = self._canary_random(spec.name, k, c, seed if shots is not None else None)
+            pick = rnd.sample(range(len(can.inputs[k])), n_can)  # which canaries
+            n = len(part) + n_can
+            is_canary = np.zeros(n, dtype=bool)
+            is_canary[rnd.sample(range(n), n_can)] = True  # where they go in the batch
+            batch = np.empty((n, part.shape[1]))
+            batch[~is_canary] = part
+            batch[is_canary] = can.inputs[k][pick]
+            out = await self._execute_call(spec, k, batch, shots, seed)
+            self._check_canaries(spec, k, out[is_canary], can, pick, shots)
+            parts.append(out[~is_canary])
         return np.concatenate(parts)
 
-    def _canary_rng(self, model: str, k: int, call: int, seed: int | None):
-        """Seeded requests get reproducible (still secret-keyed) canaries, so a seeded
-        shots-mode prediction is reproducible; others get fresh randomness."""
+    def _canary_random(self, model: str, k: int, call: int, seed: int | None) -> random.Random:
+        """A generator seeded afresh for this call: from 128 secret random bits, or, for a
+        seeded request, from an HMAC of the request under the secret canary key (so a seeded
+        shots-mode prediction is reproducible, and still unpredictable to a provider).
+        `random.Random`, not numpy's: ~0.05 ms less per call, with the same seeding."""
         if seed is None:
-            return np.random.default_rng(secrets.randbits(128))
+            return random.Random(secrets.randbits(128))
         digest = hmac.new(self.canary_key, f"{model}|{k}|{call}|{seed}".encode(),
                           hashlib.sha256).digest()
-        return np.random.default_rng(int.from_bytes(digest[:16], "big"))
+        return random.Random(int.from_bytes(digest[:16], "big"))
 
     def _check_canaries(self, spec: ModelSpec, k: int, got: np.ndarray, can: Canaries,
-                        pick: np.ndarray, shots: int | None) -> None:
+                        pick: list[int], shots: int | None) -> None:
         expected = can.outputs[k][pick]
         err = np.abs(got - expected)
         bad_rows = (err > can.allowed(expected, shots)).any(axis=1)
@@ -391,18 +413,29 @@ class OrchestratorState:
                 body["seed"] = seed + k
         payload = dump_json(body)
         n_out = spec.fragments[k].n_qubits
-        backoff = wait_exponential(multiplier=0.05, max=1.0)
-
-        def wait(rs) -> float:  # a provider's Retry-After (capped), else exponential
-            exc = rs.outcome.exception() if rs.outcome else None
+        def wait_after(exc: BaseException | None, failures: int) -> float:
+            """Before the next attempt: a provider's Retry-After (capped), else exponential
+            backoff 0.05 s, 0.1 s, ... (at most 1 s)."""
             ra = getattr(exc, "retry_after", None)
-            return backoff(rs) if ra is None else min(ra, self.settings.max_retry_after_s)
+            if ra is not None:
+                return min(ra, self.settings.max_retry_after_s)
+            return min(0.05 * 2 ** (failures - 1), 1.0)
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.retries + 1), wait=wait,
-            retry=retry_if_exception(lambda e: isinstance(e, ProviderFailure)),
-            reraise=True)
+        def wait(rs) -> float:  # tenacity's attempts come after the first one
+            return wait_after(rs.outcome.exception() if rs.outcome else None,
+                              rs.attempt_number + 1)
+
         try:
+            try:  # the first attempt without tenacity's set-up (~0.05 ms); it retries failures
+                return await self._call_once(provider, fid, payload, len(angles), n_out)
+            except ProviderFailure as first:
+                if not self.settings.retries:
+                    raise
+                await anyio.sleep(wait_after(first, 1))
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self.settings.retries), wait=wait,
+                retry=retry_if_exception(lambda e: isinstance(e, ProviderFailure)),
+                reraise=True)
             async for attempt in retrying:
                 with attempt:
                     return await self._call_once(provider, fid, payload, len(angles), n_out)
@@ -472,20 +505,17 @@ def create_app(settings: OrchestratorSettings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import anyio
-
         await anyio.to_thread.run_sync(state.load_models)
         t = settings.timeout_s
         net = transport
-        if net is None and mounts is None and settings.http_transport == "aiohttp":
-            from services.orchestrator.transport import AiohttpTransport
-
-            net = AiohttpTransport(max_connections=MAX_CONNECTIONS, max_per_host=MAX_PER_PROVIDER)
+        if net is None and mounts is None and settings.http_transport == "qumos":
+            net = AsyncTransport(max_per_host=MAX_PER_PROVIDER)
         state.client = httpx.AsyncClient(
             timeout=httpx.Timeout(t, connect=min(CONNECT_TIMEOUT_S, t)),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
                                 max_keepalive_connections=MAX_PER_PROVIDER),
             transport=net, mounts=mounts)
+        state.request_extensions = {"timeout": state.client.timeout.as_dict()}
         freeze_startup_heap()
         state.ready = True
         try:
@@ -554,8 +584,6 @@ def create_app(settings: OrchestratorSettings | None = None,
             raise ServiceError(422, "validation_error", f"placement: {unknown} not among this "
                                f"orchestrator's providers {sorted(state.providers)}",
                                "placement")
-        import anyio
-
         def write():
             # new weights make old canaries wrong: they go first, the company re-registers
             (state.canaries_dir / f"{name}.json").unlink(missing_ok=True)
@@ -577,8 +605,6 @@ def create_app(settings: OrchestratorSettings | None = None,
         spec = state.model(name)
         req = await parse_body(request, CanaryRequest)
         check_canaries(spec, req)
-        import anyio
-
         try:
             await anyio.to_thread.run_sync(atomic_write, state.canaries_dir / f"{name}.json",
                                            req.model_dump_json().encode())
@@ -596,7 +622,8 @@ def create_app(settings: OrchestratorSettings | None = None,
     async def get_model(name: str):
         return json_response(_model_info(state.model(name), state.canaries.get(name)))
 
-    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=serving)
+    @hot_route(app, "POST", "/v1/models/{name}/predict", response_model=PredictResponse,
+               responses=serving)
     async def predict(name: str, request: Request):
         spec = state.model(name)
         req = await parse_body(request, PredictRequest)
@@ -633,7 +660,8 @@ def create_app(settings: OrchestratorSettings | None = None,
         state.model(name)
         return {"name": name, "ready": state.ready}
 
-    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=serving)
+    @hot_route(app, "POST", "/v2/models/{name}/infer", response_model=V2InferResponse,
+               responses=serving)
     async def v2_infer(name: str, request: Request):
         spec = state.model(name)
         req = await parse_body(request, V2InferRequest)

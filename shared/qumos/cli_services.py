@@ -66,11 +66,16 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
     markdown table under "table"."""
     from types import SimpleNamespace
 
-    import httpx
-
-    from qumos.attack import (WHITE_BOX, AttackBudget, SecurityReport, attack_provider, breach,
-                              security_report_table, summarize)
-    from qumos.client import predict
+    from qumos.attack import (
+        WHITE_BOX,
+        AttackBudget,
+        SecurityReport,
+        attack_provider,
+        breach,
+        security_report_table,
+        summarize,
+    )
+    from qumos.client import make_client, predict
     from qumos.datasets import load_task
     from qumos.spec import design_of
 
@@ -78,7 +83,7 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
     data = load_task(spec.dataset, spec.task, seed=int(artifact.training.get("seed", 0)))
     budget = AttackBudget(epochs=epochs, restarts=restarts)
     t0 = time.perf_counter()
-    with httpx.Client(timeout=120) as client:
+    with make_client(timeout=120) as client:
         def victim_predict(raw: np.ndarray) -> np.ndarray:  # the public API, as any client
             out = [predict(client, stack.orchestrator_url, spec.name, raw[i:i + 64]).predictions
                    for i in range(0, len(raw), 64)]
@@ -198,16 +203,15 @@ def up(
 
 
 def _demo(stack, art, batch: int) -> dict:
-    import httpx
     import torch
-    from qumos.client import predict
+    from qumos.client import make_client, predict
     from qumos.datasets import load_task
     from qumos.model import DistributedQNN
 
     seed = int(art.training.get("seed", 0))
     data = load_task(art.spec.dataset, art.spec.task, seed=seed).test
     probs, latencies = [], []
-    with httpx.Client(timeout=120) as client, progress_bar() as bar:
+    with make_client(timeout=120) as client, progress_bar() as bar:
         tid = bar.add_task("predict over HTTP", total=len(data.y), info="")
         for i in range(0, len(data.y), batch):
             t0 = time.perf_counter()

@@ -75,7 +75,8 @@ class Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--host", HOST,
-               "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+               "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+               "--no-proxy-headers"]  # loopback: no proxy in front
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)  # Ctrl-C goes to us, not it

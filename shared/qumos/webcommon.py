@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -204,6 +205,107 @@ class ConcurrencyLimitMiddleware:
             self.in_flight -= 1
 
 
+class HotRoutes:
+    """Serves the few endpoints on every prediction's path (a provider's execute, the
+    orchestrator's predict and infer) without FastAPI's routing and dependency solving,
+    which cost ~0.15-0.3 ms per request here (regex over every route, parameter
+    resolution) -- four such exchanges sit under every batch-1 prediction.
+
+    Registered with `hot_route`, which also registers the same function as an ordinary
+    FastAPI route (the OpenAPI schema, and the same behaviour if this layer were absent).
+    Sits inside the services' own middleware (metrics, in-flight and body limits), so those
+    apply unchanged; errors become the same JSON bodies as everywhere (`ServiceError` ->
+    its status, anything else -> 500 "internal", logged)."""
+
+    def __init__(self, app, routes: list):
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for method, pattern, route, endpoint in self.routes:
+                m = pattern.fullmatch(scope["path"]) if scope["method"] == method else None
+                if m is not None:
+                    scope["path_params"] = params = m.groupdict()
+                    scope["route"] = route
+                    try:
+                        response = await endpoint(request=Request(scope, receive), **params)
+                    except ServiceError as e:
+                        response = error_json(e.status_code, e.type, e.message, e.field,
+                                              headers=e.headers)
+                    except Exception as e:
+                        response = _internal_error(scope, e)
+                    return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def hot_route(app: FastAPI, method: str, path: str, **route_kwargs):
+    """Decorator: `endpoint(request, **path_params) -> Response` served by `HotRoutes`
+    (installed by `install_common`), and documented as a FastAPI route with
+    `route_kwargs` (response_model, responses, ...). Path parameters match one segment."""
+    import re
+
+    def register(endpoint):
+        app.add_api_route(path, endpoint, methods=[method], **route_kwargs)
+        route = app.routes[-1]
+        pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)))
+        app.state.hot_routes.append((method, pattern, route, endpoint))
+        return endpoint
+
+    return register
+
+
+def _internal_error(scope, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"),
+              exc_info=exc)
+    return error_json(500, "internal", f"internal error ({type(exc).__name__}); "
+                      "the service is still up")
+
+
+class MetricsMiddleware:
+    """Prometheus request metrics, as a plain ASGI middleware: `http_requests_total`
+    {handler, method, status} and `http_request_duration_seconds` {handler, method}, where
+    handler is the route's path template (`/v1/fragments/{fragment_id}/execute`; "none"
+    when no route matched) and status the class ("2xx", "4xx", ...). About 0.02 ms per
+    request (the label children are cached), where prometheus-fastapi-instrumentator
+    took ~0.15 ms -- four exchanges sit under every prediction."""
+
+    def __init__(self, app, registry, excluded: tuple[str, ...] = ("/metrics",)):
+        from prometheus_client import Counter, Histogram
+
+        self.app, self.excluded = app, excluded
+        self.requests = Counter("http_requests", "HTTP requests by route, method and status "
+                                "class", ["handler", "method", "status"], registry=registry)
+        self.duration = Histogram("http_request_duration_seconds", "time from the request "
+                                  "to the end of the answer", ["handler", "method"],
+                                  registry=registry)
+        self._children: dict[tuple, tuple] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in self.excluded:
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = scope.get("route")
+            key = (getattr(route, "path", "none"), scope.get("method", ""), status // 100)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = (
+                    self.requests.labels(key[0], key[1], f"{key[2]}xx"),
+                    self.duration.labels(key[0], key[1]))
+            child[0].inc()
+            child[1].observe(time.perf_counter() - t0)
+
+
 # Responses every documented endpoint may give (for the OpenAPI schema).
 ERROR_DESCRIPTIONS = {
     401: "no credentials", 403: "wrong credentials", 404: "unknown model or fragment",
@@ -249,8 +351,7 @@ def document_request_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[Bas
 def install_common(app: FastAPI, max_body_bytes: int, registry=None,
                    max_inflight: int | None = None, retry_after: int = 1) -> None:
     """JSON error handlers, the body limit, the in-flight limit and Prometheus /metrics."""
-    from prometheus_client import CollectorRegistry, Counter
-    from prometheus_fastapi_instrumentator import Instrumentator
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -273,10 +374,10 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_json(500, "internal", f"internal error ({type(exc).__name__}); "
-                          "the service is still up")
+        return _internal_error(request.scope, exc)
 
+    app.state.hot_routes = []
+    app.add_middleware(HotRoutes, routes=app.state.hot_routes)  # first = innermost
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     reg = registry if registry is not None else CollectorRegistry()
     app.state.metrics_registry = reg
@@ -287,8 +388,11 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
         # added last = outermost: refused before the body is even read
         app.add_middleware(ConcurrencyLimitMiddleware, limit=max_inflight,
                            retry_after=retry_after, on_reject=rejected.inc)
-    Instrumentator(registry=reg, excluded_handlers=["/metrics"]).instrument(app).expose(
-        app, endpoint="/metrics", include_in_schema=False)
+    app.add_middleware(MetricsMiddleware, registry=reg)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics():
+        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:

@@ -35,11 +35,13 @@ async def running(app):
 
 
 @asynccontextmanager
-async def company_stack(tmp_path, artifact, provider_overrides=None, **orch_kw):
+async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw=None,
+                        **orch_kw):
     """Three real provider apps and the orchestrator, wired in-process with ASGITransport.
 
     provider_overrides: {name: httpx transport} replacing a provider (down, misbehaving),
     or {name: callable(app) -> transport} wrapping the real provider app.
+    provider_kw: settings for every provider (e.g. inline_rows=0).
     Yields (orchestrator client, admin token, {name: (app, token)})."""
     from services.orchestrator.app import OrchestratorSettings
     from services.orchestrator.app import create_app as orch_app
@@ -48,7 +50,7 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, **orch_kw):
     async with AsyncExitStack() as stack:
         providers = {}
         for name in artifact.spec.placement:
-            s, token = provider_settings(tmp_path, name)
+            s, token = provider_settings(tmp_path, name, **(provider_kw or {}))
             app = provider_app(s)
             await stack.enter_async_context(app.router.lifespan_context(app))
             providers[name] = (app, token)

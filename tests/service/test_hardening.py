@@ -181,8 +181,9 @@ async def test_provider_retry_after_is_honoured_then_503(tmp_path, artifact, dat
 
 async def test_overload_pushes_back(tmp_path, artifact, data):
     """limit 2, 20 concurrent requests: the excess gets 503 + Retry-After at once; every
-    200 is right; nothing else."""
-    s, token = provider_settings(tmp_path, "provider-a", max_inflight=2)
+    200 is right; nothing else. (Worker-thread batches: INLINE_ROWS=0. Small exact batches
+    run on the event loop one at a time, so they never pile up in flight.)"""
+    s, token = provider_settings(tmp_path, "provider-a", max_inflight=2, inline_rows=0)
     async with running(__import__("services.provider.app", fromlist=["x"]).create_app(s)) as c:
         ff = artifact.fragment_file(0)
         h = {"Authorization": f"Bearer {token}"}
@@ -207,7 +208,8 @@ async def test_overload_pushes_back(tmp_path, artifact, data):
                 assert r.json()["error"]["type"] == "overloaded"
         assert (await c.get("/readyz")).status_code == 200  # health is never limited
         assert "qumos_overload_rejections_total" in (await c.get("/metrics")).text
-    async with company_stack(tmp_path / "o", artifact, max_inflight=2) as (c, admin, prov):
+    async with company_stack(tmp_path / "o", artifact, max_inflight=2,
+                             provider_kw={"inline_rows": 0}) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
         want = torch_probs(artifact.spec, data.test.x[:20])
         rs = await asyncio.gather(*(c.post(PRED, json={"instances": data.test.raw[i:i + 1]

@@ -184,3 +184,74 @@ def test_missing_settings_name_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("QUMOS_PROVIDER_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(SettingsError, match="QUMOS_PROVIDER_TOKEN_FILE"):
         create_app()
+
+
+async def test_small_exact_batches_run_on_the_loop_others_in_threads(tmp_path, artifact,
+                                                                     monkeypatch):
+    """INLINE_ROWS: exact batches up to that many rows run on the event loop's thread (no
+    ~0.6 ms hand-off); larger batches and shots go to worker threads. Same answers."""
+    import threading
+
+    import qumos.quantum
+
+    seen = []
+    real_run = qumos.quantum.AerRunner.run
+
+    def run(self, inputs, shots=None, seed=None):
+        seen.append((len(inputs), shots, threading.current_thread() is loop_thread))
+        return real_run(self, inputs, shots=shots, seed=seed)
+
+    monkeypatch.setattr(qumos.quantum.AerRunner, "run", run)
+    s, token = provider_settings(tmp_path, "provider-a", inline_rows=4)
+    loop_thread = threading.current_thread()  # the test's loop runs the app in-process
+    async with running(create_app(s)) as c:
+        await deploy(c, artifact, 0, token)
+        x = np.random.default_rng(3).uniform(0, np.pi, (6, 16))
+        want = statevector_expectations(artifact.spec.fragments[0], x)
+        for rows, shots in ((1, None), (4, None), (5, None), (2, 1000)):
+            body = {"inputs": x[:rows].tolist()} | ({"shots": shots, "seed": 1} if shots else {})
+            r = await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token))
+            assert r.status_code == 200, r.text
+            if shots is None:
+                np.testing.assert_allclose(r.json()["outputs"], want[:rows], atol=1e-6)
+    assert seen == [(1, None, True), (4, None, True), (5, None, False), (2, 1000, False)]
+
+
+async def test_hot_route_errors_metrics_and_schema(tmp_path, artifact, monkeypatch):
+    """execute is served by webcommon.HotRoutes: its errors are the services' JSON errors
+    (an unexpected exception is a logged 500 and the service stays up), its metrics carry
+    the route template, and it stays in the OpenAPI schema."""
+    import qumos.quantum
+
+    s, token = provider_settings(tmp_path, "provider-a")
+    async with running(create_app(s)) as c:
+        await deploy(c, artifact, 0, token)
+        url = "/v1/fragments/digits4.0/execute"
+        body = {"inputs": [[0.1] * 16]}
+        r = await c.post(url, json=body)
+        assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
+        r = await c.post("/v1/fragments/nope.0/execute", json=body, headers=auth(token))
+        assert r.status_code == 404 and "nope.0" in r.json()["error"]["message"]
+        r = await c.post(url, content=b"{not json", headers=auth(token))
+        assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
+
+        def boom(*a, **k):
+            raise RuntimeError("simulator exploded")
+
+        monkeypatch.setattr(qumos.quantum.AerRunner, "run", boom)
+        r = await c.post(url, json=body, headers=auth(token))
+        assert r.status_code == 500
+        assert r.json()["error"] == {"type": "internal", "message": "internal error "
+                                     "(RuntimeError); the service is still up"}
+        monkeypatch.undo()
+        r = await c.post(url, json=body, headers=auth(token))
+        assert r.status_code == 200
+        metrics = (await c.get("/metrics")).text
+        for status in ("2xx", "4xx", "5xx"):
+            assert ('http_requests_total{handler="/v1/fragments/{fragment_id}/execute",'
+                    f'method="POST",status="{status}"}}') in metrics
+        assert 'http_request_duration_seconds_count{handler="/v1/fragments/{fragment_id}/' \
+               'execute",method="POST"} 5.0' in metrics  # 401, 404, 422, 500, 200
+        op = (await c.get("/openapi.json")).json()["paths"][
+            "/v1/fragments/{fragment_id}/execute"]["post"]
+        assert "ExecuteRequest" in str(op["requestBody"]) and "200" in op["responses"]
