@@ -8,7 +8,7 @@ For batch 1, 32 and 256: throughput (samples/s) of in-process Aer, of the HTTP c
 one client, and of the HTTP chain with 3 concurrent clients (the providers then work in
 parallel, as a pipeline); latency p50/p99 at batch 1. Each orchestrator variant (default:
 4 integrity canaries per provider call; no-canaries: the chain alone, as the issue's
-target defines it; httpcore: httpx's own transport instead of qumos.http11) is its own
+target defines it; 1-canary; httpcore: httpx's own transport instead of qumos.http11) is its own
 stack, measured in the same interleaved rounds. Clients are `qumos.client.make_client()`
 (httpx on qumos.http11). Prints a markdown table with the ratios HTTP / in-process.
 Targets: >= 0.8 of in-process throughput at batch 256, <= 1.3x in-process latency at
@@ -42,6 +42,7 @@ CALLS = {1: 40, 32: 12, 256: 4}  # calls per round per cell
 VARIANTS = {
     "default": {},  # 4 integrity canaries per provider call, qumos.http11 transport
     "no-canaries": {"QUMOS_ORCH_CANARIES_PER_CALL": "0"},
+    "1-canary": {"QUMOS_ORCH_CANARIES_PER_CALL": "1"},
     "httpcore": {"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"},  # httpx's own transport
 }
 
