@@ -249,29 +249,20 @@ def test_silent_server_is_read_timeout(kind, serve):
         request(kind, s.url, timeout=httpx.Timeout(0.3))
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",  # cut off, then closed
+    b"NOT HTTP AT ALL\r\n\r\n"])  # garbled
 @pytest.mark.parametrize("kind", KINDS)
-def test_dropped_connection_is_transport_error(kind, serve):
+def test_broken_answer_is_protocol_error(kind, answer, serve):
     async def handler(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        writer.write(answer)
         await writer.drain()
 
     s = serve(handler)
     with pytest.raises(httpx.RemoteProtocolError):
         request(kind, s.url)
     assert s.connections == 1  # a fresh connection that broke: not sent again
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_garbled_answer_is_protocol_error(kind, serve):
-    async def handler(reader, writer):
-        await read_request(reader)
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        await writer.drain()
-
-    s = serve(handler)
-    with pytest.raises(httpx.RemoteProtocolError):
-        request(kind, s.url)
 
 
 @pytest.mark.parametrize("kind", KINDS)
