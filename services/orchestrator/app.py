@@ -413,6 +413,7 @@ class OrchestratorState:
                 body["seed"] = seed + k
         payload = dump_json(body)
         n_out = spec.fragments[k].n_qubits
+
         def wait_after(exc: BaseException | None, failures: int) -> float:
             """Before the next attempt: a provider's Retry-After (capped), else exponential
             backoff 0.05 s, 0.1 s, ... (at most 1 s)."""
