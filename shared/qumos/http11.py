@@ -21,7 +21,8 @@ What they do, and do not:
 - timeouts: `connect` for making a connection, `pool` for waiting for a free connection
   (async only), `read` for the whole answer after the request is written;
 - failures raise httpx's exceptions: ConnectError, ConnectTimeout, ReadTimeout,
-  PoolTimeout, RemoteProtocolError (closed or garbled answer), UnsupportedProtocol;
+  PoolTimeout, RemoteProtocolError (closed, garbled, or over `max_answer_bytes`, default
+  64 MiB: an answer is held in memory whole), UnsupportedProtocol;
 - a kept-alive connection that the server had already closed (it may close idle ones at
   any time) is detected at reuse: when it yields not a single byte, the request is sent
   once more on a new connection. Only do this with idempotent calls -- every QuMoS call
@@ -46,6 +47,7 @@ __all__ = ["SyncTransport", "AsyncTransport"]
 
 _DROP = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 _Key = tuple[str, str, int]
+MAX_ANSWER_BYTES = 64 * 2**20  # a bigger answer is refused (a provider cannot flood us)
 
 
 class _Dropped(Exception):
@@ -59,7 +61,8 @@ class _Dropped(Exception):
 class _Answer:
     """httptools callbacks for one response (a fresh parser per request)."""
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, max_bytes: int):
+        self.max_bytes = max_bytes
         self.parser = httptools.HttpResponseParser(self)
         self.head = method == "HEAD"
         self.headers: list[tuple[bytes, bytes]] = []
@@ -87,6 +90,9 @@ class _Answer:
         self.got += len(data)
         if self.done:
             return
+        if self.got > self.max_bytes:
+            raise httpx.RemoteProtocolError(f"answer larger than {self.max_bytes} bytes "
+                                            "(max_answer_bytes)")
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -142,8 +148,9 @@ class _SyncConn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def exchange(self, data: bytes, method: str, read_timeout: float | None) -> _Answer:
-        ans = _Answer(method)
+    def exchange(self, data: bytes, method: str, read_timeout: float | None,
+                 max_bytes: int) -> _Answer:
+        ans = _Answer(method, max_bytes)
         try:
             self.sock.sendall(data)
         except OSError as e:
@@ -178,8 +185,10 @@ class SyncTransport(httpx.BaseTransport):
     """For `httpx.Client`. Thread-safe: threads sharing the client get their own connections
     (the idle pool is shared under a lock)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, max_idle_per_host: int = 8):
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, max_idle_per_host: int = 8,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES):
         self._ssl = ssl_context
+        self._max_answer = max_answer_bytes
         self._max_idle = max_idle_per_host
         self._idle: dict[_Key, list[_SyncConn]] = defaultdict(list)
         self._lock = threading.Lock()
@@ -214,7 +223,7 @@ class SyncTransport(httpx.BaseTransport):
             if conn is None:
                 conn = self._connect(key, connect_t)
             try:
-                ans = conn.exchange(data, request.method, read_t)
+                ans = conn.exchange(data, request.method, read_t, self._max_answer)
             except _Dropped as e:
                 conn.close()
                 if reused and not e.got and attempt == 0:
@@ -278,11 +287,12 @@ class _AsyncConn(asyncio.Protocol):
                 w.set_exception(_Dropped(ans.got if ans else 0, "the server closed the "
                                          "connection" + (f" ({exc})" if exc else "")))
 
-    async def exchange(self, data: bytes, method: str, read_timeout: float | None) -> _Answer:
+    async def exchange(self, data: bytes, method: str, read_timeout: float | None,
+                       max_bytes: int) -> _Answer:
         if self.closed:
             raise _Dropped(0, "the connection was closed")
         loop = asyncio.get_running_loop()
-        self.answer = _Answer(method)
+        self.answer = _Answer(method, max_bytes)
         self.waiter = waiter = loop.create_future()
         self.transport.write(data)
         timer = None
@@ -312,7 +322,9 @@ class AsyncTransport(httpx.AsyncBaseTransport):
     (more requests wait, up to the `pool` timeout); idle ones are kept for reuse. Made and
     used in one event loop."""
 
-    def __init__(self, max_per_host: int = 32, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, max_per_host: int = 32, ssl_context: ssl.SSLContext | None = None,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES):
+        self._max_answer = max_answer_bytes
         self._max = max_per_host
         self._ssl = ssl_context
         self._idle: dict[_Key, list[_AsyncConn]] = defaultdict(list)
@@ -359,7 +371,8 @@ class AsyncTransport(httpx.AsyncBaseTransport):
                 if conn is None:
                     conn = await self._connect(key, connect_t)
                 try:
-                    ans = await conn.exchange(data, request.method, read_t)
+                    ans = await conn.exchange(data, request.method, read_t,
+                                              self._max_answer)
                 except _Dropped as e:
                     conn.close()
                     if reused and not e.got and attempt == 0:

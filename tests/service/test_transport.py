@@ -293,3 +293,31 @@ def test_pool_limit_waits_then_times_out(serve):
     assert s.connections == 1  # the second waited for the first's connection
     res = asyncio.run(main(0.1))
     assert sum(isinstance(r, httpx.PoolTimeout) for r in res) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_oversized_answer_is_refused(kind, serve):
+    """A server that streams more than max_answer_bytes gets RemoteProtocolError, not our
+    memory."""
+    async def flood(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        for _ in range(100):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    s = serve(flood)
+    make = SyncTransport if kind == "sync" else AsyncTransport
+    transport = make(max_answer_bytes=100_000)
+    if kind == "sync":
+        with httpx.Client(transport=transport, timeout=5) as c, \
+                pytest.raises(httpx.RemoteProtocolError, match="larger than 100000"):
+            c.get(s.url)
+        return
+
+    async def main():
+        async with httpx.AsyncClient(transport=transport, timeout=5) as c:
+            await c.get(s.url)
+
+    with pytest.raises(httpx.RemoteProtocolError, match="larger than 100000"):
+        asyncio.run(main())
