@@ -1,5 +1,6 @@
 """What every QuMoS service shares: JSON errors, a request-size limit, settings loading,
-metrics, bearer-token checks and body parsing. Imports FastAPI/Starlette (services only).
+metrics, bearer-token checks, body parsing, and `hot_route` for the endpoints on every
+prediction's path. Imports FastAPI/Starlette (services only).
 
 Error responses are always `{"error": {"type", "message", "field"?}}`:
 
