@@ -17,7 +17,7 @@ Endpoints:
 
 A predict call preprocesses the images (numpy), runs fragment k on provider placement[k]
 with one pooled httpx.AsyncClient (explicit timeouts; execute is idempotent so failed
-calls are retried with tenacity), applies glue and head in numpy, and returns
+calls are retried, with backoff or the provider's Retry-After), applies glue and head in numpy, and returns
 probabilities. Every provider answer is validated as untrusted input: a provider that
 is down gives 503, a timeout 504, and a garbage answer 502, each naming the provider and
 fragment -- never a wrong prediction. This module does not import torch.
@@ -87,7 +87,6 @@ from qumos.webcommon import (
     parse_body,
     read_token_file,
 )
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 log = logging.getLogger("qumos.orchestrator")
 OUTPUT_TOLERANCE = 1e-6  # provider outputs must lie in [-1 - tol, 1 + tol]
@@ -414,41 +413,22 @@ class OrchestratorState:
         payload = dump_json(body)
         n_out = spec.fragments[k].n_qubits
 
-        def wait_after(exc: BaseException | None, failures: int) -> float:
-            """Before the next attempt: a provider's Retry-After (capped), else exponential
-            backoff 0.05 s, 0.1 s, ... (at most 1 s)."""
-            ra = getattr(exc, "retry_after", None)
-            if ra is not None:
-                return min(ra, self.settings.max_retry_after_s)
-            return min(0.05 * 2 ** (failures - 1), 1.0)
-
-        def wait(rs) -> float:  # tenacity's attempts come after the first one
-            return wait_after(rs.outcome.exception() if rs.outcome else None,
-                              rs.attempt_number + 1)
-
-        try:
-            try:  # the first attempt without tenacity's set-up (~0.05 ms); it retries failures
+        attempts = self.settings.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
                 return await self._call_once(provider, fid, payload, len(angles), n_out)
-            except ProviderFailure as first:
-                if not self.settings.retries:
-                    raise
-                await anyio.sleep(wait_after(first, 1))
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(self.settings.retries), wait=wait,
-                retry=retry_if_exception(lambda e: isinstance(e, ProviderFailure)),
-                reraise=True)
-            async for attempt in retrying:
-                with attempt:
-                    return await self._call_once(provider, fid, payload, len(angles), n_out)
-        except ProviderFailure as e:
-            self.count("provider_failures", provider=provider)
-            msg = e.message
-            if self.settings.retries:
-                msg += f" (after {self.settings.retries + 1} attempts)"
-            raise ServiceError(e.status, e.kind, msg, "provider",
-                               headers={"Retry-After": "1"} if e.status == 503 else None
-                               ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            except ProviderFailure as e:
+                failure = e
+            if attempt < attempts:  # a provider's Retry-After (capped), else 0.05 s, 0.1 s, ...
+                await anyio.sleep(min(failure.retry_after, self.settings.max_retry_after_s)
+                                  if failure.retry_after is not None
+                                  else min(0.05 * 2 ** (attempt - 1), 1.0))
+        self.count("provider_failures", provider=provider)
+        msg = failure.message
+        if self.settings.retries:
+            msg += f" (after {attempts} attempts)"
+        raise ServiceError(failure.status, failure.kind, msg, "provider",
+                           headers={"Retry-After": "1"} if failure.status == 503 else None)
 
     async def predict(self, spec: ModelSpec, raw: np.ndarray, shots: int | None,
                       seed: int | None) -> np.ndarray:
@@ -513,6 +493,8 @@ def create_app(settings: OrchestratorSettings | None = None,
             net = AsyncTransport(max_per_host=MAX_PER_PROVIDER)
         state.client = httpx.AsyncClient(
             timeout=httpx.Timeout(t, connect=min(CONNECT_TIMEOUT_S, t)),
+            # limits of httpx's own transport (HTTP_TRANSPORT=httpcore); qumos.http11
+            # caps each provider at MAX_PER_PROVIDER connections itself
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
                                 max_keepalive_connections=MAX_PER_PROVIDER),
             transport=net, mounts=mounts)

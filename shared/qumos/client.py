@@ -301,9 +301,9 @@ def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
 
 def make_client(timeout: float = 30.0, **kwargs) -> httpx.Client:  # noqa: F821
     """An `httpx.Client` on the lean HTTP/1.1 transport (`qumos.http11.SyncTransport`):
-    the same API, about 0.5 ms less CPU per call than httpx's default transport. Any
-    `httpx.Client` works with the functions here; this one is what the CLI, the demo and
-    the benchmarks use."""
+    the same API, ~0.4 ms less per exchange than httpx's default transport
+    (`bench/bench_http_floor.py`). Any `httpx.Client` works with the functions here; this
+    one is what the CLI, the demo and the benchmarks use."""
     import httpx
     from qumos.http11 import SyncTransport
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -243,7 +244,6 @@ def hot_route(app: FastAPI, method: str, path: str, **route_kwargs):
     """Decorator: `endpoint(request, **path_params) -> Response` served by `HotRoutes`
     (installed by `install_common`), and documented as a FastAPI route with
     `route_kwargs` (response_model, responses, ...). Path parameters match one segment."""
-    import re
 
     def register(endpoint):
         app.add_api_route(path, endpoint, methods=[method], **route_kwargs)
