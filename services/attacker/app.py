@@ -8,8 +8,15 @@ Endpoints:
     POST /v1/attacks          AttackRequest -> 202 {"id", "status", ...}
     GET  /v1/attacks          every job (without per-run details)
     GET  /v1/attacks/{id}     status, progress {strategy, seed, restart, epoch, done, total},
-                              results (qumos.attack.attack_provider: per strategy accuracy
-                              and fidelity; A_j, S, leak_j), error
+                              results (qumos.attack.run_attack's report: the references
+                              and S, per strategy accuracy and fidelity, A_j, leak_j,
+                              theft ratio, security), error
+
+A job names its attacker profile: `breach` (the mounted provider's fragment and access
+log), `breach+queries` (also `budget.queries` of its own images through the orchestrator's
+public API, their rows attributed in the mounted log by timing and content) or `queries`
+(no breach: the reference). `coalition` needs several breached providers; this service
+mounts one, so it refuses that profile (422) -- run coalitions with `qumos attack`.
     GET  /healthz, /readyz (503 while BREACHED_DIR is not a provider's data directory), /metrics
 
 The breached directory (BREACHED_DIR, read-only in docker) is only ever read, with
@@ -33,7 +40,13 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos.artifact import atomic_write
 from qumos.errors import QumosError
@@ -46,7 +59,7 @@ MAX_SEEDS = 10
 MAX_EPOCHS = 200
 MAX_RESTARTS = 10
 MAX_QUERIES = 5000
-STRATEGY_NAMES = ("scratch", "substitute", "finetune", "head_only", "query")
+SERVICE_PROFILES = ("breach", "breach+queries", "queries")
 
 
 class AttackerSettings(BaseSettings):
@@ -67,9 +80,11 @@ class AttackerSettings(BaseSettings):
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fraction: float = Field(0.05, gt=0, le=1, description="labelled fraction of the train set")
-    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="training epochs per restart")
-    restarts: int = Field(3, ge=1, le=MAX_RESTARTS, description="best of R restarts")
-    queries: int = Field(500, ge=0, le=MAX_QUERIES, description="public queries (query)")
+    epochs: int = Field(150, ge=1, le=MAX_EPOCHS, description="training steps per restart")
+    restarts: int = Field(3, ge=1, le=MAX_RESTARTS, description="restarts, learning rates "
+                          "cycled")
+    queries: int = Field(100, ge=1, le=MAX_QUERIES, description="own images sent through "
+                         "the public API (breach+queries, queries)")
 
 
 class AttackRequest(BaseModel):
@@ -79,8 +94,9 @@ class AttackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: str | None = Field(None, description="must be the breached (mounted) provider")
     model: str | None = Field(None, description="which model, if the provider hosts several")
-    strategies: list[str] = Field(default_factory=lambda: ["scratch", "substitute",
-                                                           "finetune", "head_only"])
+    profile: str = Field("breach", description="breach, breach+queries or queries")
+    strategies: list[str] = Field(default_factory=list, description="a subset of the "
+                                  "profile's strategies (default: all of them)")
     budget: BudgetIn = Field(default_factory=BudgetIn)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     know_architecture: bool = Field(True, description="Kerckhoffs: needs `design`")
@@ -91,15 +107,30 @@ class AttackRequest(BaseModel):
     victim_acc: float | None = Field(None, ge=0, le=1, description="if known; else measured "
                                      "through the orchestrator's public API when set")
 
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        if v == "coalition":
+            raise ValueError("coalition needs several breached providers and this attacker "
+                             f"mounts one; allowed here: {list(SERVICE_PROFILES)} (run "
+                             "coalitions with `qumos attack --profile coalition`)")
+        if v not in SERVICE_PROFILES:
+            raise ValueError(f"unknown profile {v!r}; allowed: {list(SERVICE_PROFILES)}")
+        return v
+
     @field_validator("strategies")
     @classmethod
-    def _strategies(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"give at least one strategy; allowed: {list(STRATEGY_NAMES)}")
+    def _strategies(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from qumos.attack.strategies import strategies_of
+
+        profile = info.data.get("profile")
+        if profile is None:
+            return v  # the profile itself is invalid (reported on its own)
+        allowed = strategies_of(profile)
         for i, s in enumerate(v):
-            if s not in STRATEGY_NAMES:
-                raise ValueError(f"strategies[{i}] is {s!r}, an unknown strategy; allowed: "
-                                 f"{list(STRATEGY_NAMES)}")
+            if s not in allowed:
+                raise ValueError(f"strategies[{i}] is {s!r}, not a strategy of profile "
+                                 f"{profile}; allowed: {list(allowed)}")
         return list(dict.fromkeys(v))
 
     @field_validator("seeds")
@@ -187,58 +218,82 @@ class AttackerState:
                 self.save(job)
 
     # ----- running a job (worker thread) ---------------------------------------------------
-    def victim_predict(self, model: str):
-        import httpx
-        import numpy as np
-        from qumos.client import predict
-
-        url, batch = self.settings.orchestrator_url, self.settings.predict_batch
-
-        def vp(raw):
-            raw = np.asarray(raw)
-            out = []
-            with httpx.Client(timeout=60.0) as client:
-                for i in range(0, len(raw), batch):
-                    out.append(np.asarray(predict(client, url, model, raw[i:i + batch])
-                                          .probabilities))
-            return np.concatenate(out) if out else np.zeros((0, 0))
-        return vp
-
     def run(self, job: Job) -> None:
         import torch
-        from qumos.attack import AttackBudget, attack_provider, breach
-        from qumos.spec import build_spec
 
         torch.set_num_threads(1)
         self.update(job, status="running", started=time.time())
         try:
             req = AttackRequest.model_validate(job.request)
-            holdings = breach(self.settings.breached_dir)
-            stolen = holdings.fragment(req.model)
-            budget = AttackBudget(fraction=req.budget.fraction, epochs=req.budget.epochs,
-                                  restarts=req.budget.restarts, queries=req.budget.queries,
-                                  know_architecture=req.know_architecture)
-            arch = build_spec(req.design) if req.design is not None else None
-            data = _task_data(req.dataset, req.task, req.split_seed,
-                              str(self.settings.dataset_dir))
-            vp = self.victim_predict(stolen.model) if self.settings.orchestrator_url else None
-            res = attack_provider(
-                holdings, arch, data, budget, req.seeds, strategies=req.strategies,
-                victim_predict=vp, victim_acc=req.victim_acc, model=stolen.model,
-                # merged, not replaced: a "run done" report keeps the last strategy / seed /
-                # epoch shown, so a poller always sees where the job got to
-                progress=lambda info: self.update(job, force=False, progress={
-                    **job.progress, **{k: v for k, v in info.items() if k in (
+            res = run_job(self.settings, req, progress=lambda info: self.update(
+                # merged, not replaced: a poller always sees where the job got to
+                job, force=False, progress={**job.progress, **{
+                    k: v for k, v in info.items() if k in (
                         "strategy", "seed", "restart", "epoch", "epochs", "done", "total",
-                        "provider")}}))
+                        "provider", "phase", "note")}}))
             self.update(job, status="succeeded", results=res, finished=time.time(),
-                        progress={**job.progress, "done": res["runs"].__len__(),
-                                  "total": res["runs"].__len__()})
+                        progress={**job.progress, "done": len(req.seeds),
+                                  "total": len(req.seeds)})
         except Exception as e:
             if not isinstance(e, QumosError):
                 log.exception("attack job %s failed", job.id)
             self.update(job, status="failed", error=f"{type(e).__name__}: {e}",
                         finished=time.time())
+
+
+def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> dict:
+    """One job with the one attack driver: the mounted provider's holdings, the public
+    API through HttpOracle (rows attributed in the mounted log), the harness's victim
+    answers on the test split through the same API (or `victim_acc` as given)."""
+    import numpy as np
+    from qumos.attack import AttackConfig, Victim, breach, report_table, run_attack
+    from qumos.attack.context import strip
+    from qumos.attack.live import HttpOracle
+    from qumos.spec import build_spec
+
+    holdings = breach(settings.breached_dir)
+    stolen = holdings.fragment(req.model)
+    data = _task_data(req.dataset, req.task, req.split_seed, str(settings.dataset_dir))
+    cfg = AttackConfig(profile=req.profile, fraction=req.budget.fraction,
+                       epochs=req.budget.epochs, restarts=req.budget.restarts,
+                       queries=req.budget.queries, know_architecture=req.know_architecture,
+                       strategies=tuple(req.strategies))
+    oracle = labels = None
+    acc = req.victim_acc
+    if settings.orchestrator_url:
+        oracle = HttpOracle(settings.orchestrator_url, stolen.model,
+                            {stolen.index: settings.breached_dir},
+                            per_request=1)
+        labels = _victim_labels(settings, stolen.model, data.test.raw)
+        if acc is None:
+            acc = float((labels == data.test.y).mean())
+    if acc is None:
+        raise QumosError("victim_acc: unknown; give it in the request or set "
+                         "QUMOS_ATTACKER_ORCHESTRATOR_URL so the attacker can measure it")
+    arch = strip(build_spec(req.design)) if req.design is not None else None
+    n = max(stolen.index + 1, len(req.design.fragments) if req.design else 0)
+    providers = [stolen.provider if k == stolen.index else f"fragment-{k}" for k in range(n)]
+    victim = Victim(model=stolen.model, providers=providers, acc=acc,
+                    test_labels=labels if labels is not None else
+                    np.full(len(data.test.y), -1), arch=arch, oracle=oracle)
+    rep = run_attack(cfg, data, victim, [holdings], req.seeds, progress=progress)
+    d = rep.to_dict()
+    d["table"] = report_table(d)
+    d["provider"], d["index"] = holdings.provider, stolen.index
+    return d
+
+
+def _victim_labels(settings: AttackerSettings, model: str, raw) -> np.ndarray:
+    import httpx
+    import numpy as np
+    from qumos.client import predict
+
+    out = []
+    with httpx.Client(timeout=60.0) as client:
+        for i in range(0, len(raw), settings.predict_batch):
+            out.append(np.asarray(predict(client, settings.orchestrator_url, model,
+                                          raw[i:i + settings.predict_batch]).predictions))
+    return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
 def _summary(job: Job) -> dict:
@@ -327,7 +382,7 @@ def create_app(settings: AttackerSettings | None = None) -> FastAPI:
 
 def _check_request(state: AttackerState, req: AttackRequest) -> None:
     """Checks that need the breached holdings (run in a thread): 422 naming the field."""
-    from qumos.attack import AttackBudget, attacker_arch, breach
+    from qumos.attack import breach
     from qumos.datasets import DATASETS
     from qumos.spec import TASK_CLASSES, build_spec
 
@@ -338,10 +393,12 @@ def _check_request(state: AttackerState, req: AttackRequest) -> None:
         bad("dataset", f"unknown {req.dataset!r}; allowed: {list(DATASETS)}")
     if req.task not in TASK_CLASSES:
         bad("task", f"{req.task} is not a task; allowed: {sorted(TASK_CLASSES)}")
-    if "query" in req.strategies and not state.settings.orchestrator_url:
-        bad("strategies", "query needs the orchestrator's public API, and this attacker has "
-            "no QUMOS_ATTACKER_ORCHESTRATOR_URL; allowed here: scratch, substitute, "
-            "finetune, head_only")
+    if req.profile != "breach" and not state.settings.orchestrator_url:
+        bad("profile", f"{req.profile} needs the orchestrator's public API, and this "
+            "attacker has no QUMOS_ATTACKER_ORCHESTRATOR_URL; allowed here: breach")
+    if req.victim_acc is None and not state.settings.orchestrator_url:
+        bad("victim_acc", "unknown: give it (this attacker has no orchestrator URL to "
+            "measure it)")
     try:
         holdings = breach(state.settings.breached_dir)
     except QumosError as e:
@@ -350,6 +407,15 @@ def _check_request(state: AttackerState, req: AttackRequest) -> None:
         stolen = holdings.fragment(req.model)
     except QumosError as e:
         bad("model", str(e).removeprefix("model: "))
+    if req.profile != "breach":
+        from qumos.attack import attacker_data
+
+        data = _task_data(req.dataset, req.task, req.split_seed,
+                          str(state.settings.dataset_dir))
+        pool = len(attacker_data(data, req.budget.fraction, req.seeds[0]).pool)
+        if req.budget.queries > pool:
+            bad("budget.queries", f"{req.budget.queries} is more than the {pool} unlabelled "
+                f"images of the {req.dataset}-{req.task} training split")
     if req.know_architecture and req.design is None:
         bad("design", "the Kerckhoffs attacker (know_architecture true) needs the victim's "
             "design; send it or set know_architecture false")
@@ -359,7 +425,15 @@ def _check_request(state: AttackerState, req: AttackRequest) -> None:
                 f"is {req.dataset}-{req.task}")
         try:
             arch = build_spec(req.design)
-            attacker_arch(stolen, arch, AttackBudget(know_architecture=req.know_architecture),
-                          req.dataset, req.task)
         except QumosError as e:
             bad("design", str(e).removeprefix("design: "))
+        j = stolen.index
+        if j >= arch.n_fragments:
+            bad("design", f"has {arch.n_fragments} fragments; the stolen fragment is at "
+                f"position {j}")
+        f, want = stolen.fragment, arch.fragments[j]
+        if (f.n_qubits, f.block, f.depth, f.entanglement) != (
+                want.n_qubits, want.block, want.depth, want.entanglement):
+            bad("design", f"fragments[{j}] is {want.block}:{want.depth} on {want.n_qubits} "
+                f"qubits ({want.entanglement}); the stolen fragment is {f.block}:{f.depth} "
+                f"on {f.n_qubits} ({f.entanglement})")

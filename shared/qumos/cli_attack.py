@@ -1,13 +1,21 @@
-"""`qumos attack`: breach one provider's data directory (or, in process, every provider of
-an artifact) and measure what the attacker rebuilds. See qumos.attack for the metrics."""
+"""`qumos attack`: run an attacker profile and print what it rebuilds (qumos.attack).
+
+Three ways to meet the victim:
+- `--artifact A` alone: everything in process. Every provider's holdings are computed
+  for simulated users' traffic, the public API is the model in process.
+- `--provider-dir D` (repeatable): the real data directories of breached providers (their
+  fragments and access logs); `--artifact` gives the design (Kerckhoffs) and scores.
+- `--orchestrator URL`: the query profiles send their queries to the live public API; the
+  insider attributes its rows in the `--provider-dir` logs (timing and content).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-from qumos.cli import app, console, emit, fail, progress_bar
-from qumos.errors import QumosError
+from qumos.cli import app, emit, fail, progress_bar
+from qumos.errors import AttackError, QumosError
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -18,131 +26,128 @@ def parse_seeds(text: str) -> list[int]:
                          "such as 0,1,2") from None
     if not seeds:
         raise QumosError("--seeds: give at least one seed, e.g. 0,1,2")
+    if any(s < 0 or s > 2**31 - 1 for s in seeds):
+        raise QumosError(f"--seeds: {seeds} has a seed outside 0 to 2147483647")
     return seeds
 
 
-def parse_strategies(text: str, default: tuple[str, ...]) -> list[str]:
-    from qumos.attack import STRATEGIES
+_FLAGS = {"profile", "queries", "coalition", "fraction", "epochs", "restarts", "traffic",
+          "strategies", "seeds"}
 
-    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(default)
+
+def _as_flag(e: QumosError) -> QumosError:
+    """`field: message` from the library -> `--flag: message` where the field is a flag."""
+    field, _, rest = str(e).partition(": ")
+    if field in _FLAGS:
+        return QumosError(f"--{field}: {rest}")
+    return QumosError(str(e))
+
+
+def parse_names(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip()) if text else ()
     for n in names:
-        if n not in STRATEGIES:
-            raise QumosError(f"--strategies: unknown strategy {n!r}; allowed: {list(STRATEGIES)}")
+        if n not in allowed:
+            raise QumosError(f"{flag}: unknown {n!r}; allowed: {', '.join(allowed)}")
     return names
-
-
-def provider_table(res: dict) -> str:
-    """A markdown table of one breached provider's results (`attack_provider`)."""
-    def f(v) -> str:
-        return "-" if v is None else f"{v:.3f}"
-    lines = [f"breached {res['provider']} (fragment {res['index']} of {res['model']}); "
-             f"victim accuracy {f(res['victim_acc'])}; seeds {res['seeds']}", "",
-             "| strategy | test accuracy | fidelity | own-data accuracy | seconds |",
-             "|---|---|---|---|---|"]
-    for name, s in res["by_strategy"].items():
-        lines.append(f"| {name} | {f(s['acc_mean'])} ± {f(s['acc_std'])} | "
-                     f"{f(s['fidelity_mean'])} | {f(s['own_acc_mean'])} | {s['seconds']:.1f} |")
-    leak = res.get("leak")
-    lines += ["", f"A_j = {f(res['A'][0])} ± {f(res['A'][1])} (best white-box: "
-              f"{res.get('best_strategy') or '-'}); S = {f(res['S'][0])} ± {f(res['S'][1])}; "
-              f"leak_j = " + (f"{f(leak[0])} ± {f(leak[1])}" if leak else
-                              "unknown (no victim accuracy: give --artifact)")]
-    return "\n".join(lines)
 
 
 @app.command()
 def attack(
-    provider_dir: Path | None = typer.Option(
-        None, "--provider-dir", help="the breached provider's data directory"),
-    artifact: Path | None = typer.Option(
-        None, help="the victim's artifact: its design (Kerckhoffs) and accuracy/fidelity"),
-    all_providers: bool = typer.Option(
-        False, "--all-providers", help="in process: breach every provider of --artifact"),
-    strategies: str = typer.Option(
-        "", help="comma-separated; default scratch,substitute,finetune,head_only"),
-    fraction: float = typer.Option(0.05, help="labelled fraction of the training set, (0, 1]"),
-    epochs: int = typer.Option(30, help="attacker training epochs per restart"),
-    restarts: int = typer.Option(3, help="best of R restarts, chosen on the attacker's data"),
-    queries: int = typer.Option(500, help="public API queries for the query strategy"),
+    profile: str = typer.Option("breach", help="breach, breach+queries, queries or coalition"),
+    queries: int = typer.Option(100, help="own images sent through the public API "
+                                "(breach+queries, queries)"),
+    coalition: str = typer.Option("", help="providers breached together (profile "
+                                  "coalition), e.g. provider-a,provider-c"),
+    artifact: Path | None = typer.Option(None, help="the victim's artifact: its design "
+                                         "(Kerckhoffs) and the scoring"),
+    provider_dir: list[Path] = typer.Option([], "--provider-dir", help="a breached "
+                                            "provider's data directory (repeatable)"),
+    orchestrator: str | None = typer.Option(None, help="the public API's URL, for the "
+                                            "query profiles against live services"),
+    api_key: str | None = typer.Option(None, envvar="QUMOS_API_KEY", help="client key for "
+                                       "the public API"),
+    strategies: str = typer.Option("", help="comma-separated subset of the profile's "
+                                   "strategies (default: all)"),
+    fraction: float = typer.Option(0.05, help="labelled fraction of the training split"),
+    epochs: int = typer.Option(150, help="training steps per restart"),
+    restarts: int = typer.Option(3, help="restarts per strategy, learning rates cycled"),
+    traffic: int = typer.Option(200, help="in process: users' images in each log"),
     seeds: str = typer.Option("0,1,2", help="comma-separated attack seeds"),
-    guess_architecture: bool = typer.Option(
-        False, "--guess-architecture", help="the attacker does not know the design"),
-    dataset: str = typer.Option("digits", help="the task's dataset (the attacker's knowledge)"),
-    task: int = typer.Option(4, help="the task (2 or 4)"),
-    split_seed: int = typer.Option(0, help="split seed of the task (the victim's)"),
-    workers: int = typer.Option(1, min=1, help="--all-providers: worker processes"),
-    data_dir: Path = typer.Option(Path("data")),
+    guess_architecture: bool = typer.Option(False, "--guess-architecture",
+                                            help="the attacker does not know the design"),
+    dataset: str = typer.Option("digits", help="the task's dataset (without --artifact)"),
+    task: int = typer.Option(4, help="the task, 2 or 4 (without --artifact)"),
+    split_seed: int = typer.Option(0, help="the victim's split seed (without --artifact)"),
+    data_dir: Path = typer.Option(Path("data"), help="where full MNIST files live"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Breach one provider (--provider-dir) or every provider (--artifact --all-providers),
-    rebuild the model with the attack strategies and print accuracy, leak and security."""
+    """Run an attacker profile against a victim and print A_j, S, leak and security."""
     import torch
-    from qumos.attack import (
-        WHITE_BOX,
-        AttackBudget,
-        attack_provider,
-        breach,
-        evaluate_security,
-        security_report_table,
-        victim_predictor,
-    )
-    from qumos.datasets import load_task
+    from qumos.attack import PROFILES, AttackConfig, report_table, strategies_of, summary_json
 
     torch.set_num_threads(1)
     try:
-        budget = AttackBudget(fraction=fraction, epochs=epochs, restarts=restarts,
-                              queries=queries, know_architecture=not guess_architecture)
-        budget.validate()
+        if profile not in PROFILES:
+            raise QumosError(f"--profile: unknown {profile!r}; allowed: {', '.join(PROFILES)}")
+        cfg = AttackConfig(
+            profile=profile, queries=queries, fraction=fraction, epochs=epochs,
+            restarts=restarts, traffic=traffic, know_architecture=not guess_architecture,
+            coalition=parse_names(coalition, "--coalition", tuple(
+                f"provider-{chr(97 + k)}" for k in range(26))),
+            strategies=parse_names(strategies, "--strategies", strategies_of(profile)))
         seed_list = parse_seeds(seeds)
-        art = None
-        if artifact is not None:
-            from qumos.artifact import load_artifact
-
-            art = load_artifact(artifact)
-            dataset, task = art.spec.dataset, art.spec.task
-            split_seed = int(art.training.get("seed", split_seed))
-        if all_providers:
-            if art is None:
-                raise QumosError("--all-providers needs --artifact (the victim model)")
-            names = parse_strategies(strategies, WHITE_BOX)
-            data = load_task(dataset, task, seed=split_seed, data_dir=data_dir)
-            with progress_bar() as bar:
-                tid = bar.add_task("attack", total=None, info="")
-
-                def prog(i: dict) -> None:
-                    bar.update(tid, total=i.get("total"), completed=i.get("done", 0),
-                               info=f"{i.get('strategy')} {i.get('provider') or ''} seed "
-                                    f"{i.get('seed')} epoch {i.get('epoch', '-')}")
-                rep = evaluate_security(art.spec, data, budget, seed_list, strategies=names,
-                                        progress=prog, workers=workers)
-            d = rep.to_dict()
-            emit(d, as_json, security_report_table(d) + f"\n({rep.seconds:.0f} s)")
-            return
-        if provider_dir is None:
-            raise QumosError("--provider-dir: give the breached provider's data directory "
-                             "(or --artifact with --all-providers)")
-        holdings = breach(provider_dir)
-        names = parse_strategies(strategies, ("scratch",) + WHITE_BOX)
-        model = art.spec.name if art else None
-        if art is None and budget.know_architecture:
-            raise QumosError("--artifact: the Kerckhoffs attacker needs the victim's design; "
-                             "give --artifact or --guess-architecture")
-        data = load_task(dataset, task, seed=split_seed, data_dir=data_dir)
-        vp = victim_predictor(art.spec) if art is not None else None
-        if "query" in names and vp is None:
-            raise QumosError("--strategies: query needs the victim's answers; give --artifact")
-        with progress_bar() as bar:
-            tid = bar.add_task(f"attack {holdings.provider}", total=None, info="")
-
-            def prog1(i: dict) -> None:
-                bar.update(tid, total=i.get("total"), completed=i.get("done", 0),
-                           info=f"{i.get('strategy')} seed {i.get('seed')} "
-                                f"epoch {i.get('epoch', '-')}")
-            res = attack_provider(holdings, art.spec if art else None, data, budget, seed_list,
-                                  strategies=names, victim_predict=vp, model=model,
-                                  progress=prog1)
+        try:
+            cfg.validate()
+            report = _run(cfg, artifact, provider_dir, orchestrator, api_key, seed_list,
+                          dataset, task, split_seed, data_dir)
+        except AttackError as e:
+            raise _as_flag(e) from None
     except QumosError as e:
         fail(e)
         return
-    emit(res, as_json, provider_table(res) + f"\n({res['seconds']:.0f} s)")
-    console.print(f"access log entries seen: {len(holdings.access_log)}")
+    d = report.to_dict()
+    emit(summary_json(d), as_json, report_table(d) + f"\n({report.seconds:.0f} s)")
+
+
+def _run(cfg, artifact, provider_dirs, orchestrator, api_key, seeds, dataset, task,
+         split_seed, data_dir):
+    from qumos.attack import Victim, breach, evaluate_in_process, run_attack
+    from qumos.datasets import load_task
+
+    art = None
+    if artifact is not None:
+        from qumos.artifact import load_artifact
+
+        art = load_artifact(artifact)
+        dataset, task = art.spec.dataset, art.spec.task
+        split_seed = int(art.training.get("seed", split_seed))
+    if art is None:
+        raise QumosError("--artifact: give the victim's artifact (its design for the "
+                         "Kerckhoffs attacker, and its accuracy to score the theft)")
+    data = load_task(dataset, task, seed=split_seed, data_dir=data_dir)
+    cfg.validate(art.spec.n_fragments, list(art.spec.placement))
+    with progress_bar() as bar:
+        tid = bar.add_task(f"attack {cfg.profile}", total=len(seeds), info="")
+
+        def prog(i: dict) -> None:
+            bar.update(tid, completed=i.get("done", 0),
+                       info=f"seed {i.get('seed')} {i.get('provider') or ''} "
+                            f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}")
+        if not provider_dirs:
+            if orchestrator:
+                raise QumosError("--orchestrator: live queries need the breached provider's "
+                                 "log to attribute them; give --provider-dir")
+            return evaluate_in_process(art.spec, data, cfg, seeds, progress=prog)
+        holdings = [breach(p) for p in provider_dirs]
+        victim = Victim.in_process(art.spec, data, cfg.know_architecture)
+        if orchestrator:
+            from qumos.attack.live import HttpOracle
+
+            index = {h.provider: h.fragment(art.spec.name).index for h in holdings}
+            victim.oracle = HttpOracle(orchestrator, art.spec.name, {
+                index[h.provider]: p for h, p in zip(holdings, provider_dirs)}, api_key)
+        report = run_attack(cfg, data, victim, holdings, seeds, progress=prog)
+    from qumos.spec import design_of
+
+    report.design = design_of(art.spec).short()
+    return report

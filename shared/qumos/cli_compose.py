@@ -146,9 +146,14 @@ def compose_demo(
                                        "if there is none"),
     epochs: int = typer.Option(30, min=1, envvar="QUMOS_DEMO_EPOCHS",
                                help="training epochs if a model must be trained"),
-    attack_epochs: int = typer.Option(15, min=1, envvar="QUMOS_DEMO_ATTACK_EPOCHS"),
+    attack_epochs: int = typer.Option(150, min=1, envvar="QUMOS_DEMO_ATTACK_EPOCHS",
+                                      help="attacker training steps per restart"),
     attack_seeds: str = typer.Option("0", envvar="QUMOS_DEMO_ATTACK_SEEDS"),
-    attack_restarts: int = typer.Option(1, min=1, envvar="QUMOS_DEMO_ATTACK_RESTARTS"),
+    attack_restarts: int = typer.Option(3, min=1, envvar="QUMOS_DEMO_ATTACK_RESTARTS"),
+    attack_profiles: str = typer.Option("breach,breach+queries",
+                                        envvar="QUMOS_DEMO_ATTACK_PROFILES",
+                                        help="attacker profiles run in turn"),
+    attack_queries: int = typer.Option(100, min=1, envvar="QUMOS_DEMO_ATTACK_QUERIES"),
     limit: int = typer.Option(200, min=1, help="test samples predicted through the services"),
     ready_timeout: float = typer.Option(300.0, min=1.0),
     attack_timeout: float = typer.Option(900.0, min=1.0),
@@ -159,7 +164,7 @@ def compose_demo(
     import httpx
     import numpy as np
 
-    from qumos.cli_attack import provider_table
+    from qumos.attack import report_table
     from qumos.client import ServiceError, deploy_artifact, predict
     from qumos.datasets import load_task
     from qumos.model import DistributedQNN, predict_proba
@@ -203,23 +208,31 @@ def compose_demo(
             raise QumosError(f"the services' probabilities differ from the in-process model's "
                              f"by {max_diff:.2e} > {TOLERANCE}")
 
-        body = {"strategies": ["scratch", "substitute", "finetune", "head_only"],
-                "budget": {"fraction": 0.05, "epochs": attack_epochs,
-                           "restarts": attack_restarts},
-                "seeds": seeds, "design": art.training.get("design"),
-                "dataset": spec.dataset, "task": spec.task, "split_seed": seed,
-                "victim_acc": art.metrics.get("test_acc"), "model": spec.name}
-        job = run_attack(attacker_url.rstrip("/"), body, attack_timeout)
+        jobs = {}
+        for profile in [p.strip() for p in attack_profiles.split(",") if p.strip()]:
+            body = {"profile": profile,
+                    "budget": {"fraction": 0.05, "epochs": attack_epochs,
+                               "restarts": attack_restarts, "queries": attack_queries},
+                    "seeds": seeds, "design": art.training.get("design"),
+                    "dataset": spec.dataset, "task": spec.task, "split_seed": seed,
+                    "model": spec.name}
+            console.print(f"attack job: profile {profile}")
+            jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout)
     except (QumosError, ServiceError, ValueError) as e:
         fail(e)
-    res = job["results"]
+    first = next(iter(jobs.values()))["results"] if jobs else {}
     result = {"model": spec.name, "trained": trained, "ready_seconds": ready,
               "deployed": deployed, "n_predicted": len(y), "accuracy_service": acc_remote,
               "accuracy_local": acc_local, "max_abs_diff": max_diff,
-              "predict_seconds": predict_s, "attack_job": job["id"], "attack": res,
+              "predict_seconds": predict_s,
+              "attacks": {p: {"job": j["id"], **j["results"]} for p, j in jobs.items()},
               "seconds": time.perf_counter() - t0}
-    emit(result, as_json, "\n" + provider_table(res) + f"\n\ndemo done in "
-         f"{result['seconds']:.0f}s")
+    emit(result, as_json, "".join(
+        f"\n\nbreached {j['results'].get('provider')}, profile {p}:\n"
+        + report_table(j["results"]) for p, j in jobs.items())
+        + f"\n\ndemo done in {result['seconds']:.0f}s")
     if not as_json:
-        print(json.dumps({"demo": "ok", "breached": res.get("provider"),
-                          "leak": res.get("leak"), "max_abs_diff": max_diff}))
+        print(json.dumps({"demo": "ok", "breached": first.get("provider"),
+                          "security": {p: j["results"].get("security")
+                                       for p, j in jobs.items()},
+                          "max_abs_diff": max_diff}))

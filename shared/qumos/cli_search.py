@@ -24,16 +24,19 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts, attack_fraction,
                  data_dir):
-    from qumos.attack import AttackBudget
-    from qumos.search.evaluator import EvalConfig
+    from qumos.search.evaluator import EvalConfig, attack_config
 
     if victim_epochs < 1:
         raise QumosError(f"--victim-epochs: {victim_epochs}; allowed: 1 or more")
-    AttackBudget(fraction=attack_fraction, epochs=attack_epochs,
-                 restarts=attack_restarts).validate()
-    return EvalConfig(seeds=_seeds(seeds), victim_epochs=victim_epochs,
-                      attack_epochs=attack_epochs, attack_restarts=attack_restarts,
-                      attack_fraction=attack_fraction, data_dir=str(data_dir))
+    cfg = EvalConfig(seeds=_seeds(seeds), victim_epochs=victim_epochs,
+                     attack_epochs=attack_epochs, attack_restarts=attack_restarts,
+                     attack_fraction=attack_fraction, data_dir=str(data_dir))
+    try:
+        attack_config(cfg)
+    except QumosError as e:
+        field, _, rest = str(e).partition(": ")
+        raise QumosError(f"--attack-{field.replace('_', '-')}: {rest}") from None
+    return cfg
 
 
 def _fragments(text: str) -> int | None:
@@ -48,8 +51,10 @@ def _fragments(text: str) -> int | None:
 # Shared option definitions.
 SEEDS = typer.Option("0", help="evaluation seeds, comma-separated (split, victim, attacker)")
 VICTIM_EPOCHS = typer.Option(10, help="victim training epochs per evaluation")
-ATTACK_EPOCHS = typer.Option(10, help="attacker epochs per strategy and restart")
-ATTACK_RESTARTS = typer.Option(2, help="attacker restarts per strategy (best kept)")
+ATTACK_EPOCHS = typer.Option(150, help="attacker training steps per strategy and restart "
+                             "(the converged default)")
+ATTACK_RESTARTS = typer.Option(3, help="attacker restarts per strategy (learning rates "
+                               "cycled; best on its own data kept)")
 ATTACK_FRACTION = typer.Option(0.05, help="attacker's share of the labelled training data")
 WORKERS = typer.Option(1, help="parallel evaluations (local process pool)")
 ROLLOUT = typer.Option(8, help="PPO: designs per policy update")

@@ -56,61 +56,57 @@ def ensure_default_artifact(path: Path, epochs: int = 30, seed: int = 0):
 
 
 def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
-                        epochs: int = 30, restarts: int = 3) -> dict:
-    """Breach each provider of the running `stack` in turn and measure the theft.
+                        epochs: int | None = None, restarts: int | None = None,
+                        queries: int = 100,
+                        profiles: tuple[str, ...] = ("breach", "breach+queries")) -> dict:
+    """Breach each provider of the running `stack` in turn, once per profile, with the one
+    attack driver (`qumos.attack.run_attack`).
 
-    For provider j the attacker reads that provider's data directory and nothing else
-    (`qumos.attack.breach`), knows the design (Kerckhoffs), holds 5% of the labelled
-    training data, and labels the test set's victim answers through the orchestrator's
-    public predict API (for fidelity). Returns the SecurityReport as a dict, with the
-    markdown table under "table"."""
-    from types import SimpleNamespace
-
-    from qumos.attack import (
-        WHITE_BOX,
-        AttackBudget,
-        SecurityReport,
-        attack_provider,
-        breach,
-        security_report_table,
-        summarize,
-    )
+    The attacker reads that provider's data directory and nothing else (its fragment and
+    the real `access.jsonl`), knows the design (Kerckhoffs) and holds 5% of the labelled
+    training split; under `breach+queries` it also sends `queries` of its own images
+    through the orchestrator's public API, one per request, and attributes their rows in
+    the breached provider's log by timing and content (`qumos.attack.live`). The harness
+    scores thefts against the victim's answers on the test split, taken through the same
+    public API. Returns {profile: report dict with its markdown table under "table"}."""
+    from qumos.attack import AttackConfig, Victim, breach, report_table, run_attack
+    from qumos.attack.context import strip
+    from qumos.attack.live import HttpOracle
     from qumos.client import make_client, predict
     from qumos.datasets import load_task
     from qumos.spec import design_of
 
     spec = artifact.spec
     data = load_task(spec.dataset, spec.task, seed=int(artifact.training.get("seed", 0)))
-    budget = AttackBudget(epochs=epochs, restarts=restarts)
-    t0 = time.perf_counter()
-    with make_client(timeout=120) as client:
-        def victim_predict(raw: np.ndarray) -> np.ndarray:  # the public API, as any client
-            out = [predict(client, stack.orchestrator_url, spec.name, raw[i:i + 64]).predictions
-                   for i in range(0, len(raw), 64)]
-            return np.concatenate(out)
-
-        victim_labels = victim_predict(data.test.raw)
-        victim_acc = float((victim_labels == data.test.y).mean())
-        runs = []
+    with make_client(timeout=120) as client:  # the harness: the victim's test answers
+        labels = np.concatenate([
+            predict(client, stack.orchestrator_url, spec.name, data.test.raw[i:i + 64])
+            .predictions for i in range(0, len(data.test.raw), 64)])
+    dirs = {j: stack.data_dir(p) for j, p in enumerate(spec.placement)}
+    out = {}
+    for profile in profiles:
+        cfg = AttackConfig(profile=profile, queries=queries)
+        if epochs is not None:
+            cfg.epochs = epochs
+        if restarts is not None:
+            cfg.restarts = restarts
+        victim = Victim(model=spec.name, providers=list(spec.placement),
+                        acc=float((labels == data.test.y).mean()), test_labels=labels,
+                        arch=strip(spec), oracle=HttpOracle(stack.orchestrator_url,
+                                                            spec.name, dirs))
+        holdings = [breach(dirs[j]) for j in range(spec.n_fragments)]
         with progress_bar() as bar:
-            tid = bar.add_task("attack", total=len(spec.placement), info="")
-            for j, provider in enumerate(spec.placement):
-                bar.update(tid, info=f"breaching {provider}")
-                holdings = breach(stack.data_dir(provider))
-                res = attack_provider(holdings, spec, data, budget, list(seeds),
-                                      victim_predict=lambda raw: victim_labels
-                                      if raw is data.test.raw else victim_predict(raw),
-                                      victim_acc=victim_acc, model=spec.name)
-                runs += [SimpleNamespace(**r) for r in res["runs"]]
-                bar.update(tid, completed=j + 1)
-    strategies = ["scratch", *WHITE_BOX]
-    summ = summarize(runs, victim_acc, list(seeds), strategies,
-                     [(p, j) for j, p in enumerate(spec.placement)])
-    report = SecurityReport(victim_acc=victim_acc, seconds=time.perf_counter() - t0,
-                            seeds=list(seeds), budget=budget.__dict__, strategies=strategies,
-                            model=spec.name, design=design_of(spec).short(), **summ)
-    out = report.to_dict()
-    out["table"] = security_report_table(out)
+            tid = bar.add_task(f"attack ({profile})", total=len(seeds), info="")
+
+            def prog(i: dict) -> None:
+                bar.update(tid, completed=i.get("done", 0),
+                           info=f"seed {i.get('seed')} {i.get('provider') or ''} "
+                                f"{i.get('strategy') or ''}")
+            rep = run_attack(cfg, data, victim, holdings, list(seeds), progress=prog)
+        rep.design = design_of(spec).short()
+        d = rep.to_dict()
+        d["table"] = report_table(d)
+        out[profile] = d
     return out
 
 
@@ -245,7 +241,11 @@ def demo(
     batch: int = typer.Option(32, min=1, max=1024, help="images per predict call"),
     attack: bool = typer.Option(True, help="breach each provider in turn and report"),
     attack_seeds: str = typer.Option("0,1", help="attacker seeds, comma-separated"),
-    attack_epochs: int = typer.Option(30, min=1, max=500, help="attacker epochs per restart"),
+    attack_epochs: int | None = typer.Option(None, min=1, max=2000, help="attacker "
+                                             "training steps per restart (default: the "
+                                             "converged budget)"),
+    attack_queries: int = typer.Option(100, min=1, max=5000, help="breach+queries: the "
+                                       "attacker's own queries"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train or reuse the default model, start the services, predict the test set over
@@ -271,7 +271,8 @@ def demo(
                 raise QumosError(f"--attack-seeds: {attack_seeds!r} is not a comma-separated "
                                  "list of integers") from None
             result["security"] = run_security_report(stack, art, seeds=seeds,
-                                                     epochs=attack_epochs)
+                                                     epochs=attack_epochs,
+                                                     queries=attack_queries)
     except KeyboardInterrupt:
         stack.stop()
         console.print("interrupted; services stopped")
@@ -293,7 +294,7 @@ def demo(
          f"  latency per batch of {batch}   p50 {result['latency_ms_p50']:.1f} ms, "
          f"p99 {result['latency_ms_p99']:.1f} ms\n"
          f"  services stopped; demo took {result['seconds']:.0f}s"
-         + (f"\n\nSecurity report (each provider breached in turn):\n"
-            f"{result['security']['table']}" if "security" in result else ""))
+         + "".join(f"\n\nSecurity report, profile {p} (each provider breached in turn):\n"
+                   f"{r['table']}" for p, r in result.get("security", {}).items()))
     if not ok:
         raise typer.Exit(1)

@@ -450,6 +450,28 @@ def design_from_flags(
     ))
 
 
+def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Design:
+    """The inverse of `Design.short()` for 4-qubit ring designs: `block:depth[R]-...`
+    optionally followed by `|glue|head`, e.g. `rzz_ry:4-u3cu3:2R-rxyz_cnot:5R|tanh|readout`
+    (R: the glue into that fragment re-uploads the features)."""
+    body, *rest = text.strip().split("|")
+    if len(rest) not in (0, 2):
+        raise DesignError(f"design: {text!r}; expected block:depth-... or "
+                          "block:depth-...|glue|head")
+    glue, head = rest if rest else ("tanh", "readout")
+    frags = []
+    for i, part in enumerate(body.split("-")):
+        block, sep, depth = part.partition(":")
+        reupload = depth.endswith("R")
+        depth = depth.removesuffix("R")
+        if not sep or not depth.isdigit():
+            raise DesignError(f"design: fragment {i} is {part!r}; expected block:depth such "
+                              "as u3cu3:2 (or u3cu3:2R to re-upload the features)")
+        frags.append(dict(block=block, depth=int(depth), reupload=reupload))
+    return validate_design(dict(dataset=dataset, task=task, fragments=frags, glue=glue,
+                                head=head))
+
+
 def validate_design(data: dict) -> Design:
     """Build a Design, turning pydantic errors into a DesignError naming the field."""
     from pydantic import ValidationError

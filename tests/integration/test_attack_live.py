@@ -1,14 +1,18 @@
-"""The attacker as a live uvicorn process next to live providers and the orchestrator:
-it reads only provider-b's directory, queries the public API, and its job's results
-equal the library's."""
+"""The attacker against live services (uvicorn processes on loopback): the insider's
+queries go through the real public API and its rows come from the real access.jsonl;
+the attacker service runs a `breach+queries` job."""
 
 from __future__ import annotations
 
 import time
 
 import httpx
+import numpy as np
 import pytest
-from qumos.attack import AttackBudget, attack_provider, breach, victim_predictor
+from qumos.attack import AttackConfig, Victim, attacker_data, breach, run_attack
+from qumos.attack.context import strip
+from qumos.attack.holdings import fragment_rows
+from qumos.attack.live import HttpOracle
 from qumos.datasets import load_task
 from qumos.localstack import stack_on_free_ports
 from qumos.spec import design_of
@@ -24,10 +28,59 @@ def attack_stack(tmp_path_factory, live_artifact):
         yield s
 
 
-def test_live_attack_job_with_public_queries(attack_stack, live_artifact):
+def test_insider_attributes_its_rows_in_the_real_logs(attack_stack, live_artifact):
+    """Queries over HTTP; each provider's real log, canaries mixed in, gives back exactly
+    the rows that provider executed for them (checked against the in-process chain)."""
+    spec = live_artifact.spec
+    data = load_task("digits", 4, seed=0)
+    own = attacker_data(data, 0.05, 0)
+    q = own.queries(data, 40)
+    dirs = {j: attack_stack.data_dir(p) for j, p in enumerate(spec.placement)}
+    oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs)
+    probs = oracle.answer(data.train.raw[q])
+    want = fragment_rows(spec, data.train.x[q])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    for j in range(spec.n_fragments):
+        rows = oracle.rows(j, data.train.raw[q], data.train.x[q])
+        # at a later provider a canary seen in no other call is indistinguishable from the
+        # query's own row: with 40 calls x 4 canaries from a pool of 64 most recur
+        assert rows.found.mean() >= 0.5, (j, rows.found.mean())
+        f = rows.found
+        np.testing.assert_allclose(rows.inputs[f], want[j][0][f], atol=1e-5)
+        np.testing.assert_allclose(rows.outputs[f], want[j][1][f], atol=1e-5)
+    if (attack_stack.data_dir("provider-a") / "access.jsonl").is_file():
+        assert oracle.rows(0, data.train.raw[q], data.train.x[q]).found.all()  # by content
+
+
+def test_breach_plus_queries_against_the_live_stack(attack_stack, live_artifact):
+    """The library driver with live queries and the real log equals, up to Aer's rounding,
+    the in-process run (same seeds)."""
+    spec = live_artifact.spec
+    data = load_task("digits", 4, seed=0)
+    cfg = AttackConfig(profile="breach+queries", queries=15, epochs=3, restarts=1,
+                       strategies=("scratch", "logreg", "insider"))
+    dirs = {j: attack_stack.data_dir(p) for j, p in enumerate(spec.placement)}
+    victim = Victim.in_process(spec, data)
+    inproc_oracle = victim.oracle
+    victim.oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, {2: dirs[2]})
+    live = run_attack(cfg, data, victim, [breach(dirs[2])], [0]).to_dict()
+    victim.oracle = inproc_oracle
+    from qumos.attack import in_process_holdings
+
+    local = run_attack(cfg, data, victim, in_process_holdings(spec, data, cfg, 0)[2:], [0])
+    local = local.to_dict()
+    (p,) = live["providers"]
+    assert p["provider"] == "provider-c"
+    assert "of 15 query rows attributed" in p["by_strategy"]["insider"]["note"]
+    assert live["S"] == pytest.approx(local["S"])
+    assert p["A"][0] == pytest.approx(local["providers"][0]["A"][0], abs=0.03)
+
+
+def test_attacker_service_runs_a_breach_plus_queries_job(attack_stack, live_artifact):
     url = attack_stack.services["attacker"].url
-    body = {"provider": "provider-b", "strategies": ["scratch", "substitute", "query"],
-            "budget": {"epochs": 2, "restarts": 1, "queries": 60}, "seeds": [0],
+    body = {"provider": "provider-b", "profile": "breach+queries",
+            "strategies": ["scratch", "knn", "distill_mlp", "head_only", "insider"],
+            "budget": {"epochs": 3, "restarts": 1, "queries": 10}, "seeds": [0],
             "design": design_of(live_artifact.spec).model_dump()}
     with httpx.Client(timeout=30) as c:
         assert c.get(f"{url}/readyz").json()["breached_provider"] == "provider-b"
@@ -43,15 +96,18 @@ def test_live_attack_job_with_public_queries(attack_stack, live_artifact):
             time.sleep(0.5)
     assert job["status"] == "succeeded", job["error"]
     res = job["results"]
+    assert res["profile"] == "breach+queries" and res["queries"] == 10
+    (p,) = res["providers"]
+    assert p["provider"] == "provider-b"
+    assert "query rows attributed" in p["by_strategy"]["insider"]["note"]
+    # the victim's accuracy, measured through the live chain (Aer), equals the in-process
     data = load_task("digits", 4, seed=0)
-    lib = attack_provider(breach(attack_stack.data_dir("provider-b")), live_artifact.spec, data,
-                          AttackBudget(epochs=2, restarts=1, queries=60), [0],
-                          strategies=["scratch", "substitute", "query"],
-                          victim_predict=victim_predictor(live_artifact.spec))
-    # the victim's accuracy measured through the live chain (Aer) equals the in-process one
-    assert res["victim_acc"] == pytest.approx(lib["victim_acc"], abs=0.01)
-    for name in ("scratch", "substitute"):
-        assert res["by_strategy"][name]["acc_mean"] == pytest.approx(
-            lib["by_strategy"][name]["acc_mean"])
-    assert res["by_strategy"]["query"]["fidelity_mean"] is not None
-    assert res["leak"] == pytest.approx(lib["leak"], abs=0.05)
+    v = Victim.in_process(live_artifact.spec, data)
+    assert res["victim_acc"][0] == pytest.approx(v.acc, abs=0.01)
+    assert 0.0 <= p["leak"][0] <= 1.0 and p["fidelity"][0] is not None
+    assert set(res["references"]) == {"scratch", "knn", "distill_mlp"}
+
+
+def test_strip_keeps_only_the_architecture(live_artifact):
+    a = strip(live_artifact.spec)
+    assert not a.is_trained() and design_of(a) == design_of(live_artifact.spec)

@@ -1,17 +1,20 @@
 """The attacker service in process (lifespan included): a job runs to completion, its
-results equal the library's, bad requests get 422 naming the field, jobs persist."""
+results equal the library driver's, bad requests get 422 naming the field, jobs persist.
+(A `breach+queries` job needs a live orchestrator: tests/integration/test_attack_live.py.)"""
 
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from qumos.artifact import load_artifact
-from qumos.attack import AttackBudget, attack_provider, breach
+from qumos.attack import AttackConfig, Victim, breach, run_attack
+from qumos.attack.context import strip
 from qumos.datasets import load_task
-from qumos.spec import design_of
+from qumos.spec import build_spec, design_of
 from qumos.store import ProviderStore
 
 from services.attacker.app import AttackerSettings, create_app
@@ -44,7 +47,8 @@ def _wait(client, job_id, timeout=300):
 def test_job_runs_and_matches_the_library(tmp_path, breached):
     art, root = breached
     before = sorted(p.name for p in root.rglob("*"))
-    body = {"provider": "provider-b", "strategies": ["scratch", "substitute", "head_only"],
+    strategies = ["scratch", "logreg", "substitute", "head_only"]
+    body = {"provider": "provider-b", "profile": "breach", "strategies": strategies,
             "budget": {"fraction": 0.05, "epochs": 3, "restarts": 1}, "seeds": [0, 1],
             "design": design_of(art.spec).model_dump(), "victim_acc": 0.8}
     with TestClient(create_app(_settings(tmp_path, root))) as client:
@@ -58,26 +62,29 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
         metrics = client.get("/metrics").text
         assert "http_requests_total" in metrics or "http_request" in metrics
     dones = [p.get("done") for p in seen if p.get("done") is not None]
-    assert dones == sorted(dones) and dones[-1] == 6  # 3 strategies x 2 seeds
-    # progress reports epochs (merged into the progress, so even a poller that saw only the
-    # end -- the simulator is fast now -- sees the last one)
-    assert any(p.get("epoch") for p in seen)
-    assert job["progress"]["epoch"] and job["progress"]["done"] == 6
+    assert dones == sorted(dones) and job["progress"]["done"] == 2  # seeds done
+    # progress is merged, so even a poller that saw only the end sees the last epoch
+    assert any(p.get("epoch") for p in seen) and job["progress"]["epoch"]
     res = job["results"]
-    lib = attack_provider(breach(root), art.spec.model_copy(), load_task("digits", 4, seed=0),
-                          AttackBudget(epochs=3, restarts=1), [0, 1],
-                          strategies=["scratch", "substitute", "head_only"], victim_acc=0.8)
-    for name in ("scratch", "substitute", "head_only"):
-        assert res["by_strategy"][name]["acc_mean"] == pytest.approx(
-            lib["by_strategy"][name]["acc_mean"])
-    assert res["A"] == pytest.approx(lib["A"]) and res["leak"] == pytest.approx(lib["leak"])
-    assert res["index"] == 1 and res["provider"] == "provider-b"
+    data = load_task("digits", 4, seed=0)
+    victim = Victim(model=art.spec.name, providers=["fragment-0", "provider-b", "fragment-2"],
+                    acc=0.8, test_labels=-np.ones(len(data.test.y), int),
+                    arch=strip(build_spec(design_of(art.spec))))
+    lib = run_attack(AttackConfig(epochs=3, restarts=1, strategies=tuple(strategies)), data,
+                     victim, [breach(root)], [0, 1]).to_dict()
+    assert res["S"] == pytest.approx(lib["S"]) and res["S_reference"] == lib["S_reference"]
+    (p,) = res["providers"]
+    (q,) = lib["providers"]
+    for name in ("substitute", "head_only"):
+        assert p["by_strategy"][name]["acc"] == pytest.approx(q["by_strategy"][name]["acc"])
+    assert p["A"] == pytest.approx(q["A"]) and p["leak"] == pytest.approx(q["leak"])
+    assert res["index"] == 1 and res["provider"] == "provider-b" and "table" in res
     # the breached directory was only read
     assert sorted(p.name for p in root.rglob("*")) == before
     # results persist: a new app over the same data dir serves the finished job
     with TestClient(create_app(_settings(tmp_path, root))) as client:
         again = client.get(f"/v1/attacks/{job['id']}").json()
-        assert again["status"] == "succeeded" and again["results"]["A"] == res["A"]
+        assert again["status"] == "succeeded" and again["results"]["S"] == res["S"]
 
 
 @pytest.mark.parametrize("change, field", [
@@ -86,7 +93,11 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     ({"budget": {"fraction": 1.5}}, "budget.fraction"),
     ({"budget": {"epochs": 100000}}, "budget.epochs"),
     ({"strategies": ["scratch", "steal"]}, "strategies"),
-    ({"strategies": ["query"]}, "strategies"),  # no orchestrator configured
+    ({"strategies": ["insider"]}, "strategies"),  # not a strategy of profile breach
+    ({"profile": "steal"}, "profile"),
+    ({"profile": "coalition"}, "profile"),  # this service mounts one provider
+    ({"profile": "breach+queries"}, "profile"),  # no orchestrator configured
+    ({"victim_acc": None}, "victim_acc"),  # unknown, and no orchestrator to measure it
     ({"seeds": []}, "seeds"),
     ({"seeds": list(range(50))}, "seeds"),
     ({"design": None}, "design"),
@@ -94,7 +105,7 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
 ])
 def test_bad_requests_name_the_field(tmp_path, breached, change, field):
     art, root = breached
-    body = {"design": design_of(art.spec).model_dump(), "seeds": [0],
+    body = {"design": design_of(art.spec).model_dump(), "seeds": [0], "victim_acc": 0.8,
             "budget": {"epochs": 1, "restarts": 1}, **change}
     with TestClient(create_app(_settings(tmp_path, root))) as client:
         r = client.post("/v1/attacks", json=body)
@@ -111,7 +122,8 @@ def test_not_a_provider_directory_is_refused(tmp_path, small_artifact):
         r = client.get("/readyz")
         assert r.status_code == 503
         assert "not a provider's data directory" in r.json()["error"]["message"]
-        r = client.post("/v1/attacks", json={"know_architecture": False, "seeds": [0]})
+        r = client.post("/v1/attacks", json={"know_architecture": False, "seeds": [0],
+                                             "victim_acc": 0.8})
         assert r.status_code == 409
         assert r.json()["error"]["field"] == "breached_dir"
 

@@ -96,7 +96,7 @@ def test_evaluator_reward_and_cache_resume(tmp_path):
     rec = ev.evaluate_many([design])[0]
     assert ev.fresh == 1
     assert len(rec["attacker_acc"]) == 2 and 0 <= rec["victim_acc"][0] <= 1
-    gain = max(a[0] for a in rec["attacker_acc"]) - rec["scratch_acc"][0]
+    gain = max(a[0] for a in rec["attacker_acc"]) - rec["S"][0]  # S: the best reference
     assert rec["worst_gain"][0] == pytest.approx(gain)
     assert rec["reward"] == pytest.approx(rec["victim_acc"][0] - gain)
     assert reward(rec, 2.5) == pytest.approx(rec["victim_acc"][0] - 2.5 * gain)

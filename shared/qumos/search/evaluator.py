@@ -1,9 +1,10 @@
 """Score a distributed design: train the victim, attack every single-provider breach.
 
 For each seed s (the data split, the victim's initialisation and the attacker's seed):
-train the victim with `TrainConfig(epochs=victim_epochs, seed=s)`, then
-`qumos.attack.evaluate_security(victim, data, budget, seeds=[s])` runs the white-box
-strategies against every provider. Per seed, `gain = max_j (A_j - S)`; figures are
+train the victim with `TrainConfig(epochs=victim_epochs, seed=s)`, then the one attack
+driver (`qumos.attack.evaluate_in_process`, profile `attack_profile`, the converged
+default budget) attacks every provider, in process. S is the profile's best no-theft
+reference (classical learners included). Per seed, `gain = max_j (A_j - S)`; figures are
 means (and spreads) over seeds, and
 
     reward = acc_victim - lambda * gain        (gain = mean over seeds)
@@ -37,12 +38,13 @@ class EvalConfig:
     victim_lr: float = 0.03
     victim_batch_size: int = 32
     attacks: bool = True  # False: victim accuracy only (lambda-0 centralized search)
+    attack_profile: str = "breach"  # qumos.attack profile (coalition needs `coalition`)
     attack_fraction: float = 0.05  # attacker's share of the labelled training data
-    attack_epochs: int = 30
+    attack_epochs: int = 150  # training steps per restart (the converged default)
     attack_restarts: int = 3
-    attack_lr: float = 0.03
-    attack_batch_size: int = 16
-    strategies: tuple[str, ...] = ("substitute", "finetune", "head_only")
+    attack_queries: int = 100  # query profiles
+    attack_traffic: int = 200  # users' rows in each provider's log
+    strategies: tuple[str, ...] = ()  # a subset of the profile's strategies (default all)
     data_dir: str = "data"
 
     def fingerprint(self) -> str:
@@ -65,6 +67,16 @@ def _ms(values: list[float]) -> list[float]:
     return [float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0]
 
 
+def attack_config(cfg: EvalConfig):
+    """The AttackConfig an EvalConfig evaluates with."""
+    from qumos.attack import AttackConfig
+
+    return AttackConfig(profile=cfg.attack_profile, fraction=cfg.attack_fraction,
+                        epochs=cfg.attack_epochs, restarts=cfg.attack_restarts,
+                        queries=cfg.attack_queries, traffic=cfg.attack_traffic,
+                        strategies=tuple(cfg.strategies)).validate()
+
+
 def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
     """Evaluate one design (a `Design.model_dump()`); a picklable worker function."""
     from qumos.train import TrainConfig, train_design
@@ -79,18 +91,16 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
             epochs=cfg.victim_epochs, lr=cfg.victim_lr, batch_size=cfg.victim_batch_size, seed=s))
         row: dict = {"seed": s, "victim_acc": float(acc)}
         if cfg.attacks:
-            from qumos.attack import AttackBudget, evaluate_security
+            from qumos.attack import evaluate_in_process
 
-            budget = AttackBudget(fraction=cfg.attack_fraction, epochs=cfg.attack_epochs,
-                                  restarts=cfg.attack_restarts, lr=cfg.attack_lr,
-                                  batch_size=cfg.attack_batch_size)
-            rep = evaluate_security(spec, data, budget, seeds=[s], strategies=cfg.strategies)
-            scratch = float(rep.scratch[0])
-            attackers = [float(p.A[0]) for p in rep.per_provider]
-            row.update(scratch=scratch, attacker_acc=attackers,
-                       leak=[float(p.leak[0]) for p in rep.per_provider],
+            rep = evaluate_in_process(spec, data, attack_config(cfg), seeds=[s])
+            s_acc = float(rep.S[0])
+            attackers = [float(p.A[0]) for p in rep.providers]
+            row.update(scratch=float(rep.references["scratch"]["acc"][0]), S=s_acc,
+                       S_reference=rep.S_reference, attacker_acc=attackers,
+                       leak=[float(p.leak[0]) for p in rep.providers],
                        security=float(rep.security[0]),
-                       gain=max(a - scratch for a in attackers))
+                       gain=max(a - s_acc for a in attackers))
         per_seed.append(row)
     rec: dict = {
         "design": design.model_dump(), "short": design.short(), "key": design.key(),
@@ -102,6 +112,8 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
         k = len(per_seed[0]["attacker_acc"])
         rec.update(
             scratch_acc=_ms([r["scratch"] for r in per_seed]),
+            S=_ms([r["S"] for r in per_seed]),
+            S_reference=[r["S_reference"] for r in per_seed],
             attacker_acc=[_ms([r["attacker_acc"][j] for r in per_seed]) for j in range(k)],
             worst_attacker_acc=_ms([max(r["attacker_acc"]) for r in per_seed]),
             worst_gain=_ms([r["gain"] for r in per_seed]),

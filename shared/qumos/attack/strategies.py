@@ -1,0 +1,50 @@
+"""The strategy registry: which strategies each profile runs, and which are references.
+
+References (no theft; S is the best of them) and thefts (A_j is the best of them):
+
+| profile          | references                                   | thefts                              |
+|------------------|----------------------------------------------|-------------------------------------|
+| `breach`         | scratch, logreg, mlp, knn                    | substitute, finetune, head_only,    |
+|                  |                                              | selftrain                           |
+| `breach+queries` | the above + distill_qnn, distill_mlp         | the above + insider                 |
+| `queries`        | scratch, logreg, mlp, knn, distill_qnn,      | (none: no breach)                   |
+|                  | distill_mlp                                  |                                     |
+| `coalition`      | scratch, logreg, mlp, knn                    | substitute, finetune, head_only,    |
+|                  |                                              | selftrain (glue fitted to the logs) |
+"""
+
+from __future__ import annotations
+
+from qumos.attack import insider, logbased, references, whitebox
+
+BASE_REFERENCES = ("scratch", "logreg", "mlp", "knn")
+QUERY_REFERENCES = ("distill_qnn", "distill_mlp")
+WHITE_BOX = ("substitute", "finetune", "head_only")
+THEFTS = WHITE_BOX + ("selftrain",)
+
+FUNCS = {
+    "scratch": references.scratch, "logreg": references.logreg, "mlp": references.mlp,
+    "knn": references.knn, "distill_qnn": references.distill_qnn,
+    "distill_mlp": references.distill_mlp, "substitute": whitebox.substitute,
+    "finetune": whitebox.finetune, "head_only": whitebox.head_only,
+    "selftrain": logbased.selftrain, "insider": insider.insider,
+}
+ALL = tuple(FUNCS)
+
+
+def references_of(profile: str) -> tuple[str, ...]:
+    if profile in ("breach+queries", "queries"):
+        return BASE_REFERENCES + QUERY_REFERENCES
+    return BASE_REFERENCES
+
+
+def thefts_of(profile: str) -> tuple[str, ...]:
+    if profile == "queries":
+        return ()
+    if profile == "breach+queries":
+        return THEFTS + ("insider",)
+    return THEFTS
+
+
+def strategies_of(profile: str) -> tuple[str, ...]:
+    return references_of(profile) + thefts_of(profile)

@@ -1,0 +1,124 @@
+"""How every trainable strategy trains: converged, restarted, selected on own data only.
+
+- Full batch when the data has at most `cfg.full_batch_max` rows (the attacker's ~22
+  labelled images, plus its queries and log rows), else minibatches of `cfg.batch_size`.
+- `cfg.restarts` restarts from different random initialisations, restart r with learning
+  rate `cfg.lrs[r % len(cfg.lrs)]`.
+- Within a restart the epoch, and across restarts the restart, with the best accuracy on
+  the attacker's own labelled images, ties broken by the lower cross-entropy on them
+  (`qumos.train.fit` with `select="acc_loss"`). The test split is never looked at.
+- Targets are class indices or soft targets (probabilities): labelled images count as
+  one-hot rows, the victim's answers to queries and pseudo-labels as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from qumos.attack.config import AttackConfig
+from qumos.train import TrainConfig, fit
+from torch import nn
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class Trained:
+    """A strategy's selected model and how it was chosen."""
+
+    model: nn.Module
+    own_acc: float  # accuracy on the attacker's own labelled images (its selection)
+    own_loss: float
+    restart_accs: list[float]
+    note: str = ""  # e.g. "log held no inputs" when a strategy had nothing to use
+
+
+def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(y), n_classes))
+    out[np.arange(len(y)), np.asarray(y, dtype=int)] = 1.0
+    return out
+
+
+def as_soft(answers: np.ndarray, n_classes: int) -> np.ndarray:
+    """The victim's answers as soft targets: probabilities as given (renormalised after
+    rounding), labels as one-hot rows."""
+    a = np.asarray(answers, dtype=float)
+    if a.ndim == 1:
+        return one_hot(a.astype(int), n_classes)
+    a = np.clip(a, 0, None)
+    s = a.sum(axis=1, keepdims=True)
+    return np.where(s > 0, a / np.where(s > 0, s, 1), 1.0 / n_classes)
+
+
+def join(x_lab: np.ndarray, y_lab: np.ndarray, n_classes: int,
+         x_more: np.ndarray | None = None, t_more: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled rows (one-hot) plus extra rows with soft targets; labelled only -> hard."""
+    if x_more is None or len(x_more) == 0:
+        return x_lab, y_lab
+    return (np.concatenate([x_lab, x_more]),
+            np.concatenate([one_hot(y_lab, n_classes), t_more]))
+
+
+def own_key(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(torch.as_tensor(x, dtype=torch.float32))
+        yt = torch.as_tensor(y, dtype=torch.long)
+        acc = float((logits.argmax(1) == yt).double().mean())
+        loss = float(nn.functional.cross_entropy(logits, yt))
+    return acc, loss
+
+
+def train_restarts(make: Callable[[int], nn.Module], x: np.ndarray, t: np.ndarray,
+                   x_sel: np.ndarray, y_sel: np.ndarray, cfg: AttackConfig, seed: int,
+                   progress: Progress | None = None, info: dict | None = None,
+                   epochs: int | None = None) -> Trained:
+    """The best of `cfg.restarts` restarts of `make(restart_seed)` trained on (x, t)."""
+    best, best_key, accs = None, None, []
+    n = len(x)
+    bs = n if n <= cfg.full_batch_max else cfg.batch_size
+    for r in range(cfg.restarts):
+        rseed = 1000 * seed + r
+        model = make(rseed)
+        cb = None
+        if progress is not None:
+            def cb(epoch: int, total: int, val: float, _r=r) -> None:
+                progress({**(info or {}), "restart": _r, "epoch": epoch, "epochs": total,
+                          "own_acc": val})
+        tc = TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr(r), batch_size=max(bs, 1),
+                         seed=rseed, select="acc_loss")
+        res = fit(model, x, t, x_sel, y_sel, tc, cb)
+        acc, loss = own_key(model, x_sel, y_sel)
+        accs.append(acc)
+        key = (acc, -loss if math.isfinite(loss) else -math.inf)
+        if best_key is None or key > best_key:
+            best, best_key = copy.deepcopy(res.model), key
+    assert best is not None and best_key is not None
+    return Trained(model=best, own_acc=best_key[0], own_loss=-best_key[1], restart_accs=accs)
+
+
+def adam_steps(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,
+               lr: float) -> float:
+    """Full-batch Adam on `loss_fn` for `steps` steps; returns the last loss (regression
+    stages of the log and insider strategies)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    last = float("nan")
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last = float(loss.detach())
+    return last
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray, batch: int = 2048) -> np.ndarray:
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    outs = [torch.softmax(model(xt[i:i + batch]), dim=1) for i in range(0, len(xt), batch)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0))
