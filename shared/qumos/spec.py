@@ -453,15 +453,18 @@ def design_from_flags(
 def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Design:
     """The inverse of `Design.short()` for 4-qubit ring designs: `block:depth[R]-...`
     optionally followed by `|glue|head`, e.g. `rzz_ry:4-u3cu3:2R-rxyz_cnot:5R|tanh|readout`
-    (R: the glue into that fragment re-uploads the features)."""
+    (R: the glue into that fragment re-uploads the features). A part without a block
+    repeats the previous one: `u3cu3:2-2-2` is three u3cu3 fragments of depth 2."""
     body, *rest = text.strip().split("|")
     if len(rest) not in (0, 2):
         raise DesignError(f"design: {text!r}; expected block:depth-... or "
                           "block:depth-...|glue|head")
     glue, head = rest if rest else ("tanh", "readout")
-    frags = []
+    frags: list[dict] = []
     for i, part in enumerate(body.split("-")):
         block, sep, depth = part.partition(":")
+        if not sep and frags:
+            block, sep, depth = frags[-1]["block"], ":", part
         reupload = depth.endswith("R")
         depth = depth.removesuffix("R")
         if not sep or not depth.isdigit():
