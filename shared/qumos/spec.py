@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,6 +44,27 @@ ENTANGLEMENTS: tuple[str, ...] = ("ring", "linear", "full")
 EncoderType = Literal["ryzxy"]
 GlueKind = Literal["tanh", "sin"]
 GLUE_KINDS: tuple[str, ...] = ("tanh", "sin")
+
+# Names: one rule for model names everywhere (training, the orchestrator's registration),
+# the providers' rule for fragment ids ("<model>.<index>", `qumos.store`): letters, digits,
+# '_', '.', '-', starting with a letter or digit (so never '.', '..' or a hidden file); a
+# model name is at most 100 characters so that its fragment ids fit the providers' 128.
+MAX_NAME = 100
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+FRAGMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_RULE = (f"1 to {MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or "
+             "digit")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a valid model name (None when it is)."""
+    if not isinstance(name, str):
+        return f"is {type(name).__name__}; allowed: a string of {NAME_RULE}"
+    if NAME_RE.fullmatch(name):
+        return None
+    shown = name if len(name) <= 40 else name[:40] + f"... ({len(name)} characters)"
+    return f"{shown!r} is not a valid name; allowed: {NAME_RULE}"
+
 
 MIN_QUBITS, MAX_QUBITS = 2, 10
 MAX_DEPTH = 12
@@ -298,9 +320,20 @@ class PreprocessSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessSpec:
-        if self.crop > min(self.image_shape) or self.crop % self.pool_to:
-            raise ValueError(f"crop {self.crop} must fit the image {self.image_shape} and be a "
-                             f"multiple of pool_to {self.pool_to}")
+        h, w = self.image_shape
+        if not (1 <= h <= 1024 and 1 <= w <= 1024):
+            raise ValueError(f"image_shape is {list(self.image_shape)}; allowed: two sizes "
+                             "from 1 to 1024")
+        if not 1 <= self.pool_to <= min(h, w):
+            raise ValueError(f"pool_to is {self.pool_to}; allowed: 1 to {min(h, w)} (the "
+                             "image's smaller side)")
+        if not 1 <= self.crop <= min(h, w) or self.crop % self.pool_to:
+            raise ValueError(f"crop is {self.crop}; allowed: a multiple of pool_to "
+                             f"({self.pool_to}) from {self.pool_to} to {min(h, w)} (fits the "
+                             f"image {h}x{w})")
+        if not (math.isfinite(self.max_value) and self.max_value > 0):
+            raise ValueError(f"max_value is {self.max_value}; allowed: a finite number above 0 "
+                             "(the dataset's largest pixel value)")
         return self
 
     @property
@@ -327,6 +360,14 @@ class ModelSpec(BaseModel):
     glue: list[GlueSpec]
     head: HeadSpec
     placement: list[str] = Field(default_factory=list, description="provider of fragment k")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("schema_version")
     @classmethod
