@@ -320,7 +320,8 @@ class MetricsMiddleware:
 
 # Responses every documented endpoint may give (for the OpenAPI schema).
 ERROR_DESCRIPTIONS = {
-    401: "no credentials", 403: "wrong credentials", 404: "unknown model or fragment",
+    401: "no credentials", 403: "wrong credentials", 404: "unknown model, fragment or job",
+    409: "the service cannot do this now (e.g. the attacker holds no breached provider)",
     413: "body or batch too large", 422: "invalid input (names the field)",
     500: "internal error", 502: "a provider sent a bad or tampered answer",
     503: "overloaded or a provider is unavailable (Retry-After)",

@@ -29,7 +29,8 @@ def test_live_attack_job_with_public_queries(attack_stack, live_artifact):
     body = {"provider": "provider-b", "strategies": ["scratch", "substitute", "query"],
             "budget": {"epochs": 2, "restarts": 1, "queries": 60}, "seeds": [0],
             "design": design_of(live_artifact.spec).model_dump()}
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, headers={
+            "Authorization": f"Bearer {attack_stack.attacker_token}"}) as c:
         assert c.get(f"{url}/readyz").json()["breached_provider"] == "provider-b"
         bad = c.post(f"{url}/v1/attacks", json={**body, "provider": "provider-a"})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "provider"
