@@ -528,6 +528,11 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
         raise DesignError(f"task: {design.task} is not a task; allowed: {sorted(TASK_CLASSES)}")
     pre = DATASET_IMAGES[design.dataset]
     nf = pre.n_features
+    first = design.fragments[0].n_qubits
+    if MIN_QUBITS <= first <= MAX_QUBITS and 4 * first < nf:  # (ranges: FragmentSpec)
+        raise DesignError(f"fragments[0].n_qubits: is {first}; the first fragment takes the "
+                          f"{nf} features of {design.dataset} (4 per qubit), so it needs at "
+                          f"least {-(-nf // 4)} qubits")
     try:
         frags = []
         for k, f in enumerate(design.fragments):
@@ -536,7 +541,7 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
                     n_qubits=f.n_qubits, n_inputs=fragment_inputs(k, f.n_qubits, nf),
                     block=f.block, depth=f.depth, entanglement=f.entanglement))
             except ValidationError as e:
-                raise DesignError(f"fragments[{k}]." + format_validation_error(e)) from None
+                raise DesignError(format_validation_error(e, f"fragments[{k}]")) from None
         glue = [GlueSpec(kind=design.glue, reupload=design.fragments[k + 1].reupload,
                          in_dim=frags[k].n_qubits + (nf if design.fragments[k + 1].reupload else 0),
                          out_dim=frags[k + 1].n_inputs)
@@ -562,14 +567,46 @@ def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
     )
 
 
-def format_validation_error(e: Exception) -> str:
-    """One line per problem: `field.path: message`."""
+def format_loc(loc) -> str:
+    """('fragments', 0, 'depth') -> 'fragments[0].depth'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.\[\]]*) ((?:is|has) .*)$", re.S)
+
+
+def format_validation_error(e: Exception, prefix: str = "") -> str:
+    """One line per problem, in one style: `fragments[0].depth: is 0; allowed: 1 to 12`.
+    `prefix` is where the validated object sits (e.g. 'fragments[0]')."""
     errors = getattr(e, "errors", None)
     if errors is None:
         return str(e)
     lines = []
     for err in errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
+        loc = format_loc(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        kind, value = err.get("type"), err.get("input")
+        if kind == "literal_error":
+            msg = f"is {value!r}; allowed: {err.get('ctx', {}).get('expected')}"
+        elif kind == "missing":
+            msg = "missing; this field is required"
+        elif kind == "extra_forbidden":
+            msg = "unknown field"
+        elif kind in ("int_type", "int_parsing", "float_type", "float_parsing", "bool_type",
+                      "bool_parsing", "string_type") and not isinstance(value, (dict, list)):
+            msg = f"is {value!r}; {msg[0].lower() + msg[1:]}"
+        # the validator's own message may name the field again: say it once
+        last = str(err["loc"][-1]) if err.get("loc") else ""
+        for dup in (f"{loc}: ", f"{last}: "):
+            if loc and msg.startswith(dup):
+                msg = msg[len(dup):]
+        m = _FIELD_FIRST.match(msg)
+        if m and (not loc or m.group(1) == last):
+            loc, msg = (m.group(1) if not loc else loc), m.group(2)
+        loc = ".".join(p for p in (prefix, loc) if p)
+        loc = loc.replace(".[", "[")
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
