@@ -62,9 +62,9 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from qumos import oip
 from qumos.artifact import atomic_write, fragment_id
 from qumos.chain import glue_forward, head_forward, preprocess, softmax
-from qumos import oip
 from qumos.client import (
     CanaryRequest,
     ExecuteResponse,

@@ -138,7 +138,7 @@ def parse_infer(body: bytes, header_length: str | None, n_raw: int, max_batch: i
             raise OipError("id", f"is {_kind(req['id'])}; allowed: a string")
         call.id = req["id"]
     params = _obj(req.get("parameters") or {}, "parameters")
-    for key, v in params.items():
+    for key in params:
         if key not in REQUEST_PARAMETERS:
             raise OipError(f"parameters.{key}", "unknown parameter; allowed: "
                            + ", ".join(REQUEST_PARAMETERS))

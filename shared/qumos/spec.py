@@ -32,7 +32,6 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from qumos.errors import DesignError
 
 SCHEMA_VERSION = 1
@@ -50,7 +49,7 @@ GLUE_KINDS: tuple[str, ...] = ("tanh", "sin")
 # '_', '.', '-', starting with a letter or digit (so never '.', '..' or a hidden file); a
 # model name is at most 100 characters so that its fragment ids fit the providers' 128.
 MAX_NAME = 100
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
 FRAGMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 NAME_RULE = (f"1 to {MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or "
              "digit")
@@ -575,7 +574,7 @@ def format_loc(loc) -> str:
     return out
 
 
-_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.\[\]]*) ((?:is|has) .*)$", re.S)
+_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.\[\]]*) ((?:is|has) .*)$", re.DOTALL)
 
 
 def format_validation_error(e: Exception, prefix: str = "") -> str:

@@ -172,7 +172,7 @@ async def test_readiness_means_a_prediction_can_be_served(tmp_path, artifact, ra
 async def test_model_names_follow_the_providers_rule(tmp_path, artifact, name):
     from urllib.parse import quote
 
-    async with company_stack(tmp_path, artifact) as (c, admin, providers):
+    async with company_stack(tmp_path, artifact) as (c, admin, _):
         body = artifact.company_spec().model_copy(update={"name": "ok"}).model_dump()
         body["name"] = name
         path = quote(name, safe="").replace(".", "%2E")  # so that no client drops "/.."
@@ -189,7 +189,7 @@ async def test_preprocess_ranges_are_422(tmp_path, artifact):
         PreprocessSpec(pool_to=0)
     with pytest.raises(ValidationError, match="max_value is 0.0"):
         PreprocessSpec(max_value=0)
-    async with company_stack(tmp_path, artifact) as (c, admin, providers):
+    async with company_stack(tmp_path, artifact) as (c, admin, _):
         body = artifact.company_spec().model_dump()
         body["preprocess"]["pool_to"] = 0
         r = await c.put("/v1/models/digits4", json=body,
@@ -198,7 +198,7 @@ async def test_preprocess_ranges_are_422(tmp_path, artifact):
 
 
 async def test_405_allow_lists_every_method(tmp_path, artifact):
-    async with company_stack(tmp_path, artifact) as (c, admin, providers):
+    async with company_stack(tmp_path, artifact) as (c, _, providers):
         r = await c.options("/v1/models/digits4")
         assert r.status_code == 405 and r.headers["allow"] == "GET, PUT"
         assert r.json()["error"]["message"].endswith("allowed: GET, PUT")

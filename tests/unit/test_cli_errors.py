@@ -54,9 +54,8 @@ def test_progress_without_a_terminal_prints_plain_lines(tmp_path):
 
 
 def test_help_has_no_placeholders_nor_cut_sentences():
-    from typer.testing import CliRunner
-
     from qumos.cli import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     top = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).output
