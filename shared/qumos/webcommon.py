@@ -189,6 +189,16 @@ class BodyLimitMiddleware:
 UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
+class QuietHealthChecks(logging.Filter):
+    """Drops uvicorn's access-log lines of successful health and readiness probes (every
+    5 s per container), so that a service's log shows its real traffic."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        a = record.args
+        return not (isinstance(a, tuple) and len(a) >= 5 and a[4] == 200
+                    and str(a[2]).split("?")[0] in UNLIMITED_PATHS)
+
+
 class ConcurrencyLimitMiddleware:
     """At most `limit` requests in flight; the next one is refused at once with 503
     "overloaded" and `Retry-After` (a non-blocking acquire: nothing queues without bound).
@@ -398,6 +408,9 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
     async def _internal(request: Request, exc: Exception):
         return _internal_error(request.scope, exc)
 
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietHealthChecks) for f in access.filters):
+        access.addFilter(QuietHealthChecks())
     app.state.hot_routes = []
     app.add_middleware(HotRoutes, routes=app.state.hot_routes)  # first = innermost
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)

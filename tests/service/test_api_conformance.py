@@ -211,3 +211,19 @@ async def test_405_allow_lists_every_method(tmp_path, artifact):
                                      base_url="http://p") as pc:
             r = await pc.options("/v1/fragments/digits4.0")
             assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"
+
+
+def test_health_probes_leave_no_access_log_lines():
+    import logging
+
+    from qumos.webcommon import QuietHealthChecks
+
+    def record(path, status):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0,
+                                 '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", status), None)
+
+    f = QuietHealthChecks()
+    assert not f.filter(record("/readyz", 200)) and not f.filter(record("/healthz", 200))
+    assert f.filter(record("/readyz", 503))  # a failing probe is worth a line
+    assert f.filter(record("/v1/models/x/predict", 200))
