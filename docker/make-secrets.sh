@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Generate the compose secrets: one bearer token per provider (the credential the
 # orchestrator presents to that provider, and only to it) and the orchestrator's
-# admin token (deploys models; the demo job holds it).
+# admin token (deploys models; the demo job holds it), and the attacker service's token
+# (submits attack jobs; the attacker and the demo job hold it).
 #   docker/secrets/provider-a.token provider-b.token provider-c.token admin.token
+#   attacker.token
 # Existing tokens are kept (so a running stack stays valid); --force makes new ones.
 # Files are mode 0644: compose v1 bind-mounts secret files with the host file's owner
 # and mode, and the services run as uid 10001. The directory is gitignored and is not
@@ -24,7 +26,8 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$DIR"
 made=()
-for name in provider-a provider-b provider-c admin; do
+NAMES=(provider-a provider-b provider-c admin attacker)
+for name in "${NAMES[@]}"; do
   f="$DIR/$name.token"
   if [[ $FORCE -eq 1 || ! -s $f ]]; then
     # 32 random bytes, url-safe base64 (43 chars)
@@ -35,4 +38,4 @@ for name in provider-a provider-b provider-c admin; do
   fi
   chmod 0644 "$f"
 done
-echo "secrets in $DIR: new: ${made[*]:-none}; kept: $((4 - ${#made[@]}))" >&2
+echo "secrets in $DIR: new: ${made[*]:-none}; kept: $((${#NAMES[@]} - ${#made[@]}))" >&2

@@ -1,11 +1,13 @@
 """The attacker: runs attack jobs against one breached provider's holdings.
 
 Run:  QUMOS_ATTACKER_BREACHED_DIR=runs/provider-b QUMOS_ATTACKER_DATA_DIR=runs/attacker \
+      QUMOS_ATTACKER_ADMIN_TOKEN_FILE=runs/attacker_token \
       [QUMOS_ATTACKER_ORCHESTRATOR_URL=http://127.0.0.1:8100] \
       uvicorn --factory services.attacker.app:create_app --port 8200
 
 Endpoints:
-    POST /v1/attacks          AttackRequest -> 202 {"id", "status", ...}
+    POST /v1/attacks          AttackRequest -> 202 {"id", "status", ...} (admin token;
+                              503 + Retry-After when MAX_PENDING jobs are queued or running)
     GET  /v1/attacks          every job (without per-run details)
     GET  /v1/attacks/{id}     status, progress {strategy, seed, restart, epoch, done, total},
                               results (qumos.attack.run_attack's report: the references
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from pydantic import (
@@ -51,7 +53,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos.artifact import atomic_write
 from qumos.errors import QumosError
 from qumos.spec import Design
-from qumos.webcommon import ServiceError, install_common, load_settings, parse_body
+from qumos.webcommon import (
+    ServiceError,
+    check_bearer,
+    document_request_bodies,
+    error_responses,
+    install_common,
+    load_settings,
+    parse_body,
+    read_token_file,
+)
 
 log = logging.getLogger("qumos.attacker")
 
@@ -60,6 +71,8 @@ MAX_EPOCHS = 200
 MAX_RESTARTS = 10
 MAX_QUERIES = 5000
 SERVICE_PROFILES = ("breach", "breach+queries", "queries")
+MAX_SEED = 2**32 - 1  # numpy and torch seeds
+QUEUE_RETRY_AFTER_S = 30  # a job takes minutes
 
 
 class AttackerSettings(BaseSettings):
@@ -69,6 +82,9 @@ class AttackerSettings(BaseSettings):
 
     breached_dir: Path = Field(description="the breached provider's data directory (read only)")
     data_dir: Path = Field(description="job records persist here")
+    admin_token_file: Path = Field(description="token for submitting attack jobs")
+    max_pending: int = Field(8, ge=1, le=1000, description="jobs queued or running before "
+                             "a submission gets 503")
     orchestrator_url: str | None = Field(None, description="public API, for query/fidelity")
     workers: int = Field(1, ge=1, le=8, description="jobs run concurrently")
     dataset_dir: Path = Field(Path("data"), description="where full MNIST files live")
@@ -98,7 +114,9 @@ class AttackRequest(BaseModel):
     strategies: list[str] = Field(default_factory=list, description="a subset of the "
                                   "profile's strategies (default: all of them)")
     budget: BudgetIn = Field(default_factory=BudgetIn)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        default_factory=lambda: [0, 1, 2], description=f"1 to {MAX_SEEDS} distinct seeds, "
+        f"each 0 to {MAX_SEED}")
     know_architecture: bool = Field(True, description="Kerckhoffs: needs `design`")
     design: Design | None = Field(None, description="the victim's design (Kerckhoffs)")
     dataset: str = "digits"
@@ -174,6 +192,8 @@ class AttackerState:
         self.provider: str | None = None
         self.breach_problem: str | None = None
         self.ready = False
+        self.admin_token = read_token_file(settings.admin_token_file,
+                                           "QUMOS_ATTACKER_ADMIN_TOKEN_FILE")
         self._last_save: dict[str, float] = {}
 
     def load(self) -> None:
@@ -324,12 +344,13 @@ def create_app(settings: AttackerSettings | None = None) -> FastAPI:
     app = FastAPI(title="QuMoS attacker", lifespan=lifespan)
     app.state.attacker = state
     install_common(app, settings.max_body_bytes)
+    document_request_bodies(app, {("/v1/attacks", "post"): AttackRequest})
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=error_responses(503))
     async def readyz():
         import anyio
 
@@ -343,10 +364,18 @@ def create_app(settings: AttackerSettings | None = None) -> FastAPI:
         return {"status": "ready", "breached_provider": state.provider,
                 "orchestrator": settings.orchestrator_url, "jobs": len(state.jobs)}
 
-    @app.post("/v1/attacks", status_code=202)
+    @app.post("/v1/attacks", status_code=202, response_model=Job,
+              responses=error_responses(401, 403, 409, 413, 422, 503))
     async def submit(request: Request):
         import anyio
 
+        check_bearer(request, state.admin_token)
+        pending = sum(j.status in ("queued", "running") for j in list(state.jobs.values()))
+        if pending >= settings.max_pending:
+            raise ServiceError(503, "queue_full", f"{pending} attack jobs are queued or "
+                               f"running (the limit, QUMOS_ATTACKER_MAX_PENDING); retry after "
+                               f"{QUEUE_RETRY_AFTER_S}s", headers={
+                                   "Retry-After": str(QUEUE_RETRY_AFTER_S)})
         req = await parse_body(request, AttackRequest)
         await anyio.to_thread.run_sync(state.check_breach)
         if state.provider is None:
@@ -369,7 +398,7 @@ def create_app(settings: AttackerSettings | None = None) -> FastAPI:
         return {"attacks": [_summary(j) for j in sorted(state.jobs.values(),
                                                         key=lambda j: j.created)]}
 
-    @app.get("/v1/attacks/{job_id}")
+    @app.get("/v1/attacks/{job_id}", response_model=Job, responses=error_responses(404))
     async def get_job(job_id: str):
         job = state.jobs.get(job_id)
         if job is None:

@@ -11,9 +11,14 @@ Endpoints:
     PUT  /v1/models/{name}/canaries   register integrity canaries (admin token)
     GET  /v1/models, /v1/models/{name}
     POST /v1/models/{name}/predict    {"instances": [[raw pixels]], "shots"?, "seed"?}
-    GET  /v2/health/live, /v2/health/ready, /v2/models/{name}
-    POST /v2/models/{name}/infer      Open Inference Protocol v2
+    GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1][/ready]
+    POST /v2/models/{name}[/versions/1]/infer   Open Inference Protocol v2 (JSON and the
+                                      binary tensor data extension; qumos.oip)
     GET  /healthz, /readyz, /metrics
+
+Ready (/readyz, /v2/health/ready) means a prediction can be served: every registered
+model's providers answer and hold its fragments (probed, cached READY_CACHE_S); a model
+alone: /v2/models/{name}/ready. docs/api.md has the whole contract.
 
 A predict call preprocesses the images (numpy), runs fragment k on provider placement[k]
 with one pooled httpx.AsyncClient (explicit timeouts; execute is idempotent so failed
@@ -54,9 +59,10 @@ from typing import Literal
 import anyio
 import httpx
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from qumos import oip
 from qumos.artifact import atomic_write, fragment_id
 from qumos.chain import glue_forward, head_forward, preprocess, softmax
 from qumos.client import (
@@ -67,12 +73,11 @@ from qumos.client import (
     PredictResponse,
     V2InferRequest,
     V2InferResponse,
-    V2Tensor,
     describe_validation_error,
     dump_json,
 )
 from qumos.http11 import AsyncTransport
-from qumos.spec import ModelSpec, format_validation_error
+from qumos.spec import ModelSpec, format_validation_error, name_problem
 from qumos.webcommon import (
     ServiceError,
     SettingsError,
@@ -92,6 +97,9 @@ log = logging.getLogger("qumos.orchestrator")
 OUTPUT_TOLERANCE = 1e-6  # provider outputs must lie in [-1 - tol, 1 + tol]
 CONNECT_TIMEOUT_S = 5.0  # a new connection to a provider (capped by timeout_s)
 MAX_CONNECTIONS, MAX_PER_PROVIDER = 64, 32  # the provider connection pool
+READY_PROBE_S = 2.0  # readiness: how long a provider may take to say it holds a fragment
+READY_CACHE_S = 1.0  # readiness: a model's probe result is reused this long
+MODEL_VERSION = "1"  # the one version of every model (Open Inference Protocol paths)
 
 
 class OrchestratorSettings(BaseSettings):
@@ -219,6 +227,7 @@ class OrchestratorState:
         self.request_extensions: dict = {}  # {"timeout": the client's}, set with the client
         self._endpoints: dict[tuple[str, str], tuple[httpx.URL, list]] = {}
         self.ready = False
+        self._readiness: dict[str, tuple[float, list[str]]] = {}  # model -> (time, problems)
         self.canary_key = secrets.token_bytes(32)  # replaced by the persisted key at load
         self.counters: dict = {}  # prometheus counters, set in create_app
 
@@ -265,6 +274,43 @@ class OrchestratorState:
             raise ServiceError(404, "not_found", f"model: {name!r} is not registered; "
                                f"registered: {sorted(self.models)}", "model")
         return spec
+
+    # ----- readiness ------------------------------------------------------------------------
+    async def model_problems(self, spec: ModelSpec) -> list[str]:
+        """Why `spec` cannot be served now (empty: it can): each provider must answer and
+        hold its fragment. Probed concurrently, each within READY_PROBE_S; cached."""
+        loop = asyncio.get_running_loop()
+        hit = self._readiness.get(spec.name)
+        if hit is not None and loop.time() - hit[0] < READY_CACHE_S:
+            return hit[1]
+
+        async def probe(k: int, provider: str) -> str | None:
+            fid = fragment_id(spec.name, k)
+            url = f"{self.providers[provider]}/v1/fragments/{fid}"
+            try:
+                async with asyncio.timeout(READY_PROBE_S):
+                    resp = await self.client.get(url)
+            except (TimeoutError, httpx.HTTPError) as e:
+                return (f"{provider} (fragment {fid}) is unreachable at "
+                        f"{self.providers[provider]} ({type(e).__name__})")
+            if resp.status_code == 404:
+                return f"{provider} does not hold fragment {fid} (deploy it)"
+            if resp.status_code != 200:
+                return f"{provider} (fragment {fid}) answered HTTP {resp.status_code}"
+            return None
+
+        found = await asyncio.gather(*(probe(k, p) for k, p in enumerate(spec.placement)))
+        problems = [p for p in found if p]
+        self._readiness[spec.name] = (loop.time(), problems)
+        return problems
+
+    async def not_ready(self) -> dict[str, list[str]]:
+        """{model: problems} of every registered model that cannot be served now."""
+        if not self.ready:
+            return {"(service)": ["the orchestrator is starting"]}
+        specs = list(self.models.values())
+        found = await asyncio.gather(*(self.model_problems(s) for s in specs))
+        return {s.name: p for s, p in zip(specs, found) if p}
 
     # ----- one provider call --------------------------------------------------------------
     def _endpoint(self, provider: str, fid: str) -> tuple[httpx.URL, list]:
@@ -453,6 +499,20 @@ def _model_info(spec: ModelSpec, canaries: Canaries | None = None) -> ModelInfo:
                      canaries=len(canaries.inputs[0]) if canaries else 0)
 
 
+def _waiting(waiting: dict[str, list[str]]) -> str:
+    return "; ".join(f"{m}: {', '.join(p)}" if not m.startswith("(") else ", ".join(p)
+                     for m, p in waiting.items())
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qumos")
+    except PackageNotFoundError:
+        return "0"
+
+
 def _storage_error(path: Path, e: OSError) -> ServiceError:
     kind = "full" if e.errno == errno.ENOSPC else "not writable"
     return ServiceError(507, "insufficient_storage", f"data_dir: {path} is {kind} "
@@ -474,7 +534,18 @@ def _check_instances(state: OrchestratorState, spec: ModelSpec, rows: list[list[
             raise ServiceError(422, "validation_error", f"{field}[{i}]: has {len(r)} values; "
                                f"model {spec.name} takes {n} ({h}x{w} image, row-major)",
                                f"{field}[{i}]")
-    return np.asarray(rows, dtype=float)
+    images = np.asarray(rows, dtype=float)
+    try:
+        oip.check_pixels(images, pixel_range(spec), field)
+    except oip.OipError as e:
+        raise ServiceError(422, "validation_error", str(e), e.field) from None
+    return images
+
+
+def pixel_range(spec: ModelSpec) -> tuple[float, float]:
+    """The pixels a model takes: 0 to its dataset's largest value (digits 16, MNIST 255);
+    others are refused (422), not clipped silently."""
+    return 0.0, spec.preprocess.max_value
 
 
 def create_app(settings: OrchestratorSettings | None = None,
@@ -523,17 +594,20 @@ def create_app(settings: OrchestratorSettings | None = None,
     document_request_bodies(app, {("/v1/models/{name}", "put"): ModelSpec,
                                   ("/v1/models/{name}/canaries", "put"): CanaryRequest,
                                   ("/v1/models/{name}/predict", "post"): PredictRequest,
-                                  ("/v2/models/{name}/infer", "post"): V2InferRequest})
+                                  ("/v2/models/{name}/infer", "post"): V2InferRequest,
+                                  ("/v2/models/{name}/versions/{version}/infer", "post"):
+                                      V2InferRequest})
     serving = error_responses(404, 413, 422, 502, 503, 504)
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=error_responses(503))
     async def readyz():
-        if not state.ready:
-            raise ServiceError(503, "not_ready", "the orchestrator is starting")
+        waiting = await state.not_ready()
+        if waiting:
+            raise ServiceError(503, "not_ready", "not ready: " + _waiting(waiting))
         return {"status": "ready", "models": sorted(state.models),
                 "providers": sorted(state.providers), "problems": state.problems}
 
@@ -542,6 +616,9 @@ def create_app(settings: OrchestratorSettings | None = None,
              responses=error_responses(401, 403, 413, 422, 503, 507))
     async def register(name: str, request: Request):
         check_bearer(request, state.admin_token)
+        problem = name_problem(name)
+        if problem:
+            raise ServiceError(422, "validation_error", f"name: {problem}", "name")
         body = await request.body()
         try:
             spec = ModelSpec.model_validate_json(body or b"null")
@@ -578,6 +655,7 @@ def create_app(settings: OrchestratorSettings | None = None,
         except OSError as e:
             raise _storage_error(settings.data_dir, e) from None
         state.canaries.pop(name, None)
+        state._readiness.pop(name, None)
         state.models[name] = spec
         return json_response(_model_info(spec), status=201)
 
@@ -618,74 +696,91 @@ def create_app(settings: OrchestratorSettings | None = None,
             labels=[spec.classes[i] for i in idx]))
 
     # ----- Open Inference Protocol v2 ---------------------------------------------------
+    oip_errors = error_responses(404, oip=True)
+    oip_serving = error_responses(404, 413, 422, 502, 503, 504, oip=True)
+
+    def version(v: str | None) -> None:
+        if v is not None and v != MODEL_VERSION:
+            raise ServiceError(404, "not_found", f"version: {v!r} is not a version of this "
+                               f"model; allowed: {MODEL_VERSION!r}", "version")
+
+    @app.get("/v2")
+    async def v2_server():
+        return {"name": "qumos-orchestrator", "version": _package_version(),
+                "extensions": oip.EXTENSIONS}
+
     @app.get("/v2/health/live")
     async def v2_live():
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", responses=error_responses(503, oip=True))
     async def v2_ready():
-        if not state.ready:
-            raise ServiceError(503, "not_ready", "the orchestrator is starting")
+        waiting = await state.not_ready()
+        if waiting:
+            raise ServiceError(503, "not_ready", "not ready: " + _waiting(waiting))
         return {"ready": True}
 
-    @app.get("/v2/models/{name}", responses=error_responses(404))
-    async def v2_metadata(name: str):
+    async def v2_metadata(name: str, version_: str | None = None):
+        version(version_)
         spec = state.model(name)
-        return {"name": name, "versions": ["1"], "platform": "qumos-distributed-qnn",
-                "inputs": [{"name": "images", "datatype": "FP32",
+        return {"name": name, "versions": [MODEL_VERSION], "platform": "qumos-distributed-qnn",
+                "inputs": [{"name": oip.INPUT_NAME, "datatype": "FP32",
                             "shape": [-1, spec.preprocess.n_raw]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP64",
                              "shape": [-1, len(spec.classes)]},
                             {"name": "labels", "datatype": "INT64", "shape": [-1]}]}
 
-    @app.get("/v2/models/{name}/ready", responses=error_responses(404))
-    async def v2_model_ready(name: str):
-        state.model(name)
-        return {"name": name, "ready": state.ready}
+    async def v2_model_ready(name: str, version_: str | None = None):
+        version(version_)
+        problems = await state.model_problems(state.model(name))
+        if problems:
+            raise ServiceError(503, "not_ready", f"model {name} is not ready: "
+                               + "; ".join(problems))
+        return {"name": name, "ready": True}
+
+    async def v2_infer(name: str, request: Request, version_: str | None = None):
+        version(version_)
+        spec = state.model(name)
+        try:
+            call = oip.parse_infer(await request.body(), request.headers.get(oip.HEADER),
+                                   spec.preprocess.n_raw, settings.max_batch, pixel_range(spec))
+        except oip.OipError as e:
+            raise ServiceError(e.status, "validation_error", str(e), e.field) from None
+        probs = await state.predict(spec, call.images, call.shots, call.seed)
+        labels = np.asarray(spec.classes)[probs.argmax(axis=1)]
+        body, headers = oip.encode_infer(name, MODEL_VERSION, call, probs, labels)
+        return Response(body, headers=headers)
+
+    @app.get("/v2/models/{name}", responses=oip_errors)
+    async def v2_model(name: str):
+        return await v2_metadata(name)
+
+    @app.get("/v2/models/{name}/versions/{version}", responses=oip_errors)
+    async def v2_model_version(name: str, version: str):
+        return await v2_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", responses=error_responses(404, 503, oip=True))
+    async def v2_ready_model(name: str):
+        return await v2_model_ready(name)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready",
+             responses=error_responses(404, 503, oip=True))
+    async def v2_ready_model_version(name: str, version: str):
+        return await v2_model_ready(name, version)
+
+    binary_out = {200: {"content": {"application/octet-stream": {"schema": {
+        "type": "string", "format": "binary"}}}, "description": "JSON, or JSON + binary "
+        "tensor data (Inference-Header-Content-Length)"}}
 
     @hot_route(app, "POST", "/v2/models/{name}/infer", response_model=V2InferResponse,
-               responses=serving)
-    async def v2_infer(name: str, request: Request):
-        spec = state.model(name)
-        req = await parse_body(request, V2InferRequest)
-        if len(req.inputs) != 1:
-            raise ServiceError(422, "validation_error", f"inputs: {len(req.inputs)} tensors; "
-                               "send exactly one (the images)", "inputs")
-        t = req.inputs[0]
-        if t.datatype not in ("FP32", "FP64"):
-            raise ServiceError(422, "validation_error", f"inputs[0].datatype: {t.datatype!r}; "
-                               "allowed: FP32, FP64", "inputs[0].datatype")
-        n = spec.preprocess.n_raw
-        if len(t.shape) != 2 or t.shape[1] != n or t.shape[0] < 1:
-            raise ServiceError(422, "validation_error", f"inputs[0].shape: {t.shape}; "
-                               f"expected [batch, {n}]", "inputs[0].shape")
-        try:
-            data = np.asarray(t.data, dtype=float).reshape(-1)
-        except (ValueError, TypeError):
-            raise ServiceError(422, "validation_error", "inputs[0].data: not a (nested) list "
-                               "of numbers", "inputs[0].data") from None
-        if data.size != t.shape[0] * n:
-            raise ServiceError(422, "validation_error", f"inputs[0].data: {data.size} values; "
-                               f"shape {t.shape} needs {t.shape[0] * n}", "inputs[0].data")
-        if not np.isfinite(data).all():
-            raise ServiceError(422, "validation_error", "inputs[0].data: contains NaN or "
-                               "infinity; every value must be a finite number", "inputs[0].data")
-        params = req.parameters or {}
-        shots, seed = params.get("shots"), params.get("seed")
-        for key, v in (("shots", shots), ("seed", seed)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0
-                                  or (key == "shots" and not 1 <= v <= 1_000_000)):
-                raise ServiceError(422, "validation_error", f"parameters.{key}: {v!r}; allowed: "
-                                   "a non-negative integer (shots 1 to 1000000)",
-                                   f"parameters.{key}")
-        raw = _check_instances(state, spec, data.reshape(t.shape[0], n).tolist(), "inputs[0]")
-        probs = await state.predict(spec, raw, shots, seed)
-        idx = probs.argmax(axis=1)
-        return json_response(V2InferResponse(model_name=name, model_version="1", id=req.id, outputs=[
-            V2Tensor(name="probabilities", shape=list(probs.shape), datatype="FP64",
-                     data=probs.reshape(-1).tolist()),
-            V2Tensor(name="labels", shape=[len(idx)], datatype="INT64",
-                     data=[spec.classes[i] for i in idx])]))
+               responses={**binary_out, **oip_serving})
+    async def v2_infer_default(name: str, request: Request):
+        return await v2_infer(name, request)
+
+    @hot_route(app, "POST", "/v2/models/{name}/versions/{version}/infer",
+               response_model=V2InferResponse, responses={**binary_out, **oip_serving})
+    async def v2_infer_version(name: str, version: str, request: Request):
+        return await v2_infer(name, request, version)
 
     return app
 

@@ -14,7 +14,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qumos.errors import QumosError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain click help (rich_markup_mode=None): no "<bool>" placeholders on flags; each
+# command's summary is its docstring's first sentence, whole (`_summaries`).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 100},
                   help="QuMoS: split a QNN across quantum providers and measure its theft.")
 console = Console(stderr=True)
 
@@ -29,28 +32,107 @@ def emit(result: dict, as_json: bool, human: str | None = None) -> None:
         Console(soft_wrap=True).print(human, markup=False, highlight=False)
 
 
+def _json_mode() -> bool:
+    """Did the running command get --json? (Its parameter is `as_json` everywhere.)"""
+    try:  # typer >= 0.20 carries its own copy of click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is not None:
+        return bool(ctx.params.get("as_json"))
+    return "--json" in sys.argv[1:]
+
+
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    """Exit 2 with the error: on stderr as text, and with --json also as one JSON object
+    on stdout, {"error": {"type", "message"}}."""
+    if _json_mode():
+        print(json.dumps({"error": {"type": type(e).__name__, "message": str(e)}}))
+    console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
-def progress_bar(transient: bool = True) -> Progress:
+class PlainProgress:
+    """`Progress`'s API for output that is not a terminal (a log, CI, a pipe): a plain
+    line when a task advances, at most every `every` seconds (and when it finishes),
+    instead of a bar that renders as blank lines."""
+
+    def __init__(self, every: float = 5.0):
+        self.every, self.tasks = every, {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        tid = len(self.tasks)
+        self.tasks[tid] = {"description": description, "total": total, "completed": 0,
+                           "t0": time.monotonic(), "printed": 0.0, "fields": fields}
+        console.print(f"{description} ...", markup=False, highlight=False, soft_wrap=True)
+        return tid
+
+    def update(self, tid: int, completed: float | None = None, total: float | None = None,
+               advance: float | None = None, **fields) -> None:
+        t = self.tasks[tid]
+        before = t["completed"]
+        if total is not None:
+            t["total"] = total
+        if advance is not None:
+            t["completed"] += advance
+        if completed is not None:
+            t["completed"] = completed
+        t["fields"].update(fields)
+        now = time.monotonic()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if t["completed"] != before and (done or now - t["printed"] >= self.every):
+            t["printed"] = now
+            total_s = "?" if t["total"] is None else f"{t['total']:g}"
+            console.print(f"{t['description']}: {t['completed']:g}/{total_s} "
+                          f"{t['fields'].get('info', '')} ({now - t['t0']:.0f}s)".rstrip(),
+                          markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bar(transient: bool = True) -> Progress | PlainProgress:
+    """A progress bar on a terminal; plain progress lines otherwise."""
+    if not console.is_terminal:
+        return PlainProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                     TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
                     TimeElapsedColumn(), console=console, transient=transient)
 
 
 def load_design_file(path: Path):
+    """A design from a YAML or JSON file; QumosError naming the file, line and column."""
     from qumos.spec import validate_design
 
     import yaml
 
     if not path.is_file():
         raise QumosError(f"design file {path}: no such file")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QumosError(f"design file {path}: cannot read it ({e})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise QumosError(f"design file {path}: line {e.lineno}, column {e.colno}: not "
+                             f"valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise QumosError(f"design file {path}: {where}not valid YAML ({what})") from None
     if not isinstance(data, dict):
-        raise QumosError(f"design file {path}: expected a mapping of design fields")
+        raise QumosError(f"design file {path}: expected a mapping of design fields "
+                         f"(dataset, task, fragments, ...); got {type(data).__name__}")
     return validate_design(data)
 
 
@@ -65,7 +147,8 @@ def train(
     entanglement: str = typer.Option("ring", help="ring, linear, full"),
     glue: str = typer.Option("tanh", help="tanh: pi*tanh(Wh+b); sin: pi*sin(Wh+b)"),
     head: str = typer.Option("readout", help="readout (fixed) or linear (trained)"),
-    reupload: bool = typer.Option(False, help="glue also feeds the raw features"),
+    reupload: bool = typer.Option(False, show_default=False,
+                                  help="glue also feeds the raw features (default: off)"),
     seed: int = typer.Option(0, help="seed of the split, initialisation and batches"),
     epochs: int = typer.Option(30, min=1),
     lr: float = typer.Option(0.03, min=0.0),
@@ -159,7 +242,9 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except QumosError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        if "--json" in sys.argv:
+            print(json.dumps({"error": {"type": type(e).__name__, "message": str(e)}}))
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         sys.exit(2)
 
 
@@ -176,7 +261,36 @@ def _register_commands() -> None:
                 raise
 
 
+def _summaries() -> None:
+    """The command list shows each command's first sentence whole (click would cut it
+    mid-sentence with '...' to fit a width)."""
+    import re
+
+    for info in app.registered_commands:
+        doc = " ".join((info.help or (info.callback.__doc__ or "")).split())
+        if info.short_help is None and doc:
+            info.short_help = re.split(r"(?<=\.)\s", doc, maxsplit=1)[0]
+
+
+def _no_hyphen_breaks() -> None:
+    """Help text wraps between words only: never inside `--all-providers`, `in-process`
+    or `[default: no-reupload]` (textwrap breaks after hyphens by default)."""
+    try:
+        from typer._click import _textwrap
+    except ImportError:  # pragma: no cover - another typer layout: its own wrapping
+        return
+    init = _textwrap.TextWrapper.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("break_on_hyphens", False)
+        init(self, *args, **kwargs)
+
+    _textwrap.TextWrapper.__init__ = __init__
+
+
 _register_commands()
+_summaries()
+_no_hyphen_breaks()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ Configuration comes from options or, as in docker-compose.yml, the environment:
     QUMOS_DEMO_PROVIDERS          provider-a=http://provider-a:8000,...
     QUMOS_DEMO_TOKENS_DIR         one token file per provider, named after it (/run/secrets)
     QUMOS_DEMO_ADMIN_TOKEN_FILE   the orchestrator's admin token (/run/secrets/admin)
+    QUMOS_DEMO_ATTACKER_TOKEN_FILE  the attacker service's token (/run/secrets/attacker)
     QUMOS_DEMO_ARTIFACT           the artifact directory (/data/model)
 """
 
@@ -102,10 +103,10 @@ def ensure_model(path: Path, epochs: int, seed: int):
     return load_artifact(path), True
 
 
-def run_attack(attacker_url: str, body: dict, timeout: float) -> dict:
+def run_attack(attacker_url: str, body: dict, timeout: float, token: str) -> dict:
     import httpx
 
-    with httpx.Client(timeout=30.0) as client:
+    with httpx.Client(timeout=30.0, headers={"Authorization": f"Bearer {token}"}) as client:
         r = client.post(f"{attacker_url}/v1/attacks", json=body)
         if r.status_code != 202:
             raise QumosError(f"attacker: POST /v1/attacks gave HTTP {r.status_code}: "
@@ -141,6 +142,8 @@ def compose_demo(
     tokens_dir: Path = typer.Option(..., envvar="QUMOS_DEMO_TOKENS_DIR",
                                     help="one token file per provider, named after it"),
     admin_token_file: Path = typer.Option(..., envvar="QUMOS_DEMO_ADMIN_TOKEN_FILE"),
+    attacker_token_file: Path = typer.Option(..., envvar="QUMOS_DEMO_ATTACKER_TOKEN_FILE",
+                                             help="the attacker service's token"),
     artifact: Path = typer.Option(Path("artifacts/default"), envvar="QUMOS_DEMO_ARTIFACT",
                                   help="model to deploy; the default one is trained here "
                                        "if there is none"),
@@ -174,6 +177,7 @@ def compose_demo(
         urls = _parse_providers(providers)
         tokens = {n: _read_token(tokens_dir / n, f"--tokens-dir ({n})") for n in urls}
         admin = _read_token(admin_token_file, "--admin-token-file")
+        attacker_token = _read_token(attacker_token_file, "--attacker-token-file")
         seeds = [int(s) for s in attack_seeds.split(",") if s.strip()]
         console.print(f"waiting for {', '.join(urls)}, orchestrator, attacker")
         ready = wait_ready({**urls, "orchestrator": orchestrator_url.rstrip("/"),
@@ -217,7 +221,8 @@ def compose_demo(
                     "dataset": spec.dataset, "task": spec.task, "split_seed": seed,
                     "model": spec.name}
             console.print(f"attack job: profile {profile}")
-            jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout)
+            jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout,
+                                       attacker_token)
     except (QumosError, ServiceError, ValueError) as e:
         fail(e)
     first = next(iter(jobs.values()))["results"] if jobs else {}

@@ -6,7 +6,8 @@ Conventions (the same everywhere on the wire):
   shape (B, n_qubits), each in [-1, 1].
 - Predict `instances` are raw flattened images (row-major pixel values, e.g. 64 values for
   an 8x8 digit); the orchestrator preprocesses them. Probabilities are (B, n_classes).
-- Every float must be finite: NaN or infinity is refused with 422.
+- Every value must be a finite JSON number: NaN, infinity, strings ("1.5") and booleans
+  are refused with 422 naming the position; integers are typed strictly too.
 - Errors are `{"error": {"type": ..., "message": ..., "field": ...}}` with a 4xx/5xx status.
 - A fragment id is "<model>.<index>" (see `qumos.artifact.fragment_id`).
 
@@ -19,13 +20,14 @@ and responses; the orchestrator also validates every provider answer with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from qumos.errors import QumosError
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Strict: a JSON number only (not "1.5", not true); an integer is a number too.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_SHOTS = 1_000_000
 
 
@@ -39,6 +41,12 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class OipErrorBody(BaseModel):
+    """Errors under /v2 (Open Inference Protocol): the message, starting with the field."""
+
+    error: str
+
+
 # ----- provider ---------------------------------------------------------------------------
 class ExecuteRequest(BaseModel):
     """POST /v1/fragments/{fragment_id}/execute"""
@@ -46,9 +54,10 @@ class ExecuteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[list[FiniteFloat]] = Field(description="(B, n_inputs) angles in radians")
-    shots: int | None = Field(None, ge=1, le=MAX_SHOTS,
-                              description="sample with this many shots; exact when absent")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="sampler seed (shots only)")
+    shots: StrictInt | None = Field(None, ge=1, le=MAX_SHOTS,
+                                    description="sample with this many shots; exact when absent")
+    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1,
+                                   description="sampler seed (shots only)")
 
 
 class ExecuteResponse(BaseModel):
@@ -90,10 +99,11 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instances: list[list[FiniteFloat]] = Field(
-        description="(B, H*W) raw flattened images (pixel values, row-major)")
-    shots: int | None = Field(None, ge=1, le=MAX_SHOTS,
-                              description="providers sample with shots; exact when absent")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1000, description="sampler seed")
+        description="(B, H*W) raw flattened images (pixel values, row-major), each pixel in "
+        "the dataset's range [0, max_value] (digits 16, MNIST 255); others get 422")
+    shots: StrictInt | None = Field(None, ge=1, le=MAX_SHOTS,
+                                    description="providers sample with shots; exact when absent")
+    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1000, description="sampler seed")
 
 
 class PredictResponse(BaseModel):
@@ -142,27 +152,55 @@ class CanaryRequest(BaseModel):
                            "standard errors sqrt((1 - e^2) / shots), plus 1/shots")
 
 
-# Open Inference Protocol v2 (KServe).
-class V2Tensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-    parameters: dict[str, Any] | None = None
+# Open Inference Protocol v2 (KServe). The orchestrator parses infer requests itself
+# (`qumos.oip`: JSON and binary tensor data); these models document the JSON contract.
+class V2InputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["images"] = Field(description="the model's one input")
+    shape: list[StrictInt] = Field(min_length=2, max_length=2,
+                                   description="[batch, H*W]")
+    datatype: Literal["FP32", "FP64"]
+    data: list[Any] | None = Field(None, description="row-major numbers, flat or nested; "
+                                   "absent with binary tensor data")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: bytes of "
+                                              "this tensor after the JSON header")
+
+
+class V2RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["probabilities", "labels"]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data: true for "
+                                              "binary tensor data")
 
 
 class V2InferRequest(BaseModel):
+    """POST /v2/models/{name}[/versions/1]/infer (JSON; or JSON + binary tensor data with
+    the Inference-Header-Content-Length header)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[V2Tensor]
-    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="shots, seed (as in /v1 "
+                                              "predict), binary_data_output")
+    inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
+    outputs: list[V2RequestedOutput] | None = Field(None, description="default: both")
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = Field(None, description="absent when sent as binary data")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size")
 
 
 class V2InferResponse(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    outputs: list[V2Tensor]
+    outputs: list[V2OutputTensor]
 
 
 def format_loc(loc: tuple | list) -> str:

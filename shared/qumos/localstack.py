@@ -135,6 +135,7 @@ class LocalStack:
         self.provider_names = [provider_name(i) for i in range(self.n_providers)]
         self.tokens_dir = self.workdir / "secrets" / "tokens"
         self.admin_token_file = self.workdir / "secrets" / "admin_token"
+        self.attacker_token_file = self.workdir / "secrets" / "attacker_token"
         logs = self.workdir / "logs"
         for name, port in zip(self.provider_names, ports):
             env = {"QUMOS_PROVIDER_NAME": name,
@@ -160,6 +161,7 @@ class LocalStack:
                 "attacker", "services.attacker.app:create_app", self.attacker_port,
                 {"QUMOS_ATTACKER_BREACHED_DIR": str(self.workdir / self.breached),
                  "QUMOS_ATTACKER_DATA_DIR": str(self.workdir / "attacker"),
+                 "QUMOS_ATTACKER_ADMIN_TOKEN_FILE": str(self.attacker_token_file),
                  "QUMOS_ATTACKER_ORCHESTRATOR_URL": self.orchestrator_url},
                 logs / "attacker.log")
 
@@ -182,11 +184,17 @@ class LocalStack:
     def admin_token(self) -> str:
         return self.admin_token_file.read_text().strip()
 
+    @property
+    def attacker_token(self) -> str:
+        """Submits attack jobs to the attacker service."""
+        return self.attacker_token_file.read_text().strip()
+
     def _write_secrets(self) -> None:
         """Fresh tokens for every start: one per provider, one for the admin."""
         for name in self.provider_names:
             write_secret(self.tokens_dir / name)
         write_secret(self.admin_token_file)
+        write_secret(self.attacker_token_file)
 
     # ----- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 90.0) -> LocalStack:

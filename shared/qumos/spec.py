@@ -28,10 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from qumos.errors import DesignError
 
 SCHEMA_VERSION = 1
@@ -43,6 +43,27 @@ ENTANGLEMENTS: tuple[str, ...] = ("ring", "linear", "full")
 EncoderType = Literal["ryzxy"]
 GlueKind = Literal["tanh", "sin"]
 GLUE_KINDS: tuple[str, ...] = ("tanh", "sin")
+
+# Names: one rule for model names everywhere (training, the orchestrator's registration),
+# the providers' rule for fragment ids ("<model>.<index>", `qumos.store`): letters, digits,
+# '_', '.', '-', starting with a letter or digit (so never '.', '..' or a hidden file); a
+# model name is at most 100 characters so that its fragment ids fit the providers' 128.
+MAX_NAME = 100
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
+FRAGMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_RULE = (f"1 to {MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or "
+             "digit")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a valid model name (None when it is)."""
+    if not isinstance(name, str):
+        return f"is {type(name).__name__}; allowed: a string of {NAME_RULE}"
+    if NAME_RE.fullmatch(name):
+        return None
+    shown = name if len(name) <= 40 else name[:40] + f"... ({len(name)} characters)"
+    return f"{shown!r} is not a valid name; allowed: {NAME_RULE}"
+
 
 MIN_QUBITS, MAX_QUBITS = 2, 10
 MAX_DEPTH = 12
@@ -298,9 +319,20 @@ class PreprocessSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessSpec:
-        if self.crop > min(self.image_shape) or self.crop % self.pool_to:
-            raise ValueError(f"crop {self.crop} must fit the image {self.image_shape} and be a "
-                             f"multiple of pool_to {self.pool_to}")
+        h, w = self.image_shape
+        if not (1 <= h <= 1024 and 1 <= w <= 1024):
+            raise ValueError(f"image_shape is {list(self.image_shape)}; allowed: two sizes "
+                             "from 1 to 1024")
+        if not 1 <= self.pool_to <= min(h, w):
+            raise ValueError(f"pool_to is {self.pool_to}; allowed: 1 to {min(h, w)} (the "
+                             "image's smaller side)")
+        if not 1 <= self.crop <= min(h, w) or self.crop % self.pool_to:
+            raise ValueError(f"crop is {self.crop}; allowed: a multiple of pool_to "
+                             f"({self.pool_to}) from {self.pool_to} to {min(h, w)} (fits the "
+                             f"image {h}x{w})")
+        if not (math.isfinite(self.max_value) and self.max_value > 0):
+            raise ValueError(f"max_value is {self.max_value}; allowed: a finite number above 0 "
+                             "(the dataset's largest pixel value)")
         return self
 
     @property
@@ -327,6 +359,14 @@ class ModelSpec(BaseModel):
     glue: list[GlueSpec]
     head: HeadSpec
     placement: list[str] = Field(default_factory=list, description="provider of fragment k")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("schema_version")
     @classmethod
@@ -512,6 +552,11 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
         raise DesignError(f"task: {design.task} is not a task; allowed: {sorted(TASK_CLASSES)}")
     pre = DATASET_IMAGES[design.dataset]
     nf = pre.n_features
+    first = design.fragments[0].n_qubits
+    if MIN_QUBITS <= first <= MAX_QUBITS and 4 * first < nf:  # (ranges: FragmentSpec)
+        raise DesignError(f"fragments[0].n_qubits: is {first}; the first fragment takes the "
+                          f"{nf} features of {design.dataset} (4 per qubit), so it needs at "
+                          f"least {-(-nf // 4)} qubits")
     try:
         frags = []
         for k, f in enumerate(design.fragments):
@@ -520,7 +565,7 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
                     n_qubits=f.n_qubits, n_inputs=fragment_inputs(k, f.n_qubits, nf),
                     block=f.block, depth=f.depth, entanglement=f.entanglement))
             except ValidationError as e:
-                raise DesignError(f"fragments[{k}]." + format_validation_error(e)) from None
+                raise DesignError(format_validation_error(e, f"fragments[{k}]")) from None
         glue = [GlueSpec(kind=design.glue, reupload=design.fragments[k + 1].reupload,
                          in_dim=frags[k].n_qubits + (nf if design.fragments[k + 1].reupload else 0),
                          out_dim=frags[k + 1].n_inputs)
@@ -546,14 +591,46 @@ def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
     )
 
 
-def format_validation_error(e: Exception) -> str:
-    """One line per problem: `field.path: message`."""
+def format_loc(loc) -> str:
+    """('fragments', 0, 'depth') -> 'fragments[0].depth'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.\[\]]*) ((?:is|has) .*)$", re.DOTALL)
+
+
+def format_validation_error(e: Exception, prefix: str = "") -> str:
+    """One line per problem, in one style: `fragments[0].depth: is 0; allowed: 1 to 12`.
+    `prefix` is where the validated object sits (e.g. 'fragments[0]')."""
     errors = getattr(e, "errors", None)
     if errors is None:
         return str(e)
     lines = []
     for err in errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
+        loc = format_loc(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        kind, value = err.get("type"), err.get("input")
+        if kind == "literal_error":
+            msg = f"is {value!r}; allowed: {err.get('ctx', {}).get('expected')}"
+        elif kind == "missing":
+            msg = "missing; this field is required"
+        elif kind == "extra_forbidden":
+            msg = "unknown field"
+        elif kind in ("int_type", "int_parsing", "float_type", "float_parsing", "bool_type",
+                      "bool_parsing", "string_type") and not isinstance(value, (dict, list)):
+            msg = f"is {value!r}; {msg[0].lower() + msg[1:]}"
+        # the validator's own message may name the field again: say it once
+        last = str(err["loc"][-1]) if err.get("loc") else ""
+        for dup in (f"{loc}: ", f"{last}: "):
+            if loc and msg.startswith(dup):
+                msg = msg[len(dup):]
+        m = _FIELD_FIRST.match(msg)
+        if m and (not loc or m.group(1) == last):
+            loc, msg = (m.group(1) if not loc else loc), m.group(2)
+        loc = ".".join(p for p in (prefix, loc) if p)
+        loc = loc.replace(".[", "[")
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,12 @@ from pydantic import ValidationError
 from qumos.artifact import FragmentFile, atomic_write
 from qumos.client import dump_json
 from qumos.errors import QumosError
+from qumos.spec import FRAGMENT_ID_RE
 
 MARKER = "provider.json"
 MARKER_FORMAT = "qumos-provider"
 _LOG_LOCK = threading.Lock()
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ID_RE = FRAGMENT_ID_RE  # the providers' rule; model names follow it (qumos.spec.NAME_RE)
 
 
 class StoreError(QumosError):
@@ -76,7 +76,7 @@ class ProviderStore:
 
     # ----- fragments ---------------------------------------------------------------------
     def _path(self, fragment_id: str) -> Path:
-        if not _ID_RE.match(fragment_id):
+        if not _ID_RE.fullmatch(fragment_id):
             raise StoreError(f"fragment id {fragment_id!r}: use letters, digits, '_', '.', '-'")
         return self.fragments_dir / f"{fragment_id}.json"
 

@@ -2,7 +2,9 @@
 metrics, bearer-token checks, body parsing, and `hot_route` for the endpoints on every
 prediction's path. Imports FastAPI/Starlette (services only).
 
-Error responses are always `{"error": {"type", "message", "field"?}}`:
+Error responses are `{"error": {"type", "message", "field"?}}`, except under /v2 (the Open
+Inference Protocol) where they are the protocol's `{"error": "<message>"}` (the message
+still starts with the field):
 
     ServiceError (HTTPException subclass)   raised by handlers: status, type, message, field
     ├── BodyTooLarge                        413, raised by the body-limit middleware
@@ -29,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from qumos.client import ErrorBody, describe_validation_error, format_loc
+from qumos.client import ErrorBody, OipErrorBody, describe_validation_error, format_loc
 from qumos.errors import QumosError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,8 +57,16 @@ class SettingsError(QumosError):
     """Missing or invalid settings: names the environment variable."""
 
 
+def is_oip_path(path: str | None) -> bool:
+    """Paths of the Open Inference Protocol v2, whose errors are {"error": "<string>"}."""
+    return path is not None and (path == "/v2" or path.startswith("/v2/"))
+
+
 def error_json(status: int, type_: str, message: str, field: str | None = None,
-               headers: dict | None = None) -> JSONResponse:
+               headers: dict | None = None, path: str | None = None) -> JSONResponse:
+    """The error body; `path` (the request's) picks the protocol's shape under /v2."""
+    if is_oip_path(path):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     err = {"type": type_, "message": message}
     if field is not None:
         err["field"] = field
@@ -146,7 +156,8 @@ class BodyLimitMiddleware:
                     too_big = False
                 if too_big:
                     resp = error_json(413, "body_too_large", BodyTooLarge(self.limit).message,
-                                      "body", headers={"Connection": "close"})
+                                      "body", headers={"Connection": "close"},
+                                      path=scope.get("path"))
                     return await resp(scope, receive, send)
         received = 0
         started = False
@@ -171,11 +182,21 @@ class BodyLimitMiddleware:
         except BodyTooLarge as e:
             if started:
                 raise
-            resp = error_json(413, e.type, e.message, e.field)
+            resp = error_json(413, e.type, e.message, e.field, path=scope.get("path"))
             await resp(scope, receive, send)
 
 
 UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+class QuietHealthChecks(logging.Filter):
+    """Drops uvicorn's access-log lines of successful health and readiness probes (every
+    5 s per container), so that a service's log shows its real traffic."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        a = record.args
+        return not (isinstance(a, tuple) and len(a) >= 5 and a[4] == 200
+                    and str(a[2]).split("?")[0] in UNLIMITED_PATHS)
 
 
 class ConcurrencyLimitMiddleware:
@@ -198,7 +219,7 @@ class ConcurrencyLimitMiddleware:
             resp = error_json(503, "overloaded", f"the service is at its limit of "
                               f"{self.limit} requests in flight; retry after "
                               f"{self.retry_after}s", headers={
-                                  "Retry-After": str(self.retry_after)})
+                                  "Retry-After": str(self.retry_after)}, path=scope.get("path"))
             return await resp(scope, receive, send)
         self.in_flight += 1
         try:
@@ -233,7 +254,7 @@ class HotRoutes:
                         response = await endpoint(request=Request(scope, receive), **params)
                     except ServiceError as e:
                         response = error_json(e.status_code, e.type, e.message, e.field,
-                                              headers=e.headers)
+                                              headers=e.headers, path=scope["path"])
                     except Exception as e:
                         response = _internal_error(scope, e)
                     return await response(scope, receive, send)
@@ -259,7 +280,7 @@ def _internal_error(scope, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"),
               exc_info=exc)
     return error_json(500, "internal", f"internal error ({type(exc).__name__}); "
-                      "the service is still up")
+                      "the service is still up", path=scope.get("path"))
 
 
 class MetricsMiddleware:
@@ -309,7 +330,8 @@ class MetricsMiddleware:
 
 # Responses every documented endpoint may give (for the OpenAPI schema).
 ERROR_DESCRIPTIONS = {
-    401: "no credentials", 403: "wrong credentials", 404: "unknown model or fragment",
+    401: "no credentials", 403: "wrong credentials", 404: "unknown model, fragment or job",
+    409: "the service cannot do this now (e.g. the attacker holds no breached provider)",
     413: "body or batch too large", 422: "invalid input (names the field)",
     500: "internal error", 502: "a provider sent a bad or tampered answer",
     503: "overloaded or a provider is unavailable (Retry-After)",
@@ -317,9 +339,11 @@ ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*codes: int) -> dict:
-    """`responses=` for a route: the JSON error body under each status."""
-    return {c: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
+def error_responses(*codes: int, oip: bool = False) -> dict:
+    """`responses=` for a route: the JSON error body under each status (`oip`: the Open
+    Inference Protocol's {"error": "<string>"}, for /v2 routes)."""
+    model = OipErrorBody if oip else ErrorBody
+    return {c: {"model": model, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
 
 
 def document_request_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[BaseModel]]
@@ -357,26 +381,36 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         return error_json(exc.status_code, exc.type, exc.message, exc.field,
-                          headers=getattr(exc, "headers", None))
+                          headers=getattr(exc, "headers", None), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"path: {request.url.path} is not an endpoint of this service"
-        return error_json(exc.status_code, kind, msg, headers=getattr(exc, "headers", None))
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            allow = allowed_methods(request.app, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allow)}
+            msg = (f"method: {request.method} is not allowed on {request.url.path}; "
+                   f"allowed: {', '.join(allow)}")
+        return error_json(exc.status_code, kind, msg, headers=headers, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
         field = format_loc(err.get("loc", ()))
-        return error_json(422, "validation_error", f"{field}: {err.get('msg')}", field)
+        return error_json(422, "validation_error", f"{field}: {err.get('msg')}", field,
+                          path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         return _internal_error(request.scope, exc)
 
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietHealthChecks) for f in access.filters):
+        access.addFilter(QuietHealthChecks())
     app.state.hot_routes = []
     app.add_middleware(HotRoutes, routes=app.state.hot_routes)  # first = innermost
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
@@ -394,6 +428,19 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
     @app.get("/metrics", include_in_schema=False)
     async def _metrics():
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+
+def allowed_methods(app, scope) -> list[str]:
+    """Every method some route serves at this request's path (for a 405's Allow)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        for m in getattr(route, "methods", None) or ():
+            match, _ = route.matches({**scope, "method": m})
+            if match == Match.FULL:
+                methods.add(m)
+    return sorted(methods)
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:

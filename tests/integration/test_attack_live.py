@@ -82,7 +82,8 @@ def test_attacker_service_runs_a_breach_plus_queries_job(attack_stack, live_arti
             "strategies": ["scratch", "knn", "distill_mlp", "head_only", "insider"],
             "budget": {"epochs": 3, "restarts": 1, "queries": 10}, "seeds": [0],
             "design": design_of(live_artifact.spec).model_dump()}
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, headers={
+            "Authorization": f"Bearer {attack_stack.attacker_token}"}) as c:
         assert c.get(f"{url}/readyz").json()["breached_provider"] == "provider-b"
         bad = c.post(f"{url}/v1/attacks", json={**body, "provider": "provider-a"})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "provider"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -71,43 +72,76 @@ def _check_ok(r, want):
     np.testing.assert_allclose(body["probabilities"], want, atol=1e-4)
 
 
+def _until(cond, within: float, what: str) -> None:
+    """Wait for `cond()` (polled), failing after `within` seconds: the tests wait for what
+    they need to see, not for a fixed time that a loaded machine may not honour."""
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {within:.0f}s: {what}"
+        time.sleep(0.05)
+
+
+def _predict_ok(c, stack, raw, within: float = 60.0):
+    """A predict that must succeed once the chain is healthy. rstack's provider deadline
+    is 2 s, which a loaded machine (load average ~5 on 2 cores) can exceed on a healthy
+    provider: a 504 or 503 here is retried (and counted), never a wrong answer."""
+    deadline = time.monotonic() + within
+    while True:
+        r = _predict(c, stack, raw)
+        if r.status_code not in (503, 504) or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
 def test_paused_provider_then_resumed(rstack, digits_test, reference_probs):
     results, stop = [], threading.Event()
     rng = np.random.default_rng(1)
 
     def loop():
         with httpx.Client(timeout=30) as c:
-            while not stop.is_set() and len(results) < 200:
+            while not stop.is_set() and len(results) < 400:
                 idx = rng.choice(len(digits_test.raw), size=4, replace=False)
                 results.append((idx, _predict(c, rstack, digits_test.raw[idx])))
+
+    def n_ok(since: int = 0) -> int:
+        return sum(r.status_code == 200 for _, r in results[since:])
 
     threads = [threading.Thread(target=loop) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    pid = rstack.services["provider-b"].proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    TALLY["faults_injected"] += 1
-    n_paused = len(results)
-    time.sleep(6)  # > timeout 2 s x 2 attempts
-    os.kill(pid, signal.SIGCONT)
-    time.sleep(2)
-    stop.set()
-    for t in threads:
-        t.join(60)
+    try:
+        _until(lambda: n_ok() >= 3, 60, "3 answers before the pause")
+        pid = rstack.services["provider-b"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        TALLY["faults_injected"] += 1
+        n_paused = len(results)
+        try:  # paused until a request ran into the deadline (2 s x 2 attempts)
+            _until(lambda: any(r.status_code == 504 for _, r in results[n_paused:]), 60,
+                   "a 504 while provider-b is paused")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        n_resumed = len(results)
+        _until(lambda: n_ok(n_resumed) >= 3, 60, "3 answers after the resume")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
     codes = collections.Counter(r.status_code for _, r in results)
-    assert codes[504] >= 1 and codes[200] >= 1, codes
+    assert codes[504] >= 1 and codes[200] >= 6, codes
     assert set(codes) <= {200, 504}, codes
     for idx, r in results:
         if r.status_code == 200:
             _check_ok(r, reference_probs[idx])
         else:
+            # provider-b while paused; under load another provider may miss the 2 s too
             msg = r.json()["error"]["message"]
-            assert "provider-b" in msg and "digits4.1" in msg
+            assert re.search(r"provider provider-[abc] \(fragment digits4\.[012]\)", msg), msg
+    assert any("provider-b" in r.json()["error"]["message"] for _, r in results
+               if r.status_code == 504)
     assert len(results) > n_paused
     with httpx.Client(timeout=30) as c:  # healed
-        r = _predict(c, rstack, digits_test.raw[:16])
-        assert r.status_code == 200
+        r = _predict_ok(c, rstack, digits_test.raw[:16])
+        assert r.status_code == 200, r.text
         _check_ok(r, reference_probs[:16])
 
 
@@ -117,7 +151,7 @@ def test_orchestrator_restart_reloads(rstack, digits_test, reference_probs):
     with httpx.Client(timeout=30) as c:
         info = c.get(f"{rstack.orchestrator_url}/v1/models/digits4").json()
         assert info["canaries"] == 64 and info["n_fragments"] == 3
-        r = _predict(c, rstack, digits_test.raw[:40])
+        r = _predict_ok(c, rstack, digits_test.raw[:40])
         assert r.status_code == 200, r.text
         _check_ok(r, reference_probs[:40])
 
@@ -174,7 +208,7 @@ def test_provider_killed_mid_deploy_is_never_half_written(rstack, live_artifact,
         r = c.put(url, content=bodies[0], headers=h)
         TALLY["requests"] += 1
         assert r.status_code == 201
-        r = _predict(c, rstack, digits_test.raw[:8])
+        r = _predict_ok(c, rstack, digits_test.raw[:8])
         assert r.status_code == 200, r.text
         _check_ok(r, reference_probs[:8])
 
@@ -206,7 +240,7 @@ def test_full_then_read_only_data_dir(rstack, live_artifact, digits_test, refere
         assert r.json()["error"]["field"] == "data_dir"
         assert "No space left" in r.json()["error"]["message"]
         # provider-c still executes; this batch's log line (~25 kB) cannot be written
-        r = _predict(c, rstack, digits_test.raw[:64])
+        r = _predict_ok(c, rstack, digits_test.raw[:64])
         assert r.status_code == 200, r.text
         _check_ok(r, reference_probs[:64])
         assert c.get(f"{url}/readyz").json()["degraded"], "log failure not reported"
@@ -217,7 +251,7 @@ def test_full_then_read_only_data_dir(rstack, live_artifact, digits_test, refere
             r = c.put(f"{url}/v1/fragments/digits4.2", content=body, headers=h)
             TALLY["requests"] += 1
             assert r.status_code == 507 and "Read-only" in r.json()["error"]["message"]
-            r = _predict(c, rstack, digits_test.raw[8:16])
+            r = _predict_ok(c, rstack, digits_test.raw[8:16])
             assert r.status_code == 200
             _check_ok(r, reference_probs[8:16])
         finally:
@@ -265,7 +299,7 @@ def test_tokens_never_logged_and_attacker_opens_nothing(rstack, live_artifact, d
                        headers={"Authorization": f"Bearer {tokens[name]}"})
             assert r.status_code == 403
         # the public predict API needs nothing
-        r = _predict(c, rstack, digits_test.raw[:4])
+        r = _predict_ok(c, rstack, digits_test.raw[:4])
         assert r.status_code == 200
     # no token in any service log or data file (failed auths, deploys, faults included)
     secrets = list(tokens.values()) + [admin]

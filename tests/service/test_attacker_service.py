@@ -28,8 +28,17 @@ def breached(tmp_path, small_artifact):
     return art, store.root
 
 
-def _settings(tmp_path, breached_dir):
-    return AttackerSettings(breached_dir=breached_dir, data_dir=tmp_path / "attacker")
+ADMIN = "attacker-admin-token-for-tests"
+
+
+def _settings(tmp_path, breached_dir, **kw):
+    (tmp_path / "attacker_token").write_text(ADMIN)
+    return AttackerSettings(breached_dir=breached_dir, data_dir=tmp_path / "attacker",
+                            admin_token_file=tmp_path / "attacker_token", **kw)
+
+
+def _client(app) -> TestClient:
+    return TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"})
 
 
 def _wait(client, job_id, timeout=300):
@@ -51,7 +60,7 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     body = {"provider": "provider-b", "profile": "breach", "strategies": strategies,
             "budget": {"fraction": 0.05, "epochs": 3, "restarts": 1}, "seeds": [0, 1],
             "design": design_of(art.spec).model_dump(), "victim_acc": 0.8}
-    with TestClient(create_app(_settings(tmp_path, root))) as client:
+    with _client(create_app(_settings(tmp_path, root))) as client:
         assert client.get("/readyz").json()["breached_provider"] == "provider-b"
         r = client.post("/v1/attacks", json=body)
         assert r.status_code == 202, r.text
@@ -82,7 +91,7 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     # the breached directory was only read
     assert sorted(p.name for p in root.rglob("*")) == before
     # results persist: a new app over the same data dir serves the finished job
-    with TestClient(create_app(_settings(tmp_path, root))) as client:
+    with _client(create_app(_settings(tmp_path, root))) as client:
         again = client.get(f"/v1/attacks/{job['id']}").json()
         assert again["status"] == "succeeded" and again["results"]["S"] == res["S"]
 
@@ -107,7 +116,7 @@ def test_bad_requests_name_the_field(tmp_path, breached, change, field):
     art, root = breached
     body = {"design": design_of(art.spec).model_dump(), "seeds": [0], "victim_acc": 0.8,
             "budget": {"epochs": 1, "restarts": 1}, **change}
-    with TestClient(create_app(_settings(tmp_path, root))) as client:
+    with _client(create_app(_settings(tmp_path, root))) as client:
         r = client.post("/v1/attacks", json=body)
         assert r.status_code == 422, r.text
         err = r.json()["error"]
@@ -118,7 +127,7 @@ def test_bad_requests_name_the_field(tmp_path, breached, change, field):
 
 
 def test_not_a_provider_directory_is_refused(tmp_path, small_artifact):
-    with TestClient(create_app(_settings(tmp_path, small_artifact))) as client:
+    with _client(create_app(_settings(tmp_path, small_artifact))) as client:
         r = client.get("/readyz")
         assert r.status_code == 503
         assert "not a provider's data directory" in r.json()["error"]["message"]
@@ -135,7 +144,37 @@ def test_interrupted_job_is_marked_not_lost(tmp_path, breached):
     (jobs / "abc123.json").write_text(json.dumps({
         "id": "abc123", "status": "running", "provider": "provider-b", "request": {},
         "progress": {"done": 1, "total": 4}, "created": 1.0, "started": 2.0}))
-    with TestClient(create_app(_settings(tmp_path, root))) as client:
+    with _client(create_app(_settings(tmp_path, root))) as client:
         job = client.get("/v1/attacks/abc123").json()
         assert job["status"] == "interrupted" and "resubmit" in job["error"]
         assert job["progress"] == {"done": 1, "total": 4}
+
+
+def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached):
+    from services.attacker.app import Job
+
+    art, root = breached
+    body = {"design": design_of(art.spec).model_dump(), "seeds": [0],
+            "budget": {"epochs": 1, "restarts": 1}}
+    app = create_app(_settings(tmp_path, root, max_pending=1))
+    with _client(app) as client:
+        r = client.post("/v1/attacks", json=body, headers={"Authorization": ""})
+        assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
+        r = client.post("/v1/attacks", json=body, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 403
+        r = client.post("/v1/attacks", json={**body, "seeds": [2**70]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "seeds[0]", r.text
+        # one job queued or running fills a queue of 1: the next gets 503 + Retry-After
+        app.state.attacker.jobs["busy"] = Job(id="busy", status="running",
+                                              provider="provider-b", request={}, created=1.0)
+        r = client.post("/v1/attacks", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
+        assert "QUMOS_ATTACKER_MAX_PENDING" in r.json()["error"]["message"]
+        assert [j["id"] for j in client.get("/v1/attacks").json()["attacks"]] == ["busy"]
+        # the schema documents the body and the errors (a fuzzer can reach the endpoint)
+        op = client.get("/openapi.json").json()["paths"]["/v1/attacks"]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/AttackRequest")
+        assert {"401", "403", "409", "422", "503"} <= set(op["responses"])
+        r = client.request("OPTIONS", "/v1/attacks")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
