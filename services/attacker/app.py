@@ -282,8 +282,7 @@ def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> di
     acc = req.victim_acc
     if settings.orchestrator_url:
         oracle = HttpOracle(settings.orchestrator_url, stolen.model,
-                            {stolen.index: settings.breached_dir},
-                            per_request=1)
+                            {stolen.index: settings.breached_dir})
         labels = _victim_labels(settings, stolen.model, data.test.raw)
         if acc is None:
             acc = float((labels == data.test.y).mean())

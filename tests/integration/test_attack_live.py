@@ -42,12 +42,19 @@ def test_insider_attributes_its_rows_in_the_real_logs(attack_stack, live_artifac
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
     for j in range(spec.n_fragments):
         rows = oracle.rows(j, data.train.raw[q], data.train.x[q])
-        # at a later provider a canary seen in no other call is indistinguishable from the
-        # query's own row: with 40 calls x 4 canaries from a pool of 64 most recur
-        assert rows.found.mean() >= 0.5, (j, rows.found.mean())
+        # each query is sent twice in its request: its rows are the call's only repeats
+        assert rows.found.mean() >= 0.9, (j, rows.found.mean())
         f = rows.found
-        np.testing.assert_allclose(rows.inputs[f], want[j][0][f], atol=1e-5)
-        np.testing.assert_allclose(rows.outputs[f], want[j][1][f], atol=1e-5)
+        right = np.all(np.abs(rows.inputs[f] - want[j][0][f]) < 1e-5, axis=1) & np.all(
+            np.abs(rows.outputs[f] - want[j][1][f]) < 1e-5, axis=1)
+        assert right.all(), (j, right.mean())
+    assert oracle.images_sent == 2 * len(q)
+    # without the repeat the insider relies on canaries recurring across calls; in a
+    # young log (few calls) that attributes little, and what it attributes can be wrong
+    # when a query happens to be one of the company's canary images
+    once = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs, repeat=1)
+    once.answer(data.train.raw[q[:10]])
+    assert once.rows(0, data.train.raw[q[:10]], data.train.x[q[:10]]).found.all()
     if (attack_stack.data_dir("provider-a") / "access.jsonl").is_file():
         assert oracle.rows(0, data.train.raw[q], data.train.x[q]).found.all()  # by content
 

@@ -5,13 +5,20 @@ How a real insider attributes its rows (what `HttpOracle.rows` does):
 - it sends its queries one image per request and notes when each request left and when
   its answer came back; the provider writes each executed call to its log with the time,
   so the candidate entries of query i are those of the fragment logged inside its window;
-- the orchestrator mixes integrity canaries into every provider call. They are drawn from
-  a fixed pool, so they recur across calls: a row whose input angles appear in another
-  entry of the log is a canary (or someone else's repeated image) and is dropped;
 - at the first provider the inputs are the image's features in the clear: the row whose
-  inputs equal the query's features (to 1e-6) is its own, whatever the timing.
+  inputs equal the query's features (to 1e-6) is its own, whatever the timing;
+- at a later provider the orchestrator's integrity canaries (drawn from a fixed pool,
+  without repetition within a call) share the call with the query's row. By default
+  (`repeat=2`) the insider sends its image twice in the request: its rows are then the
+  only ones that appear twice within the call. This costs two images per query on the
+  public API (`images_sent`). With `repeat=1` it relies on the canaries recurring across
+  calls: a row whose input angles appear in another entry of the log is dropped.
 A query is attributed when exactly one candidate row is left; the others are counted as
-not found (the insider strategy then uses them for distillation only). Cross-client
+not found (the insider strategy then uses them for distillation only). The canaries are
+the company's own training images, so a query that happens to be one of them recurs like
+a canary; if that call's other canaries all recurred but one, that lone canary is taken
+for the query's row (measured: a few per cent of the attributed rows at a later
+provider, tests/integration/test_attack_live.py). Cross-client
 batching with row shuffling (a defence) is what breaks this.
 """
 
@@ -31,12 +38,15 @@ class HttpOracle(Oracle):
     `rows(j, ...)` attributes them in provider j's log (`provider_dirs[j]`)."""
 
     def __init__(self, url: str, model: str, provider_dirs: dict[int, Path] | None = None,
-                 api_key: str | None = None, timeout: float = 60.0, per_request: int = 1):
+                 api_key: str | None = None, timeout: float = 60.0, repeat: int = 2):
+        if repeat not in (1, 2):
+            raise AttackError(f"repeat: {repeat}; allowed: 1 or 2")
         self.url, self.model = url.rstrip("/"), model
         self.provider_dirs = {int(k): Path(v) for k, v in (provider_dirs or {}).items()}
-        self.api_key, self.timeout, self.per_request = api_key, timeout, per_request
+        self.api_key, self.timeout, self.repeat = api_key, timeout, repeat
         self.windows: list[tuple[float, float]] = []  # per query: (sent, answered)
         self.sent: np.ndarray | None = None
+        self.images_sent = 0  # images on the public API (queries x repeat)
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -48,13 +58,14 @@ class HttpOracle(Oracle):
         out, windows = [], []
         with make_client(timeout=self.timeout) as client:
             client.headers.update(self._headers())
-            for i in range(0, len(raw), self.per_request):
-                part = raw[i:i + self.per_request]
+            for i in range(len(raw)):
                 t0 = time.time()
-                resp = predict(client, self.url, self.model, part)
+                resp = predict(client, self.url, self.model,
+                               np.repeat(raw[i:i + 1], self.repeat, axis=0))
                 t1 = time.time()
-                out.append(np.asarray(resp.probabilities, dtype=float))
-                windows += [(t0, t1)] * len(part)
+                out.append(np.asarray(resp.probabilities, dtype=float)[:1])
+                windows.append((t0, t1))
+                self.images_sent += self.repeat
         self.windows, self.sent = windows, raw
         return np.concatenate(out) if out else np.zeros((0, 0))
 
@@ -68,11 +79,12 @@ class HttpOracle(Oracle):
             raise AttackError("queries: rows() before answer() for the same queries")
         h = breach(self.provider_dirs[j])
         return attribute(h.access_log, f"{self.model}.{j}", self.windows, features,
-                         position0=(j == 0))
+                         position0=(j == 0), repeat=self.repeat)
 
 
 def attribute(log: list[dict], fragment_id: str, windows: list[tuple[float, float]],
-              features: np.ndarray, position0: bool, slack: float = 0.0) -> QueryRows:
+              features: np.ndarray, position0: bool, slack: float = 0.0,
+              repeat: int = 1) -> QueryRows:
     """The insider's rows for its queries (module docstring). The provider logs a call
     after executing it, on the same clock: a query's entries lie inside its window
     (`slack` widens it for clocks that differ)."""
@@ -104,16 +116,21 @@ def attribute(log: list[dict], fragment_id: str, windows: list[tuple[float, floa
     found = np.zeros(n, dtype=bool)
     for i, (t0, t1) in enumerate(windows):
         cand = np.flatnonzero((times >= t0 - slack) & (times <= t1 + slack))
-        rows = []
+        rows: dict[bytes, tuple] = {}
         for c in cand:
             _, a, b = entries[c]
+            within = {k: keys[c].count(k) for k in set(keys[c])}
             for r in range(len(a)):
+                k = keys[c][r]
                 if position0:
-                    if np.allclose(a[r], features[i], atol=1e-6):
-                        rows.append((a[r], b[r]))
-                elif counts[keys[c][r]] == 1:
-                    rows.append((a[r], b[r]))
+                    ok = np.allclose(a[r], features[i], atol=1e-6)
+                elif repeat > 1:
+                    ok = within[k] >= repeat  # the query's copies; canaries never repeat
+                else:
+                    ok = counts[k] == 1  # seen in no other call: not a pooled canary
+                if ok:
+                    rows[k] = (a[r], b[r])
         if len(rows) == 1:
-            ins[i], outs[i] = rows[0]
+            ins[i], outs[i] = next(iter(rows.values()))
             found[i] = True
     return QueryRows(ins, outs, found)
