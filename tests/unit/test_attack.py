@@ -181,7 +181,7 @@ def _labels(fitted, data) -> np.ndarray:
     return predict_proba(fitted.model, data.test.x).argmax(1)
 
 
-@pytest.mark.parametrize("name", ["scratch", "logreg", "mlp", "knn", "distill_qnn",
+@pytest.mark.parametrize("name", ["scratch", "logreg", "mlp", "knn", "distill_qnn", "logspread",
                                   "distill_mlp", "substitute", "finetune", "head_only",
                                   "selftrain", "insider"])
 def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, data):

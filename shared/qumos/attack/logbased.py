@@ -5,6 +5,9 @@
                 white-box model of this breach (chosen on the attacker's own labelled
                 images) labels those rows, and a model of the same kind is trained on the
                 labelled images plus the pseudo-labelled rows; two rounds.
+    logspread   the same rows without the stolen fragment: label spreading (a k-NN graph
+                over the labelled features, the queries' features with the victim's
+                top-1 answers, and the logged features), then an MLP on all of them.
 
 A log at a later position holds intermediate angles that pair with no image the attacker
 has: without its own queries (`breach+queries`, `qumos.attack.insider`) or a coalition
@@ -23,9 +26,9 @@ from qumos.attack.whitebox import HeadOnly
 ROUNDS = 2
 
 
-def _nothing(ctx: Context, why: str) -> Trained | None:
+def _nothing(ctx: Context, why: str, name: str = "selftrain") -> None:
     if ctx.progress:
-        ctx.progress({**ctx.info("selftrain"), "note": why})
+        ctx.progress({**ctx.info(name), "note": why})
     return None
 
 
@@ -72,3 +75,42 @@ def selftrain(ctx: Context) -> Trained | None:
                               ctx.progress, ctx.info("selftrain"))
     best.note = f"{len(u)} log rows, teacher {kind}"
     return best
+
+
+class _FeatureModel:
+    """A scikit-learn classifier on the 16 features behind the strategy interface."""
+
+    def __init__(self, est, own_acc: float, note: str):
+        self.est, self.own_acc, self.note = est, own_acc, note
+
+    def predict(self, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        return self.est.predict(x)
+
+
+def logspread(ctx: Context) -> _FeatureModel | None:
+    """None (with a note through progress) when the log holds nothing usable."""
+    import warnings
+
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.semi_supervised import LabelSpreading
+
+    if not any(f.index == 0 for f in ctx.stolen):
+        return _nothing(ctx, "the breached log holds intermediate angles, not inputs", "logspread")
+    u = log_inputs(ctx)
+    if len(u) == 0:
+        return _nothing(ctx, "the breached log holds no rows", "logspread")
+    xl, yl = ctx.own.x, ctx.own.y
+    if ctx.has_queries:
+        xl = np.concatenate([xl, ctx.qx])
+        yl = np.concatenate([yl, ctx.qt.argmax(1)])
+    x = np.concatenate([xl, u])
+    y = np.concatenate([yl, -np.ones(len(u), dtype=int)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = int(min(7, max(2, len(xl) - 1)))
+        spread = LabelSpreading(kernel="knn", n_neighbors=k, max_iter=200).fit(x, y)
+        pseudo = spread.transduction_
+        mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-2, solver="lbfgs",
+                            max_iter=500, random_state=ctx.seed).fit(x, pseudo)
+    own_acc = float((mlp.predict(ctx.own.x) == ctx.own.y).mean())
+    return _FeatureModel(mlp, own_acc, f"{len(u)} log rows")

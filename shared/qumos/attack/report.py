@@ -116,8 +116,9 @@ class AttackReport:
                 by[n] = {"acc": ms([s.test_acc for s in sc]),
                          "fidelity": ms([s.fidelity for s in sc]),
                          "note": sc[-1].note if sc else ""}
-            for n in ("selftrain", "insider"):  # a strategy with nothing to use
-                if n in _theft_names(cfg) and n not in by:
+            for n in ("selftrain", "logspread", "insider"):  # nothing to use
+                if n in _theft_names(cfg) and n not in by and (
+                        not cfg.strategies or n in cfg.strategies):
                     by[n] = {"acc": [None, None], "fidelity": [None, None],
                              "note": "nothing to use in this breach"}
             winners = Counter(x["A_strategy"] for x in us if x["A_strategy"])

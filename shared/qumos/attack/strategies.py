@@ -5,12 +5,13 @@ References (no theft; S is the best of them) and thefts (A_j is the best of them
 | profile          | references                                   | thefts                              |
 |------------------|----------------------------------------------|-------------------------------------|
 | `breach`         | scratch, logreg, mlp, knn                    | substitute, finetune, head_only,    |
-|                  |                                              | selftrain                           |
+|                  |                                              | selftrain, logspread                |
 | `breach+queries` | the above + distill_qnn, distill_mlp         | the above + insider                 |
 | `queries`        | scratch, logreg, mlp, knn, distill_qnn,      | (none: no breach)                   |
 |                  | distill_mlp                                  |                                     |
 | `coalition`      | scratch, logreg, mlp, knn                    | substitute, finetune, head_only,    |
-|                  |                                              | selftrain (glue fitted to the logs) |
+|                  |                                              | selftrain, logspread (glue fitted   |
+|                  |                                              | to the logs)                        |
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from qumos.attack import insider, logbased, references, whitebox
 BASE_REFERENCES = ("scratch", "logreg", "mlp", "knn")
 QUERY_REFERENCES = ("distill_qnn", "distill_mlp")
 WHITE_BOX = ("substitute", "finetune", "head_only")
-THEFTS = WHITE_BOX + ("selftrain",)
+THEFTS = WHITE_BOX + ("selftrain", "logspread")
 
 FUNCS = {
     "scratch": references.scratch, "logreg": references.logreg, "mlp": references.mlp,
     "knn": references.knn, "distill_qnn": references.distill_qnn,
     "distill_mlp": references.distill_mlp, "substitute": whitebox.substitute,
     "finetune": whitebox.finetune, "head_only": whitebox.head_only,
-    "selftrain": logbased.selftrain, "insider": insider.insider,
+    "selftrain": logbased.selftrain, "logspread": logbased.logspread,
+    "insider": insider.insider,
 }
 ALL = tuple(FUNCS)
 
