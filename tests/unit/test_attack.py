@@ -196,9 +196,9 @@ def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, dat
     assert np.array_equal(pa, pb)
     acc = float((pa == data.test.y).mean())
     assert acc > 1.0 / len(data.classes) - 0.1, f"{name}: {acc} is no better than chance"
-    if hasattr(a, "restart_accs"):
+    if hasattr(a, "restart_accs"):  # every restart kept, their probabilities averaged
         assert len(a.restart_accs) == TINY["restarts"]
-        assert a.own_acc == pytest.approx(max(a.restart_accs))
+        assert len(a.model.members) == TINY["restarts"]
 
 
 def test_log_strategies_say_when_the_log_holds_nothing(victim, data):

@@ -7,8 +7,8 @@ in the breached provider's log, rebuild the model around the stolen fragment j.
                  the head) distilled on the victim's answers, fed the logged angles;
               3. end-to-end fine-tuning of everything but the stolen fragment on the
                  labelled images (one-hot) and the queries (the victim's answers).
-              Restarts cycle the learning rates; the restart with the best accuracy on the
-              attacker's own labelled images wins.
+              Restarts cycle the learning rates; their probabilities are averaged (as
+              every trainable strategy's: qumos.attack.training).
 
 Where the rows come from: in process (the evaluator, `qumos attack --artifact`) the
 provider's view of each query is computed exactly; against live services the queries go
@@ -19,8 +19,6 @@ for distillation only.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from qumos.attack.context import (
@@ -30,7 +28,7 @@ from qumos.attack.context import (
     suffix_from,
     suffix_params,
 )
-from qumos.attack.training import Trained, adam_steps, join, own_key
+from qumos.attack.training import Trained, adam_steps, ensemble, join, own_key
 from qumos.train import TrainConfig, fit
 from torch import nn
 
@@ -52,7 +50,7 @@ def insider(ctx: Context) -> Trained | None:
     x_all, t_all = join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx, ctx.qt)
     n = len(x_all)
     cfg = ctx.cfg
-    best, best_key, accs = None, None, []
+    models, accs = [], []
     for r in range(cfg.restarts):
         rseed = 1000 * ctx.seed + r
         lr = cfg.lr(r)
@@ -75,13 +73,10 @@ def insider(ctx: Context) -> Trained | None:
         tc = TrainConfig(epochs=cfg.epochs, lr=lr / 3, batch_size=n if n <= cfg.full_batch_max
                          else cfg.batch_size, seed=rseed, select="acc_loss")
         fit(net, x_all, t_all, ctx.own.x, ctx.own.y, tc, cb)
-        acc, loss = own_key(net, ctx.own.x, ctx.own.y)
-        accs.append(acc)
-        if best_key is None or (acc, -loss) > best_key:
-            best, best_key = copy.deepcopy(net), (acc, -loss)
-    assert best is not None and best_key is not None
-    return Trained(model=best, own_acc=best_key[0], own_loss=-best_key[1], restart_accs=accs,
-                   note=f"{int(f.sum())} of {len(f)} query rows attributed")
+        accs.append(own_key(net, ctx.own.x, ctx.own.y)[0])
+        models.append(net)
+    return ensemble(models, ctx.own.x, ctx.own.y, accs,
+                    note=f"{int(f.sum())} of {len(f)} query rows attributed")
 
 
 def provider_rows_in_process(victim, j: int, features: np.ndarray):

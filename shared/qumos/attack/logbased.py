@@ -29,7 +29,6 @@ ROUNDS = 2
 def _nothing(ctx: Context, why: str, name: str = "selftrain") -> None:
     if ctx.progress:
         ctx.progress({**ctx.info(name), "note": why})
-    return None
 
 
 def log_inputs(ctx: Context) -> np.ndarray:
