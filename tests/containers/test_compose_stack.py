@@ -124,6 +124,8 @@ def demo(stack, small_artifact):
         r = stack.compose("run", "--rm", "-v", f"{art}:/model:ro",
                           "-e", "QUMOS_DEMO_ARTIFACT=/model",
                           "-e", "QUMOS_DEMO_ATTACK_EPOCHS=3",
+                          "-e", "QUMOS_DEMO_ATTACK_RESTARTS=1",
+                          "-e", "QUMOS_DEMO_ATTACK_QUERIES=10",
                           "demo", "qumos", "compose-demo", "--json", "--limit", "120",
                           check=False, timeout=900)
     finally:
@@ -156,22 +158,30 @@ def test_demo_job_deploys_predicts_and_attacks(demo):
     assert demo["n_predicted"] == 120
     assert demo["max_abs_diff"] < 1e-4
     assert demo["accuracy_service"] == pytest.approx(demo["accuracy_local"])
-    rep = demo["attack"]
-    assert rep["provider"] == BREACHED
-    assert set(rep["by_strategy"]) == {"scratch", "substitute", "finetune", "head_only"}
-    for name, st in rep["by_strategy"].items():
-        assert 0.0 <= st["acc_mean"] <= 1.0, name
-    assert 0.0 <= rep["S"][0] <= 1.0 and 0.0 <= rep["A"][0] <= 1.0
-    assert rep["leak"] is not None and 0.0 <= rep["leak"][0] <= 1.0
+    assert set(demo["attacks"]) == {"breach", "breach+queries"}
+    for profile, rep in demo["attacks"].items():
+        assert rep["provider"] == BREACHED and rep["profile"] == profile
+        (p,) = rep["providers"]
+        assert p["provider"] == BREACHED
+        assert {"substitute", "finetune", "head_only"} <= set(p["by_strategy"])
+        for name, st in p["by_strategy"].items():
+            assert st["acc"][0] is None or 0.0 <= st["acc"][0] <= 1.0, name
+        assert {"scratch", "logreg", "mlp", "knn"} <= set(rep["references"])
+        assert 0.0 <= rep["S"][0] <= 1.0 and 0.0 <= p["A"][0] <= 1.0
+        assert 0.0 <= p["leak"][0] <= 1.0 and 0.0 <= rep["security"][0] <= 1.0
+    # the insider's queries went through the public API; its rows came from the mounted log
+    ins = demo["attacks"]["breach+queries"]["providers"][0]["by_strategy"]["insider"]
+    assert "query rows attributed" in ins["note"], ins
 
 
 def test_attack_report_served_by_attacker(stack, demo):
-    r = httpx.get(f"{stack.attacker}/v1/attacks/{demo['attack_job']}", timeout=10)
+    rep = demo["attacks"]["breach"]
+    r = httpx.get(f"{stack.attacker}/v1/attacks/{rep['job']}", timeout=10)
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["status"] == "succeeded"
     assert job["results"]["provider"] == BREACHED
-    assert job["results"]["A"] == demo["attack"]["A"]
+    assert job["results"]["providers"][0]["A"] == rep["providers"][0]["A"]
 
 
 def test_predictions_through_published_port_match_in_process(stack, demo, small_artifact):
