@@ -466,8 +466,8 @@ class FragmentSim:
                 gate, wires, idx = step
                 mats = gate_matrix(gate, [w[..., idx[:, a]] for a in range(idx.shape[1])],
                                    self.cdtype)  # (..., m, 4, 4)
-                for i, (w0, w1) in enumerate(wires):
-                    state = self._apply_2q(state, mats[..., i, :, :], w0, w1)
+                for m, (w0, w1) in zip(mats.unbind(-3), wires):  # one autograd node
+                    state = self._apply_2q(state, m, w0, w1)
         return state
 
     def _angles(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -636,6 +636,16 @@ def _join(parts: list, shared: bool, batched: bool) -> torch.Tensor | None:
     return torch.stack(parts).sum(0) if shared else torch.stack(parts)
 
 
+def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) as 2-D rows (..., k) -> (R, k); a no-op (no call) for 2-D tensors."""
+    return t if t.dim() == 2 else t.reshape(-1, k)
+
+
+def _unrows(t: torch.Tensor, like: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows (R, k) back to like's leading axes, (..., k)."""
+    return t if like.dim() == 2 else t.reshape(*like.shape[:-1], k)
+
+
 class _Encode(torch.autograd.Function):
     """psi = encode(x, t_ri), (B, d) complex; per model x (M, B, n_inputs) with t_ri
     (M, n, 2**L, 4) (or one (n, 2**L, 4) for all) -> (M, B, d)."""
@@ -645,8 +655,7 @@ class _Encode(torch.autograd.Function):
         ctx.sim, ctx.kern = sim, _c_kernels(x)
         ctx.save_for_backward(x, t_ri)
         if ctx.kern is not None:  # rows model-major: model m's rows use t_ri[m]
-            psi = ctx.kern.encode_fwd(x.reshape(-1, x.shape[-1]), t_ri)
-            return psi.reshape(*x.shape[:-1], sim.d)
+            return _unrows(ctx.kern.encode_fwd(_rows(x, x.shape[-1]), t_ri), x, sim.d)
         ctx.saved, psis = [], []
         for xm, tm in _per_model(x, t_ri):
             psi, saved = _encode_fwd(sim, xm, tm)
@@ -659,9 +668,9 @@ class _Encode(torch.autograd.Function):
         x, t_ri = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[:2]
         if ctx.kern is not None:
-            g_x, g_t = ctx.kern.encode_bwd(x.reshape(-1, x.shape[-1]), t_ri,
-                                           g_psi.reshape(-1, ctx.sim.d), need_x, need_t)
-            return None if g_x is None else g_x.reshape(x.shape), g_t, None
+            g_x, g_t = ctx.kern.encode_bwd(_rows(x, x.shape[-1]), t_ri,
+                                           _rows(g_psi, ctx.sim.d), need_x, need_t)
+            return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, None
         g_xs, g_ts = [], []
         g_ps = [g_psi] if x.dim() == 2 else g_psi.unbind(0)
         for (xm, tm), saved, gp in zip(_per_model(x, t_ri), ctx.saved, g_ps):
@@ -678,24 +687,24 @@ class _Readout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, psi, sim):
         ctx.sim, ctx.kern = sim, _c_kernels(psi)
-        flat = psi.reshape(-1, sim.d)
+        flat = _rows(psi, sim.d)
         if ctx.kern is not None:
             ctx.save_for_backward(flat)
             out = ctx.kern.readout_fwd(flat, sim.n)
         else:
             out, psi_t = _readout_fwd(sim, flat.T)
             ctx.save_for_backward(psi_t)
-        return out.reshape(*psi.shape[:-1], sim.n)
+        return _unrows(out, psi, sim.n)
 
     @staticmethod
     def backward(ctx, g_out):
         (psi,) = ctx.saved_tensors
-        g_flat = g_out.reshape(-1, ctx.sim.n)
+        g_flat = _rows(g_out, ctx.sim.n)
         if ctx.kern is not None:
             g = ctx.kern.readout_bwd(psi, g_flat)
         else:
             g = _readout_bwd(ctx.sim, psi, g_flat).T
-        return g.reshape(*g_out.shape[:-1], ctx.sim.d), None
+        return _unrows(g, g_out, ctx.sim.d), None
 
 
 def _eur_fwd_torch(sim: FragmentSim, x, t_ri, r):
@@ -726,12 +735,11 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
     def forward(ctx, x, t_ri, r, sim):
         ctx.sim, ctx.kern = sim, _c_kernels(x)
         if ctx.kern is not None:  # (..., B, d) states, sample-major; rows model-major
-            psi = ctx.kern.encode_fwd(x.reshape(-1, x.shape[-1]), t_ri)
-            psi = psi.reshape(*x.shape[:-1], sim.d)
+            psi = _unrows(ctx.kern.encode_fwd(_rows(x, x.shape[-1]), t_ri), x, sim.d)
             phi = psi if r is None else psi @ r
-            out = ctx.kern.readout_fwd(phi.reshape(-1, sim.d), sim.n)
+            out = ctx.kern.readout_fwd(_rows(phi, sim.d), sim.n)
             ctx.save_for_backward(x, t_ri, r, psi, phi)
-            return out.reshape(*x.shape[:-1], sim.n)
+            return _unrows(out, x, sim.n)
         outs, ctx.state = [], []
         for xm, tm, rm in _per_model(x, t_ri, r):
             out, state = _eur_fwd_torch(sim, xm, tm, rm)
@@ -748,17 +756,17 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
             x, t_ri, r, psi, phi = ctx.saved_tensors
             need_r = need_r and r is not None
             # phi = psi @ r: grad r = psi^H @ g_phi, grad psi = g_phi @ r^H
-            g_phi = ctx.kern.readout_bwd(phi.reshape(-1, sim.d), g_out.reshape(-1, sim.n))
-            g_phi = g_phi.reshape(phi.shape)  # (..., B, d)
+            g_phi = ctx.kern.readout_bwd(_rows(phi, sim.d), _rows(g_out, sim.n))
+            g_phi = _unrows(g_phi, phi, sim.d)  # (..., B, d)
             g_r = None
             if need_r and r.dim() == 2:  # one r for all rows (and models)
                 g_r = psi.reshape(-1, sim.d).conj().T @ g_phi.reshape(-1, sim.d)
             elif need_r:
                 g_r = psi.conj().transpose(-1, -2) @ g_phi
             g_psi = g_phi if r is None else g_phi @ r.conj().transpose(-1, -2)
-            g_x, g_t = ctx.kern.encode_bwd(x.reshape(-1, x.shape[-1]), t_ri,
-                                           g_psi.reshape(-1, sim.d), need_x, need_t)
-            return None if g_x is None else g_x.reshape(x.shape), g_t, g_r, None
+            g_x, g_t = ctx.kern.encode_bwd(_rows(x, x.shape[-1]), t_ri,
+                                           _rows(g_psi, sim.d), need_x, need_t)
+            return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, g_r, None
         x, t_ri, r = ctx.saved_tensors
         need_r = need_r and r is not None
         g_os = [g_out] if x.dim() == 2 else g_out.unbind(0)
