@@ -36,14 +36,24 @@ class TrainResult:
 ProgressFn = Callable[[int, int, float], None]  # (epoch, epochs, val_acc)
 
 
+def _targets(y) -> torch.Tensor:
+    """Hard labels (N,) -> long; soft targets (N, C) probabilities -> float."""
+    arr = np.asarray(y)
+    if arr.ndim == 2:
+        return torch.as_tensor(arr, dtype=torch.float32)
+    return torch.as_tensor(arr, dtype=torch.long)
+
+
 def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         progress: ProgressFn | None = None) -> TrainResult:
     """Train the model's trainable parameters; keep the state with the best validation
-    accuracy (ties: the earlier epoch). x_val may be the training data itself."""
+    accuracy (ties: the earlier epoch). x_val may be the training data itself. `y_train`
+    holds class indices (N,) or soft targets (N, C), probabilities. `qumos.stacked.fit_many`
+    trains many models this way at once."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     xt = torch.as_tensor(np.asarray(x_train), dtype=torch.float32)
-    yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    yt = _targets(y_train)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -57,7 +67,9 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         total = 0.0
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            logits = model(xt[idx])
+            target = yt[idx].to(logits.dtype) if yt.ndim == 2 else yt[idx]
+            loss = nn.functional.cross_entropy(logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -69,7 +81,8 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         if progress:
             progress(epoch, cfg.epochs, val)
     model.load_state_dict(best[2])
-    return TrainResult(model=model, val_acc=best[0], train_acc=accuracy(model, xt, yt),
+    train_acc = accuracy(model, xt, yt.argmax(1) if yt.ndim == 2 else yt)
+    return TrainResult(model=model, val_acc=best[0], train_acc=train_acc,
                        best_epoch=best[1], seconds=time.perf_counter() - t0, history=history)
 
 
