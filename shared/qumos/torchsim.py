@@ -46,13 +46,15 @@ by the benchmark; `flops_per_sample` counts the arithmetic of this method.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
 from qumos import kernels
 from qumos.spec import TWO_QUBIT_GATES, FragmentSpec, Op
 
-__all__ = ["FragmentSim", "flops_per_sample", "gate_matrix", "init_params"]
+__all__ = ["FragmentSim", "flops_per_sample", "fragment_sim", "gate_matrix", "init_params"]
 
 
 def gate_matrix(gate: str, angles: list[torch.Tensor], cdtype: torch.dtype) -> torch.Tensor:
@@ -301,6 +303,7 @@ class FragmentSim:
         self.kron_index = (4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None]
                            + bit[:, None, :])  # (n, d, d)
         self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
+        self._embed_index: dict = {}  # gate wires -> gather index and mask (_embed_2q)
         # For building R = U^T (the unitary path): up to DENSE_LOCAL_QUBITS a local step's
         # matrix is gathered from the per-wire 2x2s, and the signed permutations next to
         # it fold into that gather's index (and a sign): one gather + product per local
@@ -328,7 +331,8 @@ class FragmentSim:
 
     def _fold_permutations(self) -> list[tuple[str, object]]:
         """self.steps with every perm step merged into the local step after it (else the
-        one before it) as ("dense", (local, index (n, d, d), sign (d, d) or None)), where
+        one before it) as ("dense", (local, index (n, d, d), sign (d, d) or None, rows,
+        cols)), where
         the dense step's matrix M (row convention: states @ M) is gathered as
         M[i, j] = sign[i, j] * prod_w mats[w].flat[index[w, i, j]]."""
         kinds = [k for k, _ in self.steps]
@@ -359,7 +363,14 @@ class FragmentSim:
                 sa = sign_a[inv_a] if sign_a is not None else torch.ones(self.d, dtype=self.cdtype)
                 sb = sign_b if sign_b is not None else torch.ones(self.d, dtype=self.cdtype)
                 sign = sa[:, None] * sb[None, :]
-            out.append(("dense", (payload, index, sign)))
+            # per model (batched weights): the same matrix as K^T with rows inv_a and
+            # columns perm_b, from Kronecker products (index_select is far cheaper than a
+            # (M, n, d, d) gather and its backward); None: the identity permutation
+            ident_a = bool((perm_a == torch.arange(self.d)).all())
+            ident_b = bool((perm_b == torch.arange(self.d)).all())
+            rows = None if ident_a else inv_a
+            cols = None if ident_b else perm_b
+            out.append(("dense", (payload, index, sign, rows, cols)))
         return out
 
     def unitary(self, w: torch.Tensor, wz: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
@@ -369,8 +380,16 @@ class FragmentSim:
         r = None
         for kind, payload in self.r_steps:
             if kind == "dense":
-                local, index, sign = payload
-                m = _gather_kron(local.matrices(wz, cs, self.cdtype), index)
+                local, index, sign, rows, cols = payload
+                mats = local.matrices(wz, cs, self.cdtype)
+                if mats.dim() == 3:  # one model: one gather
+                    m = _gather_kron(mats, index)
+                else:  # per model: M[i, j] = K^T[rows[i], cols[j]]
+                    m = _kron_all(mats).transpose(-1, -2)
+                    if rows is not None:
+                        m = m.index_select(-2, rows)
+                    if cols is not None:
+                        m = m.index_select(-1, cols)
                 if sign is not None:
                     m = m * sign
                 r = m if r is None else r @ m
@@ -435,7 +454,8 @@ class FragmentSim:
         win there)."""
         if self.n <= DENSE_LOCAL_QUBITS:
             # kron(mats)[i, j] = prod_w mats[w, bit_w(i), bit_w(j)]: one gather, one product
-            kron = _gather_kron(mats, self.kron_index)  # (..., d, d)
+            # (per model: Kronecker products, cheaper than an (M, n, d, d) gather)
+            kron = _gather_kron(mats, self.kron_index) if mats.dim() == 3 else _kron_all(mats)
             return s @ kron.transpose(-1, -2)
         k_lo = _kron_all(mats[..., : self.lo, :, :])  # (..., 2**lo, 2**lo)
         k_hi = _kron_all(mats[..., self.lo:, :, :])  # (..., 2**hi, 2**hi)
@@ -466,9 +486,38 @@ class FragmentSim:
                 gate, wires, idx = step
                 mats = gate_matrix(gate, [w[..., idx[:, a]] for a in range(idx.shape[1])],
                                    self.cdtype)  # (..., m, 4, 4)
+                if mats.dim() > 3 and self.n <= DENSE_LOCAL_QUBITS:
+                    state = state @ self._embed_2q(mats, wires)
+                    continue
                 for m, (w0, w1) in zip(mats.unbind(-3), wires):  # one autograd node
                     state = self._apply_2q(state, m, w0, w1)
         return state
+
+    def _embed_2q(self, mats: torch.Tensor, wires: list[tuple[int, int]]) -> torch.Tensor:
+        """The run of two-qubit gates mats (M, m, 4, 4) on `wires` as one (M, d, d) matrix
+        E per model, states @ E applying them in order (row convention).
+
+        Per model, m einsums on (B, d) states are m tiny batched matmuls with K = 4 plus
+        permuting copies: with M models, their per-matmul overhead dominated. Here: one
+        gather of every gate's full matrix E_k[i, j] = g_k[p(j), p(i)] (p = the two bits
+        of the gate's wires; 0 unless the other bits agree) and m - 1 (d, d) products.
+        Only up to DENSE_LOCAL_QUBITS (a (d, d) matrix per gate and model)."""
+        key = tuple(wires)
+        if key not in self._embed_index:
+            i = torch.arange(self.d)
+            index, masks = [], []
+            for k, (a, b) in enumerate(wires):
+                p = 2 * ((i >> a) & 1) + ((i >> b) & 1)  # the gate's basis index of i
+                rest = ~((1 << a) | (1 << b))
+                masks.append(((i[:, None] ^ i[None, :]) & rest) == 0)
+                index.append(16 * k + 4 * p[None, :] + p[:, None])  # E[i, j] = g[p(j), p(i)]
+            self._embed_index[key] = (torch.stack(index).reshape(-1),
+                                      torch.stack(masks).to(self.cdtype))
+        index, mask = self._embed_index[key]
+        lead = mats.shape[:-3]
+        full = mats.reshape(*lead, -1).index_select(-1, index)
+        full = full.reshape(*lead, len(wires), self.d, self.d) * mask
+        return _chain(full.unbind(-3)[::-1])  # E_1 @ E_2 @ ... @ E_m
 
     def _angles(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w padded with a 0 (index -1 = no gate), and (cos, sin) of the halves, real:
@@ -803,6 +852,19 @@ def flops_per_sample(spec: FragmentSpec, batch: int) -> float:
         steps = 8 * sim.state_cost
     readout = 2 * d + 2 * (2 * d) * n
     return 3.0 * (encoder + steps + readout)
+
+
+def fragment_sim(spec: FragmentSpec, dtype: torch.dtype = torch.float32) -> FragmentSim:
+    """The compiled FragmentSim of spec's circuit (its params play no part), shared by
+    every caller with the same circuit and dtype: compiling one takes a few milliseconds,
+    as long as a few training steps of a tiny model, and an evaluation builds hundreds of
+    models of one architecture. The simulator holds no weights; do not modify it."""
+    return _cached_sim(json.dumps(spec.architecture(), sort_keys=True), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_sim(architecture: str, dtype: torch.dtype) -> FragmentSim:
+    return FragmentSim(FragmentSpec.model_validate_json(architecture), dtype=dtype)
 
 
 def init_params(spec: FragmentSpec, generator: torch.Generator | None = None) -> torch.Tensor:
