@@ -395,7 +395,9 @@ class FragmentSim:
                 r = m if r is None else r @ m
             else:
                 if r is None:
-                    r = torch.eye(self.d, dtype=self.cdtype).expand(*w.shape[:-1], self.d, self.d)
+                    r = torch.eye(self.d, dtype=self.cdtype)
+                    if w.dim() > 1:
+                        r = r.expand(*w.shape[:-1], self.d, self.d)
                 r = self.apply_steps(r, w, {"angles": (wz, cs)}, [(kind, payload)])
         return r
 
@@ -440,12 +442,15 @@ class FragmentSim:
         """Apply a 4x4 gate m (basis |a b>, a more significant) on wires a, b of (B, d)
         states; or per model: m (M, 4, 4) on (M, B, d)."""
         hi, lo = max(a, b), min(a, b)
-        t = s.reshape(*s.shape[:-1], 2 ** (self.n - 1 - hi), 2, 2 ** (hi - lo - 1), 2, 2**lo)
-        g = m.reshape(*m.shape[:-2], 2, 2, 2, 2)  # [a_out, b_out, a_in, b_in]
         # t axes: z batch, x above hi, r = bit hi, y between, s = bit lo, u below lo
         eq = "pqrs,zxrysu->zxpyqu" if a == hi else "pqsr,zxrysu->zxqypu"
-        if m.dim() > 2 or s.dim() > 2:  # leading model axis (on g, t or both: broadcast)
-            eq = "..." + eq.replace(",", ",...").replace("->", "->...")
+        if m.dim() == 2 and s.dim() == 2:  # one model
+            t = s.reshape(s.shape[0], 2 ** (self.n - 1 - hi), 2, 2 ** (hi - lo - 1), 2, 2**lo)
+            return torch.einsum(eq, m.reshape(2, 2, 2, 2), t).reshape(s.shape)
+        # a leading model axis (on m, s or both: broadcast)
+        t = s.reshape(*s.shape[:-1], 2 ** (self.n - 1 - hi), 2, 2 ** (hi - lo - 1), 2, 2**lo)
+        g = m.reshape(*m.shape[:-2], 2, 2, 2, 2)  # [a_out, b_out, a_in, b_in]
+        eq = "..." + eq.replace(",", ",...").replace("->", "->...")
         return torch.einsum(eq, g, t).reshape(s.shape)
 
     def _apply_local(self, s: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
@@ -522,7 +527,8 @@ class FragmentSim:
     def _angles(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w padded with a 0 (index -1 = no gate), and (cos, sin) of the halves, real:
         (..., P+1) and (..., P+1, 2)."""
-        wz = torch.cat([w, w.new_zeros(*w.shape[:-1], 1)], dim=-1)  # (..., P+1)
+        pad = w.new_zeros(1) if w.dim() == 1 else w.new_zeros(*w.shape[:-1], 1)
+        wz = torch.cat([w, pad], dim=-1)  # (..., P+1)
         half = wz / 2
         return wz, torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (..., P+1, 2)
 
