@@ -117,8 +117,10 @@ def main() -> None:
     for scale in args.scales:
         for text in args.designs:
             spec = build_spec(parse_design(text))
-            # warm-up: compile the C kernels and the circuits outside the timings
-            run_batched(spec, jobs(scale, 2, data, args)[:2])
+            # warm-up of both paths: the C kernels, the compiled circuits, torch's caches
+            warm = jobs(scale, 2, data, args)
+            run_batched(spec, copy.deepcopy(warm))
+            run_one_by_one(spec, copy.deepcopy(warm[:1]))
             for m in args.models:
                 js = jobs(scale, m, data, args)
                 times = {"one": [], "batched": []}
