@@ -290,3 +290,14 @@ def test_design_syntax_specs_stack():
     out = StackedQNN(models)(x)
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(x[i]), atol=1e-12, rtol=0)
+
+
+def test_compiled_circuits_are_shared_not_their_weights():
+    """DistributedQNN takes its compiled FragmentSims from a cache keyed by the circuit
+    (params play no part); the weights stay per model."""
+    spec = make_spec("u3cu3", 4, "1-1")
+    a, b = DistributedQNN(spec, seed=0), DistributedQNN(spec, seed=1)
+    assert a.sims[0] is b.sims[0] and a.sims[1] is b.sims[1]
+    assert not torch.equal(a.weights[0], b.weights[0])
+    assert DistributedQNN(make_spec("u3cu3", 4, "1-2")).sims[1] is not a.sims[1]
+    assert DistributedQNN(spec, dtype=F64).sims[0] is not a.sims[0]
