@@ -301,3 +301,62 @@ def test_compiled_circuits_are_shared_not_their_weights():
     assert not torch.equal(a.weights[0], b.weights[0])
     assert DistributedQNN(make_spec("u3cu3", 4, "1-2")).sims[1] is not a.sims[1]
     assert DistributedQNN(spec, dtype=F64).sims[0] is not a.sims[0]
+
+
+def _fit_acc_loss(model, x, y, cfg):
+    """fit's loop with the attacker's selection rule (the one main's fit adds as
+    TrainConfig.select == "acc_loss"): best validation accuracy, ties broken by the lower
+    validation cross-entropy, then by the earlier epoch. Validation data = training data."""
+    from torch import nn
+
+    from qumos.model import accuracy
+
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+
+    def key():
+        with torch.no_grad():
+            loss = float(nn.functional.cross_entropy(model(xt), yt))
+        return (accuracy(model, x, y), -loss)
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best = (key(), 0, copy.deepcopy(model.state_dict()))
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        k = key()
+        if k > best[0]:
+            best = (k, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return best
+
+
+def test_acc_loss_selection():
+    """`select = "acc_loss"` on a config (main's TrainConfig gains the field): ties in
+    accuracy go to the lower validation loss, per model."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg(TrainConfig):
+        select: str = "acc_loss"
+
+    spec = make_spec("ry_cz", 4, "1-1", head="linear")
+    rng = np.random.default_rng(12)
+    x, y = data(rng, 8)  # few samples: accuracy saturates, the loss decides
+    models = make_models(spec, 3)
+    ref = copy.deepcopy(models)
+    cfgs = [Cfg(epochs=10, lr=0.1, batch_size=8, seed=s) for s in range(3)]
+    got = fit_many(models, x, y, x, y, cfgs)
+    for g, r, c in zip(got, ref, cfgs):
+        (acc, negloss), epoch, _ = _fit_acc_loss(r, x, y, c)
+        assert (g.best_epoch, g.val_acc) == (epoch, acc)
+    assert_models_close(models, ref, atol=1e-5)
+    # the loss decided somewhere: a selected epoch later than the first one reaching its
+    # accuracy (with select "acc" fit keeps that first one)
+    assert any(r.best_epoch > min([h["epoch"] for h in r.history if h["val_acc"] == r.val_acc]
+                                  + [r.best_epoch]) for r in got)
