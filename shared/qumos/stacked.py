@@ -50,8 +50,8 @@ from qumos.model import DistributedQNN
 from qumos.spec import ModelSpec
 from qumos.train import TrainConfig, TrainResult, _targets
 
-__all__ = ["MAX_AMPLITUDES", "ArchitectureMismatch", "StackedAdam", "StackedQNN", "fit_many",
-           "architecture_of"]
+__all__ = ["MAX_AMPLITUDES", "ArchitectureMismatch", "StackedAdam", "StackedQNN",
+           "architecture_of", "check_same_architecture", "fit_many"]
 
 MAX_AMPLITUDES = 2**21  # per simulator call: rows * 2**n_qubits (see the module docstring)
 
