@@ -44,11 +44,10 @@ from dataclasses import fields
 
 import numpy as np
 import torch
-from torch import nn
-
 from qumos.model import DistributedQNN
 from qumos.spec import ModelSpec
 from qumos.train import TrainConfig, TrainResult, _targets
+from torch import nn
 
 __all__ = ["MAX_AMPLITUDES", "ArchitectureMismatch", "StackedAdam", "StackedQNN",
            "architecture_of", "check_same_architecture", "fit_many"]

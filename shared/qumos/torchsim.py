@@ -16,7 +16,9 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
     perm   a run of fixed gates (cx, cz) is a signed permutation of basis states: one
            index operation;
     diag   a run of rzz gates is diagonal: one phase vector;
-    gates2q other parameterized two-qubit gates, one einsum each.
+    gates2q other parameterized two-qubit gates: up to 5 qubits the run's gates gathered
+           into full (d, d) matrices and multiplied into one (`_embed_2q`), else one
+           einsum each.
 - The ansatz does not depend on the data. When it pays off (by an estimated operation
   count, `FragmentSim.use_unitary`), its unitary is built once per call by running the
   steps on the identity, and applied to the whole batch with one matmul.
@@ -42,6 +44,11 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
 
 Cost of one forward+backward step, and the flop floor it is compared with, are printed
 by the benchmark; `flops_per_sample` counts the arithmetic of this method.
+
+Many models at once (`qumos.stacked`): every step above also takes a leading model axis,
+x (M, B, n_inputs) with weights w (M, P): per-model matrices, T and unitaries are built by
+the same operations on (M, ...) tensors, and the batch part runs over all M * B rows in
+one call (the C encoder walks M segments of rows, each with its model's T).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_torch_fallback_path_equals_one_by_one():
 def run_both(models, xs, ys, xv, yv, cfgs, **kw):
     ref = copy.deepcopy(models)
     got = fit_many(models, xs, ys, xv, yv, cfgs, **kw)
-    per = lambda v, i: v[i] if isinstance(v, list) else v  # noqa: E731
+    per = lambda v, i: v[i] if isinstance(v, list) else v
     want = [fit(r, per(xs, i), per(ys, i), per(xv, i), per(yv, i), per(cfgs, i))
             for i, r in enumerate(ref)]
     return got, want, ref
@@ -307,9 +307,8 @@ def _fit_acc_loss(model, x, y, cfg):
     """fit's loop with the attacker's selection rule (the one main's fit adds as
     TrainConfig.select == "acc_loss"): best validation accuracy, ties broken by the lower
     validation cross-entropy, then by the earlier epoch. Validation data = training data."""
-    from torch import nn
-
     from qumos.model import accuracy
+    from torch import nn
 
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
 
@@ -353,7 +352,7 @@ def test_acc_loss_selection():
     cfgs = [Cfg(epochs=10, lr=0.1, batch_size=8, seed=s) for s in range(3)]
     got = fit_many(models, x, y, x, y, cfgs)
     for g, r, c in zip(got, ref, cfgs):
-        (acc, negloss), epoch, _ = _fit_acc_loss(r, x, y, c)
+        (acc, _), epoch, _ = _fit_acc_loss(r, x, y, c)
         assert (g.best_epoch, g.val_acc) == (epoch, acc)
     assert_models_close(models, ref, atol=1e-5)
     # the loss decided somewhere: a selected epoch later than the first one reaching its
