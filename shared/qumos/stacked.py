@@ -426,10 +426,43 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
     gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
     opt = StackedAdam(stack, [c.lr for c in cfgs])
 
-    best_acc, best_loss = val_eval(stack, any_loss)
+    # Full batch with the training data as selection data (the attacker's case): the
+    # selection figures of the values after epoch e are those of epoch e + 1's training
+    # forward (the same rows and values, permuted), so that pass is not run twice.
+    fused = (stack.has_trainable and not soft and len({c.epochs for c in cfgs}) == 1
+             and all(n > 0 and c.batch_size >= n for n, c in zip(n_train, cfgs))
+             and all(xv.shape == x.shape and torch.equal(xv, x) and torch.equal(yv, y)
+                     for xv, x, yv, y in zip(xvs, xs, yvs, ys)))
+    n_rows = torch.tensor(n_train, dtype=torch.float64)
+    best_acc, best_loss = (None, None) if fused else val_eval(stack, any_loss)
     best_epoch = [0] * m_all
     best_flat = stack.flat.clone()
     histories: list[list[dict]] = [[] for _ in range(m_all)]
+
+    def finish(epoch: int, total: torch.Tensor, live: list[bool], acc: torch.Tensor,
+               loss: torch.Tensor | None) -> None:
+        """Epoch `epoch` done (the stack holds its values): history, selection, progress."""
+        nonlocal best_acc, best_loss, best_flat
+        improved = acc > best_acc
+        if any_loss:
+            improved |= use_loss & (acc == best_acc) & (loss < best_loss)
+        improved &= torch.tensor(live)
+        for i in range(m_all):
+            if live[i]:
+                histories[i].append({"epoch": epoch, "loss": float(total[i]) / max(n_train[i], 1),
+                                     "val_acc": float(acc[i])})
+                if improved[i]:
+                    best_epoch[i] = epoch
+        best_acc = torch.where(improved, acc, best_acc)
+        if any_loss:
+            best_loss = torch.where(improved, loss, best_loss)
+        best_flat = torch.where(improved[stack.flat_model], stack.flat, best_flat)
+        if progress:
+            for i in range(m_all):
+                if live[i]:
+                    progress(i, epoch, cfgs[i].epochs, float(acc[i]))
+
+    pending = None  # fused: (epoch, total, live) awaiting the next forward's figures
     for epoch in range(1, max((c.epochs for c in cfgs), default=0) + 1):
         if not stack.has_trainable:
             break
@@ -461,31 +494,29 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
                 logits.reshape(-1, logits.shape[-1]),
                 target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1),
                 reduction="none").view(m_all, width)
+            if fused:  # the figures of the values before this step, as _Eval computes them
+                with torch.no_grad():
+                    valid = mask[:, s] > 0
+                    pred = torch.softmax(logits, dim=-1).argmax(-1)
+                    acc = ((pred == target) & valid).double().sum(1) / n_rows
+                    loss = ((ce.double() * valid).sum(1) / n_rows) if any_loss else None
+                if pending is None:  # epoch 0: the starting point
+                    best_acc, best_loss = acc, loss
+                else:
+                    finish(*pending, acc, loss)
             per_model = (ce * mask[:, s]).sum(1) / count[:, s].clamp(min=1).to(dtype)
             stack.zero_grad_flat()
             per_model.sum().backward()
             opt.step(active)
             total += per_model.detach().double() * count[:, s]
-        acc, loss = val_eval(stack, any_loss)
-        improved = acc > best_acc
-        if any_loss:
-            improved |= use_loss & (acc == best_acc) & (loss < best_loss)
-        improved &= torch.tensor(live)
-        for i in range(m_all):
-            if live[i]:
-                histories[i].append({"epoch": epoch, "loss": float(total[i]) / max(n_train[i], 1),
-                                     "val_acc": float(acc[i])})
-                if improved[i]:
-                    best_epoch[i] = epoch
-        best_acc = torch.where(improved, acc, best_acc)
-        if any_loss:
-            best_loss = torch.where(improved, loss, best_loss)
-        if stack.has_trainable:
-            best_flat = torch.where(improved[stack.flat_model], stack.flat, best_flat)
-        if progress:
-            for i in range(m_all):
-                if live[i]:
-                    progress(i, epoch, cfgs[i].epochs, float(acc[i]))
+        if fused:
+            pending = (epoch, total, live)
+        else:
+            finish(epoch, total, live, *val_eval(stack, any_loss))
+    if pending is not None:
+        finish(*pending, *val_eval(stack, any_loss))
+    if best_acc is None:  # fused, no epoch ran
+        best_acc, best_loss = val_eval(stack, any_loss)
     with torch.no_grad():
         stack.flat.copy_(best_flat)
     stack.write_back(models)

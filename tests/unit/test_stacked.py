@@ -359,3 +359,27 @@ def test_acc_loss_selection():
     # accuracy (with select "acc" fit keeps that first one)
     assert any(r.best_epoch > min([h["epoch"] for h in r.history if h["val_acc"] == r.val_acc]
                                   + [r.best_epoch]) for r in got)
+
+
+@pytest.mark.parametrize("frozen", [None, 0])
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+def test_attacker_scale_full_batch_self_selection(block, frozen, monkeypatch):
+    """The attacker's case: each model its own small set, full batch, selection on that
+    set. fit_many then takes the selection figures from the next epoch's training forward
+    (not a second pass): still fit's results."""
+    import qumos.stacked as st
+
+    calls = []
+    orig = st._Eval.__call__
+    monkeypatch.setattr(st._Eval, "__call__", lambda self, *a, **k: calls.append(1) or
+                        orig(self, *a, **k))
+    spec = make_spec(block, 4, "1-1", True, "linear")
+    rng = np.random.default_rng(13)
+    sets = [data(rng, k) for k in (7, 11, 9, 11)]
+    xs, ys = [s[0] for s in sets], [s[1] for s in sets]
+    models = make_models(spec, 4, frozen)
+    cfgs = [TrainConfig(epochs=6, lr=0.1, batch_size=16, seed=s) for s in range(4)]
+    got, want, ref = run_both(models, xs, ys, xs, ys, cfgs)
+    assert_results_equal(got, want)
+    assert_models_close(models, ref, atol=1e-5)
+    assert len(calls) == 2  # the last epoch's selection and the training accuracy
