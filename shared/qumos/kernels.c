@@ -190,25 +190,33 @@ static void FN(encode_block)(FN(block) *w, long b0, int nb, int n, int n_inputs,
     }
 }
 
-/* Encoder forward: x (B, n_inputs), t (n, 2**L, 4) -> psi (B, 2**n) complex. */
-void FN(qk_encode_fwd)(long B, int n, int n_inputs, int L, const REAL *x, const REAL *t,
-                       REAL *psi)
+/* Encoder forward: x (B, n_inputs), t (M, n, 2**L, 4) -> psi (B, 2**n) complex. The rows
+ * are M segments of B / M (M models, model-major): segment m uses t[m]. Blocks of samples
+ * do not cross segments. */
+void FN(qk_encode_fwd)(long B, long M, int n, int n_inputs, int L, const REAL *x,
+                       const REAL *t, REAL *psi)
 {
-    const size_t d = (size_t)1 << n;
+    const size_t d = (size_t)1 << n, tsize = (size_t)n * 4 << L;
+    const long seg = M > 0 ? B / M : 0;
     FN(block) w = FN(block_alloc)(n, L);
     const REAL *out = ROW(w.P, 2 * (d - 2));
-    for (long b0 = 0; b0 < B; b0 += W) {
-        const int nb = B - b0 < W ? (int)(B - b0) : W;
-        FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
-        FN(store_rows)(psi, out, b0, nb, 2 * d);
+    for (long m = 0; m < M; m++) {
+        const long end = (m + 1) * seg;
+        for (long b0 = m * seg; b0 < end; b0 += W) {
+            const int nb = end - b0 < W ? (int)(end - b0) : W;
+            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t + m * tsize);
+            FN(store_rows)(psi, out, b0, nb, 2 * d);
+        }
     }
     free(w.h);
 }
 
 /* Encoder backward: from x, t and g_psi (B, 2**n) complex, g_x (B, n_inputs) (if need_x)
- * and g_t (n, 2**L, 4) summed over the batch (if need_t). Recomputes the forward. */
-void FN(qk_encode_bwd)(long B, int n, int n_inputs, int L, const REAL *x, const REAL *t,
-                       const REAL *g_psi, int need_x, int need_t, REAL *g_x, REAL *g_t)
+ * and g_t (M, n, 2**L, 4), each summed over its segment's rows (if need_t). Segments as in
+ * qk_encode_fwd. Recomputes the forward. */
+void FN(qk_encode_bwd)(long B, long M, int n, int n_inputs, int L, const REAL *x,
+                       const REAL *t_all, const REAL *g_psi, int need_x, int need_t,
+                       REAL *g_x, REAL *g_t_all)
 {
     const size_t d = (size_t)1 << n;
     const int K = 1 << L, FW = 2 * K - 2;
@@ -220,92 +228,100 @@ void FN(qk_encode_bwd)(long B, int n, int n_inputs, int L, const REAL *x, const 
     REAL *G = calloc((size_t)W * (2 * d + 4 * n + K + 2 + n_inputs + acc_rows), sizeof(REAL));
     REAL *gv = ROW(G, 2 * d), *gf = ROW(gv, 4 * n), *g_c = ROW(gf, K), *g_s = ROW(g_c, 1);
     REAL *gx = ROW(g_s, 1), *acc = ROW(gx, n_inputs);
-    for (long b0 = 0; b0 < B; b0 += W) {
-        const int nb = B - b0 < W ? (int)(B - b0) : W;
-        FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
-        FN(load_rows)(G, g_psi, b0, nb, 2 * d);
-        /* grad of each wire's v, from the last wire down: prefix_k = v[k] (x) prefix_{k-1} */
-        for (int k = n - 1; k >= 1; k--) {
-            const int m = 1 << k;
-            const REAL *a_re = ROW(w.v, 4 * k), *a_im = ROW(w.v, 4 * k + 1);
-            const REAL *b_re = ROW(w.v, 4 * k + 2), *b_im = ROW(w.v, 4 * k + 3);
-            REAL *g0_re = ROW(gv, 4 * k), *g0_im = ROW(gv, 4 * k + 1);
-            REAL *g1_re = ROW(gv, 4 * k + 2), *g1_im = ROW(gv, 4 * k + 3);
-            LANES g0_re[j] = g0_im[j] = g1_re[j] = g1_im[j] = 0;
-            for (int e = 0; e < m; e++) {
-                const REAL *p_re = ROW(w.P, 2 * (m - 2 + e)), *p_im = p_re + W;
-                REAL *h0_re = ROW(G, 2 * e), *h0_im = h0_re + W;
-                const REAL *h1_re = ROW(G, 2 * (m + e)), *h1_im = h1_re + W;
-                LANES {
-                    /* g_v[k][bit] += G[bit, e] * conj(prefix_{k-1}[e]) */
-                    g0_re[j] += h0_re[j] * p_re[j] + h0_im[j] * p_im[j];
-                    g0_im[j] += h0_im[j] * p_re[j] - h0_re[j] * p_im[j];
-                    g1_re[j] += h1_re[j] * p_re[j] + h1_im[j] * p_im[j];
-                    g1_im[j] += h1_im[j] * p_re[j] - h1_re[j] * p_im[j];
-                    /* grad prefix_{k-1}[e] = sum over the bit of G[bit, e] * conj(v[k][bit]) */
-                    const REAL re = h0_re[j] * a_re[j] + h0_im[j] * a_im[j]
-                                    + h1_re[j] * b_re[j] + h1_im[j] * b_im[j];
-                    h0_im[j] = h0_im[j] * a_re[j] - h0_re[j] * a_im[j]
-                               + h1_im[j] * b_re[j] - h1_re[j] * b_im[j];
-                    h0_re[j] = re;
+    const size_t tsize = (size_t)n * K * 4;
+    const long seg = M > 0 ? B / M : 0;
+    for (long sg = 0; sg < M; sg++) {  /* segments: one per model */
+        const REAL *t = t_all + sg * tsize;
+        const long end = (sg + 1) * seg;
+        if (need_t)
+            memset(acc, 0, sizeof(REAL) * W * acc_rows);
+        for (long b0 = sg * seg; b0 < end; b0 += W) {
+            const int nb = end - b0 < W ? (int)(end - b0) : W;
+            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
+            FN(load_rows)(G, g_psi, b0, nb, 2 * d);
+            /* grad of each wire's v, from the last wire down: prefix_k = v[k] (x) prefix_{k-1} */
+            for (int k = n - 1; k >= 1; k--) {
+                const int m = 1 << k;
+                const REAL *a_re = ROW(w.v, 4 * k), *a_im = ROW(w.v, 4 * k + 1);
+                const REAL *b_re = ROW(w.v, 4 * k + 2), *b_im = ROW(w.v, 4 * k + 3);
+                REAL *g0_re = ROW(gv, 4 * k), *g0_im = ROW(gv, 4 * k + 1);
+                REAL *g1_re = ROW(gv, 4 * k + 2), *g1_im = ROW(gv, 4 * k + 3);
+                LANES g0_re[j] = g0_im[j] = g1_re[j] = g1_im[j] = 0;
+                for (int e = 0; e < m; e++) {
+                    const REAL *p_re = ROW(w.P, 2 * (m - 2 + e)), *p_im = p_re + W;
+                    REAL *h0_re = ROW(G, 2 * e), *h0_im = h0_re + W;
+                    const REAL *h1_re = ROW(G, 2 * (m + e)), *h1_im = h1_re + W;
+                    LANES {
+                        /* g_v[k][bit] += G[bit, e] * conj(prefix_{k-1}[e]) */
+                        g0_re[j] += h0_re[j] * p_re[j] + h0_im[j] * p_im[j];
+                        g0_im[j] += h0_im[j] * p_re[j] - h0_re[j] * p_im[j];
+                        g1_re[j] += h1_re[j] * p_re[j] + h1_im[j] * p_im[j];
+                        g1_im[j] += h1_im[j] * p_re[j] - h1_re[j] * p_im[j];
+                        /* grad prefix_{k-1}[e] = sum over the bit of G[bit, e] * conj(v[k][bit]) */
+                        const REAL re = h0_re[j] * a_re[j] + h0_im[j] * a_im[j]
+                                        + h1_re[j] * b_re[j] + h1_im[j] * b_im[j];
+                        h0_im[j] = h0_im[j] * a_re[j] - h0_re[j] * a_im[j]
+                                   + h1_im[j] * b_re[j] - h1_re[j] * b_im[j];
+                        h0_re[j] = re;
+                    }
                 }
             }
-        }
-        memcpy(gv, G, sizeof(REAL) * W * 4);
-        /* v[w] = T^T f, real: gv's 4 rows are the grad of T's columns */
-        for (int wire = 0; wire < n; wire++) {
-            const REAL *Fw = ROW(w.F, wire * FW), *f = ROW(Fw, K - 2), *gw = ROW(gv, 4 * wire);
-            const REAL *tw = t + (size_t)wire * K * 4;
-            if (need_t)
-                for (int k = 0; k < K; k++)
-                    for (int q = 0; q < 4; q++) {
-                        REAL *a = ROW(acc, (wire * K + k) * 4 + q);
-                        const REAL *fk = ROW(f, k), *gq = ROW(gw, q);
-                        LANES a[j] += fk[j] * gq[j];
-                    }
-            if (!need_x)
-                continue;
-            for (int k = 0; k < K; k++) {
-                REAL *g = ROW(gf, k);
-                const REAL t0 = tw[4 * k], t1 = tw[4 * k + 1], t2 = tw[4 * k + 2], t3 = tw[4 * k + 3];
-                const REAL *g0 = ROW(gw, 0), *g1 = ROW(gw, 1);
-                const REAL *g2 = ROW(gw, 2), *g3 = ROW(gw, 3);
-                LANES g[j] = t0 * g0[j] + t1 * g1[j] + t2 * g2[j] + t3 * g3[j];
-            }
-            /* f's prefix for layers 0..l = (c_l, s_l) (x) prefix_{l-1}, from the last layer down */
-            for (int l = L - 1; l >= 0; l--) {
-                const int i = l * n + wire;
-                const REAL *cl = ROW(w.c, i), *sl = ROW(w.s, i);
-                if (l == 0) {
-                    memcpy(g_c, gf, sizeof(REAL) * W * 2);  /* g_c, g_s are adjacent rows */
-                } else {
-                    const int m = 1 << l;
-                    LANES g_c[j] = g_s[j] = 0;
-                    for (int e = 0; e < m; e++) {
-                        const REAL *pre = ROW(Fw, m - 2 + e);
-                        REAL *lo = ROW(gf, e);
-                        const REAL *hi = ROW(gf, m + e);
-                        LANES {
-                            g_c[j] += lo[j] * pre[j];
-                            g_s[j] += hi[j] * pre[j];
-                            lo[j] = lo[j] * cl[j] + hi[j] * sl[j];
+            memcpy(gv, G, sizeof(REAL) * W * 4);
+            /* v[w] = T^T f, real: gv's 4 rows are the grad of T's columns */
+            for (int wire = 0; wire < n; wire++) {
+                const REAL *Fw = ROW(w.F, wire * FW), *f = ROW(Fw, K - 2), *gw = ROW(gv, 4 * wire);
+                const REAL *tw = t + (size_t)wire * K * 4;
+                if (need_t)
+                    for (int k = 0; k < K; k++)
+                        for (int q = 0; q < 4; q++) {
+                            REAL *a = ROW(acc, (wire * K + k) * 4 + q);
+                            const REAL *fk = ROW(f, k), *gq = ROW(gw, q);
+                            LANES a[j] += fk[j] * gq[j];
+                        }
+                if (!need_x)
+                    continue;
+                for (int k = 0; k < K; k++) {
+                    REAL *g = ROW(gf, k);
+                    const REAL t0 = tw[4 * k], t1 = tw[4 * k + 1], t2 = tw[4 * k + 2], t3 = tw[4 * k + 3];
+                    const REAL *g0 = ROW(gw, 0), *g1 = ROW(gw, 1);
+                    const REAL *g2 = ROW(gw, 2), *g3 = ROW(gw, 3);
+                    LANES g[j] = t0 * g0[j] + t1 * g1[j] + t2 * g2[j] + t3 * g3[j];
+                }
+                /* f's prefix for layers 0..l = (c_l, s_l) (x) prefix_{l-1}, from the last layer down */
+                for (int l = L - 1; l >= 0; l--) {
+                    const int i = l * n + wire;
+                    const REAL *cl = ROW(w.c, i), *sl = ROW(w.s, i);
+                    if (l == 0) {
+                        memcpy(g_c, gf, sizeof(REAL) * W * 2);  /* g_c, g_s are adjacent rows */
+                    } else {
+                        const int m = 1 << l;
+                        LANES g_c[j] = g_s[j] = 0;
+                        for (int e = 0; e < m; e++) {
+                            const REAL *pre = ROW(Fw, m - 2 + e);
+                            REAL *lo = ROW(gf, e);
+                            const REAL *hi = ROW(gf, m + e);
+                            LANES {
+                                g_c[j] += lo[j] * pre[j];
+                                g_s[j] += hi[j] * pre[j];
+                                lo[j] = lo[j] * cl[j] + hi[j] * sl[j];
+                            }
                         }
                     }
-                }
-                if (i < n_inputs) {  /* d cos(x/2) = -sin(x/2) / 2, d sin(x/2) = cos(x/2) / 2 */
-                    REAL *g = ROW(gx, i);
-                    LANES g[j] = (g_s[j] * cl[j] - g_c[j] * sl[j]) * (REAL)0.5;
+                    if (i < n_inputs) {  /* d cos(x/2) = -sin(x/2) / 2, d sin(x/2) = cos(x/2) / 2 */
+                        REAL *g = ROW(gx, i);
+                        LANES g[j] = (g_s[j] * cl[j] - g_c[j] * sl[j]) * (REAL)0.5;
+                    }
                 }
             }
+            if (need_x)
+                FN(store_rows)(g_x, gx, b0, nb, n_inputs);
         }
-        if (need_x)
-            FN(store_rows)(g_x, gx, b0, nb, n_inputs);
-    }
-    for (size_t r = 0; r < acc_rows; r++) {  /* the sum over the lanes (not LANES: a reduction) */
-        double sum = 0;
-        for (int j = 0; j < W; j++)
-            sum += ROW(acc, r)[j];
-        g_t[r] = (REAL)sum;
+        for (size_t r = 0; r < acc_rows; r++) {  /* the sum over the lanes (not LANES: a reduction) */
+            double sum = 0;
+            for (int j = 0; j < W; j++)
+                sum += ROW(acc, r)[j];
+            g_t_all[sg * tsize + r] = (REAL)sum;
+        }
     }
     free(G);
     free(w.h);

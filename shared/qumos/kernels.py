@@ -149,8 +149,8 @@ class Kernels:
         p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self._fn = {}
         for dtype, sfx in _SUFFIX.items():
-            for name, args in (("qk_encode_fwd", [long, i, i, i, p, p, p]),
-                               ("qk_encode_bwd", [long, i, i, i, p, p, p, i, i, p, p]),
+            for name, args in (("qk_encode_fwd", [long, long, i, i, i, p, p, p]),
+                               ("qk_encode_bwd", [long, long, i, i, i, p, p, p, i, i, p, p]),
                                ("qk_readout_fwd", [long, i, p, p]),
                                ("qk_readout_bwd", [long, i, p, p, p])):
                 fn = getattr(lib, f"{name}_{sfx}")
@@ -162,27 +162,42 @@ class Kernels:
         """Whether the kernels handle tensors like t (float32/64 or complex64/128, on the CPU)."""
         return t.is_cpu and (t.dtype in _SUFFIX or t.dtype in _REAL)
 
+    @staticmethod
+    def _segments(x: torch.Tensor, t_ri: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """(B, n_inputs, M, n, 2**L) of x (B, n_inputs) and t_ri (n, 2**L, 4) or per model
+        (M, n, 2**L, 4): then the B rows are M equal segments, model-major."""
+        if t_ri.dim() not in (3, 4) or t_ri.shape[-1] != 4 or x.dim() != 2:
+            raise ValueError(f"kernel arguments x {tuple(x.shape)}, t_ri {tuple(t_ri.shape)}; "
+                             "expected (B, n_inputs) and ([M,] n, 2**L, 4)")
+        (b, n_in), m = x.shape, (t_ri.shape[0] if t_ri.dim() == 4 else 1)
+        n, k = t_ri.shape[-3], t_ri.shape[-2]
+        if m < 1 or b % m:
+            raise ValueError(f"kernel argument: {b} rows are not {m} equal per-model segments")
+        return b, n_in, m, n, k
+
     def encode_fwd(self, x: torch.Tensor, t_ri: torch.Tensor) -> torch.Tensor:
-        """x (B, n_inputs), t_ri (n, 2**L, 4) -> psi (B, 2**n) complex."""
-        (b, n_in), (n, k, _) = x.shape, t_ri.shape
-        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, (n, k, 4))
+        """x (B, n_inputs), t_ri (n, 2**L, 4) -> psi (B, 2**n) complex. Per model: t_ri
+        (M, n, 2**L, 4), rows b * M // B of x use t_ri[m] (M equal segments)."""
+        b, n_in, m, n, k = self._segments(x, t_ri)
+        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, tuple(t_ri.shape))
         psi = torch.empty(b, 2**n, dtype=_COMPLEX[x.dtype])
-        self._fn["qk_encode_fwd", x.dtype](b, n, n_in, k.bit_length() - 1, x.data_ptr(),
+        self._fn["qk_encode_fwd", x.dtype](b, m, n, n_in, k.bit_length() - 1, x.data_ptr(),
                                            t_ri.data_ptr(), psi.data_ptr())
         return psi
 
     def encode_bwd(self, x: torch.Tensor, t_ri: torch.Tensor, g_psi: torch.Tensor,
                    need_x: bool, need_t: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """grad x (B, n_inputs) and grad t_ri (n, 2**L, 4), summed over the batch, from
-        grad psi (B, 2**n); None where not needed."""
+        """grad x (B, n_inputs) and grad t_ri (n, 2**L, 4), summed over the batch (per
+        model: (M, n, 2**L, 4), each summed over its segment), from grad psi (B, 2**n);
+        None where not needed."""
         if not (need_x or need_t):
             return None, None
-        (b, n_in), (n, k, _) = x.shape, t_ri.shape
-        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, (n, k, 4))
+        b, n_in, m, n, k = self._segments(x, t_ri)
+        x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, tuple(t_ri.shape))
         g_psi = _arg(g_psi, _COMPLEX[x.dtype], (b, 2**n))
         g_x = torch.empty_like(x) if need_x else None
         g_t = torch.empty_like(t_ri) if need_t else None
-        self._fn["qk_encode_bwd", x.dtype](b, n, n_in, k.bit_length() - 1, x.data_ptr(),
+        self._fn["qk_encode_bwd", x.dtype](b, m, n, n_in, k.bit_length() - 1, x.data_ptr(),
                                            t_ri.data_ptr(), g_psi.data_ptr(), int(need_x),
                                            int(need_t), _ptr(g_x), _ptr(g_t))
         return g_x, g_t

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qumos.spec import FragmentSpec, GlueSpec, HeadSpec, ModelSpec
-from qumos.torchsim import FragmentSim, init_params
+from qumos.torchsim import fragment_sim, init_params
 
 
 class Glue(nn.Module):
@@ -69,7 +69,7 @@ class DistributedQNN(nn.Module):
         self.spec = spec
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # nn.Linear initialisation
-        self.sims = [FragmentSim(f, dtype=dtype) for f in spec.fragments]
+        self.sims = [fragment_sim(f, dtype=dtype) for f in spec.fragments]  # compiled once
         self.weights = nn.ParameterList([
             nn.Parameter(torch.tensor(f.params, dtype=dtype) if f.params is not None
                          else init_params(f, gen).to(dtype))

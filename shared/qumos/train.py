@@ -66,7 +66,8 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
     accuracy (ties: the earlier epoch, or with `cfg.select == "acc_loss"` the lower
     validation loss). x_val may be the training data itself. `y_train` holds class
     indices (N,) or soft targets (N, C), probabilities (distillation); `y_val` holds class
-    indices. A batch size >= N is full-batch training (one step per epoch)."""
+    indices. A batch size >= N is full-batch training (one step per epoch).
+    `qumos.stacked.fit_many` trains many models this way at once."""
     if cfg.select not in ("acc", "acc_loss"):
         raise ValueError(f"select is {cfg.select!r}; allowed: 'acc', 'acc_loss'")
     t0 = time.perf_counter()
@@ -86,7 +87,9 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         total = 0.0
         for i in range(0, len(xt), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            logits = model(xt[idx])
+            target = yt[idx].to(logits.dtype) if yt.ndim == 2 else yt[idx]
+            loss = nn.functional.cross_entropy(logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()

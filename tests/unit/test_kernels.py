@@ -179,3 +179,30 @@ def test_compiled_library_is_cached(fresh_load):
     assert not list(fresh_load.glob("*.tmp"))
     mtime = lib.stat().st_mtime_ns
     assert kernels._compile() == lib and lib.stat().st_mtime_ns == mtime  # not recompiled
+
+
+@needs_cc
+@pytest.mark.parametrize("unitary", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+def test_per_model_segments(unitary, shared):
+    """Many models at once (x (M, B, k), per-model w (M, P) or one shared w): the C
+    kernels' per-model T segments against the torch path, including a batch that is not
+    a multiple of the kernels' block of samples."""
+    rng = np.random.default_rng(11)
+    f = FragmentSpec(n_qubits=4, n_inputs=13, block="rxyz_cnot", depth=2, entanglement="ring")
+    x = torch.tensor(rng.uniform(-np.pi, np.pi, (3, 19, 13)))
+    w = torch.tensor(rng.uniform(-np.pi, np.pi, (f.n_params,) if shared else (3, f.n_params)))
+    got = {}
+    for mode in ("c", "torch"):
+        kernels.set_mode(mode)
+        try:
+            sim = FragmentSim(f, dtype=torch.float64)
+            sim.use_unitary = lambda batch: unitary
+            xm, wm = x.clone().requires_grad_(), w.clone().requires_grad_()
+            out = sim(xm, wm)
+            (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+            got[mode] = (out.detach(), xm.grad, wm.grad)
+        finally:
+            kernels.set_mode(None)
+    for a, b in zip(got["c"], got["torch"]):
+        assert_close(a, b, rtol=1e-12)
