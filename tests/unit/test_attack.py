@@ -185,11 +185,16 @@ def _labels(fitted, data) -> np.ndarray:
                                   "distill_mlp", "substitute", "finetune", "head_only",
                                   "selftrain", "insider"])
 def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, data):
+    from qumos.attack.training import Job, run_jobs
+
+    def run(out, ctx):
+        return run_jobs([out], ctx.cfg)[0] if isinstance(out, Job) else out
+
     def once():
         ctx = _ctx(victim, data, "breach+queries", j=0, queries=12)
         if name == "selftrain":  # needs a white-box teacher
-            ctx.teachers["substitute"] = FUNCS["substitute"](ctx)
-        return FUNCS[name](ctx)
+            ctx.teachers["substitute"] = run(FUNCS["substitute"](ctx), ctx)
+        return run(FUNCS[name](ctx), ctx)
 
     a, b = once(), once()
     pa, pb = _labels(a, data), _labels(b, data)
@@ -302,3 +307,20 @@ def test_log_selftraining_beats_the_scratch_qnn_where_the_log_holds_inputs(data)
                                            "selftrain")), [0])
     by = rep.providers[0].by_strategy
     assert by["selftrain"]["acc"][0] > rep.references["scratch"]["acc"][0] + 0.05, by
+
+
+def test_batched_training_gives_the_figures_of_one_by_one_training(victim, data):
+    """Trainings of one architecture (restarts, seeds, breaches, strategies) batch into one
+    fit_many call; the figures equal those of training the models one by one."""
+    kw = dict(profile="breach+queries", queries=10, epochs=6, restarts=2,
+              strategies=("scratch", "distill_qnn", "substitute", "finetune", "insider"))
+    a = evaluate_in_process(victim, data, AttackConfig(batched=True, **kw), [0, 1])
+    b = evaluate_in_process(victim, data, AttackConfig(batched=False, **kw), [0, 1])
+    for ra, rb in zip(a.records, b.records):
+        for n in ra["references"]:
+            assert ra["references"][n]["test_acc"] == pytest.approx(
+                rb["references"][n]["test_acc"], abs=0.01), n
+        for ua, ub in zip(ra["units"], rb["units"]):
+            for n in ua["strategies"]:
+                assert ua["strategies"][n]["test_acc"] == pytest.approx(
+                    ub["strategies"][n]["test_acc"], abs=0.01), (ua["provider"], n)

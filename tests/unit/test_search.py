@@ -231,3 +231,21 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
     bad = runner.invoke(app, ["search", "--rollout", "1", "--max-evals", "1", "--out",
                               str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--rollout" in bad.output
+
+
+def test_victims_of_all_seeds_train_together_as_one_by_one():
+    """The evaluator trains every seed's victim in one fit_many call: the same victims
+    as train_design seed by seed."""
+    from qumos.datasets import load_task
+    from qumos.search.evaluator import train_victims
+    from qumos.train import TrainConfig, train_design
+
+    design = design_from_flags(fragments="1-1", block="ry_cz")
+    cfg = EvalConfig(seeds=(0, 1), victim_epochs=2)
+    datas = [load_task("digits", 4, seed=s) for s in cfg.seeds]
+    specs, accs = train_victims(design, datas, cfg)
+    for s, data, spec, acc in zip(cfg.seeds, datas, specs, accs):
+        one, _, want = train_design(design, data, TrainConfig(epochs=2, seed=s))
+        assert acc == pytest.approx(want, abs=1 / len(data.test.y))
+        np.testing.assert_allclose(spec.fragments[0].params, one.fragments[0].params,
+                                   atol=2e-3)

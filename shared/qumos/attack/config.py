@@ -51,6 +51,7 @@ class AttackConfig:
     traffic: int = 200  # in-process evaluations: users' rows in each provider's log
     know_architecture: bool = True  # Kerckhoffs; False: guess the rest of the design
     strategies: tuple[str, ...] = ()  # restrict to these strategies (default: all of the profile)
+    batched: bool = True  # train models of one architecture together (qumos.stacked)
 
     def validate(self, n_providers: int | None = None,
                  providers: list[str] | None = None) -> AttackConfig:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from qumos.attack.context import Context, QueryRows, strip
 from qumos.attack.holdings import Holdings, attacker_data, check_log_model
 from qumos.attack.report import AttackReport, SeedRecord, StrategyScore, leak_value
 from qumos.attack.strategies import FUNCS, references_of, thefts_of
-from qumos.attack.training import Progress, Trained, as_soft, predict_proba
+from qumos.attack.training import Job, Progress, Trained, as_soft, predict_proba, run_jobs
 from qumos.datasets import TaskData
 from qumos.errors import AttackError
 from qumos.spec import ModelSpec
@@ -137,15 +137,33 @@ def _score(name: str, fitted, data: TaskData, victim: Victim, seconds: float) ->
                          note=getattr(fitted, "note", "") or "")
 
 
-def attack_seed(cfg: AttackConfig, data: TaskData, victim: Victim,
-                units: list[list[Holdings]], seed: int,
-                progress: Progress | None = None) -> SeedRecord:
-    """One seed: the references once, then every theft against every breach unit."""
-    torch.set_num_threads(1)
+@dataclass
+class Case:
+    """One seed's attack: the task data, the victim (per seed in the security engine, where
+    each seed trains its own victim) and the breached holdings."""
+
+    seed: int
+    data: TaskData
+    victim: Victim
+    holdings: Sequence[Holdings]
+
+
+@dataclass
+class _Run:
+    """One (case, breach unit) context and its scores; unit None: the references."""
+
+    case: Case
+    ctx: Context
+    unit: list[Holdings] | None
+    scores: dict = field(default_factory=dict)
+
+
+def _case_contexts(cfg: AttackConfig, case: Case, thefts: list[str],
+                   progress: Progress | None) -> list[_Run]:
+    data, victim, seed = case.data, case.victim, case.seed
     own = attacker_data(data, cfg.fraction, seed)
     base = Context(data=data, arch=victim.arch, cfg=cfg, seed=seed, own=own,
                    progress=progress)
-    qidx = None
     if cfg.profile in QUERY_PROFILES:
         if victim.oracle is None:
             raise AttackError(f"profile {cfg.profile}: needs the victim's public API (an "
@@ -153,33 +171,8 @@ def attack_seed(cfg: AttackConfig, data: TaskData, victim: Victim,
         qidx = own.queries(data, cfg.queries)
         base.qraw, base.qx = data.train.raw[qidx], data.train.x[qidx]
         base.qt = as_soft(victim.oracle.answer(base.qraw), len(data.classes))
-    wanted = set(cfg.strategies) if cfg.strategies else None
-    refs = [s for s in references_of(cfg.profile) if wanted is None or s in wanted]
-    thefts = [s for s in thefts_of(cfg.profile) if wanted is None or s in wanted]
-    if not refs:
-        refs = ["scratch"]  # S needs at least one reference
-
-    def run(name: str, ctx: Context) -> StrategyScore | None:
-        t0 = time.perf_counter()
-        if progress:
-            progress({**ctx.info(name), "phase": "start"})
-        fitted = FUNCS[name](ctx)
-        if fitted is None:
-            return None
-        if isinstance(fitted, Trained):
-            ctx.teachers[name] = fitted
-        return _score(name, fitted, data, victim, time.perf_counter() - t0)
-
-    ref_scores = {}
-    for name in refs:
-        sc = run(name, base)
-        if sc is not None:
-            ref_scores[name] = sc
-    s_name = max(ref_scores, key=lambda k: ref_scores[k].test_acc)
-    s_acc = ref_scores[s_name].test_acc
-    rec = SeedRecord(seed=seed, victim_acc=victim.acc, references=ref_scores, S=s_acc,
-                     S_reference=s_name)
-    for unit in units:
+    runs = [_Run(case, base, None)]
+    for unit in breach_units(cfg, case.holdings):
         if not unit:
             continue
         stolen = [h.fragment(victim.model) for h in unit]
@@ -189,61 +182,132 @@ def attack_seed(cfg: AttackConfig, data: TaskData, victim: Victim,
                       stolen=stolen, logs={f.index: h.rows(f) for f, h in zip(stolen, unit)},
                       qx=base.qx, qraw=base.qraw, qt=base.qt, progress=progress,
                       provider="+".join(h.provider for h in unit))
-        if qidx is not None and "insider" in thefts:
+        if base.qx is not None and "insider" in thefts:
             for f in stolen:
                 ctx.qrows[f.index] = victim.oracle.rows(f.index, base.qraw, base.qx)
-        scores = {}
-        for name in thefts:
-            sc = run(name, ctx)
-            if sc is not None:
-                scores[name] = sc
-        best = max(scores.values(), key=lambda s: s.test_acc) if scores else None
-        a = best.test_acc if best else float("nan")
-        rec.units.append({
-            "provider": ctx.provider, "index": [f.index for f in stolen],
-            "strategies": scores, "A": a, "A_strategy": best.strategy if best else "",
-            "leak": leak_value(a, s_acc, victim.acc) if best else float("nan"),
-            "theft_ratio": a / victim.acc if best and victim.acc > 0 else float("nan"),
-            "fidelity": best.fidelity if best else float("nan"),
-            "log_rows": {f.index: len(ctx.logs[f.index]) for f in stolen},
-        })
-    return rec
+        runs.append(_Run(case, ctx, unit))
+    return runs
+
+
+def _run_phase(names: list[str], runs: list[_Run], cfg: AttackConfig,
+               progress: Progress | None) -> None:
+    """Every strategy of `names` for every run, in lockstep: the trainable ones' jobs
+    all go to one `run_jobs` call (models of one architecture train together)."""
+    jobs: list[tuple[_Run, str, Job, float]] = []
+    for name in names:
+        for run in runs:
+            t0 = time.perf_counter()
+            out = FUNCS[name](run.ctx)
+            if out is None:
+                continue
+            if isinstance(out, Job):
+                jobs.append((run, name, out, time.perf_counter() - t0))
+            else:
+                _record(run, name, out, time.perf_counter() - t0)
+    if not jobs:
+        return
+    t0 = time.perf_counter()
+    trained = run_jobs([j for _, _, j, _ in jobs], cfg, progress)
+    share = (time.perf_counter() - t0) / len(jobs)  # batched: the time is shared
+    for (run, name, _, prep), tr in zip(jobs, trained):
+        _record(run, name, tr, prep + share)
+
+
+def _record(run: _Run, name: str, fitted, seconds: float) -> None:
+    if isinstance(fitted, Trained):
+        run.ctx.teachers[name] = fitted
+    run.scores[name] = _score(name, fitted, run.case.data, run.case.victim, seconds)
+
+
+def attack_cases(cfg: AttackConfig, cases: Sequence[Case],
+                 progress: Progress | None = None) -> list[SeedRecord]:
+    """Every case (seed): the references, then every theft against every breach unit,
+    the strategies run in lockstep over all cases and units so that their trainings
+    batch (`qumos.attack.training.run_jobs`)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    with threadpool_limits(1):  # numpy's BLAS threads fight the other jobs (10x on sklearn)
+        return _attack_cases(cfg, cases, progress)
+
+
+def _attack_cases(cfg: AttackConfig, cases: Sequence[Case],
+                  progress: Progress | None = None) -> list[SeedRecord]:
+    from qumos.attack.logbased import ROUNDS
+
+    wanted = set(cfg.strategies) if cfg.strategies else None
+    refs = [s for s in references_of(cfg.profile) if wanted is None or s in wanted]
+    thefts = [s for s in thefts_of(cfg.profile) if wanted is None or s in wanted]
+    if not refs:
+        refs = ["scratch"]  # S needs at least one reference
+    runs = [r for c in cases for r in _case_contexts(cfg, c, thefts, progress)]
+    bases = [r for r in runs if r.unit is None]
+    units = [r for r in runs if r.unit is not None]
+    _run_phase(refs, bases, cfg, progress)
+    _run_phase([t for t in thefts if t != "selftrain"], units, cfg, progress)
+    if "selftrain" in thefts:
+        for _ in range(ROUNDS):
+            _run_phase(["selftrain"], units, cfg, progress)
+    records = []
+    for case in cases:
+        base = next(r for r in bases if r.case is case)
+        ref_scores = base.scores
+        s_name = max(ref_scores, key=lambda k: ref_scores[k].test_acc)
+        s_acc = ref_scores[s_name].test_acc
+        victim = case.victim
+        rec = SeedRecord(seed=case.seed, victim_acc=victim.acc, references=ref_scores,
+                         S=s_acc, S_reference=s_name)
+        for run in (r for r in units if r.case is case):
+            scores = run.scores
+            best = max(scores.values(), key=lambda s: s.test_acc) if scores else None
+            a = best.test_acc if best else float("nan")
+            stolen = run.ctx.stolen
+            rec.units.append({
+                "provider": run.ctx.provider, "index": [f.index for f in stolen],
+                "strategies": scores, "A": a, "A_strategy": best.strategy if best else "",
+                "leak": leak_value(a, s_acc, victim.acc) if best else float("nan"),
+                "theft_ratio": a / victim.acc if best and victim.acc > 0 else float("nan"),
+                "fidelity": best.fidelity if best else float("nan"),
+                "log_rows": {f.index: len(run.ctx.logs[f.index]) for f in stolen},
+            })
+        records.append(rec)
+    return records
+
+
+def _check(cfg: AttackConfig, cases: Sequence[Case]) -> None:
+    if not cases:
+        raise AttackError("seeds: give at least one seed")
+    seeds = [c.seed for c in cases]
+    if len(set(seeds)) != len(seeds):
+        raise AttackError(f"seeds: {seeds} repeats a seed")
+    for c in cases:
+        cfg.validate(len(c.victim.providers), c.victim.providers)
+        if cfg.profile in QUERY_PROFILES:
+            if c.victim.oracle is None:
+                raise AttackError(f"profile: {cfg.profile} needs the victim's public API; "
+                                  "give an orchestrator URL or an artifact")
+            attacker_data(c.data, cfg.fraction, c.seed).queries(c.data, cfg.queries)
 
 
 def run_attack(cfg: AttackConfig, data: TaskData, victim: Victim, holdings: Sequence[Holdings],
                seeds: Sequence[int], progress: Progress | None = None,
                holdings_for_seed: Callable[[int], Sequence[Holdings]] | None = None
                ) -> AttackReport:
-    """Run the profile `cfg` for every seed and aggregate (module docstring).
+    """Run the profile `cfg` for every seed against one victim and aggregate (module
+    docstring).
 
     `holdings`: the breached providers' holdings (one per provider; `breach` and
     `breach+queries` attack each in turn, `coalition` takes those named). With
     `holdings_for_seed` the holdings are made per seed instead (in-process evaluations,
-    whose simulated traffic depends on the seed)."""
+    whose simulated traffic depends on the seed). Bad input fails before any training."""
     t0 = time.perf_counter()
     cfg.validate(len(victim.providers), victim.providers)
     if not seeds:
         raise AttackError("seeds: give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise AttackError(f"seeds: {list(seeds)} repeats a seed")
-    if cfg.profile in QUERY_PROFILES and victim.oracle is None:
-        raise AttackError(f"profile: {cfg.profile} needs the victim's public API; give an "
-                          "orchestrator URL or an artifact")
-    if cfg.profile in QUERY_PROFILES:
-        own = attacker_data(data, cfg.fraction, seeds[0])
-        own.queries(data, cfg.queries)  # N larger than the pool: an error before any work
-    records = []
-    total = len(seeds)
-    for i, s in enumerate(seeds):
-        hs = holdings_for_seed(s) if holdings_for_seed else holdings
-        units = breach_units(cfg, hs)
-
-        def prog(info: dict, _i=i) -> None:
-            if progress:
-                progress({**info, "done": _i, "total": total})
-        records.append(attack_seed(cfg, data, victim, units, s, prog if progress else None))
-        if progress:
-            progress({"done": i + 1, "total": total, "seed": s, "phase": "seed done"})
+    cases = [Case(s, data, victim, holdings_for_seed(s) if holdings_for_seed else holdings)
+             for s in seeds]
+    _check(cfg, cases)
+    records = attack_cases(cfg, cases, progress)
     return AttackReport.from_records(cfg, records, model=victim.model,
                                      seconds=time.perf_counter() - t0)
 
@@ -251,18 +315,32 @@ def run_attack(cfg: AttackConfig, data: TaskData, victim: Victim, holdings: Sequ
 def evaluate_in_process(spec: ModelSpec, data: TaskData, cfg: AttackConfig,
                         seeds: Sequence[int], progress: Progress | None = None,
                         policy: str = "probabilities") -> AttackReport:
-    """The library/evaluator path: the victim in process, every provider's holdings
-    computed for simulated users' traffic (see `in_process_holdings`)."""
+    """The library path: the victim in process, every provider's holdings computed for
+    simulated users' traffic (see `in_process_holdings`)."""
+    return evaluate_victims([(s, spec, data) for s in seeds], cfg, progress, policy)
+
+
+def evaluate_victims(cases: Sequence[tuple[int, ModelSpec, TaskData]], cfg: AttackConfig,
+                     progress: Progress | None = None, policy: str = "probabilities"
+                     ) -> AttackReport:
+    """In process, one victim per seed (the security engine trains a victim per seed):
+    `cases` = [(seed, trained spec, its task data)]. All seeds' trainings batch."""
     from qumos.spec import design_of
 
-    if not spec.is_trained():
-        raise AttackError("victim: the model is not trained")
-    victim = Victim.in_process(spec, data, cfg.know_architecture, policy)
-    rep = run_attack(cfg, data, victim, [], seeds, progress,
-                     holdings_for_seed=lambda s: in_process_holdings(spec, data, cfg, s))
-    rep.design = design_of(spec).short()
-    return rep
+    t0 = time.perf_counter()
+    built = []
+    for s, spec, data in cases:
+        if not spec.is_trained():
+            raise AttackError("victim: the model is not trained")
+        victim = Victim.in_process(spec, data, cfg.know_architecture, policy)
+        built.append(Case(s, data, victim, in_process_holdings(spec, data, cfg, s)))
+    _check(cfg, built)
+    records = attack_cases(cfg, built, progress)
+    spec0 = cases[0][1]
+    return AttackReport.from_records(cfg, records, model=spec0.name,
+                                     design=design_of(spec0).short(),
+                                     seconds=time.perf_counter() - t0)
 
 
-__all__ = ["InProcessOracle", "Oracle", "Victim", "attack_seed", "breach_units",
-           "evaluate_in_process", "in_process_holdings", "run_attack"]
+__all__ = ["Case", "InProcessOracle", "Oracle", "Victim", "attack_cases", "breach_units",
+           "evaluate_in_process", "evaluate_victims", "in_process_holdings", "run_attack"]

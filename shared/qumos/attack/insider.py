@@ -28,12 +28,13 @@ from qumos.attack.context import (
     suffix_from,
     suffix_params,
 )
-from qumos.attack.training import Trained, adam_steps, ensemble, join, own_key
-from qumos.train import TrainConfig, fit
+from qumos.attack.training import Job, adam_steps, join
 from torch import nn
 
 
-def insider(ctx: Context) -> Trained | None:
+def insider(ctx: Context) -> Job | None:
+    """Stages 1 and 2 run when a restart's model is made; stage 3 is the job's training
+    (with a third of the restart's learning rate, so it refines stages 1-2)."""
     if not ctx.stolen or not ctx.has_queries:
         return None
     stolen = max(ctx.stolen, key=lambda f: f.index)
@@ -48,35 +49,24 @@ def insider(ctx: Context) -> Trained | None:
     aq = torch.as_tensor(rows.inputs[f], dtype=torch.float32)
     tq = torch.as_tensor(ctx.qt[f], dtype=torch.float32)
     x_all, t_all = join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx, ctx.qt)
-    n = len(x_all)
     cfg = ctx.cfg
-    models, accs = [], []
-    for r in range(cfg.restarts):
-        rseed = 1000 * ctx.seed + r
-        lr = cfg.lr(r)
+
+    def make(rseed: int) -> nn.Module:
+        lr = cfg.lr(rseed - 1000 * ctx.seed)
         net = ctx.qnn(rseed, stolen=True, frozen=True)
         if j > 0:  # 1. prefix onto the logged angles
             pp = prefix_params(net, j)
             if pp:
-                adam_steps(pp, lambda n=net: nn.functional.mse_loss(inputs_to(n, j, xq), aq),
+                adam_steps(pp, lambda: nn.functional.mse_loss(inputs_to(net, j, xq), aq),
                            cfg.epochs, lr)
         sp = suffix_params(net, j)  # 2. suffix distilled from the logged angles
         if sp:
-            adam_steps(sp, lambda n=net: nn.functional.cross_entropy(suffix_from(n, j, aq, xq), tq),
+            adam_steps(sp, lambda: nn.functional.cross_entropy(suffix_from(net, j, aq, xq), tq),
                        cfg.epochs, lr)
-        cb = None
-        if ctx.progress is not None:
-            def cb(epoch: int, total: int, val: float, _r=r) -> None:
-                ctx.progress({**ctx.info("insider"), "restart": _r, "epoch": epoch,
-                              "epochs": total, "own_acc": val})
-        # 3. end to end, the stolen fragment frozen; a smaller step keeps stages 1-2
-        tc = TrainConfig(epochs=cfg.epochs, lr=lr / 3, batch_size=n if n <= cfg.full_batch_max
-                         else cfg.batch_size, seed=rseed, select="acc_loss")
-        fit(net, x_all, t_all, ctx.own.x, ctx.own.y, tc, cb)
-        accs.append(own_key(net, ctx.own.x, ctx.own.y)[0])
-        models.append(net)
-    return ensemble(models, ctx.own.x, ctx.own.y, accs,
-                    note=f"{int(f.sum())} of {len(f)} query rows attributed")
+        return net
+
+    return Job(make, x_all, t_all, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("insider"),
+               lr_scale=1 / 3, note=f"{int(f.sum())} of {len(f)} query rows attributed")
 
 
 def provider_rows_in_process(victim, j: int, features: np.ndarray):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from qumos.attack.context import Context
-from qumos.attack.training import Trained, join, one_hot, predict_proba, train_restarts
+from qumos.attack.training import Job, join, one_hot, predict_proba
 from qumos.attack.whitebox import HeadOnly
 
 ROUNDS = 2
@@ -42,8 +42,11 @@ def log_inputs(ctx: Context) -> np.ndarray:
     return u[keep]
 
 
-def selftrain(ctx: Context) -> Trained | None:
-    """None (with a note through progress) when the log holds nothing usable."""
+def selftrain(ctx: Context) -> Job | None:
+    """One round: the teacher (the previous round's student, else the best white-box
+    model of this breach) labels the logged features; a model of the teacher's kind
+    trains on them and the labelled images. The driver runs ROUNDS rounds. None (with a
+    note through progress) when the log holds nothing usable."""
     if not any(f.index == 0 for f in ctx.stolen):
         return _nothing(ctx, "the breached log holds intermediate angles, not inputs")
     u = log_inputs(ctx)
@@ -54,7 +57,7 @@ def selftrain(ctx: Context) -> Trained | None:
     if not teachers:
         return _nothing(ctx, "no white-box teacher ran")
     kind = max(teachers, key=lambda k: (teachers[k].own_acc, -teachers[k].own_loss))
-    teacher = teachers[kind]
+    teacher = ctx.teachers.get("selftrain") or teachers[kind]
 
     def make(s: int):
         if kind == "head_only":
@@ -62,18 +65,14 @@ def selftrain(ctx: Context) -> Trained | None:
                             ctx.n_classes, s)
         return ctx.qnn(s, stolen=True, frozen=(kind == "substitute"))
 
-    best = teacher
-    for _ in range(ROUNDS):
-        pseudo = one_hot(predict_proba(best.model, u).argmax(1), ctx.n_classes)
-        x_more, t_more = u, pseudo
-        if ctx.has_queries:
-            x_more = np.concatenate([ctx.qx, u])
-            t_more = np.concatenate([ctx.qt, pseudo])
-        x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, x_more, t_more)
-        best = train_restarts(make, x, t, ctx.own.x, ctx.own.y, ctx.cfg, ctx.seed,
-                              ctx.progress, ctx.info("selftrain"))
-    best.note = f"{len(u)} log rows, teacher {kind}"
-    return best
+    pseudo = one_hot(predict_proba(teacher.model, u).argmax(1), ctx.n_classes)
+    x_more, t_more = u, pseudo
+    if ctx.has_queries:
+        x_more = np.concatenate([ctx.qx, u])
+        t_more = np.concatenate([ctx.qt, pseudo])
+    x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, x_more, t_more)
+    return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("selftrain"),
+               note=f"{len(u)} log rows, teacher {kind}")
 
 
 class _FeatureModel:

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 from qumos.attack.context import Context, strip
-from qumos.attack.training import Trained, join, train_restarts
+from qumos.attack.training import Job, Trained, join, train_restarts
 from qumos.model import DistributedQNN
 from torch import nn
 
@@ -98,18 +98,17 @@ def knn(ctx: Context) -> Classical:
     return Classical(est, acc)
 
 
-def scratch(ctx: Context) -> Trained:
+def scratch(ctx: Context) -> Job:
     arch = strip(ctx.arch) if ctx.arch is not None else ctx.model_arch()
-    x, t = ctx.own.x, ctx.own.y
-    return train_restarts(lambda s: DistributedQNN(arch, seed=s), x, t, ctx.own.x, ctx.own.y,
-                          ctx.cfg, ctx.seed, ctx.progress, ctx.info("scratch"))
+    return Job(lambda s: DistributedQNN(arch, seed=s), ctx.own.x, ctx.own.y, ctx.own.x,
+               ctx.own.y, ctx.seed, ctx.info("scratch"))
 
 
-def distill_qnn(ctx: Context) -> Trained:
+def distill_qnn(ctx: Context) -> Job:
     arch = strip(ctx.arch) if ctx.arch is not None else ctx.model_arch()
     x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx, ctx.qt)
-    return train_restarts(lambda s: DistributedQNN(arch, seed=s), x, t, ctx.own.x, ctx.own.y,
-                          ctx.cfg, ctx.seed, ctx.progress, ctx.info("distill_qnn"))
+    return Job(lambda s: DistributedQNN(arch, seed=s), x, t, ctx.own.x, ctx.own.y, ctx.seed,
+               ctx.info("distill_qnn"))
 
 
 class _Scaled(nn.Module):

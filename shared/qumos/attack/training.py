@@ -18,8 +18,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -97,28 +98,93 @@ def ensemble(models: list[nn.Module], x_sel: np.ndarray, y_sel: np.ndarray,
     return Trained(model=model, own_acc=acc, own_loss=loss, restart_accs=accs, note=note)
 
 
+@dataclass
+class Job:
+    """One strategy's training for one seed and breach: `cfg.restarts` models made by
+    `make(restart_seed)`, trained on (x, t), selected on (x_sel, y_sel), then averaged."""
+
+    make: Callable[[int], nn.Module]
+    x: np.ndarray
+    t: np.ndarray  # class indices (N,) or soft targets (N, C)
+    x_sel: np.ndarray
+    y_sel: np.ndarray
+    seed: int
+    info: dict = field(default_factory=dict)
+    lr_scale: float = 1.0  # restart r trains with lr_scale * cfg.lr(r)
+    note: str = ""
+
+
+def _signature(model: nn.Module, t: np.ndarray) -> str | None:
+    """Models with equal signatures train together in one `fit_many` call; None: alone."""
+    from qumos.model import DistributedQNN
+    from qumos.stacked import architecture_of
+
+    if type(model) is not DistributedQNN:
+        return None
+    return json.dumps([architecture_of(model), np.asarray(t).ndim], sort_keys=True)
+
+
+def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = None
+             ) -> list[Trained]:
+    """Train every job's restarts. With `cfg.batched` (the default) the models of one
+    architecture, frozen set and target kind -- the restarts, seeds, breaches and
+    strategies of an evaluation -- train in one `qumos.stacked.fit_many` call; without,
+    one by one with `qumos.train.fit`. Same seeds, same results either way (tested)."""
+    from qumos.stacked import fit_many
+
+    entries = []  # (job, restart, model, TrainConfig)
+    for i, job in enumerate(jobs):
+        n = len(job.x)
+        bs = n if n <= cfg.full_batch_max else cfg.batch_size
+        for r in range(cfg.restarts):
+            rseed = 1000 * job.seed + r
+            tc = TrainConfig(epochs=cfg.epochs, lr=job.lr_scale * cfg.lr(r),
+                             batch_size=max(bs, 1), seed=rseed, select="acc_loss")
+            entries.append((i, r, job.make(rseed), tc))
+    groups: dict[object, list[int]] = {}
+    for e, (i, _, model, _) in enumerate(entries):
+        sig = _signature(model, jobs[i].t) if cfg.batched else None
+        groups.setdefault(sig if sig is not None else ("alone", e), []).append(e)
+
+    def cb_for(e: int):
+        if progress is None:
+            return None
+        i, r = entries[e][0], entries[e][1]
+
+        def cb(epoch: int, total: int, val: float) -> None:
+            progress({**jobs[i].info, "restart": r, "epoch": epoch, "epochs": total,
+                      "own_acc": val})
+        return cb
+
+    for members in groups.values():
+        if len(members) == 1:
+            (e,) = members
+            i, _, model, tc = entries[e]
+            j = jobs[i]
+            fit(model, j.x, j.t, j.x_sel, j.y_sel, tc, cb_for(e))
+            continue
+        js = [jobs[entries[e][0]] for e in members]
+        cbs = [cb_for(e) for e in members]
+
+        def many_cb(m: int, epoch: int, total: int, val: float, _cbs=cbs) -> None:
+            if _cbs[m] is not None:
+                _cbs[m](epoch, total, val)
+        fit_many([entries[e][2] for e in members], [j.x for j in js], [j.t for j in js],
+                 [j.x_sel for j in js], [j.y_sel for j in js],
+                 [entries[e][3] for e in members], many_cb if progress else None)
+    out = []
+    for i, job in enumerate(jobs):
+        models = [entries[e][2] for e in range(len(entries)) if entries[e][0] == i]
+        accs = [own_key(m, job.x_sel, job.y_sel)[0] for m in models]
+        out.append(ensemble(models, job.x_sel, job.y_sel, accs, note=job.note))
+    return out
+
+
 def train_restarts(make: Callable[[int], nn.Module], x: np.ndarray, t: np.ndarray,
                    x_sel: np.ndarray, y_sel: np.ndarray, cfg: AttackConfig, seed: int,
-                   progress: Progress | None = None, info: dict | None = None,
-                   epochs: int | None = None) -> Trained:
+                   progress: Progress | None = None, info: dict | None = None) -> Trained:
     """`cfg.restarts` restarts of `make(restart_seed)` trained on (x, t), averaged."""
-    models, accs = [], []
-    n = len(x)
-    bs = n if n <= cfg.full_batch_max else cfg.batch_size
-    for r in range(cfg.restarts):
-        rseed = 1000 * seed + r
-        model = make(rseed)
-        cb = None
-        if progress is not None:
-            def cb(epoch: int, total: int, val: float, _r=r) -> None:
-                progress({**(info or {}), "restart": _r, "epoch": epoch, "epochs": total,
-                          "own_acc": val})
-        tc = TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr(r), batch_size=max(bs, 1),
-                         seed=rseed, select="acc_loss")
-        res = fit(model, x, t, x_sel, y_sel, tc, cb)
-        accs.append(own_key(res.model, x_sel, y_sel)[0])
-        models.append(res.model)
-    return ensemble(models, x_sel, y_sel, accs)
+    return run_jobs([Job(make, x, t, x_sel, y_sel, seed, info or {})], cfg, progress)[0]
 
 
 def adam_steps(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from qumos.artifact import FragmentFile
 from qumos.attack.context import Context
-from qumos.attack.training import Trained, join, train_restarts
+from qumos.attack.training import Job, join
 from qumos.errors import AttackError
 from qumos.model import DistributedQNN
 from qumos.torchsim import FragmentSim
@@ -79,7 +79,7 @@ def _fit_glue_from_logs(ctx: Context, net: DistributedQNN) -> None:
             p.requires_grad_(False)
 
 
-def _stolen_qnn(ctx: Context, name: str, frozen: bool) -> Trained:
+def _stolen_qnn(ctx: Context, name: str, frozen: bool) -> Job:
     if not ctx.stolen:
         raise AttackError(f"{name}: needs a breached provider's fragment")
 
@@ -90,23 +90,39 @@ def _stolen_qnn(ctx: Context, name: str, frozen: bool) -> Trained:
         return net
 
     x, t = _data(ctx)
-    return train_restarts(make, x, t, ctx.own.x, ctx.own.y, ctx.cfg, ctx.seed, ctx.progress,
-                          ctx.info(name))
+    return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info(name))
 
 
-def substitute(ctx: Context) -> Trained:
+def substitute(ctx: Context) -> Job:
     return _stolen_qnn(ctx, "substitute", frozen=True)
 
 
-def finetune(ctx: Context) -> Trained:
+def finetune(ctx: Context) -> Job:
     return _stolen_qnn(ctx, "finetune", frozen=False)
 
 
-def head_only(ctx: Context) -> Trained:
+def head_only(ctx: Context) -> Job:
     if not ctx.stolen:
         raise AttackError("head_only: needs a breached provider's fragment")
     stolen = max(ctx.stolen, key=lambda f: f.index)
     x, t = _data(ctx)
-    return train_restarts(
-        lambda s: HeadOnly(stolen, ctx.own.x.shape[1], ctx.n_classes, s), x, t, ctx.own.x,
-        ctx.own.y, ctx.cfg, ctx.seed, ctx.progress, ctx.info("head_only"))
+    if stolen.index == 0:  # features -> Q -> linear head: a one-fragment QNN (batches)
+        arch = _one_fragment(stolen, ctx.data.dataset, ctx.data.task)
+
+        def make(s: int) -> nn.Module:
+            net = DistributedQNN(arch, seed=s)
+            net.set_fragment(0, stolen.fragment)
+            net.freeze_fragment(0)
+            return net
+        return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("head_only"))
+    return Job(lambda s: HeadOnly(stolen, ctx.own.x.shape[1], ctx.n_classes, s), x, t,
+               ctx.own.x, ctx.own.y, ctx.seed, ctx.info("head_only"))
+
+
+def _one_fragment(stolen: FragmentFile, dataset: str, task: int):
+    from qumos.spec import Design, FragmentDesign, build_spec
+
+    f = stolen.fragment
+    return build_spec(Design(dataset=dataset, task=task, head="linear", fragments=[
+        FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=f.depth,
+                       entanglement=f.entanglement)]), name="attacker")

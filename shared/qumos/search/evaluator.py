@@ -1,9 +1,10 @@
 """Score a distributed design: train the victim, attack every single-provider breach.
 
 For each seed s (the data split, the victim's initialisation and the attacker's seed):
-train the victim with `TrainConfig(epochs=victim_epochs, seed=s)`, then the one attack
-driver (`qumos.attack.evaluate_in_process`, profile `attack_profile`, the converged
-default budget) attacks every provider, in process. S is the profile's best no-theft
+train the victim with `TrainConfig(epochs=victim_epochs, seed=s)` (all seeds' victims in
+one `fit_many` call), then the one attack driver (`qumos.attack.driver.evaluate_victims`,
+profile `attack_profile`, the converged default budget, every seed's trainings batched)
+attacks every provider, in process. S is the profile's best no-theft
 reference (classical learners included). Per seed, `gain = max_j (A_j - S)`; figures are
 means (and spreads) over seeds, and
 
@@ -45,11 +46,13 @@ class EvalConfig:
     attack_queries: int = 100  # query profiles
     attack_traffic: int = 200  # users' rows in each provider's log
     strategies: tuple[str, ...] = ()  # a subset of the profile's strategies (default all)
+    batched: bool = True  # attacker trainings batched (same figures; not in the fingerprint)
     data_dir: str = "data"
 
     def fingerprint(self) -> str:
         d = asdict(self)
         d.pop("data_dir")
+        d.pop("batched")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def with_(self, **kw) -> EvalConfig:
@@ -74,34 +77,48 @@ def attack_config(cfg: EvalConfig):
     return AttackConfig(profile=cfg.attack_profile, fraction=cfg.attack_fraction,
                         epochs=cfg.attack_epochs, restarts=cfg.attack_restarts,
                         queries=cfg.attack_queries, traffic=cfg.attack_traffic,
-                        strategies=tuple(cfg.strategies)).validate()
+                        strategies=tuple(cfg.strategies), batched=cfg.batched).validate()
+
+
+def train_victims(design: Design, datas: list, cfg: EvalConfig) -> tuple[list, list[float]]:
+    """The design's victim for every seed (seed s on its own split), trained together
+    (`qumos.stacked.fit_many`: the same results as `qumos.train.train_design` one by one).
+    Returns the trained specs and their test accuracies."""
+    from qumos.model import DistributedQNN, accuracy
+    from qumos.spec import build_spec
+    from qumos.stacked import fit_many
+    from qumos.train import TrainConfig
+
+    spec = build_spec(design, name="qumos-model")
+    nets = [DistributedQNN(spec, seed=s) for s in cfg.seeds]
+    fit_many(nets, [d.train.x for d in datas], [d.train.y for d in datas],
+             [d.val.x for d in datas], [d.val.y for d in datas],
+             [TrainConfig(epochs=cfg.victim_epochs, lr=cfg.victim_lr,
+                          batch_size=cfg.victim_batch_size, seed=s) for s in cfg.seeds])
+    return ([n.to_spec() for n in nets],
+            [float(accuracy(n, d.test.x, d.test.y)) for n, d in zip(nets, datas)])
 
 
 def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
     """Evaluate one design (a `Design.model_dump()`); a picklable worker function."""
-    from qumos.train import TrainConfig, train_design
 
     design_dict, cfg = job
     design = Design.model_validate(design_dict)
     t0 = time.perf_counter()
-    per_seed = []
-    for s in cfg.seeds:
-        data = _task_data(design.dataset, design.task, s, cfg.data_dir)
-        spec, _, acc = train_design(design, data, TrainConfig(
-            epochs=cfg.victim_epochs, lr=cfg.victim_lr, batch_size=cfg.victim_batch_size, seed=s))
-        row: dict = {"seed": s, "victim_acc": float(acc)}
-        if cfg.attacks:
-            from qumos.attack import evaluate_in_process
+    datas = [_task_data(design.dataset, design.task, s, cfg.data_dir) for s in cfg.seeds]
+    specs, accs = train_victims(design, datas, cfg)
+    per_seed: list[dict] = [{"seed": s, "victim_acc": a} for s, a in zip(cfg.seeds, accs)]
+    if cfg.attacks:
+        from qumos.attack.driver import evaluate_victims
 
-            rep = evaluate_in_process(spec, data, attack_config(cfg), seeds=[s])
-            s_acc = float(rep.S[0])
-            attackers = [float(p.A[0]) for p in rep.providers]
-            row.update(scratch=float(rep.references["scratch"]["acc"][0]), S=s_acc,
-                       S_reference=rep.S_reference, attacker_acc=attackers,
-                       leak=[float(p.leak[0]) for p in rep.providers],
-                       security=float(rep.security[0]),
-                       gain=max(a - s_acc for a in attackers))
-        per_seed.append(row)
+        rep = evaluate_victims(list(zip(cfg.seeds, specs, datas)), attack_config(cfg))
+        for row, r in zip(per_seed, rep.records):
+            s_acc = float(r["S"])
+            attackers = [float(u["A"]) for u in r["units"]]
+            leaks = [float(u["leak"]) for u in r["units"]]
+            row.update(scratch=float(r["references"]["scratch"]["test_acc"]), S=s_acc,
+                       S_reference=r["S_reference"], attacker_acc=attackers, leak=leaks,
+                       security=1.0 - max(leaks), gain=max(a - s_acc for a in attackers))
     rec: dict = {
         "design": design.model_dump(), "short": design.short(), "key": design.key(),
         "n_fragments": len(design.fragments), "seeds": list(cfg.seeds),
