@@ -3,8 +3,8 @@ it (twice the training steps; twice the restarts), side by side in one run.
 
     python bench/bench_attack_convergence.py [--seeds 0,1,2] [--designs ...] [--out DIR]
 
-For each reference design (digits-4): train the victim as the security engine does
-(10 epochs, seed s), run the `breach` profile (qumos.attack.evaluate_in_process) with the
+For each reference design (digits-4): train the victims as the security engine does
+(10 epochs, seed s), run the `breach` profile (qumos.attack.driver.evaluate_victims) with the
 default AttackConfig, with `epochs` doubled and with `restarts` doubled, and print per
 design and strategy the mean test accuracy over seeds under each budget, and for the
 figures that matter (S, the best reference, and A_j, the best theft of each provider)
@@ -33,10 +33,11 @@ REFERENCE_DESIGNS = ("u3cu3:6", "u3cu3:2-2-2", "rzz_ry:4-u3cu3:2R-rxyz_cnot:5R",
 
 def main() -> None:
     import torch
-    from qumos.attack import AttackConfig, evaluate_in_process
+    from qumos.attack import AttackConfig
+    from qumos.attack.driver import evaluate_victims
     from qumos.datasets import load_task
+    from qumos.search.evaluator import EvalConfig, train_victims
     from qumos.spec import parse_short_design
-    from qumos.train import TrainConfig, train_design
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -64,34 +65,34 @@ def main() -> None:
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     for short in designs:
-        for s in seeds:
-            data = load_task("digits", 4, seed=s)
-            spec = None
-            for bname, over in budgets.items():
-                key = f"{short}|{s}|{bname}|{base.epochs}x{base.restarts}"
-                if key in cache:
-                    continue
-                if spec is None:
-                    design = parse_short_design(short, "digits", 4)
-                    spec, _, _ = train_design(design, data, TrainConfig(
-                        epochs=args.victim_epochs, seed=s))
-                cfg = AttackConfig(**over)
-                t0 = time.perf_counter()
-                rep = evaluate_in_process(spec, data, cfg, [s]).to_dict()
-                rec = {"key": key, "design": short, "seed": s, "budget": bname,
-                       "victim_acc": rep["victim_acc"][0], "S": rep["S"][0],
-                       "S_reference": rep["S_reference"],
-                       "references": {n: r["acc"][0] for n, r in rep["references"].items()},
-                       "providers": {p["provider"]: {"A": p["A"][0], **{
-                           n: v["acc"][0] for n, v in p["by_strategy"].items()}}
-                           for p in rep["providers"]},
-                       "seconds": time.perf_counter() - t0, "load": os.getloadavg()[0]}
-                cache[key] = rec
+        victims = None
+        for bname, over in budgets.items():
+            keys = {s: f"{short}|{s}|{bname}|{base.epochs}x{base.restarts}" for s in seeds}
+            if all(k in cache for k in keys.values()):
+                continue
+            if victims is None:
+                design = parse_short_design(short, "digits", 4)
+                datas = [load_task("digits", 4, seed=s) for s in seeds]
+                specs, _ = train_victims(design, datas, EvalConfig(
+                    seeds=tuple(seeds), victim_epochs=args.victim_epochs))
+                victims = list(zip(seeds, specs, datas))
+            t0 = time.perf_counter()
+            rep = evaluate_victims(victims, AttackConfig(**over)).to_dict()
+            seconds = time.perf_counter() - t0
+            for r in rep["records"]:
+                rec = {"key": keys[r["seed"]], "design": short, "seed": r["seed"],
+                       "budget": bname, "victim_acc": r["victim_acc"], "S": r["S"],
+                       "S_reference": r["S_reference"],
+                       "references": {n: v["test_acc"] for n, v in r["references"].items()},
+                       "providers": {u["provider"]: {"A": u["A"], **{
+                           n: v["test_acc"] for n, v in u["strategies"].items()}}
+                           for u in r["units"]},
+                       "seconds": seconds / len(seeds), "load": os.getloadavg()[0]}
+                cache[rec["key"]] = rec
                 with cache_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-                print(f"{short} seed {s} {bname}: S {rec['S']:.3f} A "
-                      f"{[round(p['A'], 3) for p in rec['providers'].values()]} "
-                      f"({rec['seconds']:.0f} s)", flush=True)
+            print(f"{short} {bname}: S {[round(r['S'], 3) for r in rep['records']]} "
+                  f"({seconds:.0f} s for {len(seeds)} seeds)", flush=True)
     table = render(cache, designs, seeds, list(budgets), base)
     print(table)
     (out / "README.md").write_text(

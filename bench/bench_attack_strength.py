@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "shared"))
 
 def main() -> None:
     import torch
-
-    from qumos.attack import AttackConfig, evaluate_in_process
+    from qumos.attack import AttackConfig
+    from qumos.attack.driver import evaluate_victims
     from qumos.datasets import load_task
+    from qumos.search.evaluator import EvalConfig, train_victims
     from qumos.spec import parse_short_design
-    from qumos.train import TrainConfig, train_design
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--design", default="rzz_ry:4-u3cu3:2R-rxyz_cnot:5R")
@@ -59,23 +59,19 @@ def main() -> None:
     runs = [("breach", 0)] + [(p, n) for n in ns for p in ("queries", "breach+queries")]
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    data = load_task(args.dataset, args.task, seed=seeds[0])
     keys = []
     for profile, n in runs:
         key = f"{args.dataset}-{args.task}|{args.design}|{args.seeds}|{profile}|{n}"
         keys.append(key)
         if key in cache:
             continue
-        recs = []
         t0, c0 = time.perf_counter(), time.process_time()
-        for s in seeds:
-            data = load_task(args.dataset, args.task, seed=s)
-            design = parse_short_design(args.design, args.dataset, args.task)
-            spec, _, _ = train_design(design, data, TrainConfig(epochs=args.victim_epochs,
-                                                                seed=s))
-            recs.append(evaluate_in_process(spec, data, AttackConfig(
-                profile=profile, queries=max(n, 1)), [s]).to_dict())
-        rep = recs[0] if len(recs) == 1 else _merge(recs)
+        datas = [load_task(args.dataset, args.task, seed=s) for s in seeds]
+        design = parse_short_design(args.design, args.dataset, args.task)
+        specs, _ = train_victims(design, datas, EvalConfig(
+            seeds=tuple(seeds), victim_epochs=args.victim_epochs))
+        rep = evaluate_victims(list(zip(seeds, specs, datas)), AttackConfig(
+            profile=profile, queries=max(n, 1))).to_dict()
         rec = {"key": key, "profile": profile, "queries": n, "report": rep,
                "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                "load": os.getloadavg()[0]}
@@ -93,27 +89,6 @@ def main() -> None:
         f"--seeds {args.seeds} --queries {args.queries}`\n\nVictim: {args.victim_epochs} "
         f"epochs, seed(s) {args.seeds}. Load average at start: {load[0]:.2f}.\n\n"
         + table + "\n")
-
-
-def _merge(recs: list[dict]) -> dict:
-    """Seeds run one by one (each with its own victim): figures as mean ± std."""
-    import numpy as np
-
-    def ms(vals):
-        v = [x for x in vals if x is not None]
-        return [float(np.mean(v)), float(np.std(v))] if v else [None, None]
-    out = dict(recs[0])
-    out["victim_acc"] = ms([r["victim_acc"][0] for r in recs])
-    out["S"] = ms([r["S"][0] for r in recs])
-    out["security"] = ms([r["security"][0] for r in recs]) if recs[0]["security"] else None
-    provs = []
-    for i, p in enumerate(recs[0]["providers"]):
-        q = dict(p)
-        for k in ("A", "leak", "theft_ratio", "fidelity"):
-            q[k] = ms([r["providers"][i][k][0] for r in recs])
-        provs.append(q)
-    out["providers"] = provs
-    return out
 
 
 def _f(v) -> str:

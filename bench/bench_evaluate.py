@@ -33,10 +33,9 @@ def _figures(rec: dict) -> list[float]:
 
 def main() -> None:
     import torch
-    from threadpoolctl import threadpool_limits
-
     from qumos.search.evaluator import EvalConfig, evaluate_design
     from qumos.spec import parse_short_design
+    from threadpoolctl import threadpool_limits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")

@@ -68,7 +68,7 @@ log = logging.getLogger("qumos.attacker")
 
 MAX_SEEDS = 10
 MAX_EPOCHS = 200
-MAX_RESTARTS = 10
+MAX_RESTARTS = 64
 MAX_QUERIES = 5000
 SERVICE_PROFILES = ("breach", "breach+queries", "queries")
 MAX_SEED = 2**32 - 1  # numpy and torch seeds
@@ -96,8 +96,8 @@ class AttackerSettings(BaseSettings):
 class BudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fraction: float = Field(0.05, gt=0, le=1, description="labelled fraction of the train set")
-    epochs: int = Field(150, ge=1, le=MAX_EPOCHS, description="training steps per restart")
-    restarts: int = Field(3, ge=1, le=MAX_RESTARTS, description="restarts, learning rates "
+    epochs: int = Field(75, ge=1, le=MAX_EPOCHS, description="training steps per restart")
+    restarts: int = Field(24, ge=1, le=MAX_RESTARTS, description="restarts, learning rates "
                           "cycled")
     queries: int = Field(100, ge=1, le=MAX_QUERIES, description="own images sent through "
                          "the public API (breach+queries, queries)")

@@ -69,8 +69,8 @@ def attack(
     strategies: str = typer.Option("", help="comma-separated subset of the profile's "
                                    "strategies (default: all)"),
     fraction: float = typer.Option(0.05, help="labelled fraction of the training split"),
-    epochs: int = typer.Option(150, help="training steps per restart"),
-    restarts: int = typer.Option(3, help="restarts per strategy, learning rates cycled"),
+    epochs: int = typer.Option(75, help="training steps per restart"),
+    restarts: int = typer.Option(24, help="restarts per strategy (learning rates cycled), averaged"),
     traffic: int = typer.Option(200, help="in process: users' images in each log"),
     seeds: str = typer.Option("0,1,2", help="comma-separated attack seeds"),
     guess_architecture: bool = typer.Option(False, "--guess-architecture",

@@ -51,10 +51,10 @@ def _fragments(text: str) -> int | None:
 # Shared option definitions.
 SEEDS = typer.Option("0", help="evaluation seeds, comma-separated (split, victim, attacker)")
 VICTIM_EPOCHS = typer.Option(10, help="victim training epochs per evaluation")
-ATTACK_EPOCHS = typer.Option(150, help="attacker training steps per strategy and restart "
+ATTACK_EPOCHS = typer.Option(75, help="attacker training steps per strategy and restart "
                              "(the converged default)")
-ATTACK_RESTARTS = typer.Option(3, help="attacker restarts per strategy (learning rates "
-                               "cycled; best on its own data kept)")
+ATTACK_RESTARTS = typer.Option(24, help="attacker restarts per strategy (learning rates "
+                               "cycled; their probabilities averaged)")
 ATTACK_FRACTION = typer.Option(0.05, help="attacker's share of the labelled training data")
 WORKERS = typer.Option(1, help="parallel evaluations (local process pool)")
 ROLLOUT = typer.Option(8, help="PPO: designs per policy update")

@@ -29,7 +29,7 @@ BREACH_PROFILES = ("breach", "breach+queries", "coalition")
 # learning rates, since one that suits a 6-parameter head diverges on a 90-weight circuit.
 DEFAULT_LRS = (0.1, 0.03, 0.01)
 MAX_EPOCHS = 2000
-MAX_RESTARTS = 20
+MAX_RESTARTS = 64
 MAX_QUERIES = 5000
 
 
@@ -43,8 +43,8 @@ class AttackConfig:
     fraction: float = 0.05  # labelled share of the task's training split, (0, 1]
     queries: int = 100  # own unlabelled images sent through the public API (query profiles)
     coalition: tuple[str, ...] = ()  # provider names breached together (profile coalition)
-    epochs: int = 150  # optimiser passes per restart (full batch: steps)
-    restarts: int = 3  # random restarts per trainable strategy, LRS cycled over them
+    epochs: int = 75  # optimiser passes per restart (full batch: steps)
+    restarts: int = 24  # restarts per trainable strategy (LRS cycled), probabilities averaged
     lrs: tuple[float, ...] = DEFAULT_LRS
     full_batch_max: int = 1024  # train full-batch when the data has at most this many rows
     batch_size: int = 64  # the minibatch size above full_batch_max

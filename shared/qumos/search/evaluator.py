@@ -41,8 +41,8 @@ class EvalConfig:
     attacks: bool = True  # False: victim accuracy only (lambda-0 centralized search)
     attack_profile: str = "breach"  # qumos.attack profile (coalition needs `coalition`)
     attack_fraction: float = 0.05  # attacker's share of the labelled training data
-    attack_epochs: int = 150  # training steps per restart (the converged default)
-    attack_restarts: int = 3
+    attack_epochs: int = 75  # training steps per restart (the converged default)
+    attack_restarts: int = 24  # restarts, averaged (the converged default)
     attack_queries: int = 100  # query profiles
     attack_traffic: int = 200  # users' rows in each provider's log
     strategies: tuple[str, ...] = ()  # a subset of the profile's strategies (default all)
