@@ -324,3 +324,20 @@ def test_batched_training_gives_the_figures_of_one_by_one_training(victim, data)
             for n in ua["strategies"]:
                 assert ua["strategies"][n]["test_acc"] == pytest.approx(
                     ub["strategies"][n]["test_acc"], abs=0.01), (ua["provider"], n)
+
+
+@pytest.mark.slow
+def test_default_budget_is_converged_on_the_engine_design():
+    """Doubling the default restarts moves no provider's A_j by more than 0.02 on one seed
+    (bench/bench_attack_convergence.py measures the mean over 3 seeds and 4 designs)."""
+    from qumos.attack.driver import evaluate_victims
+    from qumos.search.evaluator import EvalConfig, train_victims
+
+    data = load_task("digits", 4, seed=0)
+    (spec,), _ = train_victims(parse_short_design("rzz_ry:4-u3cu3:2R-rxyz_cnot:5R"), [data],
+                               EvalConfig(seeds=(0,)))
+    base = AttackConfig(strategies=("logreg", "substitute", "finetune", "head_only"))
+    reps = [evaluate_victims([(0, spec, data)], c)
+            for c in (base, AttackConfig(**{**base.__dict__, "restarts": 2 * base.restarts}))]
+    for p, q in zip(reps[0].providers, reps[1].providers):
+        assert abs(p.A[0] - q.A[0]) <= 0.02, (p.provider, p.A[0], q.A[0])
