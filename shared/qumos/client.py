@@ -271,11 +271,11 @@ def make_canaries(spec, images, tolerance: float = 1e-6) -> CanaryRequest:
     what fragment k really receives for those images (preprocess, fragments, glue), so on
     the wire they look like real traffic; outputs are exact expectation values."""
     import numpy as np
-    from qumos.chain import glue_forward, preprocess
+    from qumos.chain import encode_inputs, glue_forward, preprocess
     from qumos.quantum import AerRunner, DeviceProfile
 
     feats = preprocess(np.asarray(images, dtype=float), spec.preprocess)
-    x, frags = feats, []
+    x, frags = encode_inputs(spec, feats), []
     for k, frag in enumerate(spec.fragments):
         if frag.params is None:
             raise ValueError(f"fragments[{k}].params: canaries need the full model")

@@ -57,7 +57,8 @@ def insider(ctx: Context) -> Trained | None:
         rseed = 1000 * ctx.seed + r
         lr = cfg.lr(r)
         net = ctx.qnn(rseed, stolen=True, frozen=True)
-        if j > 0:  # 1. prefix onto the logged angles
+        if j > 0 or net.transform is not None:  # 1. prefix (with input hiding at j = 0:
+            # the hiding transform) onto the logged angles
             pp = prefix_params(net, j)
             if pp:
                 adam_steps(pp, lambda n=net: nn.functional.mse_loss(inputs_to(n, j, xq), aq),
