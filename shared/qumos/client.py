@@ -108,7 +108,9 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    probabilities: list[list[float]]
+    probabilities: list[list[float]] | None = Field(
+        None, description="under the model's output policy: all (probabilities), the k "
+        "largest and zeros (top_k), possibly rounded; absent under the label policy")
     labels: list[int] = Field(description="predicted class labels (from the model's classes)")
     predictions: list[int] = Field(description="predicted class indices 0..C-1")
 
@@ -122,6 +124,9 @@ class ModelInfo(BaseModel):
     placement: list[str]
     input_shape: list[int]
     canaries: int = Field(0, description="integrity canaries registered per fragment")
+    output_policy: dict = Field(default_factory=lambda: {"kind": "probabilities"},
+                                description="what clients see (qumos.defense.policy)")
+    input_hiding: bool = Field(False, description="fragment 0 receives transformed angles")
 
 
 # Integrity canaries: inputs with known outputs, mixed into every provider call.
