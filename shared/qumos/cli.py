@@ -253,7 +253,7 @@ def _register_commands() -> None:
     import importlib
 
     for mod in ("qumos.cli_services", "qumos.cli_attack", "qumos.cli_search",
-                "qumos.cli_compose"):
+                "qumos.cli_compose", "qumos.cli_keys"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -80,8 +80,8 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
     data = load_task(spec.dataset, spec.task, seed=int(artifact.training.get("seed", 0)))
     with make_client(timeout=120) as client:  # the harness: the victim's test answers
         labels = np.concatenate([
-            predict(client, stack.orchestrator_url, spec.name, data.test.raw[i:i + 64])
-            .predictions for i in range(0, len(data.test.raw), 64)])
+            predict(client, stack.orchestrator_url, spec.name, data.test.raw[i:i + 64],
+                    api_key=stack.client_key).predictions for i in range(0, len(data.test.raw), 64)])
     dirs = {j: stack.data_dir(p) for j, p in enumerate(spec.placement)}
     out = {}
     for profile in profiles:
@@ -92,8 +92,10 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
             cfg.restarts = restarts
         victim = Victim(model=spec.name, providers=list(spec.placement),
                         acc=float((labels == data.test.y).mean()), test_labels=labels,
-                        arch=strip(spec), oracle=HttpOracle(stack.orchestrator_url,
-                                                            spec.name, dirs))
+                        arch=strip(spec), oracle=HttpOracle(
+                            stack.orchestrator_url, spec.name, dirs,
+                            api_key=stack.create_key(f"attacker-{profile}".replace("+", "-")),
+                            hidden_inputs=spec.input_transform is not None))
         holdings = [breach(dirs[j]) for j in range(spec.n_fragments)]
         with progress_bar() as bar:
             tid = bar.add_task(f"attack ({profile})", total=len(seeds), info="")
@@ -211,7 +213,8 @@ def _demo(stack, art, batch: int) -> dict:
         tid = bar.add_task("predict over HTTP", total=len(data.y), info="")
         for i in range(0, len(data.y), batch):
             t0 = time.perf_counter()
-            res = predict(client, stack.orchestrator_url, art.spec.name, data.raw[i:i + batch])
+            res = predict(client, stack.orchestrator_url, art.spec.name, data.raw[i:i + batch],
+                          api_key=stack.client_key)
             latencies.append(time.perf_counter() - t0)
             probs.append(np.array(res.probabilities))
             bar.update(tid, completed=min(i + batch, len(data.y)))
