@@ -349,6 +349,25 @@ def _closed_loop(url: str, model: str, key: str, raw: np.ndarray, clients: int,
             "p99_ms": float(np.percentile(ms, 99))}
 
 
+def _batch_metrics(url: str) -> dict:
+    """The orchestrator's batching histograms (sums, counts, the 2 ms buckets)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    want = {"qumos_orch_batch_wait_seconds_sum": "wait_sum",
+            "qumos_orch_batch_wait_seconds_count": "wait_count",
+            'qumos_orch_batch_wait_seconds_bucket{le="0.002"}': "wait_le_2ms",
+            'qumos_orch_batch_wait_seconds_bucket{le="0.0025"}': "wait_le_2_5ms",
+            "qumos_orch_batch_requests_sum": "req_sum",
+            "qumos_orch_batch_requests_count": "req_count"}
+    out = {v: 0.0 for v in want.values()}
+    for line in text.splitlines():
+        name, _, val = line.rpartition(" ")
+        if name in want:
+            out[want[name]] = float(val)
+    return out
+
+
 def section_batching(args) -> dict:
     import tempfile
 
@@ -369,8 +388,16 @@ def section_batching(args) -> dict:
             for r in range(args.rounds):  # interleaved: off, on, off, on, ...
                 for k, s in stacks.items():
                     for clients in (1, 32):
+                        m0 = _batch_metrics(s.orchestrator_url)
                         res = _closed_loop(s.orchestrator_url, "victim", s.client_key, raw,
                                            clients, args.seconds, 4000)
+                        m1 = _batch_metrics(s.orchestrator_url)
+                        d = {k2: m1[k2] - m0[k2] for k2 in m0}
+                        if d.get("wait_count"):
+                            res["batch_wait_mean_ms"] = 1000 * d["wait_sum"] / d["wait_count"]
+                            res["requests_per_batch"] = d["req_sum"] / d["req_count"]
+                            res["batch_wait_le_2ms"] = d["wait_le_2ms"] / d["wait_count"]
+                            res["batch_wait_le_2_5ms"] = d["wait_le_2_5ms"] / d["wait_count"]
                         out["rounds"].append({"round": r, "batching": k, **res,
                                               "load": _load()[0]})
                         print(out["rounds"][-1], flush=True)
@@ -386,8 +413,8 @@ def _j(xs: list, k: str, digits: int) -> str:
 
 def render_batching(r: dict) -> str:
     lines = [f"window {r['window_ms']} ms, row cap {r['max_rows']}; rounds interleaved",
-             "", "| batching | clients | requests/s (per round) | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|"]
+             "", "| batching | clients | requests/s (per round) | p50 ms | p99 ms | errors | "
+             "batch wait mean ms | requests per batch |", "|---|---|---|---|---|---|---|---|"]
     by: dict = {}
     for x in r["rounds"]:
         by.setdefault((x["batching"], x["clients"]), []).append(x)
@@ -395,7 +422,9 @@ def render_batching(r: dict) -> str:
         lines.append(f"| {b} | {c} | {_j(xs, 'rps', 0)} | "
                      f"{_j(xs, 'p50_ms', 1)} | "
                      f"{_j(xs, 'p99_ms', 1)} | "
-                     f"{sum(x['errors'] for x in xs)} |")
+                     f"{sum(x['errors'] for x in xs)} | "
+                     f"{_j(xs, 'batch_wait_mean_ms', 2) if 'batch_wait_mean_ms' in xs[0] else '-'} | "
+                     f"{_j(xs, 'requests_per_batch', 1) if 'requests_per_batch' in xs[0] else '-'} |")
     return "\n".join(lines)
 
 

@@ -155,6 +155,8 @@ class OrchestratorSettings(BaseSettings):
     batch_window_ms: float = Field(0.0, ge=0, le=1000, description="cross-client dynamic "
                                    "batching: collect requests this long (0: off)")
     batch_max_rows: int = Field(256, ge=1, le=100_000, description="rows per batch")
+    batch_max_inflight: int = Field(2, ge=1, le=64, description="batches of a model in "
+                                    "flight at once; later requests keep collecting")
     quota_flush_s: float = Field(0.5, gt=0, le=60, description="quota counters are written "
                                  "at most this often (and at shutdown)")
 
@@ -271,7 +273,8 @@ class OrchestratorState:
                            Quota(images_per_window=settings.anonymous_images_per_window,
                                  window_s=settings.anonymous_window_s))
         self.batcher = (Batcher(self._run_batch, settings.batch_window_ms / 1000,
-                                settings.batch_max_rows) if settings.batch_window_ms > 0
+                                settings.batch_max_rows, settings.batch_max_inflight,
+                                self._batch_metrics) if settings.batch_window_ms > 0
                         else None)
 
     def count(self, name: str, **labels) -> None:
@@ -530,6 +533,13 @@ class OrchestratorState:
             return await self.batcher.submit(spec.name, features)
         return await self.chain(spec, features, shots, seed)
 
+    def _batch_metrics(self, waits: list[float], n_requests: int) -> None:
+        h = self.counters.get("batch_wait")
+        if h is not None:
+            for w in waits:
+                h.observe(w)
+            self.counters["batch_requests"].observe(n_requests)
+
     async def _run_batch(self, name: str, features: np.ndarray) -> np.ndarray:
         return await self.chain(self.model(name), features, None, None)
 
@@ -685,7 +695,7 @@ def create_app(settings: OrchestratorSettings | None = None,
     app = FastAPI(title="QuMoS orchestrator", lifespan=lifespan)
     app.state.orchestrator = state
     install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Histogram
 
     reg = app.state.metrics_registry
     state.counters = {
@@ -694,7 +704,14 @@ def create_app(settings: OrchestratorSettings | None = None,
         "integrity_failures": Counter("qumos_orch_integrity_failures", "provider calls that "
                                       "failed the canary check", ["provider"], registry=reg),
         "provider_failures": Counter("qumos_orch_provider_failures", "provider calls that "
-                                     "failed after retries", ["provider"], registry=reg)}
+                                     "failed after retries", ["provider"], registry=reg),
+        "batch_wait": Histogram("qumos_orch_batch_wait_seconds", "dynamic batching: a "
+                                "request's wait from arrival to dispatch", registry=reg,
+                                buckets=(.0005, .001, .0015, .002, .0025, .003, .004, .005,
+                                         .01, .025, .05, .1, .25, 1.0)),
+        "batch_requests": Histogram("qumos_orch_batch_requests", "dynamic batching: requests "
+                                    "per batch", registry=reg,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))}
     state.guard.counters = {
         "images": Counter("qumos_orch_key_images", "images predicted per client key (id)",
                           ["key"], registry=reg),
