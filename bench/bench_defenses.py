@@ -439,34 +439,41 @@ def section_insider(args) -> dict:
     art = _artifact(OUT / "artifact", args.design)
     data = load_task("digits", 4, seed=0)
     own = attacker_data(data, 0.05, 0)
-    q = data.train.raw[own.queries(data, args.queries)]
+    q = data.train.raw[own.queries(data, args.query_list[0])]
     qx = preprocess(q, art.spec.preprocess)
     truth = fragment_rows(art.spec, qx)
-    out = {"design": args.design, "queries": args.queries, "window_ms": args.window_ms,
+    out = {"design": args.design, "queries": args.query_list[0], "window_ms": args.window_ms,
            "background_clients": 4, "runs": []}
-    for mode, env in (("off", {}), ("on", {"QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)})):
+    hidden = _artifact(OUT / "artifact-hidden", "H:" + args.design)
+    win = {"QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)}
+    modes = [("off", {"QUMOS_ORCH_DEDUP_ROWS": "0"}, art, 2),
+             ("batching", {"QUMOS_ORCH_DEDUP_ROWS": "0", **win}, art, 2),
+             ("dedup", {}, art, 2), ("dedup", {}, art, 1),
+             ("batching + dedup", win, art, 2), ("batching + dedup", win, art, 1),
+             ("batching + dedup + hiding", win, hidden, 1)]
+    for mode, env, model, repeat in modes:
+        truth_m = truth if model is art else fragment_rows(model.spec, qx)
         with tempfile.TemporaryDirectory() as tmp:
             s = _stack(Path(tmp), {"QUMOS_ORCH_MONITOR": "off", **env})
             with s:
-                s.deploy(art)
+                s.deploy(model)
                 stop = threading.Event()
-                bg = threading.Thread(target=lambda: _closed_loop(
-                    s.orchestrator_url, "victim", s.client_key, data.test.raw, 4, 600, 10**6)
-                    if False else _background(s, data.test.raw, stop))
+                bg = threading.Thread(target=_background, args=(s, data.test.raw, stop))
                 bg.start()
                 time.sleep(1.0)
                 oracle = HttpOracle(s.orchestrator_url, "victim",
                                     {j: s.data_dir(p) for j, p in enumerate(art.spec.placement)},
-                                    api_key=s.create_key("insider"))
+                                    api_key=s.create_key("insider"), repeat=repeat,
+                                    hidden_inputs=model is not art)
                 oracle.answer(q)
                 stop.set()
                 bg.join()
                 time.sleep(0.5)
                 for j in range(art.spec.n_fragments):
                     rows = oracle.rows(j, q, qx)
-                    right = [bool(np.allclose(rows.inputs[i], truth[j][0][i], atol=1e-6))
+                    right = [bool(np.allclose(rows.inputs[i], truth_m[j][0][i], atol=1e-6))
                              for i in np.flatnonzero(rows.found)]
-                    out["runs"].append({"batching": mode, "fragment": j,
+                    out["runs"].append({"batching": mode, "repeat": repeat, "fragment": j,
                                         "attributed": int(rows.found.sum()),
                                         "correct": int(sum(right)), "queries": len(q)})
                     print(out["runs"][-1], flush=True)
@@ -492,11 +499,13 @@ def _background(stack, raw, stop: threading.Event) -> None:
 
 
 def render_insider(r: dict) -> str:
-    lines = [f"{r['queries']} insider queries (each sent twice in its request) while 4 honest "
+    lines = [f"{r['queries']} insider queries (each in its own request, repeated as shown) while 4 honest "
              f"clients send batch-1 requests; window {r['window_ms']} ms", "",
-             "| batching | fragment (provider) | attributed | correct |", "|---|---|---|---|"]
+             "| orchestrator | insider repeats each query | fragment | attributed | correct |",
+             "|---|---|---|---|---|"]
     for x in r["runs"]:
-        lines.append(f"| {x['batching']} | {x['fragment']} | {x['attributed']} / {x['queries']} "
+        lines.append(f"| {x['batching']} | {x.get('repeat', 2)}x | {x['fragment']} | "
+                     f"{x['attributed']} / {x['queries']} "
                      f"| {x['correct']} / {x['queries']} |")
     return "\n".join(lines)
 

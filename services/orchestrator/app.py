@@ -157,6 +157,9 @@ class OrchestratorSettings(BaseSettings):
     batch_max_rows: int = Field(256, ge=1, le=100_000, description="rows per batch")
     batch_max_inflight: int = Field(2, ge=1, le=64, description="batches of a model in "
                                     "flight at once; later requests keep collecting")
+    dedup_rows: bool = Field(True, description="exact mode: identical rows of a provider "
+                             "call are sent once, in a random order (an insider cannot mark "
+                             "its rows by repeating them)")
     quota_flush_s: float = Field(0.5, gt=0, le=60, description="quota counters are written "
                                  "at most this often (and at shutdown)")
 
@@ -439,8 +442,22 @@ class OrchestratorState:
 
     async def execute(self, spec: ModelSpec, k: int, angles: np.ndarray, shots: int | None,
                       seed: int | None) -> np.ndarray:
-        """Fragment k on its provider: split into calls of at most provider_max_batch rows,
-        each carrying canaries when the model has them."""
+        """Fragment k on its provider; in exact mode (DEDUP_ROWS) each distinct row once,
+        in a secret random order, the answers fanned back out."""
+        if shots is None and self.settings.dedup_rows and len(angles) > 1:
+            uniq, inverse = np.unique(angles, axis=0, return_inverse=True)
+            if len(uniq) < len(angles):
+                order = np.random.default_rng(secrets.randbits(128)).permutation(len(uniq))
+                out = await self._execute_rows(spec, k, uniq[order], shots, seed)
+                back = np.empty_like(out)
+                back[order] = out
+                return back[inverse.reshape(-1)]
+        return await self._execute_rows(spec, k, angles, shots, seed)
+
+    async def _execute_rows(self, spec: ModelSpec, k: int, angles: np.ndarray,
+                            shots: int | None, seed: int | None) -> np.ndarray:
+        """Split into calls of at most provider_max_batch rows, each carrying canaries
+        when the model has them."""
         provider = spec.placement[k]
         fid = fragment_id(spec.name, k)
         if provider not in self.providers:
