@@ -227,12 +227,8 @@ def section_clone(args) -> dict:
 
 def _fid(rep: dict):
     """Fidelity of the queries profile's best reference (the distilled clone)."""
-    for r in rep.get("seeds", []):
-        refs = r.get("references", {})
-        best = refs.get(rep["S_reference"])
-        if best:
-            return best.get("fidelity")
-    return None
+    best = rep["references"].get(rep["S_reference"])
+    return best["fidelity"][0] if best else None
 
 
 def render_clone(r: dict) -> str:
@@ -268,13 +264,14 @@ def section_logbased(args) -> dict:
             h0 = holdings_in_process(spec, 0, traffic)  # the first provider, breached
             victim = Victim.in_process(spec, data, True)
             rep = run_attack(cfg, data, victim, [h0], [s]).to_dict()
-            seed_rec = rep["seeds"][0]["units"][0]["strategies"]
+            by = rep["providers"][0]["by_strategy"]
+            st = by.get("selftrain") or {}
             runs.append({"seed": s, "hiding": hide, "victim_acc": rep["victim_acc"][0],
                          "S": rep["S"][0], "A": rep["providers"][0]["A"][0],
                          "best": rep["providers"][0]["best_strategy"],
-                         "selftrain": (seed_rec.get("selftrain") or {}).get("test_acc"),
-                         "selftrain_note": (seed_rec.get("selftrain") or {}).get("note"),
-                         "strategies": {k: v["test_acc"] for k, v in seed_rec.items()},
+                         "selftrain": (st.get("acc") or [None])[0],
+                         "selftrain_note": st.get("note"),
+                         "strategies": {k: v["acc"][0] for k, v in by.items()},
                          "log_row_is_feature": bool(np.allclose(
                              h0.access_log[0]["inputs"][0], traffic[0]))})
             print(runs[-1], flush=True)
