@@ -157,16 +157,37 @@ def render_monitor(r: dict) -> str:
 
 
 # ----- clone accuracy against each defence ---------------------------------------------------
-DEFENCES = {  # name -> (output policy, input hiding, quota images per key, monitor block)
-    "none": ("probabilities", False, None, False),
-    "rounding (1 decimal)": ("probabilities:1", False, None, False),
-    "top_k (k=1)": ("top_k:1", False, None, False),
-    "label": ("label", False, None, False),
-    "quota (100 images per key)": ("probabilities", False, 100, False),
-    "monitor (block)": ("probabilities", False, None, True),
-    "input hiding": ("probabilities", True, None, False),
-    "combined (label + hiding + quota 100 + monitor block)": ("label", True, 100, True),
+DEFENCES = {  # name -> (output policy, input hiding, quota images per key, monitor block,
+    #                 row defences: dedup + batching, as measured live by `insider`)
+    "none": ("probabilities", False, None, False, False),
+    "rounding (1 decimal)": ("probabilities:1", False, None, False, False),
+    "top_k (k=1)": ("top_k:1", False, None, False, False),
+    "label": ("label", False, None, False, False),
+    "quota (100 images per key)": ("probabilities", False, 100, False, False),
+    "monitor (block)": ("probabilities", False, None, True, False),
+    "input hiding": ("probabilities", True, None, False, False),
+    "dedup + batching (insider rows)": ("probabilities", False, None, False, True),
+    "combined (label + hiding + quota 100 + monitor block + dedup + batching)": (
+        "label", True, 100, True, True),
 }
+
+
+class _RowDefended:
+    """The in-process oracle with the orchestrator's row defences as measured live
+    (`insider` section: with dedup + batching the insider attributes 0-1 of 20 rows at the
+    later providers, and none at provider-a with input hiding): no attributed rows there."""
+
+    def __init__(self, inner, hidden: bool):
+        self.inner, self.hidden = inner, hidden
+
+    def answer(self, raw):
+        return self.inner.answer(raw)
+
+    def rows(self, j, raw, features):
+        r = self.inner.rows(j, raw, features)
+        if j > 0 or self.hidden:
+            r.found[:] = False
+        return r
 
 
 def section_clone(args) -> dict:
@@ -181,10 +202,12 @@ def section_clone(args) -> dict:
     done = {(r["defence"], r["profile"], r["N"], r["seed"]) for r in prev["runs"]}
     runs = prev["runs"]
     names = [d for d in DEFENCES if not args.defences or d.split(" ")[0] in args.defences]
+    if args.profiles == ["queries"]:  # the row defences act on the insider only
+        names = [d for d in names if not d.startswith("dedup")]
     victims = {}
     for s in args.seed_list:
         for name in names:
-            policy, hide, quota, block = DEFENCES[name]
+            policy, hide, quota, block, rowdef = DEFENCES[name]
             key = (hide, s)
             if key not in victims:
                 victims[key] = _victim(("H:" if hide else "") + args.design, s)
@@ -200,28 +223,40 @@ def section_clone(args) -> dict:
                     cfg = AttackConfig(profile=profile, queries=n_eff, **ATTACK)
                     victim = Victim.in_process(spec, data, True, "probabilities")
                     victim.oracle.output_policy = parse_policy(policy)
+                    if rowdef:
+                        victim.oracle = _RowDefended(victim.oracle, hide)
                     t0 = time.perf_counter()
                     rep = run_attack(cfg, data, victim, [], [s], holdings_for_seed=lambda x:
                                      in_process_holdings(spec, data, cfg, x)).to_dict()
-                    best = max(rep["providers"], key=lambda p: p["A"][0]) if rep[
-                        "providers"] else None
-                    # the queries profile has no breach unit: its clone is the S reference
+                    refs = rep["references"]
+                    dist = max((k for k in refs if k.startswith("distill")),
+                               key=lambda k: refs[k]["acc"][0])
+                    base = max((k for k in refs if not k.startswith("distill")),
+                               key=lambda k: refs[k]["acc"][0])
                     rec = {"defence": name, "profile": profile, "N": n, "N_eff": n_eff,
                            "flagged_at": flagged, "seed": s, "victim_acc": rep["victim_acc"][0],
-                           "S": rep["S"][0], "S_reference": rep["S_reference"],
-                           "A": best["A"][0] if best else rep["S"][0],
-                           "fidelity": best["fidelity"][0] if best else None,
-                           "theft": best["best_strategy"] if best else rep["S_reference"],
-                           "provider": best["provider"] if best else "-",
+                           "labelled_only": refs[base]["acc"][0], "labelled_ref": base,
+                           "distill": refs[dist]["acc"][0],
+                           "distill_fidelity": refs[dist]["fidelity"][0], "distill_ref": dist,
                            "seconds": time.perf_counter() - t0, "load": _load()[0]}
-                    if not best:
-                        rec["fidelity"] = _fid(rep)
+                    # the strongest clone: distillation, or (breach+queries) the best theft
+                    rec["A"], rec["fidelity"], rec["theft"] = (rec["distill"],
+                                                               rec["distill_fidelity"], dist)
+                    if rep["providers"]:
+                        best = max(rep["providers"], key=lambda p: p["A"][0])
+                        ins = [p["by_strategy"].get("insider", {}).get("acc", [None])[0]
+                               for p in rep["providers"]]
+                        rec["insider"] = max([x for x in ins if x is not None], default=None)
+                        rec["breach_best"] = best["A"][0]
+                        if best["A"][0] > rec["A"]:
+                            rec["A"], rec["fidelity"] = best["A"][0], best["fidelity"][0]
+                            rec["theft"] = f"{best['best_strategy']} @ {best['provider']}"
                     runs.append(rec)
                     _save("clone", {"design": args.design, "attack": ATTACK, "runs": runs})
                     print(f"{name} | {profile} N={n} (eff {n_eff}) seed {s}: victim "
-                          f"{rec['victim_acc']:.3f} clone {rec['A']:.3f} fid "
-                          f"{rec['fidelity'] if rec['fidelity'] is None else round(rec['fidelity'], 3)}"
-                          f" ({rec['seconds']:.0f} s)", flush=True)
+                          f"{rec['victim_acc']:.3f} clone {rec['A']:.3f} ({rec['theft']}) fid "
+                          f"{rec['fidelity']:.3f}; labelled only {rec['labelled_only']:.3f} "
+                          f"({rec['seconds']:.0f} s)", flush=True)
     return {"design": args.design, "attack": ATTACK, "runs": runs}
 
 
@@ -233,7 +268,8 @@ def _fid(rep: dict):
 
 def render_clone(r: dict) -> str:
     lines = ["| defence | attacker | N (effective) | victim | clone accuracy | fidelity | "
-             "flagged at | seeds |", "|---|---|---|---|---|---|---|---|"]
+             "best clone (per seed) | insider | labelled images only | flagged at |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for x in r["runs"]:
         groups.setdefault((x["defence"], x["profile"], x["N"]), []).append(x)
@@ -242,10 +278,12 @@ def render_clone(r: dict) -> str:
         fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
         eff = sorted({x["N_eff"] for x in xs})
         fl = [x["flagged_at"] for x in xs]
+        ins = f("insider") if "insider" in xs[0] else [None, None]
         lines.append(f"| {d} | {p} | {n} ({'/'.join(map(str, eff))}) | {fmt(f('victim_acc'))} | "
                      f"{fmt(f('A'))} | {fmt(f('fidelity'))} | "
-                     f"{', '.join('-' if v is None else str(v) for v in fl)} | "
-                     f"{[x['seed'] for x in xs]} |")
+                     f"{', '.join(x['theft'] for x in xs)} | {fmt(ins)} | "
+                     f"{fmt(f('labelled_only'))} | "
+                     f"{', '.join('-' if v is None else str(v) for v in fl)} |")
     return "\n".join(lines)
 
 
