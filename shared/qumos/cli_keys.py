@@ -16,7 +16,7 @@ from qumos.errors import QumosError
 DEFAULT_WORKDIR = Path("runs/local")
 keys_app = typer.Typer(no_args_is_help=True, help="Client API keys of an orchestrator "
                        "(admin token): create, list, revoke, flagged.")
-app.add_typer(keys_app, name="keys")
+app.add_typer(keys_app, name="keys", short_help="Client API keys: create, list, revoke.")
 
 ORCH = typer.Option("http://127.0.0.1:8100", "--orchestrator", envvar="QUMOS_ORCHESTRATOR_URL",
                     help="orchestrator URL")
@@ -58,7 +58,9 @@ def create(
     images_total: Optional[int] = typer.Option(None, min=1, help="quota: images in total"),
     orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON,
 ) -> None:
-    """Create a key (printed once: store it; the orchestrator keeps a salted hash)."""
+    """Create a key, printed once.
+
+    Store it: the orchestrator keeps only a salted hash."""
     try:
         from qumos.defense.keys import name_problem
 
@@ -79,7 +81,7 @@ def create(
 @keys_app.command("list")
 def list_keys(orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
               as_json: bool = JSON) -> None:
-    """List keys: id, name, quota, revoked, flagged (never the keys themselves)."""
+    """List keys by id, never the keys themselves."""
     try:
         res = _call("GET", orchestrator, admin_token_file, "/v1/keys")
     except QumosError as e:
