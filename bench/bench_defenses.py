@@ -226,8 +226,9 @@ def section_clone(args) -> dict:
                     if rowdef:
                         victim.oracle = _RowDefended(victim.oracle, hide)
                     t0 = time.perf_counter()
-                    rep = run_attack(cfg, data, victim, [], [s], holdings_for_seed=lambda x:
-                                     in_process_holdings(spec, data, cfg, x)).to_dict()
+                    rep = run_attack(cfg, data, victim, [], [s], holdings_for_seed=lambda x,
+                                     sp=spec, d=data, c=cfg: in_process_holdings(sp, d, c, x)
+                                     ).to_dict()
                     refs = rep["references"]
                     dist = max((k for k in refs if k.startswith("distill")),
                                key=lambda k: refs[k]["acc"][0])
@@ -274,8 +275,8 @@ def render_clone(r: dict) -> str:
     for x in r["runs"]:
         groups.setdefault((x["defence"], x["profile"], x["N"]), []).append(x)
     for (d, p, n), xs in groups.items():
-        f = lambda k: _ms([x[k] for x in xs])  # noqa: E731
-        fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+        f = lambda k: _ms([x[k] for x in xs])
+        fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
         eff = sorted({x["N_eff"] for x in xs})
         fl = [x["flagged_at"] for x in xs]
         ins = f("insider") if "insider" in xs[0] else [None, None]
@@ -360,7 +361,7 @@ def _closed_loop(url: str, model: str, key: str, raw: np.ndarray, clients: int,
                 t0 = time.perf_counter()
                 try:
                     predict(c, url, model, raw[j % len(raw)][None], api_key=key)
-                except Exception:  # noqa: BLE001 - counted
+                except Exception:
                     with lock:
                         errors[0] += 1
                 with lock:

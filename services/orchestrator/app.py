@@ -69,8 +69,7 @@ import anyio
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos import oip
 from qumos.artifact import atomic_write, fragment_id

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from qumos.cli import app, emit, fail
 from qumos.errors import QumosError
 
@@ -28,7 +27,6 @@ JSON = typer.Option(False, "--json")
 def _call(method: str, orchestrator: str, admin_token_file: Path, path: str,
           body: dict | None = None) -> dict:
     import httpx
-
     from qumos.client import ServiceError, _check, make_client, read_token
 
     try:
@@ -52,10 +50,10 @@ def _call(method: str, orchestrator: str, admin_token_file: Path, path: str,
 @keys_app.command("create")
 def create(
     name: str = typer.Option(..., "--name", help="who the key is for"),
-    images_per_window: Optional[int] = typer.Option(None, min=1, help="quota: images per "
+    images_per_window: int | None = typer.Option(None, min=1, help="quota: images per "
                                                     "window (default: no limit)"),
     window_s: float = typer.Option(60.0, min=0.001, help="quota window in seconds"),
-    images_total: Optional[int] = typer.Option(None, min=1, help="quota: images in total"),
+    images_total: int | None = typer.Option(None, min=1, help="quota: images in total"),
     orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON,
 ) -> None:
     """Create a key, printed once.

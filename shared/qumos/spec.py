@@ -31,8 +31,14 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from qumos.defense.policy import DEFAULT_POLICY, OutputPolicy
 from qumos.errors import DesignError
 

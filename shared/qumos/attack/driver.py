@@ -56,9 +56,9 @@ class InProcessOracle(Oracle):
 
     def __init__(self, victim: ModelSpec, policy="probabilities",
                  decimals: int | None = None, k: int | None = None):
+        from pydantic import ValidationError
         from qumos.defense.policy import OutputPolicy
         from qumos.model import DistributedQNN
-        from pydantic import ValidationError
 
         if isinstance(policy, OutputPolicy):
             self.output_policy = policy

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from qumos.defense.keys import KeyProblem, KeyRecord, KeyStore
 from qumos.defense.monitor import Monitor, MonitorConfig
 from qumos.defense.quota import Quota, QuotaBook

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from qumos.defense.quota import Quota
 
 KEY_RE = re.compile(r"qk_([0-9a-f]{12})_([A-Za-z0-9_-]{32,64})")

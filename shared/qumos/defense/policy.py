@@ -97,4 +97,4 @@ def apply_policy(probs: np.ndarray, policy: OutputPolicy | None) -> np.ndarray:
     return p
 
 
-__all__ = ["DEFAULT_POLICY", "OutputPolicy", "POLICY_KINDS", "apply_policy", "parse_policy"]
+__all__ = ["DEFAULT_POLICY", "POLICY_KINDS", "OutputPolicy", "apply_policy", "parse_policy"]
