@@ -58,6 +58,7 @@ def test_provider_killed_mid_stream(stack, digits_test, reference_probs):
     with httpx.Client(timeout=60) as c:
         r = c.get(f"{stack.provider_urls['provider-b']}/readyz").json()
         assert r["fragments"] == 1
-        r = c.post(url, json={"instances": digits_test.raw[:32].tolist()})
+        r = c.post(url, json={"instances": digits_test.raw[:32].tolist()},
+                   headers={"Authorization": f"Bearer {stack.client_key}"})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probabilities"], reference_probs[:32], atol=1e-4)
