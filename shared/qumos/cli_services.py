@@ -178,11 +178,12 @@ def up(
             stack.start()
         if art is not None:
             stack.deploy(art)
-        info = stack.describe() | {"model": art.spec.name if art else None}
+        info = stack.describe() | {"model": art.spec.name if art else None,
+                                   "client_key_file": str(stack.client_key_file)}
         emit(info, as_json, "\n".join(f"{n:13s} {s['url']}  (log {s['log']})"
                                       for n, s in info["services"].items())
              + (f"\n\ntry: curl -s {stack.orchestrator_url}/v1/models/{art.spec.name}/predict "
-                f"-d '{{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,"
+                f"-H \"Authorization: Bearer $(cat {stack.client_key_file})\" -d '{{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,"
                 f"0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,"
                 f"0,6,13,10,0,0,0]]}}'" if art else "")
              + "\n\nCtrl-C stops every service.")
