@@ -163,8 +163,40 @@ def test_quota_counters_survive_a_crash(dstack, live_artifact):
         assert r.status_code == 200 and r.headers["RateLimit-Remaining"] == "0"
 
 
-def test_no_key_in_any_log(dstack):
-    assert len(KEYS) >= 3
+def test_keys_cli_against_the_live_orchestrator(dstack):
+    import json
+
+    from qumos.cli import app
+    from typer.testing import CliRunner
+
+    r = CliRunner()
+    base = ["--orchestrator", dstack.orchestrator_url, "--admin-token-file",
+            str(dstack.admin_token_file)]
+    made = r.invoke(app, ["keys", "create", "--name", "cli-user", "--images-total", "3",
+                          "--json", *base])
+    assert made.exit_code == 0, made.output
+    key = json.loads(made.output)["key"]
+    KEYS.append(key)
+    listed = r.invoke(app, ["keys", "list", "--json", *base])
+    assert key[:15] in listed.output and key[16:] not in listed.output
+    with make_client() as c:
+        raw = load_task("digits", 4, seed=0).test.raw[:4]
+        with pytest.raises(ServiceError) as e:  # 4 images > a total of 3
+            predict(c, dstack.orchestrator_url, "digits4", raw, api_key=key)
+        assert e.value.status == 429
+    assert r.invoke(app, ["keys", "revoke", key[:15], *base]).exit_code == 0
+    with make_client() as c, pytest.raises(ServiceError) as e:
+        predict(c, dstack.orchestrator_url, "digits4", raw[:1], api_key=key)
+    assert e.value.status == 403
+    wrong = r.invoke(app, ["keys", "list", "--orchestrator", dstack.orchestrator_url,
+                           "--admin-token-file", str(dstack.tokens_dir / "provider-a")])
+    assert wrong.exit_code == 2 and "403" in wrong.output
+    assert r.invoke(app, ["keys", "revoke", "nope", *base]).exit_code == 2
+
+
+def test_zz_no_key_in_any_log(dstack):
+    """Last in this module: every key made above."""
+    assert len(KEYS) >= 2
     text = "".join(p.read_text(errors="replace") for p in
                    (dstack.workdir / "logs").glob("*.log"))
     text += "".join(p.read_text(errors="replace") for n in dstack.provider_names
