@@ -224,3 +224,30 @@ async def test_batching_shuffles_concurrent_requests_into_one_call(tmp_path, art
         assert state.batcher.batches < 8  # requests shared provider calls
         want = torch_probs(artifact.spec, data.test.x[:8])
         np.testing.assert_allclose([out[i] for i in range(8)], want, atol=1e-9)
+
+
+async def test_throttle_delays_a_flagged_key_and_anonymous_is_opt_in(tmp_path, artifact, data):
+    import time
+
+    async with company_stack(tmp_path, artifact, monitor="throttle", monitor_throttle_s=0.4,
+                             allow_anonymous=True) as (c, admin, prov):
+        await deploy_inprocess(c, admin, prov, artifact)
+        url = "/v1/models/digits4/predict"
+        r = await c.post(url, json=_body(data.test.raw[:1]), headers={"Authorization": ""})
+        assert r.status_code == 200  # anonymous allowed here (off by default: see above)
+        thief = await create_key(c, admin, "thief")
+        rng = np.random.default_rng(1)
+        x = list(data.train.raw[:10])
+        while len(x) < 200:
+            x += [np.clip(v + rng.choice([-1, 1], 64), 0, 16) for v in x]
+        for i in range(0, 200, 8):
+            r = await c.post(url, json=_body(np.asarray(x[i:i + 8])),
+                             headers={"Authorization": f"Bearer {thief}"})
+            assert r.status_code == 200  # throttled, never refused
+        fl = (await c.get("/v1/keys/flagged", headers={"Authorization": f"Bearer {admin}"})
+              ).json()
+        assert fl["action"] == "throttle" and [k["name"] for k in fl["flagged"]] == ["thief"]
+        t0 = time.perf_counter()
+        r = await c.post(url, json=_body(data.test.raw[:1]),
+                         headers={"Authorization": f"Bearer {thief}"})
+        assert r.status_code == 200 and time.perf_counter() - t0 >= 0.4
