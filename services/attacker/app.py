@@ -86,6 +86,8 @@ class AttackerSettings(BaseSettings):
     max_pending: int = Field(8, ge=1, le=1000, description="jobs queued or running before "
                              "a submission gets 503")
     orchestrator_url: str | None = Field(None, description="public API, for query/fidelity")
+    api_key_file: Path | None = Field(None, description="the attacker's client API key for "
+                                      "the public API (read at each job; never logged)")
     workers: int = Field(1, ge=1, le=8, description="jobs run concurrently")
     dataset_dir: Path = Field(Path("data"), description="where full MNIST files live")
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
@@ -122,6 +124,9 @@ class AttackRequest(BaseModel):
     dataset: str = "digits"
     task: int = 4
     split_seed: int = Field(0, ge=0, description="the victim's split seed")
+    api_key: str | None = Field(None, max_length=200, description="client API key for the "
+                                "orchestrator's public API (else QUMOS_ATTACKER_API_KEY_FILE); "
+                                "kept in memory for the job only, never stored or logged")
     victim_acc: float | None = Field(None, ge=0, le=1, description="if known; else measured "
                                      "through the orchestrator's public API when set")
 
@@ -187,6 +192,7 @@ class AttackerState:
         self.settings = settings
         self.jobs_dir = Path(settings.data_dir) / "jobs"
         self.jobs: dict[str, Job] = {}
+        self.job_keys: dict[str, str | None] = {}  # job id -> its API key (memory only)
         self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
         self.provider: str | None = None
@@ -244,7 +250,8 @@ class AttackerState:
         torch.set_num_threads(1)
         self.update(job, status="running", started=time.time())
         try:
-            req = AttackRequest.model_validate(job.request)
+            req = AttackRequest.model_validate({**job.request,
+                                                "api_key": self.job_keys.pop(job.id, None)})
             res = run_job(self.settings, req, progress=lambda info: self.update(
                 # merged, not replaced: a poller always sees where the job got to
                 job, force=False, progress={**job.progress, **{
@@ -282,8 +289,10 @@ def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> di
     acc = req.victim_acc
     if settings.orchestrator_url:
         oracle = HttpOracle(settings.orchestrator_url, stolen.model,
-                            {stolen.index: settings.breached_dir})
-        labels = _victim_labels(settings, stolen.model, data.test.raw)
+                            {stolen.index: settings.breached_dir},
+                            api_key=req.api_key or _api_key(settings))
+        labels = _victim_labels(settings, stolen.model, data.test.raw,
+                                req.api_key or _api_key(settings))
         if acc is None:
             acc = float((labels == data.test.y).mean())
     if acc is None:
@@ -302,7 +311,20 @@ def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> di
     return d
 
 
-def _victim_labels(settings: AttackerSettings, model: str, raw) -> np.ndarray:
+def _api_key(settings: AttackerSettings) -> str | None:
+    """The client API key (QUMOS_ATTACKER_API_KEY_FILE), read now: a deployment may
+    create it after the attacker started."""
+    if settings.api_key_file is None:
+        return None
+    try:
+        return settings.api_key_file.read_text().strip() or None
+    except OSError as e:
+        raise QumosError(f"QUMOS_ATTACKER_API_KEY_FILE: cannot read {settings.api_key_file} "
+                         f"({e.strerror})") from None
+
+
+def _victim_labels(settings: AttackerSettings, model: str, raw,
+                   api_key: str | None = None) -> np.ndarray:
     import httpx
     import numpy as np
     from qumos.client import predict
@@ -311,7 +333,8 @@ def _victim_labels(settings: AttackerSettings, model: str, raw) -> np.ndarray:
     with httpx.Client(timeout=60.0) as client:
         for i in range(0, len(raw), settings.predict_batch):
             out.append(np.asarray(predict(client, settings.orchestrator_url, model,
-                                          raw[i:i + settings.predict_batch]).predictions))
+                                          raw[i:i + settings.predict_batch],
+                                          api_key=api_key).predictions))
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
@@ -386,7 +409,9 @@ def create_app(settings: AttackerSettings | None = None) -> FastAPI:
                                "directory this attacker holds)", "provider")
         await anyio.to_thread.run_sync(_check_request, state, req)
         job = Job(id=uuid.uuid4().hex[:12], status="queued", provider=state.provider,
-                  request=req.model_dump(mode="json"), created=time.time())
+                  request=req.model_dump(mode="json", exclude={"api_key"}),
+                  created=time.time())
+        state.job_keys[job.id] = req.api_key
         await anyio.to_thread.run_sync(state.save, job)
         state.jobs[job.id] = job
         state.pool.submit(state.run, job)

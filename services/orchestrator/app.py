@@ -14,7 +14,16 @@ Endpoints:
     GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1][/ready]
     POST /v2/models/{name}[/versions/1]/infer   Open Inference Protocol v2 (JSON and the
                                       binary tensor data extension; qumos.oip)
+    PUT  /v1/models/{name}/policy     change a model's output policy (admin token)
+    POST /v1/keys, GET /v1/keys, DELETE /v1/keys/{id}, GET /v1/keys/flagged
+                                      client API keys (admin token; `qumos keys`)
     GET  /healthz, /readyz, /metrics
+
+Defences of the public API (qumos.defense, docs/defenses.md): predict and infer need a
+client API key (`Authorization: Bearer qk_...`; anonymous only with ALLOW_ANONYMOUS),
+counted against its quota (429 + Retry-After + RateLimit-*); answers follow the model's
+output policy; the extraction monitor (PRADA) watches each key; with BATCH_WINDOW_MS the
+rows of concurrent requests share provider calls, shuffled.
 
 Ready (/readyz, /v2/health/ready) means a prediction can be served: every registered
 model's providers answer and hold its fragments (probed, cached READY_CACHE_S); a model
@@ -60,11 +69,11 @@ import anyio
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from qumos import oip
 from qumos.artifact import atomic_write, fragment_id
-from qumos.chain import glue_forward, head_forward, preprocess, softmax
+from qumos.chain import encode_inputs, glue_forward, head_forward, preprocess, softmax
 from qumos.client import (
     CanaryRequest,
     ExecuteResponse,
@@ -76,6 +85,12 @@ from qumos.client import (
     describe_validation_error,
     dump_json,
 )
+from qumos.defense.batching import Batcher
+from qumos.defense.guard import Guard, Refusal
+from qumos.defense.keys import key_id
+from qumos.defense.monitor import MonitorConfig
+from qumos.defense.policy import OutputPolicy, apply_policy
+from qumos.defense.quota import Quota
 from qumos.http11 import AsyncTransport
 from qumos.spec import ModelSpec, format_validation_error, name_problem
 from qumos.webcommon import (
@@ -124,6 +139,28 @@ class OrchestratorSettings(BaseSettings):
     http_transport: Literal["qumos", "httpcore"] = Field(
         "qumos", description="what the pooled httpx.AsyncClient sends through: "
         "qumos.http11 (default, least CPU per call) or httpx's own httpcore")
+    # ----- defences (qumos.defense, docs/defenses.md) -----
+    allow_anonymous: bool = Field(False, description="serve predictions without an API key")
+    anonymous_images_per_window: int | None = Field(None, ge=1, description="anonymous quota")
+    anonymous_window_s: float = Field(60.0, gt=0, le=366 * 86400)
+    monitor: Literal["off", "log", "throttle", "block"] = Field(
+        "log", description="extraction monitor (PRADA) action when it flags a key")
+    monitor_delta: float = Field(0.85, gt=0, lt=1, description="flag when Shapiro-Wilk W "
+                                 "of the key's minimum distances < delta")
+    monitor_min_queries: int = Field(100, ge=20, le=100_000)
+    monitor_window: int = Field(2000, ge=20, le=100_000)
+    monitor_throttle_s: float = Field(1.0, ge=0, le=60, description="delay per request of "
+                                      "a flagged key (action throttle)")
+    batch_window_ms: float = Field(0.0, ge=0, le=1000, description="cross-client dynamic "
+                                   "batching: collect requests this long (0: off)")
+    batch_max_rows: int = Field(256, ge=1, le=100_000, description="rows per batch")
+    batch_max_inflight: int = Field(2, ge=1, le=64, description="batches of a model in "
+                                    "flight at once; later requests keep collecting")
+    dedup_rows: bool = Field(True, description="exact mode: identical rows of a provider "
+                             "call are sent once, in a random order (an insider cannot mark "
+                             "its rows by repeating them)")
+    quota_flush_s: float = Field(0.5, gt=0, le=60, description="quota counters are written "
+                                 "at most this often (and at shutdown)")
 
     @model_validator(mode="after")
     def _canary_room(self):
@@ -230,6 +267,17 @@ class OrchestratorState:
         self._readiness: dict[str, tuple[float, list[str]]] = {}  # model -> (time, problems)
         self.canary_key = secrets.token_bytes(32)  # replaced by the persisted key at load
         self.counters: dict = {}  # prometheus counters, set in create_app
+        self.guard = Guard(settings.data_dir, settings.allow_anonymous, settings.monitor,
+                           MonitorConfig(delta=settings.monitor_delta,
+                                         min_queries=settings.monitor_min_queries,
+                                         window=settings.monitor_window),
+                           settings.monitor_throttle_s,
+                           Quota(images_per_window=settings.anonymous_images_per_window,
+                                 window_s=settings.anonymous_window_s))
+        self.batcher = (Batcher(self._run_batch, settings.batch_window_ms / 1000,
+                                settings.batch_max_rows, settings.batch_max_inflight,
+                                self._batch_metrics) if settings.batch_window_ms > 0
+                        else None)
 
     def count(self, name: str, **labels) -> None:
         c = self.counters.get(name)
@@ -253,6 +301,10 @@ class OrchestratorState:
                     f.write(self.canary_key)
         except OSError as e:
             self.problems.append(f"{key_path}: {e.strerror}; using a key for this run only")
+        try:
+            self.guard.load()
+        except (ValueError, OSError) as e:
+            raise SettingsError(f"QUMOS_ORCH_DATA_DIR: {e}") from None
         for p in sorted(self.models_dir.glob("*.json")):
             try:
                 spec = ModelSpec.model_validate_json(p.read_bytes())
@@ -389,8 +441,22 @@ class OrchestratorState:
 
     async def execute(self, spec: ModelSpec, k: int, angles: np.ndarray, shots: int | None,
                       seed: int | None) -> np.ndarray:
-        """Fragment k on its provider: split into calls of at most provider_max_batch rows,
-        each carrying canaries when the model has them."""
+        """Fragment k on its provider; in exact mode (DEDUP_ROWS) each distinct row once,
+        in a secret random order, the answers fanned back out."""
+        if shots is None and self.settings.dedup_rows and len(angles) > 1:
+            uniq, inverse = np.unique(angles, axis=0, return_inverse=True)
+            if len(uniq) < len(angles):
+                order = np.random.default_rng(secrets.randbits(128)).permutation(len(uniq))
+                out = await self._execute_rows(spec, k, uniq[order], shots, seed)
+                back = np.empty_like(out)
+                back[order] = out
+                return back[inverse.reshape(-1)]
+        return await self._execute_rows(spec, k, angles, shots, seed)
+
+    async def _execute_rows(self, spec: ModelSpec, k: int, angles: np.ndarray,
+                            shots: int | None, seed: int | None) -> np.ndarray:
+        """Split into calls of at most provider_max_batch rows, each carrying canaries
+        when the model has them."""
         provider = spec.placement[k]
         fid = fragment_id(spec.name, k)
         if provider not in self.providers:
@@ -479,10 +545,46 @@ class OrchestratorState:
     async def predict(self, spec: ModelSpec, raw: np.ndarray, shots: int | None,
                       seed: int | None) -> np.ndarray:
         features = preprocess(raw, spec.preprocess)
-        h = await self.execute(spec, 0, features, shots, seed)
+        if self.batcher is not None and shots is None:
+            return await self.batcher.submit(spec.name, features)
+        return await self.chain(spec, features, shots, seed)
+
+    def _batch_metrics(self, waits: list[float], n_requests: int) -> None:
+        h = self.counters.get("batch_wait")
+        if h is not None:
+            for w in waits:
+                h.observe(w)
+            self.counters["batch_requests"].observe(n_requests)
+
+    async def _run_batch(self, name: str, features: np.ndarray) -> np.ndarray:
+        return await self.chain(self.model(name), features, None, None)
+
+    async def chain(self, spec: ModelSpec, features: np.ndarray, shots: int | None,
+                    seed: int | None) -> np.ndarray:
+        h = await self.execute(spec, 0, encode_inputs(spec, features), shots, seed)
         for k, g in enumerate(spec.glue):
             h = await self.execute(spec, k + 1, glue_forward(g, h, features), shots, seed)
         return softmax(head_forward(spec.head, h))
+
+    async def serve(self, request: Request, spec: ModelSpec, raw: np.ndarray,
+                    shots: int | None, seed: int | None) -> tuple[np.ndarray, np.ndarray,
+                                                                  dict]:
+        """A client's prediction through the defences: key and quota (401/403/429),
+        throttle, the chain, the extraction monitor, the output policy. Returns (answers
+        under the policy, label indices, RateLimit headers)."""
+        try:
+            client = self.guard.admit(request.headers.get("authorization"), spec.name,
+                                      len(raw))
+            if client.throttle_s:
+                await anyio.sleep(client.throttle_s)
+            probs = await self.predict(spec, raw, shots, seed)
+            idx = probs.argmax(axis=1)
+            self.guard.observe(client, spec.name, raw, idx)
+        except Refusal as e:
+            raise ServiceError(e.status, e.kind, e.message, "authorization"
+                               if e.status in (401, 403) else "quota", headers=e.headers
+                               ) from None
+        return apply_policy(probs, spec.output_policy), idx, client.headers
 
 
 def _provider_message(resp: httpx.Response) -> str:
@@ -496,7 +598,20 @@ def _model_info(spec: ModelSpec, canaries: Canaries | None = None) -> ModelInfo:
     return ModelInfo(name=spec.name, dataset=spec.dataset, task=spec.task, classes=spec.classes,
                      n_fragments=spec.n_fragments, placement=spec.placement,
                      input_shape=[-1, spec.preprocess.n_raw],
-                     canaries=len(canaries.inputs[0]) if canaries else 0)
+                     canaries=len(canaries.inputs[0]) if canaries else 0,
+                     output_policy=spec.output_policy.model_dump(),
+                     input_hiding=spec.input_transform is not None)
+
+
+class KeyCreateRequest(BaseModel):
+    """POST /v1/keys (admin): a client API key and its quota."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="who the key is for (letters, digits, _ . @ -)")
+    images_per_window: int | None = Field(None, ge=1, le=10**12)
+    window_s: float = Field(60.0, gt=0, le=366 * 86400)
+    images_total: int | None = Field(None, ge=1, le=10**15)
 
 
 def _waiting(waiting: dict[str, list[str]]) -> str:
@@ -572,16 +687,31 @@ def create_app(settings: OrchestratorSettings | None = None,
         state.request_extensions = {"timeout": state.client.timeout.as_dict()}
         freeze_startup_heap()
         state.ready = True
+
+        async def flush_quota():  # the quota counters, when changed, every QUOTA_FLUSH_S
+            while True:
+                await anyio.sleep(settings.quota_flush_s)
+                try:
+                    await anyio.to_thread.run_sync(state.guard.quota.flush)
+                except OSError as e:
+                    log.error("quota counters not saved: %s", e.strerror or e)
+
+        flusher = asyncio.get_running_loop().create_task(flush_quota())
         try:
             yield
         finally:
             state.ready = False
+            flusher.cancel()
+            try:
+                state.guard.quota.flush()
+            except OSError as e:
+                log.error("quota counters not saved at shutdown: %s", e.strerror or e)
             await state.client.aclose()
 
     app = FastAPI(title="QuMoS orchestrator", lifespan=lifespan)
     app.state.orchestrator = state
     install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Histogram
 
     reg = app.state.metrics_registry
     state.counters = {
@@ -590,14 +720,30 @@ def create_app(settings: OrchestratorSettings | None = None,
         "integrity_failures": Counter("qumos_orch_integrity_failures", "provider calls that "
                                       "failed the canary check", ["provider"], registry=reg),
         "provider_failures": Counter("qumos_orch_provider_failures", "provider calls that "
-                                     "failed after retries", ["provider"], registry=reg)}
+                                     "failed after retries", ["provider"], registry=reg),
+        "batch_wait": Histogram("qumos_orch_batch_wait_seconds", "dynamic batching: a "
+                                "request's wait from arrival to dispatch", registry=reg,
+                                buckets=(.0005, .001, .0015, .002, .0025, .003, .004, .005,
+                                         .01, .025, .05, .1, .25, 1.0)),
+        "batch_requests": Histogram("qumos_orch_batch_requests", "dynamic batching: requests "
+                                    "per batch", registry=reg,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))}
+    state.guard.counters = {
+        "images": Counter("qumos_orch_key_images", "images predicted per client key (id)",
+                          ["key"], registry=reg),
+        "refused": Counter("qumos_orch_key_refused", "requests refused per key (id) and "
+                           "reason", ["key", "reason"], registry=reg),
+        "flagged": Counter("qumos_orch_key_flagged", "keys flagged by the extraction "
+                           "monitor", ["key"], registry=reg)}
     document_request_bodies(app, {("/v1/models/{name}", "put"): ModelSpec,
+                                  ("/v1/models/{name}/policy", "put"): OutputPolicy,
+                                  ("/v1/keys", "post"): KeyCreateRequest,
                                   ("/v1/models/{name}/canaries", "put"): CanaryRequest,
                                   ("/v1/models/{name}/predict", "post"): PredictRequest,
                                   ("/v2/models/{name}/infer", "post"): V2InferRequest,
                                   ("/v2/models/{name}/versions/{version}/infer", "post"):
                                       V2InferRequest})
-    serving = error_responses(404, 413, 422, 502, 503, 504)
+    serving = error_responses(401, 403, 404, 413, 422, 429, 502, 503, 504)
 
     @app.get("/healthz")
     async def healthz():
@@ -639,6 +785,10 @@ def create_app(settings: OrchestratorSettings | None = None,
                                    "bias missing)", f"glue[{k}]")
         if spec.head.kind == "linear" and spec.head.weight is None:
             raise ServiceError(422, "validation_error", "head: untrained linear head", "head")
+        t = spec.input_transform
+        if t is not None and (t.weight is None or t.bias is None):
+            raise ServiceError(422, "validation_error", "input_transform: untrained (weight "
+                               "or bias missing)", "input_transform")
         unknown = [p for p in spec.placement if p not in state.providers]
         if unknown:
             raise ServiceError(422, "validation_error", f"placement: {unknown} not among this "
@@ -674,6 +824,69 @@ def create_app(settings: OrchestratorSettings | None = None,
         state.canaries[name] = Canaries(req)
         return json_response(_model_info(spec, state.canaries[name]))
 
+    @app.put("/v1/models/{name}/policy", response_model=ModelInfo,
+             responses=error_responses(401, 403, 404, 413, 422, 507))
+    async def set_policy(name: str, request: Request):
+        """Change a model's output policy (admin); canaries and fragments stay."""
+        check_bearer(request, state.admin_token)
+        spec = state.model(name)
+        policy = await parse_body(request, OutputPolicy)
+        try:
+            new = ModelSpec.model_validate({**spec.model_dump(), "output_policy":
+                                            policy.model_dump()})
+        except ValidationError as e:
+            raise ServiceError(422, "validation_error", format_validation_error(e),
+                               "output_policy") from None
+        try:
+            await anyio.to_thread.run_sync(atomic_write, state.models_dir / f"{name}.json",
+                                           new.model_dump_json(indent=1).encode())
+        except OSError as e:
+            raise _storage_error(settings.data_dir, e) from None
+        state.models[name] = new
+        return json_response(_model_info(new, state.canaries.get(name)))
+
+    # ----- client API keys (admin) -------------------------------------------------------
+    @app.post("/v1/keys", status_code=201, responses=error_responses(401, 403, 422, 507))
+    async def create_key(request: Request):
+        check_bearer(request, state.admin_token)
+        req = await parse_body(request, KeyCreateRequest)
+        quota = Quota(images_per_window=req.images_per_window, window_s=req.window_s,
+                      images_total=req.images_total)
+        try:
+            key, rec = await anyio.to_thread.run_sync(state.guard.keys.create, req.name, quota)
+        except ValueError as e:
+            raise ServiceError(422, "validation_error", str(e), "name") from None
+        except OSError as e:
+            raise _storage_error(settings.data_dir, e) from None
+        log.info("API key %s (%s) created", f"qk_{rec.id}", rec.name)
+        return {"key": key, **rec.public(),
+                "note": "the key is shown only now; the orchestrator keeps a salted hash"}
+
+    @app.get("/v1/keys", responses=error_responses(401, 403))
+    async def list_keys(request: Request):
+        check_bearer(request, state.admin_token)
+        return {"keys": [r.public() for r in state.guard.keys.keys.values()]}
+
+    @app.get("/v1/keys/flagged", responses=error_responses(401, 403))
+    async def flagged_keys(request: Request):
+        check_bearer(request, state.admin_token)
+        return {"action": settings.monitor, "flagged": state.guard.flagged()}
+
+    @app.delete("/v1/keys/{key}", responses=error_responses(401, 403, 404, 422, 507))
+    async def revoke_key(key: str, request: Request):
+        check_bearer(request, state.admin_token)
+        try:
+            kid = key_id(key)
+            rec = await anyio.to_thread.run_sync(state.guard.keys.revoke, kid)
+        except ValueError as e:
+            raise ServiceError(422, "validation_error", str(e), "key") from None
+        except KeyError as e:
+            raise ServiceError(404, "not_found", str(e.args[0]), "key") from None
+        except OSError as e:
+            raise _storage_error(settings.data_dir, e) from None
+        log.info("API key %s (%s) revoked", f"qk_{rec.id}", rec.name)
+        return rec.public()
+
     @app.get("/v1/models")
     async def list_models():
         return {"models": [_model_info(s, state.canaries.get(n)).model_dump()
@@ -689,15 +902,16 @@ def create_app(settings: OrchestratorSettings | None = None,
         spec = state.model(name)
         req = await parse_body(request, PredictRequest)
         raw = _check_instances(state, spec, req.instances, "instances")
-        probs = await state.predict(spec, raw, req.shots, req.seed)
-        idx = probs.argmax(axis=1)
-        return json_response(PredictResponse(
-            model=name, probabilities=probs.tolist(), predictions=idx.tolist(),
-            labels=[spec.classes[i] for i in idx]))
+        shown, idx, headers = await state.serve(request, spec, raw, req.shots, req.seed)
+        resp = json_response(PredictResponse(
+            model=name, probabilities=shown.tolist() if shown.ndim == 2 else None,
+            predictions=idx.tolist(), labels=[spec.classes[i] for i in idx]))
+        resp.headers.update(headers)
+        return resp
 
     # ----- Open Inference Protocol v2 ---------------------------------------------------
     oip_errors = error_responses(404, oip=True)
-    oip_serving = error_responses(404, 413, 422, 502, 503, 504, oip=True)
+    oip_serving = error_responses(401, 403, 404, 413, 422, 429, 502, 503, 504, oip=True)
 
     def version(v: str | None) -> None:
         if v is not None and v != MODEL_VERSION:
@@ -744,12 +958,15 @@ def create_app(settings: OrchestratorSettings | None = None,
         try:
             call = oip.parse_infer(await request.body(), request.headers.get(oip.HEADER),
                                    spec.preprocess.n_raw, settings.max_batch, pixel_range(spec))
+            oip.restrict_outputs(call, spec.output_policy.shows_probabilities,
+                                 spec.output_policy.describe())
         except oip.OipError as e:
             raise ServiceError(e.status, "validation_error", str(e), e.field) from None
-        probs = await state.predict(spec, call.images, call.shots, call.seed)
-        labels = np.asarray(spec.classes)[probs.argmax(axis=1)]
-        body, headers = oip.encode_infer(name, MODEL_VERSION, call, probs, labels)
-        return Response(body, headers=headers)
+        shown, idx, limits = await state.serve(request, spec, call.images, call.shots,
+                                               call.seed)
+        labels = np.asarray(spec.classes)[idx]
+        body, headers = oip.encode_infer(name, MODEL_VERSION, call, shown, labels)
+        return Response(body, headers={**headers, **limits})
 
     @app.get("/v2/models/{name}", responses=oip_errors)
     async def v2_model(name: str):

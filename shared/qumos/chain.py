@@ -27,6 +27,14 @@ def preprocess(raw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.clip(pooled.reshape(len(raw), -1) / spec.max_value, 0, 1) * np.pi
 
 
+def encode_inputs(spec: ModelSpec, features: np.ndarray) -> np.ndarray:
+    """Fragment 0's input angles: the features, or with input hiding the company-held
+    transform of them (`ModelSpec.input_transform`), so that fragment 0's provider never
+    sees the features."""
+    t = spec.input_transform
+    return features if t is None else glue_forward(t, features, features)
+
+
 def glue_forward(glue: GlueSpec, h: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Fragment k's outputs h (B, n_k) -> fragment k+1's input angles (B, out_dim)."""
     z = np.concatenate([h, features], axis=1) if glue.reupload else h
@@ -51,7 +59,7 @@ def run_chain(spec: ModelSpec, features: np.ndarray,
               fragment: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
     """Class probabilities (B, C) of features (B, 16), with `fragment(k, angles)`
     executing fragment k (on Aer, over HTTP, ...)."""
-    h = fragment(0, features)
+    h = fragment(0, encode_inputs(spec, features))
     for k, g in enumerate(spec.glue):
         h = fragment(k + 1, glue_forward(g, h, features))
     return softmax(head_forward(spec.head, h))

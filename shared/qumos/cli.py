@@ -149,6 +149,9 @@ def train(
     head: str = typer.Option("readout", help="readout (fixed) or linear (trained)"),
     reupload: bool = typer.Option(False, show_default=False,
                                   help="glue also feeds the raw features (default: off)"),
+    hide_inputs: bool = typer.Option(False, "--hide-inputs", show_default=False,
+                                     help="input hiding: a company-held transform before "
+                                     "fragment 0, trained with the model (default: off)"),
     seed: int = typer.Option(0, help="seed of the split, initialisation and batches"),
     epochs: int = typer.Option(30, min=1),
     lr: float = typer.Option(0.03, min=0.0),
@@ -167,7 +170,8 @@ def train(
     try:
         design = load_design_file(design_file) if design_file else design_from_flags(
             dataset=dataset, task=task, fragments=fragments, block=block, n_qubits=qubits,
-            entanglement=entanglement, glue=glue, head=head, reupload=reupload)
+            entanglement=entanglement, glue=glue, head=head, reupload=reupload,
+            hide_inputs=hide_inputs)
         t0 = time.perf_counter()
         data = load_task(design.dataset, design.task, seed=seed, data_dir=data_dir)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
@@ -253,7 +257,7 @@ def _register_commands() -> None:
     import importlib
 
     for mod in ("qumos.cli_services", "qumos.cli_attack", "qumos.cli_search",
-                "qumos.cli_compose"):
+                "qumos.cli_compose", "qumos.cli_keys"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

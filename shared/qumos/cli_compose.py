@@ -168,7 +168,7 @@ def compose_demo(
     import numpy as np
 
     from qumos.attack import report_table
-    from qumos.client import ServiceError, deploy_artifact, predict
+    from qumos.client import ServiceError, create_key, deploy_artifact, predict
     from qumos.datasets import load_task
     from qumos.model import DistributedQNN, predict_proba
 
@@ -196,9 +196,13 @@ def compose_demo(
         raw, y = data.test.raw[:limit], data.test.y[:limit]
         t1 = time.perf_counter()
         probs = []
+        # clients use API keys like any client: one for this check, one for the attacker
+        demo_key = create_key(orchestrator_url, admin, "compose-demo")["key"]
+        attacker_key = create_key(orchestrator_url, admin, "compose-attacker")["key"]
         with httpx.Client(timeout=120.0) as client:
             for i in range(0, len(raw), 100):
-                probs += predict(client, orchestrator_url, spec.name, raw[i:i + 100]).probabilities
+                probs += predict(client, orchestrator_url, spec.name, raw[i:i + 100],
+                                 api_key=demo_key).probabilities
         predict_s = time.perf_counter() - t1
         remote = np.asarray(probs)
         local = predict_proba(DistributedQNN(spec), data.test.x[:limit]).detach().numpy()
@@ -219,7 +223,7 @@ def compose_demo(
                                "restarts": attack_restarts, "queries": attack_queries},
                     "seeds": seeds, "design": art.training.get("design"),
                     "dataset": spec.dataset, "task": spec.task, "split_seed": seed,
-                    "model": spec.name}
+                    "model": spec.name, "api_key": attacker_key}
             console.print(f"attack job: profile {profile}")
             jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout,
                                        attacker_token)

@@ -67,6 +67,8 @@ def search(
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("3", help="number of fragments 1-4, or 'open' (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
+    hiding: str = typer.Option("off", help="input hiding: off, on, or choose (the engine "
+                               "decides)"),
     budget_minutes: float | None = typer.Option(None, help="wall-clock budget"),
     max_evals: int | None = typer.Option(None, help="budget in fresh evaluations"),
     lam: float = typer.Option(1.0, "--lambda", help="reward = acc - lambda * max_j (A_j - S)"),
@@ -96,8 +98,15 @@ def search(
         if not 1 <= max_depth <= 6:
             raise QumosError(f"--max-depth: {max_depth}; allowed: 1 to 6")
         k, depths = _fragments(fragments), tuple(range(1, max_depth + 1))
+        hide = {"off": (False,), "on": (True,), "choose": (False, True)}.get(hiding)
+        if hide is None:
+            raise QumosError(f"--hiding: {hiding!r}; allowed: off, on, choose")
         space = (DesignSpace.centralized(dataset, task, depths=depths) if k == 1
                  else DesignSpace(dataset, task, n_fragments=k, depths=depths))
+        if hide != (False,):
+            from dataclasses import replace
+
+            space = replace(space, hiding=hide)
         ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
                             attack_fraction, data_dir)
         if lam == 0 and space.n_fragments == 1:

@@ -80,8 +80,8 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
     data = load_task(spec.dataset, spec.task, seed=int(artifact.training.get("seed", 0)))
     with make_client(timeout=120) as client:  # the harness: the victim's test answers
         labels = np.concatenate([
-            predict(client, stack.orchestrator_url, spec.name, data.test.raw[i:i + 64])
-            .predictions for i in range(0, len(data.test.raw), 64)])
+            predict(client, stack.orchestrator_url, spec.name, data.test.raw[i:i + 64],
+                    api_key=stack.client_key).predictions for i in range(0, len(data.test.raw), 64)])
     dirs = {j: stack.data_dir(p) for j, p in enumerate(spec.placement)}
     out = {}
     for profile in profiles:
@@ -92,8 +92,10 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
             cfg.restarts = restarts
         victim = Victim(model=spec.name, providers=list(spec.placement),
                         acc=float((labels == data.test.y).mean()), test_labels=labels,
-                        arch=strip(spec), oracle=HttpOracle(stack.orchestrator_url,
-                                                            spec.name, dirs))
+                        arch=strip(spec), oracle=HttpOracle(
+                            stack.orchestrator_url, spec.name, dirs,
+                            api_key=stack.create_key(f"attacker-{profile}".replace("+", "-")),
+                            hidden_inputs=spec.input_transform is not None))
         holdings = [breach(dirs[j]) for j in range(spec.n_fragments)]
         with progress_bar() as bar:
             tid = bar.add_task(f"attack ({profile})", total=len(seeds), info="")
@@ -176,11 +178,12 @@ def up(
             stack.start()
         if art is not None:
             stack.deploy(art)
-        info = stack.describe() | {"model": art.spec.name if art else None}
+        info = stack.describe() | {"model": art.spec.name if art else None,
+                                   "client_key_file": str(stack.client_key_file)}
         emit(info, as_json, "\n".join(f"{n:13s} {s['url']}  (log {s['log']})"
                                       for n, s in info["services"].items())
              + (f"\n\ntry: curl -s {stack.orchestrator_url}/v1/models/{art.spec.name}/predict "
-                f"-d '{{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,"
+                f"-H \"Authorization: Bearer $(cat {stack.client_key_file})\" -d '{{\"instances\": [[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,"
                 f"0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,"
                 f"0,6,13,10,0,0,0]]}}'" if art else "")
              + "\n\nCtrl-C stops every service.")
@@ -211,7 +214,8 @@ def _demo(stack, art, batch: int) -> dict:
         tid = bar.add_task("predict over HTTP", total=len(data.y), info="")
         for i in range(0, len(data.y), batch):
             t0 = time.perf_counter()
-            res = predict(client, stack.orchestrator_url, art.spec.name, data.raw[i:i + batch])
+            res = predict(client, stack.orchestrator_url, art.spec.name, data.raw[i:i + batch],
+                          api_key=stack.client_key)
             latencies.append(time.perf_counter() - t0)
             probs.append(np.array(res.probabilities))
             bar.update(tid, completed=min(i + batch, len(data.y)))

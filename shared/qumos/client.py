@@ -108,7 +108,9 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    probabilities: list[list[float]]
+    probabilities: list[list[float]] | None = Field(
+        None, description="under the model's output policy: all (probabilities), the k "
+        "largest and zeros (top_k), possibly rounded; absent under the label policy")
     labels: list[int] = Field(description="predicted class labels (from the model's classes)")
     predictions: list[int] = Field(description="predicted class indices 0..C-1")
 
@@ -122,6 +124,9 @@ class ModelInfo(BaseModel):
     placement: list[str]
     input_shape: list[int]
     canaries: int = Field(0, description="integrity canaries registered per fragment")
+    output_policy: dict = Field(default_factory=lambda: {"kind": "probabilities"},
+                                description="what clients see (qumos.defense.policy)")
+    input_hiding: bool = Field(False, description="fragment 0 receives transformed angles")
 
 
 # Integrity canaries: inputs with known outputs, mixed into every provider call.
@@ -271,11 +276,11 @@ def make_canaries(spec, images, tolerance: float = 1e-6) -> CanaryRequest:
     what fragment k really receives for those images (preprocess, fragments, glue), so on
     the wire they look like real traffic; outputs are exact expectation values."""
     import numpy as np
-    from qumos.chain import glue_forward, preprocess
+    from qumos.chain import encode_inputs, glue_forward, preprocess
     from qumos.quantum import AerRunner, DeviceProfile
 
     feats = preprocess(np.asarray(images, dtype=float), spec.preprocess)
-    x, frags = feats, []
+    x, frags = encode_inputs(spec, feats), []
     for k, frag in enumerate(spec.fragments):
         if frag.params is None:
             raise ValueError(f"fragments[{k}].params: canaries need the full model")
@@ -337,6 +342,15 @@ def deploy_artifact(artifact, orchestrator_url: str, admin_token: str,
             "canaries": canaries}
 
 
+def create_key(orchestrator_url: str, admin_token: str, name: str, timeout: float = 30.0,
+               **quota) -> dict:
+    """POST /v1/keys (admin): {"key": ..., "id": ..., ...}; the key is shown only here."""
+    with make_client(timeout=timeout) as client:
+        return _check(client.post(f"{orchestrator_url.rstrip('/')}/v1/keys",
+                                  json={"name": name, **quota},
+                                  headers={"Authorization": f"Bearer {admin_token}"}))
+
+
 def make_client(timeout: float = 30.0, **kwargs) -> httpx.Client:  # noqa: F821
     """An `httpx.Client` on the lean HTTP/1.1 transport (`qumos.http11.SyncTransport`):
     the same API, ~0.4 ms less per exchange than httpx's default transport
@@ -349,7 +363,7 @@ def make_client(timeout: float = 30.0, **kwargs) -> httpx.Client:  # noqa: F821
 
 
 def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,
-            seed: int | None = None) -> PredictResponse:
+            seed: int | None = None, api_key: str | None = None) -> PredictResponse:
     """One predict call with an `httpx.Client`; raises ServiceError on an error status, and
     ValueError (naming the position) before sending instances that are ragged, not numbers,
     NaN or infinite. The body is encoded with orjson straight from a numpy array."""
@@ -371,9 +385,11 @@ def predict(client, orchestrator_url: str, model: str, instances, shots: int | N
         body["shots"] = shots
     if seed is not None:
         body["seed"] = seed
+    headers = {"Content-Type": "application/json"}
+    if api_key:  # else the client's own Authorization header (if any) goes
+        headers["Authorization"] = f"Bearer {api_key}"
     resp = client.post(f"{orchestrator_url.rstrip('/')}/v1/models/{model}/predict",
-                       content=dump_json(body),
-                       headers={"Content-Type": "application/json"})
+                       content=dump_json(body), headers=headers)
     if resp.status_code >= 400:
         _check(resp)
     return PredictResponse.model_validate_json(resp.content)

@@ -136,6 +136,8 @@ class LocalStack:
         self.tokens_dir = self.workdir / "secrets" / "tokens"
         self.admin_token_file = self.workdir / "secrets" / "admin_token"
         self.attacker_token_file = self.workdir / "secrets" / "attacker_token"
+        # a client API key for the stack's own clients (demo, attacker, tests), made at start
+        self.client_key_file = self.workdir / "secrets" / "client_key"
         logs = self.workdir / "logs"
         for name, port in zip(self.provider_names, ports):
             env = {"QUMOS_PROVIDER_NAME": name,
@@ -162,7 +164,8 @@ class LocalStack:
                 {"QUMOS_ATTACKER_BREACHED_DIR": str(self.workdir / self.breached),
                  "QUMOS_ATTACKER_DATA_DIR": str(self.workdir / "attacker"),
                  "QUMOS_ATTACKER_ADMIN_TOKEN_FILE": str(self.attacker_token_file),
-                 "QUMOS_ATTACKER_ORCHESTRATOR_URL": self.orchestrator_url},
+                 "QUMOS_ATTACKER_ORCHESTRATOR_URL": self.orchestrator_url,
+                 "QUMOS_ATTACKER_API_KEY_FILE": str(self.client_key_file)},
                 logs / "attacker.log")
 
     # ----- addresses and secrets ------------------------------------------------------------
@@ -183,6 +186,23 @@ class LocalStack:
     @property
     def admin_token(self) -> str:
         return self.admin_token_file.read_text().strip()
+
+    @property
+    def client_key(self) -> str:
+        """The stack's client API key (created at start, `create_key` makes more)."""
+        return self.client_key_file.read_text().strip()
+
+    def create_key(self, name: str, **quota) -> str:
+        from qumos.client import create_key
+
+        return create_key(self.orchestrator_url, self.admin_token, name, **quota)["key"]
+
+    def client(self, timeout: float = 60.0, key: str | None = None):
+        """An httpx.Client sending the stack's client key (or `key`)."""
+        from qumos.client import make_client
+
+        return make_client(timeout=timeout, headers={
+            "Authorization": f"Bearer {key or self.client_key}"})
 
     @property
     def attacker_token(self) -> str:
@@ -207,6 +227,8 @@ class LocalStack:
             for s in self.services.values():
                 s.start()
             self.wait_ready(timeout=timeout)
+            if not self.client_key_file.is_file():  # a restarted stack keeps its key
+                write_secret(self.client_key_file, self.create_key("localstack"))
         except BaseException:
             self.stop()
             raise

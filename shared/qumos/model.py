@@ -76,6 +76,8 @@ class DistributedQNN(nn.Module):
             for f in spec.fragments
         ])
         self.glue = nn.ModuleList([Glue(g) for g in spec.glue])
+        # input hiding: the company-held transform before fragment 0 (None: off)
+        self.transform = Glue(spec.input_transform) if spec.input_transform else None
         self.head = Head(spec.head)
         self.to(dtype)
 
@@ -83,9 +85,13 @@ class DistributedQNN(nn.Module):
     def n_fragments(self) -> int:
         return len(self.sims)
 
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Fragment 0's input angles (the features, or their hiding transform)."""
+        return features if self.transform is None else self.transform(features, features)
+
     def fragment_outputs(self, features: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every fragment, in chain order: a list of (B, n_k)."""
-        outs = [self.sims[0](features, self.weights[0])]
+        outs = [self.sims[0](self.encode(features), self.weights[0])]
         for k, g in enumerate(self.glue):
             outs.append(self.sims[k + 1](g(outs[-1], features), self.weights[k + 1]))
         return outs
@@ -104,8 +110,10 @@ class DistributedQNN(nn.Module):
         frags = [f.with_params(w.detach().double().tolist())
                  for f, w in zip(self.spec.fragments, self.weights)]
         glue = [m.to_spec(g) for m, g in zip(self.glue, self.spec.glue)]
-        return self.spec.model_copy(update={"fragments": frags, "glue": glue,
-                                            "head": self.head.to_spec()})
+        update = {"fragments": frags, "glue": glue, "head": self.head.to_spec()}
+        if self.transform is not None:
+            update["input_transform"] = self.transform.to_spec(self.spec.input_transform)
+        return self.spec.model_copy(update=update)
 
 
 @torch.no_grad()

@@ -50,6 +50,19 @@ class InferCall:
     shots: int | None = None
     seed: int | None = None
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # (name, binary)
+    explicit_outputs: bool = False  # the request listed its outputs
+
+
+def restrict_outputs(call: InferCall, shows_probabilities: bool, policy: str) -> None:
+    """The model's output policy on v2: under `label` the default outputs are the labels
+    only, and asking for probabilities is refused (422 naming the output)."""
+    if shows_probabilities:
+        return
+    for i, (name, _) in enumerate(call.outputs):
+        if name == "probabilities" and call.explicit_outputs:
+            raise OipError(f"outputs[{i}].name", f"'probabilities' is not served: this "
+                           f"model's output policy is {policy}; ask for 'labels'")
+    call.outputs = [(n, b) for n, b in call.outputs if n != "probabilities"]
 
 
 def _obj(v: Any, where: str) -> dict:
@@ -161,6 +174,7 @@ def parse_infer(body: bytes, header_length: str | None, n_raw: int, max_batch: i
     if outputs is None:
         call.outputs = [(name, binary_all) for name in OUTPUTS]
     else:
+        call.explicit_outputs = True
         if not isinstance(outputs, list) or not outputs:
             raise OipError("outputs", f"is {_kind(outputs)}; allowed: a non-empty array of "
                            f"requested outputs, names {list(OUTPUTS)}")

@@ -31,7 +31,15 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from qumos.defense.policy import DEFAULT_POLICY, OutputPolicy
 from qumos.errors import DesignError
 
 SCHEMA_VERSION = 1
@@ -359,6 +367,25 @@ class ModelSpec(BaseModel):
     glue: list[GlueSpec]
     head: HeadSpec
     placement: list[str] = Field(default_factory=list, description="provider of fragment k")
+    input_transform: GlueSpec | None = Field(
+        None, description="input hiding: a company-held map features -> fragment 0's angles "
+        "(pi * tanh(W x + b), trained with the model); fragment 0's provider sees only "
+        "its output. None: the features go to fragment 0 in the clear")
+    output_policy: OutputPolicy = Field(
+        default_factory=OutputPolicy, description="what clients see of the probabilities "
+        "(the orchestrator applies it on v1 and v2)")
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        """The defences' fields are written only when set: a model without them dumps
+        exactly as before they existed (artifacts stay byte-identical)."""
+        d = handler(self)
+        if isinstance(d, dict):
+            if d.get("input_transform", 0) is None:
+                d.pop("input_transform")
+            if self.output_policy == DEFAULT_POLICY:
+                d.pop("output_policy", None)
+        return d
 
     @field_validator("name")
     @classmethod
@@ -410,6 +437,14 @@ class ModelSpec(BaseModel):
             raise ValueError(f"placement has {len(self.placement)} entries; expected {k}")
         if len(set(self.placement)) != k:
             raise ValueError("placement: each fragment must be on a different provider")
+        t = self.input_transform
+        if t is not None and (t.reupload or t.in_dim != nf or t.out_dim != nf):
+            raise ValueError(f"input_transform: must map the {nf} features to {nf} angles "
+                             f"(in_dim {nf}, out_dim {nf}, no reupload)")
+        pol = self.output_policy
+        if pol.kind == "top_k" and pol.k > len(self.classes):
+            raise ValueError(f"output_policy.k is {pol.k}; the model has "
+                             f"{len(self.classes)} classes")
         return self
 
     @property
@@ -419,7 +454,9 @@ class ModelSpec(BaseModel):
     def is_trained(self) -> bool:
         return all(f.params is not None for f in self.fragments) and all(
             g.weight is not None and g.bias is not None for g in self.glue
-        ) and (self.head.kind == "readout" or self.head.weight is not None)
+        ) and (self.head.kind == "readout" or self.head.weight is not None) and (
+            self.input_transform is None or (self.input_transform.weight is not None
+                                             and self.input_transform.bias is not None))
 
 
 def provider_name(k: int) -> str:
@@ -449,6 +486,9 @@ class Design(BaseModel):
     )
     glue: GlueKind = "tanh"
     head: Literal["readout", "linear"] = "readout"
+    hide_inputs: bool = Field(False, description="input hiding: a company-held transform "
+                              "(trained with the model) before fragment 0, so that its "
+                              "provider never sees the features")
 
     @field_validator("fragments")
     @classmethod
@@ -461,6 +501,8 @@ class Design(BaseModel):
         """A canonical string: equal designs give equal strings (the search cache key)."""
         d = self.model_dump()
         d["fragments"][0]["reupload"] = False  # the first fragment always sees raw features
+        if not d["hide_inputs"]:
+            del d["hide_inputs"]  # designs without hiding keep their keys (search caches)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def key(self) -> str:
@@ -469,13 +511,13 @@ class Design(BaseModel):
     def short(self) -> str:
         parts = [f"{f.block}:{f.depth}{'R' if f.reupload and i else ''}"
                  for i, f in enumerate(self.fragments)]
-        return "-".join(parts) + f"|{self.glue}|{self.head}"
+        return ("H:" if self.hide_inputs else "") + "-".join(parts) + f"|{self.glue}|{self.head}"
 
 
 def design_from_flags(
     dataset: str = "digits", task: int = 4, fragments: str = "2-2-2", block: str = "rxyz_cnot",
     n_qubits: int = 4, entanglement: str = "ring", glue: str = "tanh", head: str = "readout",
-    reupload: bool = False,
+    reupload: bool = False, hide_inputs: bool = False,
 ) -> Design:
     """`--fragments 2-2-2 --block rxyz_cnot`: one fragment per depth, all of one block."""
     try:
@@ -484,7 +526,7 @@ def design_from_flags(
         raise DesignError(f"fragments: {fragments!r} is not a dash-separated list of depths "
                           "such as 2-2-2") from None
     return validate_design(dict(
-        dataset=dataset, task=task, glue=glue, head=head,
+        dataset=dataset, task=task, glue=glue, head=head, hide_inputs=hide_inputs,
         fragments=[dict(n_qubits=n_qubits, block=block, depth=d, entanglement=entanglement,
                         reupload=reupload) for d in depths],
     ))
@@ -494,8 +536,11 @@ def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Des
     """The inverse of `Design.short()` for 4-qubit ring designs: `block:depth[R]-...`
     optionally followed by `|glue|head`, e.g. `rzz_ry:4-u3cu3:2R-rxyz_cnot:5R|tanh|readout`
     (R: the glue into that fragment re-uploads the features). A part without a block
-    repeats the previous one: `u3cu3:2-2-2` is three u3cu3 fragments of depth 2."""
-    body, *rest = text.strip().split("|")
+    repeats the previous one: `u3cu3:2-2-2` is three u3cu3 fragments of depth 2. A
+    leading `H:` turns input hiding on (`H:rxyz_cnot:2-2-2`)."""
+    text = text.strip()
+    hide = text.startswith("H:")
+    body, *rest = text.removeprefix("H:").split("|")
     if len(rest) not in (0, 2):
         raise DesignError(f"design: {text!r}; expected block:depth-... or "
                           "block:depth-...|glue|head")
@@ -512,7 +557,7 @@ def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Des
                               "as u3cu3:2 (or u3cu3:2R to re-upload the features)")
         frags.append(dict(block=block, depth=int(depth), reupload=reupload))
     return validate_design(dict(dataset=dataset, task=task, fragments=frags, glue=glue,
-                                head=head))
+                                head=head, hide_inputs=hide))
 
 
 def validate_design(data: dict) -> Design:
@@ -572,8 +617,10 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
                 for k in range(len(frags) - 1)]
         classes = TASK_CLASSES[design.task]
         head = HeadSpec(kind=design.head, n_classes=len(classes), in_dim=frags[-1].n_qubits)
+        hide = GlueSpec(kind=design.glue, in_dim=nf, out_dim=nf) if design.hide_inputs else None
         return ModelSpec(name=name, dataset=design.dataset, task=design.task, classes=classes,
-                         preprocess=pre, fragments=frags, glue=glue, head=head)
+                         preprocess=pre, fragments=frags, glue=glue, head=head,
+                         input_transform=hide)
     except ValidationError as e:
         raise DesignError(format_validation_error(e)) from None
 
@@ -587,7 +634,7 @@ def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
                                   reupload=bool(k and spec.glue[k - 1].reupload))
                    for k, f in enumerate(spec.fragments)],
         glue=spec.glue[0].kind if spec.glue else glue_default,  # type: ignore[arg-type]
-        head=spec.head.kind,
+        head=spec.head.kind, hide_inputs=spec.input_transform is not None,
     )
 
 

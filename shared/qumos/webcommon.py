@@ -336,6 +336,7 @@ ERROR_DESCRIPTIONS = {
     500: "internal error", 502: "a provider sent a bad or tampered answer",
     503: "overloaded or a provider is unavailable (Retry-After)",
     504: "a provider did not answer in time", 507: "the data directory cannot be written",
+    429: "over the API key's quota (Retry-After, RateLimit-* headers)",
 }
 
 

@@ -147,9 +147,35 @@ def _expected(small_artifact, n=40):
     return raw, y, predict_proba(DistributedQNN(art.spec), x).detach().numpy()
 
 
-def _predict(stack, raw) -> httpx.Response:
+_KEYS: dict = {}
+
+
+def _client_key(stack) -> str:
+    """A client API key made with the admin token (compose secret), once per stack."""
+    if stack.project not in _KEYS:
+        admin = (SECRETS / "admin.token").read_text().strip()
+        r = httpx.post(f"{stack.orch}/v1/keys", json={"name": "container-tests"},
+                       headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        assert r.status_code == 201, r.text
+        _KEYS[stack.project] = r.json()["key"]
+    return _KEYS[stack.project]
+
+
+def _predict(stack, raw, key: str | None = "") -> httpx.Response:
+    key = _client_key(stack) if key == "" else key
     return httpx.post(f"{stack.orch}/v1/models/{MODEL}/predict",
-                      json={"instances": raw.tolist()}, timeout=60)
+                      json={"instances": raw.tolist()}, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def test_public_api_needs_a_key_and_never_logs_it(stack, demo, small_artifact):
+    raw = np.zeros((1, 64))
+    r = _predict(stack, raw, key=None)
+    assert r.status_code == 401 and "authorization" in r.json()["error"]["message"], r.text
+    assert _predict(stack, raw).status_code == 200
+    key = _client_key(stack)
+    logs = stack.compose("logs", "--no-color", "orchestrator").stdout
+    assert key not in logs and key[16:] not in logs
 
 
 def test_demo_job_deploys_predicts_and_attacks(demo):

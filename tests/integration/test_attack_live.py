@@ -22,7 +22,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def attack_stack(tmp_path_factory, live_artifact):
-    s = stack_on_free_ports(tmp_path_factory.mktemp("attack-stack"), with_attacker=True)
+    # the attacker against an orchestrator without the row defences (tests/integration/
+    # test_defenses_live.py has them on): identical rows are not merged
+    s = stack_on_free_ports(tmp_path_factory.mktemp("attack-stack"), with_attacker=True,
+                            orchestrator_env={"QUMOS_ORCH_DEDUP_ROWS": "0"})
     with s:
         s.deploy(live_artifact)
         yield s
@@ -36,7 +39,8 @@ def test_insider_attributes_its_rows_in_the_real_logs(attack_stack, live_artifac
     own = attacker_data(data, 0.05, 0)
     q = own.queries(data, 40)
     dirs = {j: attack_stack.data_dir(p) for j, p in enumerate(spec.placement)}
-    oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs)
+    oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs,
+                        api_key=attack_stack.client_key)
     probs = oracle.answer(data.train.raw[q])
     want = fragment_rows(spec, data.train.x[q])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
@@ -52,7 +56,8 @@ def test_insider_attributes_its_rows_in_the_real_logs(attack_stack, live_artifac
     # without the repeat the insider relies on canaries recurring across calls; in a
     # young log (few calls) that attributes little, and what it attributes can be wrong
     # when a query happens to be one of the company's canary images
-    once = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs, repeat=1)
+    once = HttpOracle(attack_stack.orchestrator_url, spec.name, dirs, repeat=1,
+                      api_key=attack_stack.client_key)
     once.answer(data.train.raw[q[:10]])
     assert once.rows(0, data.train.raw[q[:10]], data.train.x[q[:10]]).found.all()
     if (attack_stack.data_dir("provider-a") / "access.jsonl").is_file():
@@ -69,7 +74,8 @@ def test_breach_plus_queries_against_the_live_stack(attack_stack, live_artifact)
     dirs = {j: attack_stack.data_dir(p) for j, p in enumerate(spec.placement)}
     victim = Victim.in_process(spec, data)
     inproc_oracle = victim.oracle
-    victim.oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, {2: dirs[2]})
+    victim.oracle = HttpOracle(attack_stack.orchestrator_url, spec.name, {2: dirs[2]},
+                               api_key=attack_stack.client_key)
     live = run_attack(cfg, data, victim, [breach(dirs[2])], [0]).to_dict()
     victim.oracle = inproc_oracle
     from qumos.attack import in_process_holdings

@@ -24,7 +24,8 @@ def test_provider_killed_mid_stream(stack, digits_test, reference_probs):
         with httpx.Client(timeout=60) as c:
             while not stop.is_set() and len(results) < 400:
                 idx = rng.choice(len(digits_test.raw), size=8, replace=False)
-                r = c.post(url, json={"instances": digits_test.raw[idx].tolist()})
+                r = c.post(url, json={"instances": digits_test.raw[idx].tolist()},
+                           headers={"Authorization": f"Bearer {stack.client_key}"})
                 results.append((idx, r.status_code, r.json()))
 
     threads = [threading.Thread(target=client_loop) for _ in range(2)]
@@ -57,6 +58,7 @@ def test_provider_killed_mid_stream(stack, digits_test, reference_probs):
     with httpx.Client(timeout=60) as c:
         r = c.get(f"{stack.provider_urls['provider-b']}/readyz").json()
         assert r["fragments"] == 1
-        r = c.post(url, json={"instances": digits_test.raw[:32].tolist()})
+        r = c.post(url, json={"instances": digits_test.raw[:32].tolist()},
+                   headers={"Authorization": f"Bearer {stack.client_key}"})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probabilities"], reference_probs[:32], atol=1e-4)

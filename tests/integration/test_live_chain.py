@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def predict_all(stack, model, raw, batch=48, **kw):
-    with httpx.Client(timeout=60) as c:
+    with stack.client(timeout=60) as c:
         parts = [predict(c, stack.orchestrator_url, model, raw[i:i + batch], **kw)
                  for i in range(0, len(raw), batch)]
     probs = np.concatenate([np.array(p.probabilities) for p in parts])
@@ -74,22 +74,23 @@ def test_bad_input_keeps_services_up(stack, live_artifact, digits_test, referenc
     o = stack.orchestrator_url
     pa = stack.provider_urls["provider-a"]
     h = {"Content-Type": "application/json"}
+    hk = h | {"Authorization": f"Bearer {stack.client_key}"}  # a client of the public API
     auth = {"Authorization": f"Bearer {stack.token('provider-a')}"} | h
     before = {n: sorted(p.read_bytes() for p in (stack.data_dir(n) / "fragments").iterdir())
               for n in stack.provider_names}
     cases = [
-        (f"{o}/v1/models/digits4/predict", b'{"instances": [[1,2', h, 422, "body"),
-        (f"{o}/v1/models/digits4/predict", json.dumps({"instances": [[0] * 10]}).encode(), h,
+        (f"{o}/v1/models/digits4/predict", b'{"instances": [[1,2', hk, 422, "body"),
+        (f"{o}/v1/models/digits4/predict", json.dumps({"instances": [[0] * 10]}).encode(), hk,
          422, "instances[0]"),
-        (f"{o}/v1/models/digits4/predict", b'{"instances": [[NaN' + b",0" * 63 + b"]]}", h, 422,
+        (f"{o}/v1/models/digits4/predict", b'{"instances": [[NaN' + b",0" * 63 + b"]]}", hk, 422,
          "instances[0][0]"),
-        (f"{o}/v1/models/digits4/predict", b'{"instances": [[-Infinity' + b",0" * 63 + b"]]}", h,
+        (f"{o}/v1/models/digits4/predict", b'{"instances": [[-Infinity' + b",0" * 63 + b"]]}", hk,
          422, "instances[0][0]"),
-        (f"{o}/v1/models/nope/predict", json.dumps({"instances": [[0] * 64]}).encode(), h, 404,
+        (f"{o}/v1/models/nope/predict", json.dumps({"instances": [[0] * 64]}).encode(), hk, 404,
          "model"),
         (f"{o}/v1/models/digits4/predict", json.dumps({"instances": [[0] * 64] * 1025}).encode(),
          h, 413, "instances"),
-        (f"{o}/v1/models/digits4/predict", b" " * (9 * 1024 * 1024), h, 413, "body"),
+        (f"{o}/v1/models/digits4/predict", b" " * (9 * 1024 * 1024), hk, 413, "body"),
         (f"{pa}/v1/fragments/digits4.0/execute", json.dumps({"inputs": [[0] * 3]}).encode(),
          auth, 422, "inputs[0]"),
         (f"{pa}/v1/fragments/digits4.9/execute", json.dumps({"inputs": [[0] * 16]}).encode(),
@@ -111,7 +112,7 @@ def test_bad_input_keeps_services_up(stack, live_artifact, digits_test, referenc
         def chunks():
             for _ in range(10):
                 yield b" " * (1024 * 1024)
-        r = c.post(f"{o}/v1/models/digits4/predict", content=chunks(), headers=h)
+        r = c.post(f"{o}/v1/models/digits4/predict", content=chunks(), headers=hk)
         assert r.status_code == 413
         for s in stack.services.values():
             assert s.alive(), s.name

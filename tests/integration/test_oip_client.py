@@ -13,18 +13,33 @@ httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException
 
 
+class _Keyed:
+    """tritonclient sends headers per call: every infer carries the client API key."""
+
+    def __init__(self, client, headers):
+        self._c, self._h = client, headers
+
+    def __getattr__(self, name):
+        f = getattr(self._c, name)
+        if name in ("infer", "async_infer"):
+            return lambda *a, **kw: f(*a, headers={**self._h, **(kw.pop("headers", None)
+                                                                  or {})}, **kw)
+        return f
+
+
 @pytest.fixture(scope="module")
 def triton(stack):
     url = stack.orchestrator_url.removeprefix("http://")
     client = httpclient.InferenceServerClient(url=url, concurrency=2, network_timeout=120)
-    yield client
+    yield _Keyed(client, {"Authorization": f"Bearer {stack.client_key}"})
     client.close()
 
 
 @pytest.fixture(scope="module")
 def v1(stack, digits_test):
     with make_client(timeout=120) as c:
-        return predict(c, stack.orchestrator_url, "digits4", digits_test.raw[:32])
+        return predict(c, stack.orchestrator_url, "digits4", digits_test.raw[:32],
+                       api_key=stack.client_key)
 
 
 def _inputs(raw, dtype="FP32", binary=True):

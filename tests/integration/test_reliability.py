@@ -59,7 +59,8 @@ def rstack(tmp_path_factory, live_artifact):
 def _predict(c, stack, raw):
     TALLY["requests"] += 1
     r = c.post(f"{stack.orchestrator_url}/v1/models/digits4/predict",
-               json={"instances": raw.tolist()})
+               json={"instances": raw.tolist()},
+               headers={"Authorization": f"Bearer {stack.client_key}"})
     if r.status_code != 200:
         TALLY["errors_seen"] += 1
     return r

@@ -41,7 +41,7 @@ def test_shots_mode_label_agreement(tmp_path, trained):
     with torch.no_grad():
         ref = torch.softmax(model(torch.as_tensor(test.x, dtype=torch.float64)), 1).numpy()
     with stack_on_free_ports(tmp_path, with_attacker=False) as stack, \
-            httpx.Client(timeout=120) as c:
+            stack.client(timeout=120) as c:
         stack.deploy(art)
         parts = [predict(c, stack.orchestrator_url, art.spec.name, test.raw[i:i + 64],
                          shots=4096, seed=11) for i in range(0, len(test.raw), 64)]

@@ -67,7 +67,16 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw
             providers=",".join(f"{n}=http://{n}" for n in providers), **orch_kw)
         app = orch_app(settings, mounts=mounts)
         client = await stack.enter_async_context(running(app))
+        # a client API key, sent by default like any client's (admin calls pass their own)
+        client.headers["Authorization"] = f"Bearer {await create_key(client, admin)}"
         yield client, admin, providers
+
+
+async def create_key(client, admin, name: str = "tests", **quota) -> str:
+    r = await client.post("/v1/keys", json={"name": name, **quota},
+                          headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
 
 
 async def deploy_inprocess(client, admin, providers, artifact):

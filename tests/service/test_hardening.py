@@ -107,7 +107,8 @@ async def test_canary_registration_rules(tmp_path, artifact, data):
         url = "/v1/models/digits4/canaries"
         assert (await c.put(url, content=req.model_dump_json(), headers=h)).status_code == 404
         await deploy_inprocess(c, admin, prov, artifact)
-        assert (await c.put(url, content=req.model_dump_json())).status_code == 401
+        assert (await c.put(url, content=req.model_dump_json(),
+                            headers={"Authorization": ""})).status_code == 401
         provider_token = prov["provider-a"][1]
         r = await c.put(url, content=req.model_dump_json(),
                         headers={"Authorization": f"Bearer {provider_token}"})

@@ -66,7 +66,7 @@ async def test_registration_rules(tmp_path, artifact):
     async with company_stack(tmp_path, artifact) as (c, admin, providers):
         body = artifact.company_spec().model_dump_json()
         url = "/v1/models/digits4"
-        assert (await c.put(url, content=body)).status_code == 401
+        assert (await c.put(url, content=body, headers={"Authorization": ""})).status_code == 401
         assert (await c.put(url, content=body, headers={"Authorization": "Bearer " + "y" * 40})
                 ).status_code == 403
         h = {"Authorization": f"Bearer {admin}"}

@@ -96,8 +96,8 @@ def guessed_arch(stolen: FragmentFile, data: TaskData) -> ModelSpec:
 def inputs_to(net: DistributedQNN, j: int, x: torch.Tensor) -> torch.Tensor:
     """The input angles of fragment j for features x (the prefix's output)."""
     if j == 0:
-        return x
-    h = net.sims[0](x, net.weights[0])
+        return net.encode(x)  # the features, or their hiding transform
+    h = net.sims[0](net.encode(x), net.weights[0])
     for k in range(1, j + 1):
         a = net.glue[k - 1](h, x)
         if k == j:
@@ -117,6 +117,8 @@ def suffix_from(net: DistributedQNN, j: int, a: torch.Tensor, x: torch.Tensor) -
 def prefix_params(net: DistributedQNN, j: int) -> list[nn.Parameter]:
     ps = [net.weights[k] for k in range(j)] + [p for g in list(net.glue)[:j]
                                                for p in g.parameters()]
+    if net.transform is not None:
+        ps += list(net.transform.parameters())
     return [p for p in ps if p.requires_grad]
 
 

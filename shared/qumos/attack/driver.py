@@ -50,25 +50,35 @@ class Oracle:
 
 
 class InProcessOracle(Oracle):
-    """The victim in process: answers under an output policy; exact provider rows.
-    policy "probabilities" (rounded to `decimals` if given) or "label"."""
+    """The victim in process: answers under an output policy (`qumos.defense.policy`, the
+    orchestrator's own function); exact provider rows. policy "probabilities" (rounded to
+    `decimals` if given), "top_k" (with `k`), "label", or an OutputPolicy."""
 
-    def __init__(self, victim: ModelSpec, policy: str = "probabilities",
-                 decimals: int | None = None):
+    def __init__(self, victim: ModelSpec, policy="probabilities",
+                 decimals: int | None = None, k: int | None = None):
+        from pydantic import ValidationError
+        from qumos.defense.policy import OutputPolicy
         from qumos.model import DistributedQNN
 
-        if policy not in ("probabilities", "label"):
-            raise AttackError(f"policy: {policy!r}; allowed: probabilities, label")
-        self.victim, self.policy, self.decimals = victim, policy, decimals
+        if isinstance(policy, OutputPolicy):
+            self.output_policy = policy
+        else:
+            if policy not in ("probabilities", "top_k", "label"):
+                raise AttackError(f"policy: {policy!r}; allowed: probabilities, top_k, label")
+            try:
+                self.output_policy = OutputPolicy(kind=policy, k=k, decimals=decimals)
+            except ValidationError as e:
+                raise AttackError(f"policy: {e.errors()[0]['msg']}") from None
+        self.victim, self.policy = victim, self.output_policy.kind
+        self.decimals = self.output_policy.decimals
         self.net = DistributedQNN(victim)
 
     def answer(self, raw: np.ndarray) -> np.ndarray:
         from qumos.chain import preprocess
+        from qumos.defense.policy import apply_policy
 
         p = predict_proba(self.net, preprocess(np.asarray(raw), self.victim.preprocess))
-        if self.policy == "label":
-            return p.argmax(1)
-        return np.round(p, self.decimals) if self.decimals is not None else p
+        return apply_policy(p, self.output_policy)
 
     def rows(self, j: int, raw: np.ndarray, features: np.ndarray) -> QueryRows:
         from qumos.attack.insider import provider_rows_in_process

@@ -170,7 +170,7 @@ def fragment_rows(victim: ModelSpec, features: np.ndarray) -> list[tuple[np.ndar
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     rows = []
     with torch.no_grad():
-        a = x
+        a = net.encode(x)  # input hiding: fragment 0 sees the transformed angles
         for k in range(victim.n_fragments):
             h = net.sims[k](a, net.weights[k])
             rows.append((a.numpy().copy(), h.numpy().copy()))

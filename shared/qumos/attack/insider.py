@@ -54,7 +54,8 @@ def insider(ctx: Context) -> Job | None:
     def make(rseed: int) -> nn.Module:
         lr = cfg.lr(rseed - 1000 * ctx.seed)
         net = ctx.qnn(rseed, stolen=True, frozen=True)
-        if j > 0:  # 1. prefix onto the logged angles
+        if j > 0 or net.transform is not None:  # 1. prefix (with input hiding at j = 0:
+            # the hiding transform) onto the logged angles
             pp = prefix_params(net, j)
             if pp:
                 adam_steps(pp, lambda: nn.functional.mse_loss(inputs_to(net, j, xq), aq),

@@ -38,12 +38,15 @@ class HttpOracle(Oracle):
     `rows(j, ...)` attributes them in provider j's log (`provider_dirs[j]`)."""
 
     def __init__(self, url: str, model: str, provider_dirs: dict[int, Path] | None = None,
-                 api_key: str | None = None, timeout: float = 60.0, repeat: int = 2):
+                 api_key: str | None = None, timeout: float = 60.0, repeat: int = 2,
+                 hidden_inputs: bool = False):
         if repeat not in (1, 2):
             raise AttackError(f"repeat: {repeat}; allowed: 1 or 2")
         self.url, self.model = url.rstrip("/"), model
         self.provider_dirs = {int(k): Path(v) for k, v in (provider_dirs or {}).items()}
         self.api_key, self.timeout, self.repeat = api_key, timeout, repeat
+        # input hiding: position-0 rows are transformed angles, matched like later ones
+        self.hidden_inputs = hidden_inputs
         self.windows: list[tuple[float, float]] = []  # per query: (sent, answered)
         self.sent: np.ndarray | None = None
         self.images_sent = 0  # images on the public API (queries x repeat)
@@ -63,7 +66,10 @@ class HttpOracle(Oracle):
                 resp = predict(client, self.url, self.model,
                                np.repeat(raw[i:i + 1], self.repeat, axis=0))
                 t1 = time.time()
-                out.append(np.asarray(resp.probabilities, dtype=float)[:1])
+                if resp.probabilities is None:  # a label-only output policy
+                    out.append(np.asarray(resp.predictions[:1]))
+                else:
+                    out.append(np.asarray(resp.probabilities, dtype=float)[:1])
                 windows.append((t0, t1))
                 self.images_sent += self.repeat
         self.windows, self.sent = windows, raw
@@ -79,7 +85,7 @@ class HttpOracle(Oracle):
             raise AttackError("queries: rows() before answer() for the same queries")
         h = breach(self.provider_dirs[j])
         return attribute(h.access_log, f"{self.model}.{j}", self.windows, features,
-                         position0=(j == 0), repeat=self.repeat)
+                         position0=(j == 0 and not self.hidden_inputs), repeat=self.repeat)
 
 
 def attribute(log: list[dict], fragment_id: str, windows: list[tuple[float, float]],

@@ -1,7 +1,10 @@
 """Log-based thefts: what the breached provider's access log adds.
 
     selftrain   the first provider's log holds the users' 16 input features in the clear
-                (unless the company hides them): unlabelled in-distribution data. The best
+                (unless the company hides them): unlabelled in-distribution data. With
+                input hiding on (the Kerckhoffs attacker knows: the architecture has an
+                input transform) the position-0 rows are the transform's output,
+                intermediate angles like any later position's, and are not used. The best
                 white-box model of this breach (chosen on the attacker's own labelled
                 images) labels those rows, and a model of the same kind is trained on the
                 labelled images plus the pseudo-labelled rows; two rounds.
@@ -49,6 +52,9 @@ def selftrain(ctx: Context) -> Job | None:
     note through progress) when the log holds nothing usable."""
     if not any(f.index == 0 for f in ctx.stolen):
         return _nothing(ctx, "the breached log holds intermediate angles, not inputs")
+    if ctx.arch is not None and ctx.arch.input_transform is not None:
+        return _nothing(ctx, "input hiding: the position-0 log holds transformed angles, "
+                        "not features")
     u = log_inputs(ctx)
     if len(u) == 0:
         return _nothing(ctx, "the breached log holds no rows")

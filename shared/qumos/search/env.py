@@ -3,7 +3,7 @@
 An action is a whole distributed design (a one-step episode, a contextual bandit):
 
     MultiDiscrete([n_fragments?] + [block, depth, entanglement, reupload] * max_fragments
-                  + [glue, head])
+                  + [glue, head] + [hide_inputs?])
 
 - `n_fragments?` is present only when the user leaves the number of fragments open
   (then 2..4 fragments; fragment slots beyond the chosen count are ignored).
@@ -12,6 +12,9 @@ An action is a whole distributed design (a one-step episode, a contextual bandit
 - depth is 1..6 (`DEPTHS`, or the space's `depths`); block/entanglement/glue index `BLOCK_TYPES`, `ENTANGLEMENTS`,
   `GLUE_KINDS`; head indexes ("readout", "linear"); reupload is 0/1 (ignored for the
   first fragment, which always sees the raw features).
+- `hide_inputs?` (0/1: input hiding, a company-held transform before fragment 0) is
+  present only when the space allows both (`hiding=(False, True)`); the default space
+  has no hiding and its actions are unchanged.
 
 The observation is a fixed task descriptor (dataset one-hot, classes / 4, fixed fragment
 count / 4 or 0 when open): the policy learns a distribution over designs for this task.
@@ -54,6 +57,7 @@ class DesignSpace:
     depths: tuple[int, ...] = DEPTHS  # allowed depths per fragment (default 1..6)
     glues: tuple[str, ...] = GLUE_KINDS  # allowed glue kinds
     heads: tuple[str, ...] = HEADS  # allowed heads (centralized: readout only)
+    hiding: tuple[bool, ...] = (False,)  # input hiding off, on, or the engine's choice
 
     def __post_init__(self) -> None:
         if not self.depths or any(not 1 <= d <= 6 for d in self.depths):
@@ -62,6 +66,9 @@ class DesignSpace:
             raise DesignError(f"glues: {self.glues}; allowed: a non-empty subset of {GLUE_KINDS}")
         if not self.heads or not set(self.heads) <= set(HEADS):
             raise DesignError(f"heads: {self.heads}; allowed: a non-empty subset of {HEADS}")
+        if not self.hiding or not set(self.hiding) <= {False, True}:
+            raise DesignError(f"hiding: {self.hiding}; allowed: (False,), (True,) or "
+                              "(False, True)")
         if self.dataset not in DATASET_IMAGES:
             raise DesignError(f"dataset: unknown {self.dataset!r}; allowed: {sorted(DATASET_IMAGES)}")
         if self.n_fragments is not None and not 1 <= self.n_fragments <= 4:
@@ -83,7 +90,9 @@ class DesignSpace:
     def nvec(self) -> np.ndarray:
         head = [len(OPEN_FRAGMENTS)] if self.n_fragments is None else []
         per = [len(BLOCK_TYPES), len(self.depths), len(ENTANGLEMENTS), 2] * self.max_fragments
-        return np.array(head + per + [len(self.glues), len(self.heads)], dtype=np.int64)
+        hide = [len(self.hiding)] if len(self.hiding) > 1 else []
+        return np.array(head + per + [len(self.glues), len(self.heads)] + hide,
+                        dtype=np.int64)
 
     def size(self) -> int:
         """Number of actions (an upper bound on distinct designs)."""
@@ -108,7 +117,9 @@ class DesignSpace:
                                             reupload=bool(r) and f > 0))
         return validate_design({"dataset": self.dataset, "task": self.task,
                                     "fragments": [f.model_dump() for f in frags],
-                                    "glue": self.glues[a[i]], "head": self.heads[a[i + 1]]})
+                                    "glue": self.glues[a[i]], "head": self.heads[a[i + 1]],
+                                    "hide_inputs": self.hiding[a[i + 2]] if len(self.hiding) > 1
+                                    else self.hiding[0]})
 
     def encode(self, design: Design) -> np.ndarray:
         """An action that decodes to `design` (unused fragment slots are 0)."""
@@ -124,6 +135,11 @@ class DesignSpace:
             else:
                 a += [0, 0, 0, 0]
         a += [self.glues.index(design.glue), self.heads.index(design.head)]
+        if design.hide_inputs not in self.hiding:
+            raise DesignError(f"hide_inputs: {design.hide_inputs}; this space allows "
+                              f"{self.hiding}")
+        if len(self.hiding) > 1:
+            a.append(self.hiding.index(design.hide_inputs))
         return np.array(a, dtype=np.int64)
 
     def sample(self, rng: np.random.Generator) -> Design:
