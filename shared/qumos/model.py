@@ -87,7 +87,10 @@ class DistributedQNN(nn.Module):
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Fragment 0's input angles (the features, or their hiding transform)."""
-        return features if self.transform is None else self.transform(features, features)
+        if self.transform is None:
+            return features
+        x = features.to(self.transform.linear.weight.dtype)  # as the simulator casts
+        return self.transform(x, x)
 
     def fragment_outputs(self, features: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every fragment, in chain order: a list of (B, n_k)."""

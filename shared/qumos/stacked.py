@@ -75,6 +75,9 @@ def architecture_of(model: nn.Module) -> dict:
                   "out_dim": g.out_dim} for g in spec.glue],
         "head": {"kind": spec.head.kind, "n_classes": spec.head.n_classes,
                  "in_dim": spec.head.in_dim, "scale": spec.head.scale},
+        "input_transform": None if spec.input_transform is None else {
+            "kind": spec.input_transform.kind, "in_dim": spec.input_transform.in_dim,
+            "out_dim": spec.input_transform.out_dim},
         "trainable": {name: p.requires_grad for name, p in model.named_parameters()},
     }
 
@@ -144,6 +147,13 @@ class StackedQNN(nn.Module):
             train = m0.weights[k].requires_grad
             self.shared.append(not train and bool((w == w[0]).all()))
             entries.append((f"w{k}", w[:1] if self.shared[-1] else w, train))
+        self.transform_kind = m0.transform.kind if m0.transform is not None else None
+        if m0.transform is not None:  # input hiding: features -> fragment 0's angles
+            for part in ("weight", "bias"):
+                entries.append((f"transform_{part}",
+                                torch.stack([getattr(m.transform.linear, part).detach()
+                                             for m in models]),
+                                getattr(m0.transform.linear, part).requires_grad))
         for k, g in enumerate(m0.glue):
             for part in ("weight", "bias"):
                 entries.append((f"glue{k}_{part}",
@@ -223,7 +233,12 @@ class StackedQNN(nn.Module):
         return w[0] if self.shared[k] else w[m0:m1]
 
     def _forward(self, x: torch.Tensor, m0: int, m1: int) -> torch.Tensor:
-        h = self.sims[0](x, self._w(0, m0, m1))
+        a = x
+        if self.transform_kind is not None:
+            a = torch.baddbmm(self.transform_bias[m0:m1].unsqueeze(1), x,
+                              self.transform_weight[m0:m1].transpose(1, 2))
+            a = math.pi * (torch.tanh(a) if self.transform_kind == "tanh" else torch.sin(a))
+        h = self.sims[0](a, self._w(0, m0, m1))
         for k, (kind, reupload) in enumerate(self.glue_spec):
             z = torch.cat([h, x], dim=-1) if reupload else h
             w, b = getattr(self, f"glue{k}_weight")[m0:m1], getattr(self, f"glue{k}_bias")[m0:m1]
@@ -265,6 +280,9 @@ class StackedQNN(nn.Module):
                 if m.head.linear is not None:
                     m.head.linear.weight.copy_(self.head_weight[i])
                     m.head.linear.bias.copy_(self.head_bias[i])
+                if m.transform is not None:
+                    m.transform.linear.weight.copy_(self.transform_weight[i])
+                    m.transform.linear.bias.copy_(self.transform_bias[i])
 
     def to_specs(self) -> list[ModelSpec]:
         """The M models' ModelSpecs with the stacked values (as DistributedQNN.to_spec)."""
@@ -280,7 +298,12 @@ class StackedQNN(nn.Module):
             if self.head_kind == "linear":
                 head = head.model_copy(update={"weight": self.head_weight[i].detach().tolist(),
                                                "bias": self.head_bias[i].detach().tolist()})
-            out.append(spec.model_copy(update={"fragments": frags, "glue": glue, "head": head}))
+            update = {"fragments": frags, "glue": glue, "head": head}
+            if self.transform_kind is not None:
+                update["input_transform"] = spec.input_transform.model_copy(update={
+                    "weight": self.transform_weight[i].detach().tolist(),
+                    "bias": self.transform_bias[i].detach().tolist()})
+            out.append(spec.model_copy(update=update))
         return out
 
 

@@ -383,3 +383,23 @@ def test_attacker_scale_full_batch_self_selection(block, frozen, monkeypatch):
     assert_results_equal(got, want)
     assert_models_close(models, ref, atol=1e-5)
     assert len(calls) == 2  # the last epoch's selection and the training accuracy
+
+
+def test_input_hiding_transform_stacks_like_one_by_one():
+    """A model with the company's input-hiding transform (features -> fragment 0's angles)
+    stacks: outputs equal one by one, and fit_many trains the transform as fit does."""
+    spec = build_spec(design_from_flags(fragments="1-1", block="ry_cz", hide_inputs=True))
+    assert spec.input_transform is not None
+    rng = np.random.default_rng(5)
+    models = make_models(spec, 3)
+    x = torch.as_tensor(rng.uniform(0, np.pi, (3, 7, 16)))
+    out = StackedQNN(models)(x)
+    for m, model in enumerate(models):
+        torch.testing.assert_close(out[m], model(x[m]), atol=1e-10, rtol=0)
+    sets = [data(rng, k) for k in (9, 12, 6)]
+    xs, ys = [s[0] for s in sets], [s[1] for s in sets]
+    cfgs = [TrainConfig(epochs=3, lr=0.05, batch_size=4, seed=s) for s in range(3)]
+    got, want, ref = run_both(models, xs, ys, xs, ys, cfgs)
+    assert_results_equal(got, want)
+    assert_models_close(models, ref, atol=1e-5)
+    assert StackedQNN(models).to_specs()[0].input_transform.weight is not None

@@ -106,8 +106,13 @@ def head_only(ctx: Context) -> Job:
         raise AttackError("head_only: needs a breached provider's fragment")
     stolen = max(ctx.stolen, key=lambda f: f.index)
     x, t = _data(ctx)
-    if stolen.index == 0:  # features -> Q -> linear head: a one-fragment QNN (batches)
-        arch = _one_fragment(stolen, ctx.data.dataset, ctx.data.task)
+    nf = ctx.own.x.shape[1]
+    if stolen.index == 0 or stolen.fragment.n_inputs == nf:
+        # a one-fragment QNN, so it batches: features -> Q -> linear head at position 0;
+        # later, the classical layer before Q is an input transform (pi*tanh(W x + b))
+        hidden = ctx.arch is not None and ctx.arch.input_transform is not None
+        arch = _one_fragment(stolen, ctx.data.dataset, ctx.data.task,
+                             hide=stolen.index > 0 or hidden)
 
         def make(s: int) -> nn.Module:
             net = DistributedQNN(arch, seed=s)
@@ -119,10 +124,11 @@ def head_only(ctx: Context) -> Job:
                ctx.own.x, ctx.own.y, ctx.seed, ctx.info("head_only"))
 
 
-def _one_fragment(stolen: FragmentFile, dataset: str, task: int):
+def _one_fragment(stolen: FragmentFile, dataset: str, task: int, hide: bool = False):
     from qumos.spec import Design, FragmentDesign, build_spec
 
     f = stolen.fragment
-    return build_spec(Design(dataset=dataset, task=task, head="linear", fragments=[
+    return build_spec(Design(dataset=dataset, task=task, head="linear", hide_inputs=hide,
+                             fragments=[
         FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=f.depth,
                        entanglement=f.entanglement)]), name="attacker")
