@@ -25,6 +25,30 @@ PROFILES = ("breach", "breach+queries", "queries", "coalition")
 QUERY_PROFILES = ("breach+queries", "queries")
 BREACH_PROFILES = ("breach", "breach+queries", "coalition")
 
+BASE_REFERENCES = ("scratch", "logreg", "mlp", "knn")
+QUERY_REFERENCES = ("distill_qnn", "distill_mlp")
+WHITE_BOX = ("substitute", "finetune", "head_only")
+THEFTS = WHITE_BOX + ("selftrain", "logspread")
+
+
+def references_of(profile: str) -> tuple[str, ...]:
+    if profile in ("breach+queries", "queries"):
+        return BASE_REFERENCES + QUERY_REFERENCES
+    return BASE_REFERENCES
+
+
+def thefts_of(profile: str) -> tuple[str, ...]:
+    if profile == "queries":
+        return ()
+    if profile == "breach+queries":
+        return THEFTS + ("insider",)
+    return THEFTS
+
+
+def strategies_of(profile: str) -> tuple[str, ...]:
+    return references_of(profile) + thefts_of(profile)
+
+
 # Learning rates cycled over the restarts (restart r uses LRS[r % len(LRS)]): several
 # learning rates, since one that suits a 6-parameter head diverges on a 90-weight circuit.
 DEFAULT_LRS = (0.1, 0.03, 0.01)
@@ -94,8 +118,6 @@ class AttackConfig:
         elif self.coalition:
             raise AttackError(f"coalition: only profile coalition takes a coalition (profile "
                               f"is {self.profile})")
-        from qumos.attack.strategies import strategies_of
-
         allowed = strategies_of(self.profile)
         for s in self.strategies:
             if s not in allowed:

@@ -17,11 +17,15 @@ References (no theft; S is the best of them) and thefts (A_j is the best of them
 from __future__ import annotations
 
 from qumos.attack import insider, logbased, references, whitebox
-
-BASE_REFERENCES = ("scratch", "logreg", "mlp", "knn")
-QUERY_REFERENCES = ("distill_qnn", "distill_mlp")
-WHITE_BOX = ("substitute", "finetune", "head_only")
-THEFTS = WHITE_BOX + ("selftrain", "logspread")
+from qumos.attack.config import (  # noqa: F401  (the tables live with the profiles)
+    BASE_REFERENCES,
+    QUERY_REFERENCES,
+    THEFTS,
+    WHITE_BOX,
+    references_of,
+    strategies_of,
+    thefts_of,
+)
 
 FUNCS = {
     "scratch": references.scratch, "logreg": references.logreg, "mlp": references.mlp,
@@ -32,21 +36,3 @@ FUNCS = {
     "insider": insider.insider,
 }
 ALL = tuple(FUNCS)
-
-
-def references_of(profile: str) -> tuple[str, ...]:
-    if profile in ("breach+queries", "queries"):
-        return BASE_REFERENCES + QUERY_REFERENCES
-    return BASE_REFERENCES
-
-
-def thefts_of(profile: str) -> tuple[str, ...]:
-    if profile == "queries":
-        return ()
-    if profile == "breach+queries":
-        return THEFTS + ("insider",)
-    return THEFTS
-
-
-def strategies_of(profile: str) -> tuple[str, ...]:
-    return references_of(profile) + thefts_of(profile)
