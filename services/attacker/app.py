@@ -16,9 +16,10 @@ Endpoints:
 
 A job names its attacker profile: `breach` (the mounted provider's fragment and access
 log), `breach+queries` (also `budget.queries` of its own images through the orchestrator's
-public API, their rows attributed in the mounted log by timing and content) or `queries`
-(no breach: the reference). `coalition` needs several breached providers; this service
-mounts one, so it refuses that profile (422) -- run coalitions with `qumos attack`.
+public API, their rows attributed in the mounted log by timing and content), `queries`
+(no breach: the reference) or `coalition` (the providers named in `coalition`, each of
+them BREACHED_DIR or one of COALITION_DIRS: a deployment that mounts more breached
+providers; without them a coalition job is a 422).
     GET  /healthz, /readyz (503 while BREACHED_DIR is not a provider's data directory), /metrics
 
 The breached directory (BREACHED_DIR, read-only in docker) is only ever read, with
@@ -70,7 +71,7 @@ MAX_SEEDS = 10
 MAX_EPOCHS = 200
 MAX_RESTARTS = 64
 MAX_QUERIES = 5000
-SERVICE_PROFILES = ("breach", "breach+queries", "queries")
+SERVICE_PROFILES = ("breach", "breach+queries", "queries", "coalition")
 MAX_SEED = 2**32 - 1  # numpy and torch seeds
 QUEUE_RETRY_AFTER_S = 30  # a job takes minutes
 
@@ -81,6 +82,9 @@ class AttackerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUMOS_ATTACKER_", extra="ignore")
 
     breached_dir: Path = Field(description="the breached provider's data directory (read only)")
+    coalition_dirs: list[Path] = Field(default_factory=list, description="more breached "
+                                       "providers' data directories (read only), for "
+                                       "`coalition` jobs; JSON list")
     data_dir: Path = Field(description="job records persist here")
     admin_token_file: Path = Field(description="token for submitting attack jobs")
     max_pending: int = Field(8, ge=1, le=1000, description="jobs queued or running before "
@@ -112,7 +116,10 @@ class AttackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: str | None = Field(None, description="must be the breached (mounted) provider")
     model: str | None = Field(None, description="which model, if the provider hosts several")
-    profile: str = Field("breach", description="breach, breach+queries or queries")
+    profile: str = Field("breach", description="breach, breach+queries, queries or "
+                         "coalition")
+    coalition: list[str] = Field(default_factory=list, description="coalition: the "
+                                 "providers breached together (mounted ones)")
     strategies: list[str] = Field(default_factory=list, description="a subset of the "
                                   "profile's strategies (default: all of them)")
     budget: BudgetIn = Field(default_factory=BudgetIn)
@@ -133,10 +140,6 @@ class AttackRequest(BaseModel):
     @field_validator("profile")
     @classmethod
     def _profile(cls, v: str) -> str:
-        if v == "coalition":
-            raise ValueError("coalition needs several breached providers and this attacker "
-                             f"mounts one; allowed here: {list(SERVICE_PROFILES)} (run "
-                             "coalitions with `qumos attack --profile coalition`)")
         if v not in SERVICE_PROFILES:
             raise ValueError(f"unknown profile {v!r}; allowed: {list(SERVICE_PROFILES)}")
         return v
@@ -284,7 +287,10 @@ def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> di
     cfg = AttackConfig(profile=req.profile, fraction=req.budget.fraction,
                        epochs=req.budget.epochs, restarts=req.budget.restarts,
                        queries=req.budget.queries, know_architecture=req.know_architecture,
-                       strategies=tuple(req.strategies))
+                       strategies=tuple(req.strategies), coalition=tuple(req.coalition))
+    mounted = [holdings]
+    if req.profile == "coalition":
+        mounted += [breach(d) for d in settings.coalition_dirs]
     oracle = labels = None
     acc = req.victim_acc
     if settings.orchestrator_url:
@@ -299,12 +305,13 @@ def run_job(settings: AttackerSettings, req: AttackRequest, progress=None) -> di
         raise QumosError("victim_acc: unknown; give it in the request or set "
                          "QUMOS_ATTACKER_ORCHESTRATOR_URL so the attacker can measure it")
     arch = strip(build_spec(req.design)) if req.design is not None else None
-    n = max(stolen.index + 1, len(req.design.fragments) if req.design else 0)
-    providers = [stolen.provider if k == stolen.index else f"fragment-{k}" for k in range(n)]
+    held = {h.fragment(stolen.model).index: h.provider for h in mounted}
+    n = max(max(held) + 1, len(req.design.fragments) if req.design else 0)
+    providers = [held.get(k, f"fragment-{k}") for k in range(n)]
     victim = Victim(model=stolen.model, providers=providers, acc=acc,
                     test_labels=labels if labels is not None else
                     np.full(len(data.test.y), -1), arch=arch, oracle=oracle)
-    rep = run_attack(cfg, data, victim, [holdings], req.seeds, progress=progress)
+    rep = run_attack(cfg, data, victim, mounted, req.seeds, progress=progress)
     d = rep.to_dict()
     d["table"] = report_table(d)
     d["provider"], d["index"] = holdings.provider, stolen.index
@@ -446,7 +453,7 @@ def _check_request(state: AttackerState, req: AttackRequest) -> None:
         bad("dataset", f"unknown {req.dataset!r}; allowed: {list(DATASETS)}")
     if req.task not in TASK_CLASSES:
         bad("task", f"{req.task} is not a task; allowed: {sorted(TASK_CLASSES)}")
-    if req.profile != "breach" and not state.settings.orchestrator_url:
+    if req.profile in ("breach+queries", "queries") and not state.settings.orchestrator_url:
         bad("profile", f"{req.profile} needs the orchestrator's public API, and this "
             "attacker has no QUMOS_ATTACKER_ORCHESTRATOR_URL; allowed here: breach")
     if req.victim_acc is None and not state.settings.orchestrator_url:
@@ -460,7 +467,29 @@ def _check_request(state: AttackerState, req: AttackRequest) -> None:
         stolen = holdings.fragment(req.model)
     except QumosError as e:
         bad("model", str(e).removeprefix("model: "))
-    if req.profile != "breach":
+    if req.profile == "coalition":
+        names = [holdings.provider]
+        for d in state.settings.coalition_dirs:
+            try:
+                names.append(breach(d).provider)
+            except QumosError as e:
+                raise ServiceError(409, "no_breach", f"coalition_dirs: {e}",
+                                   "coalition_dirs") from None
+        if len(names) < 2:
+            bad("profile", "coalition needs several breached providers and this attacker "
+                "mounts one (set QUMOS_ATTACKER_COALITION_DIRS); allowed here: breach, "
+                "breach+queries, queries")
+        unknown = [p for p in req.coalition if p not in names]
+        if len(set(req.coalition)) < 2 or unknown:
+            bad("coalition", f"{req.coalition}: name 2 or more of the mounted providers "
+                f"{names}" + (f" ({unknown} are not mounted)" if unknown else ""))
+        if req.design is not None and len(set(req.coalition)) >= len(req.design.fragments):
+            bad("coalition", f"breaches {len(set(req.coalition))} of "
+                f"{len(req.design.fragments)} providers; a coalition holds fewer than all")
+    elif req.coalition:
+        bad("coalition", f"only profile coalition takes a coalition (profile is "
+            f"{req.profile})")
+    if req.profile in ("breach+queries", "queries"):
         from qumos.attack import attacker_data
 
         data = _task_data(req.dataset, req.task, req.split_seed,

@@ -104,7 +104,7 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     ({"strategies": ["scratch", "steal"]}, "strategies"),
     ({"strategies": ["insider"]}, "strategies"),  # not a strategy of profile breach
     ({"profile": "steal"}, "profile"),
-    ({"profile": "coalition"}, "profile"),  # this service mounts one provider
+    ({"profile": "coalition", "coalition": ["provider-b", "provider-a"]}, "profile"),
     ({"profile": "breach+queries"}, "profile"),  # no orchestrator configured
     ({"victim_acc": None}, "victim_acc"),  # unknown, and no orchestrator to measure it
     ({"seeds": []}, "seeds"),
@@ -178,3 +178,29 @@ def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached
         assert {"401", "403", "409", "422", "503"} <= set(op["responses"])
         r = client.request("OPTIONS", "/v1/attacks")
         assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+def test_coalition_job_over_mounted_providers(tmp_path, breached):
+    """A deployment that mounts more breached providers (COALITION_DIRS) runs coalition
+    jobs; without them, or naming a provider not mounted, it is a 422."""
+    art, root = breached
+    store = ProviderStore.create(tmp_path / "provider-a", "provider-a")
+    store.put(art.fragment_file(0))
+    body = {"profile": "coalition", "coalition": ["provider-a", "provider-b"],
+            "strategies": ["logreg", "substitute"], "seeds": [0], "victim_acc": 0.8,
+            "budget": {"epochs": 2, "restarts": 1},
+            "design": design_of(art.spec).model_dump()}
+    with _client(create_app(_settings(tmp_path, root))) as client:  # one mounted
+        r = client.post("/v1/attacks", json=body)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "profile", r.text
+    s = _settings(tmp_path, root, coalition_dirs=[store.root])
+    with _client(create_app(s)) as client:
+        r = client.post("/v1/attacks", json={**body, "coalition": ["provider-a", "provider-c"]})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "coalition", r.text
+        assert "not mounted" in r.json()["error"]["message"]
+        r = client.post("/v1/attacks", json=body)
+        assert r.status_code == 202, r.text
+        job, _ = _wait(client, r.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    (p,) = job["results"]["providers"]
+    assert p["provider"] == "provider-a+provider-b" and sorted(p["index"]) == [0, 1]
