@@ -104,6 +104,15 @@ def progress_bar(transient: bool = True) -> Progress | PlainProgress:
                     TimeElapsedColumn(), console=console, transient=transient)
 
 
+def attack_progress(bar, tid):
+    """A qumos.attack progress callback showing seed, breach, strategy and epoch."""
+    def prog(i: dict) -> None:
+        bar.update(tid, completed=i.get("done", 0),
+                   info=f"seed {i.get('seed')} {i.get('provider') or ''} "
+                        f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}")
+    return prog
+
+
 def load_design_file(path: Path):
     """A design from a YAML or JSON file; QumosError naming the file, line and column."""
     from qumos.spec import validate_design

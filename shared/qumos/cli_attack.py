@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qumos.cli import app, emit, fail, progress_bar
+from qumos.cli import app, attack_progress, emit, fail, progress_bar
 from qumos.errors import AttackError, QumosError
 
 
@@ -129,10 +129,7 @@ def _run(cfg, artifact, provider_dirs, orchestrator, api_key, seeds, dataset, ta
     with progress_bar() as bar:
         tid = bar.add_task(f"attack {cfg.profile}", total=len(seeds), info="")
 
-        def prog(i: dict) -> None:
-            bar.update(tid, completed=i.get("done", 0),
-                       info=f"seed {i.get('seed')} {i.get('provider') or ''} "
-                            f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}")
+        prog = attack_progress(bar, tid)
         if not provider_dirs:
             if orchestrator:
                 raise QumosError("--orchestrator: live queries need the breached provider's "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from qumos.cli import DEFAULT_ARTIFACT, app, console, emit, fail, progress_bar
+from qumos.cli import DEFAULT_ARTIFACT, app, attack_progress, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
 DEFAULT_WORKDIR = Path("runs/local")
@@ -100,10 +100,7 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
         with progress_bar() as bar:
             tid = bar.add_task(f"attack ({profile})", total=len(seeds), info="")
 
-            def prog(i: dict) -> None:
-                bar.update(tid, completed=i.get("done", 0),
-                           info=f"seed {i.get('seed')} {i.get('provider') or ''} "
-                                f"{i.get('strategy') or ''}")
+            prog = attack_progress(bar, tid)
             rep = run_attack(cfg, data, victim, holdings, list(seeds), progress=prog)
         rep.design = design_of(spec).short()
         d = rep.to_dict()
