@@ -1,5 +1,11 @@
 """Shots mode through live providers: with 4096 shots per fragment the labels agree with
-the exact in-process model on at least 95% of the test set.
+the exact in-process model on at least 90% of the test set and the probabilities differ
+by at most 0.03 on average.
+
+The agreement is a random variable even for a seeded request: the orchestrator places its
+canaries at positions drawn from its own secret key, so each stack gives the rows other
+shot-noise draws. Five stacks measured 0.938, 0.959, 0.959, 0.966, 0.966 (146 images;
+~6 have a top-2 margin under 0.1) and a mean |p_shots - p_exact| of 0.016-0.019.
 
 Shot noise (~1/64 per expectation value) passes through three fragments and two glue
 layers, so a barely trained model with near-tied classes flips labels often; this test
@@ -49,7 +55,8 @@ def test_shots_mode_label_agreement(tmp_path, trained):
                         seed=11)
     probs = np.concatenate([np.array(p.probabilities) for p in parts])
     agreement = float((probs.argmax(1) == ref.argmax(1)).mean())
-    assert agreement >= 0.95, agreement
+    assert agreement >= 0.90, agreement
+    assert float(np.abs(probs - ref).mean()) <= 0.03
     assert not np.allclose(probs, ref, atol=1e-3)  # really sampled
     assert np.array_equal(np.array(again.probabilities), probs[:64])  # seeded: reproducible
     log = [e for e in (stack.data_dir("provider-b") / "access.jsonl").read_text().splitlines()]
