@@ -186,7 +186,9 @@ def experiment(
     gap_fractions: str = typer.Option("", help="attacker budgets measured for the value "
                                       "gap only (no searches), e.g. 0.05"),
     methods: str = typer.Option("random,evolution,ppo",
-                                help="searches: random, evolution, ppo, ppo-seq"),
+                                help="searches: random, evolution, ppo, ppo-seq, ppo-warm"),
+    warm_start: Path | None = typer.Option(None, help="ppo-warm: another task's output "
+                                           "directory whose ppo policies start the search"),
     search_seeds: str = typer.Option("0,1,2", help="search seeds, one search per method "
                                      "and seed"),
     heldout_seeds: str = typer.Option("100,101,102", help="evaluation seeds of the final "
@@ -227,7 +229,7 @@ def experiment(
             heldout_seeds=_seeds(heldout_seeds, "--heldout-seeds"), n_fragments=fragments,
             lam=lam, max_evals=max_evals, centralized_evals=centralized_evals,
             budget_minutes=budget_minutes, workers=workers, ray_address=ray_address,
-            max_depth=max_depth, rollout=rollout)
+            max_depth=max_depth, rollout=rollout, warm_start=warm_start)
         ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
                             fracs[0], data_dir, attack_profile, attack_queries)
         cfg.validate(ecfg)

@@ -302,6 +302,18 @@ def test_evolution_respects_budget_and_seeds_differ(tmp_path):
                          sample=5)
 
 
+def test_ppo_policy_saved_on_one_task_warm_starts_another(tmp_path):
+    cfg = CHEAP.with_(attacks=False)
+    src = DesignSpace("digits", 2, n_fragments=2, **SMALL)
+    ppo_search(src, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
+               save_policy=tmp_path / "p.zip")
+    assert (tmp_path / "p.zip").stat().st_size > 1000
+    dst = DesignSpace("digits", 4, n_fragments=2, **SMALL)
+    res = ppo_search(dst, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
+                     init_policy=tmp_path / "p.zip")
+    assert len(res.records) == 2 and all(r["design"]["task"] == 4 for r in res.records)
+
+
 def test_sequential_ppo_respects_budget(tmp_path):
     space = DesignSpace(n_fragments=2, **SMALL)
     ev = Evaluator(CHEAP.with_(attacks=False), lam=0.0)
@@ -422,6 +434,8 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     (["--search-seeds", "1,1"], "--search-seeds"),
     (["--fractions", "0"], "--fractions"),
     (["--gap-fractions", "0.01"], "--gap-fractions"),
+    (["--methods", "ppo-warm"], "--warm-start"),
+    (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),
 ])
 def test_experiment_rejects_inconsistent_flags_before_work(tmp_path, extra, flag):
     from qumos.cli import app

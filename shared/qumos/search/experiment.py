@@ -11,7 +11,9 @@ evaluation config for every design of every method:
 3. the searches over K-fragment designs, each method once per search seed, every one on
    the same budget of distinct designs: `random` (uniform), `evolution` (regularized
    evolution), `ppo` (the engine: PPO on the one-step environment), `ppo-seq` (PPO on the
-   sequential environment). Their final design is the best by in-search reward.
+   sequential environment), `ppo-warm` (PPO started from the policy the `ppo` search of
+   the same seed left in another task's output, `warm_start`). Every PPO search saves its
+   policy in `<out>/<task>/policies/`. Their final design is the best by in-search reward.
 4. held-out evaluation: every final design (and the centralized winner, its even split
    and the median-reward design of each random search) is re-evaluated on evaluation
    seeds the searches never used (`heldout_seeds`, disjoint from the search's seeds,
@@ -48,7 +50,7 @@ from qumos.search.search import Budget, SearchResult, pareto_plot, ppo_search, r
 from qumos.spec import Design, FragmentDesign, validate_design
 
 TASKS_DEFAULT = ("digits-2", "digits-4", "mnist-small-2", "mnist-small-4")
-METHODS = ("random", "evolution", "ppo", "ppo-seq")
+METHODS = ("random", "evolution", "ppo", "ppo-seq", "ppo-warm")
 ENGINE = "ppo"  # the method the targets are checked for
 VALUE_GAP_MIN = 0.15
 
@@ -95,6 +97,7 @@ class ExperimentConfig:
     rollout: int = 8  # PPO: designs per policy update
     population: int = 8  # evolution
     tournament: int = 3  # evolution
+    warm_start: Path | None = None  # ppo-warm: another task's output dir (its policies/)
 
     def validate(self, ecfg: EvalConfig) -> ExperimentConfig:
         """Raise QumosError naming the flag for inconsistent settings (before any work)."""
@@ -129,6 +132,15 @@ class ExperimentConfig:
                              f"{self.centralized_evals}; allowed: 1 or more")
         if self.rollout < 2:
             raise QumosError(f"--rollout: {self.rollout}; allowed: 2 or more")
+        if "ppo-warm" in self.methods:
+            if self.warm_start is None:
+                raise QumosError("--warm-start: method ppo-warm needs another task's output "
+                                 "directory, e.g. results/engine/digits-2")
+            missing = [str(warm_policy(self.warm_start, s)) for s in self.search_seeds
+                       if not warm_policy(self.warm_start, s).is_file()]
+            if missing:
+                raise QumosError(f"--warm-start: no saved policy {missing[0]}; run the ppo "
+                                 "method on that task first with the same search seeds")
         if not ecfg.attacks:
             raise QumosError("the experiment attacks every design; the evaluation config "
                              "has attacks off")
@@ -175,6 +187,8 @@ class TaskRun:
                space: DesignSpace, n: int) -> dict:
         """One search (skipped when recorded): its designs' records, in order."""
         sid = f"{method}|seed={seed}|{ecfg.fingerprint()}|lam={lam}|n={n}|{space}"
+        if method == "ppo-warm":
+            sid += f"|warm={self.cfg.warm_start}"
         if sid in self.done:
             s = self.done[sid]
             recs = [self.cache.records[EvalCache.cache_key(k, ecfg.fingerprint())]
@@ -182,8 +196,10 @@ class TaskRun:
             return {**s, "records": [{**r, "reward": reward(r, lam)} for r in recs]}
         self.log(f"[{self.name}] {method} search, seed {seed}, {n} designs")
         ev = self.evaluator(ecfg, lam)
+        kind = "centralized" if space.n_fragments == 1 else "distributed"
         res = run_method(method, space, ev, self.budget(n), seed, self.cfg,
-                         tb_dir=self.out / "tb" / f"{method}-{seed}")
+                         tb_dir=self.out / "tb" / f"{method}-{seed}",
+                         save_policy=self.out / "policies" / f"{kind}-{method}-{seed}.zip")
         s = {"id": sid, "method": method, "seed": seed, "keys": [r["key"] for r in res.records],
              "best": res.best["key"], "evaluations": len(res.records), "fresh": res.evaluations,
              "steps": res.steps, "seconds": res.seconds, "extra": res.extra}
@@ -203,8 +219,14 @@ class TaskRun:
         return recs
 
 
+def warm_policy(task_out: Path, seed: int) -> Path:
+    """The distributed-design PPO policy a task's `ppo` search of `seed` saved."""
+    return Path(task_out) / "policies" / f"distributed-ppo-{seed}.zip"
+
+
 def run_method(method: str, space: DesignSpace, ev: Evaluator, budget: Budget, seed: int,
-               cfg: ExperimentConfig, tb_dir: Path | None = None) -> SearchResult:
+               cfg: ExperimentConfig, tb_dir: Path | None = None,
+               save_policy: Path | None = None) -> SearchResult:
     if method == "random":
         return random_search(space, ev, budget, seed=seed)
     if method == "evolution":
@@ -212,9 +234,15 @@ def run_method(method: str, space: DesignSpace, ev: Evaluator, budget: Budget, s
 
         return evolution_search(space, ev, budget, seed=seed, population=cfg.population,
                                 sample=cfg.tournament)
-    if method in ("ppo", "ppo-seq"):
-        return ppo_search(space, ev, budget, seed=seed, tb_dir=tb_dir, rollout=cfg.rollout,
-                          sequential=method == "ppo-seq")
+    if method in ("ppo", "ppo-seq", "ppo-warm"):
+        if save_policy is not None:
+            save_policy.parent.mkdir(parents=True, exist_ok=True)
+        res = ppo_search(space, ev, budget, seed=seed, tb_dir=tb_dir, rollout=cfg.rollout,
+                         sequential=method == "ppo-seq", save_policy=save_policy,
+                         init_policy=warm_policy(cfg.warm_start, seed)
+                         if method == "ppo-warm" else None)
+        res.method = method
+        return res
     raise QumosError(f"--methods: {method!r}; allowed: {', '.join(METHODS)}")
 
 
@@ -300,7 +328,8 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
 
 def method_label(m: str) -> str:
     return {"random": "random (best by reward)", "evolution": "regularized evolution",
-            "ppo": "engine (PPO)", "ppo-seq": "engine (PPO, sequential)"}[m]
+            "ppo": "engine (PPO)", "ppo-seq": "engine (PPO, sequential)",
+            "ppo-warm": "engine (PPO, warm-started)"}[m]
 
 
 def _ms(values: list[float]) -> list[float]:
