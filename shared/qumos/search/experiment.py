@@ -316,10 +316,12 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
                                            for res in searches[m].values()]
                          for m in methods},
             "pareto": f"pareto-{tag}.png"})
-    secs = [r["seconds"] for r in tr.cache.records.values()
-            if r["fingerprint"] != ecfg.with_(attacks=False).fingerprint()]
-    result = {"task": task_name, "config": asdict(cfg), "eval_config": asdict(ecfg),
-              "settings": settings, "seconds": time.perf_counter() - t_start,
+    fps = {ecfg.with_(attack_fraction=f).fingerprint() for f in cfg.fractions}
+    secs = [r["seconds"] for r in tr.cache.records.values() if r["fingerprint"] in fps]
+    result = {"task": task_name, "config": {**asdict(cfg), "warm_start": str(cfg.warm_start)},
+              "eval_config": asdict(ecfg), "settings": settings,
+              "seconds": time.perf_counter() - t_start,
+              # at the search's fidelity (its evaluation seeds), wall time of one worker
               "designs_per_hour_per_core": 3600 / statistics.fmean(secs) if secs else None,
               "load_average": os.getloadavg()}
     (out / "result.json").write_text(json.dumps(result, indent=2))
