@@ -306,8 +306,12 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
                     highlight={f"{lab} (held-out, seed {min(per)})": held[per[min(per)].key()]
                                for lab, per in finals.items()
                                if lab.startswith(("centralized", "even", "engine"))})
+        best_acc = max(r["accuracy"][0] for r in rows)
         settings.append({
             "fraction": frac, "value_gap": gap,
+            # what the most accurate final design is worth beyond S (the centralized search
+            # is limited to one fragment, so it can be the less accurate model)
+            "best_accuracy_minus_S": best_acc - statistics.fmean(r["S"][0] for r in cen_rows),
             "S": _ms([r["S"][0] for r in cen_rows]),
             "S_reference": sorted({x for r in cen_rows for x in r["S_reference"]}),
             "rows": rows, "checks": target_checks(rows, gap),
@@ -460,7 +464,8 @@ def write_report(out: Path, command: str | None = None) -> Path:
             parts.append(
                 f"### attacker's labelled fraction {st['fraction']:g}\n\n"
                 f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (S = "
-                f"{_f(st['S'])}, {', '.join(st['S_reference'])}): "
+                f"{_f(st['S'])}, {', '.join(st['S_reference'])}; the most accurate final "
+                f"design's accuracy - S = {st.get('best_accuracy_minus_S', float('nan')):.3f}): "
                 + ("carries the comparison.\n\n" if ch["carries_comparison"] else
                    f"below {VALUE_GAP_MIN}, so most designs look secure here and the "
                    "comparison says little.\n\n")
