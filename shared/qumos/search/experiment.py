@@ -299,10 +299,11 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
         all_recs = {m: [r for res in searches[m].values() for r in res["records"]]
                     for m in methods}
         tag = f"fraction-{frac:g}"
-        pareto_plot({method_label(m): recs for m, recs in all_recs.items()},
+        pareto_plot({("random" if m == "random" else method_label(m)): recs
+                     for m, recs in all_recs.items()},
                     out / f"pareto-{tag}.png",
-                    f"{task_name}, attacker fraction {frac:g}, K={cfg.n_fragments}, "
-                    f"lambda={cfg.lam} (in-search figures)",
+                    f"{task_name}, fraction {frac:g}, K={cfg.n_fragments}, "
+                    f"lambda={cfg.lam} (in-search)",
                     highlight={f"{lab} (held-out, seed {min(per)})": held[per[min(per)].key()]
                                for lab, per in finals.items()
                                if lab.startswith(("centralized", "even", "engine"))})
