@@ -105,7 +105,7 @@ def main() -> int:
                     url = urls[variants[0]]
                     with ThreadPoolExecutor(3) as pool, make_client(timeout=120) as c2:
                         t0 = time.perf_counter()
-                        list(pool.map(lambda x: predict(c2, url, spec.name, x), xs))
+                        list(pool.map(lambda x, url=url: predict(c2, url, spec.name, x), xs))
                         conc[bsz].append((3 * n * bsz, time.perf_counter() - t0))
                 if time.perf_counter() - t_start > args.max_seconds:
                     print(f"time limit reached after {r + 1} rounds", file=sys.stderr)

@@ -275,8 +275,12 @@ def render_clone(r: dict) -> str:
     for x in r["runs"]:
         groups.setdefault((x["defence"], x["profile"], x["N"]), []).append(x)
     for (d, p, n), xs in groups.items():
-        f = lambda k: _ms([x[k] for x in xs])
-        fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+        def f(k, xs=xs):
+            return _ms([x[k] for x in xs])
+
+        def fmt(v):
+            return "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
         eff = sorted({x["N_eff"] for x in xs})
         fl = [x["flagged_at"] for x in xs]
         ins = f("insider") if "insider" in xs[0] else [None, None]

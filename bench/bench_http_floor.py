@@ -29,8 +29,8 @@ import time
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from qumos.localstack import HOST, free_port
 from qumos.client import make_client
+from qumos.localstack import HOST, free_port
 from qumos.webcommon import check_bearer, hot_route, install_common
 
 TOKEN = "bench-token"

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
 from qumos.errors import ArtifactError
 from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec, format_validation_error
 

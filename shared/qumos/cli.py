@@ -6,13 +6,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
+from qumos.errors import QumosError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-from qumos.errors import QumosError
 
 # Plain click help (rich_markup_mode=None): no "<bool>" placeholders on flags; each
 # command's summary is its docstring's first sentence, whole (`_summaries`).
@@ -115,9 +113,8 @@ def attack_progress(bar, tid):
 
 def load_design_file(path: Path):
     """A design from a YAML or JSON file; QumosError naming the file, line and column."""
-    from qumos.spec import validate_design
-
     import yaml
+    from qumos.spec import validate_design
 
     if not path.is_file():
         raise QumosError(f"design file {path}: no such file")
@@ -147,7 +144,7 @@ def load_design_file(path: Path):
 
 @app.command()
 def train(
-    design_file: Optional[Path] = typer.Argument(None, help="YAML/JSON design file"),
+    design_file: Path | None = typer.Argument(None, help="YAML/JSON design file"),
     dataset: str = typer.Option("digits", help="digits, mnist-small, mnist, fashion-mnist"),
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("2-2-2", help="depth of each fragment, dash-separated"),
@@ -209,9 +206,9 @@ def train(
 def evaluate(
     artifact: Path = typer.Argument(DEFAULT_ARTIFACT, help="artifact directory"),
     backend: str = typer.Option("torch", help="torch (simulator) or aer (qiskit-aer, exact)"),
-    shots: Optional[int] = typer.Option(None, min=1, help="aer only: sample with shots"),
+    shots: int | None = typer.Option(None, min=1, help="aer only: sample with shots"),
     data_dir: Path = typer.Option(Path("data")),
-    limit: Optional[int] = typer.Option(None, min=1, help="evaluate the first N test samples"),
+    limit: int | None = typer.Option(None, min=1, help="evaluate the first N test samples"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Recompute the test accuracy of an artifact with the torch simulator or with Aer."""

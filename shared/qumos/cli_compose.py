@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from qumos.cli import app, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
@@ -73,8 +71,8 @@ def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, float]:
                 except httpx.HTTPError as e:
                     last[name] = f"{type(e).__name__}: {e}"
             if waiting and time.perf_counter() - t0 > timeout:
-                raise QumosError("not ready after %.0fs: %s" % (timeout, "; ".join(
-                    f"{n} ({last.get(n, 'no answer')})" for n in waiting)))
+                raise QumosError(f"not ready after {timeout:.0f}s: " + "; ".join(
+                    f"{n} ({last.get(n, 'no answer')})" for n in waiting))
             if waiting:
                 time.sleep(0.5)
     return took
@@ -166,7 +164,6 @@ def compose_demo(
     attack through the attacker service, print the report."""
     import httpx
     import numpy as np
-
     from qumos.attack import report_table
     from qumos.client import ServiceError, create_key, deploy_artifact, predict
     from qumos.datasets import load_task

@@ -277,7 +277,7 @@ def demo(
     except KeyboardInterrupt:
         stack.stop()
         console.print("interrupted; services stopped")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except QumosError as e:
         stack.stop()
         fail(e)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from qumos.chain import preprocess
 from qumos.errors import DatasetError
 from qumos.spec import DATASET_IMAGES, TASK_CLASSES, PreprocessSpec

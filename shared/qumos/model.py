@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from qumos.spec import FragmentSpec, GlueSpec, HeadSpec, ModelSpec
 from qumos.torchsim import fragment_sim, init_params
+from torch import nn
 
 
 class Glue(nn.Module):

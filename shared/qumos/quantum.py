@@ -23,7 +23,6 @@ import numpy as np
 from qiskit import QuantumCircuit, transpile
 from qiskit.circuit import ParameterVector
 from qiskit.quantum_info import SparsePauliOp, Statevector
-
 from qumos.spec import FragmentSpec
 
 __all__ = ["build_circuit", "observables", "statevector_expectations", "AerRunner",

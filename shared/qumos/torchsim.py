@@ -720,7 +720,7 @@ class _Encode(torch.autograd.Function):
             return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, None
         g_xs, g_ts = [], []
         g_ps = [g_psi] if x.dim() == 2 else g_psi.unbind(0)
-        for (xm, tm), saved, gp in zip(_per_model(x, t_ri), ctx.saved, g_ps):
+        for (_xm, tm), saved, gp in zip(_per_model(x, t_ri), ctx.saved, g_ps):
             g_x, g_t = _encode_bwd(ctx.sim, saved, tm, gp.T.contiguous(), need_x, need_t)
             g_xs.append(g_x)
             g_ts.append(g_t)

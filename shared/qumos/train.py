@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
-
 from qumos.model import DistributedQNN, accuracy
 from qumos.spec import Design, ModelSpec, build_spec
+from torch import nn
 
 
 @dataclass

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from compose import ROOT, compose, docker, docker_problem
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]

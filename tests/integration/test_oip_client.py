@@ -10,7 +10,7 @@ from qumos.client import make_client, predict
 
 pytestmark = pytest.mark.integration
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException  # noqa: E402 (after importorskip)
 
 
 class _Keyed:

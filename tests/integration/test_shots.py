@@ -14,7 +14,6 @@ uses the default design trained for 20 epochs (a few seconds), as a deployed mod
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 from qumos.artifact import load_artifact, save_artifact

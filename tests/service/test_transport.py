@@ -11,7 +11,6 @@ import socket
 
 import httpx
 import pytest
-
 from qumos.http11 import AsyncTransport, SyncTransport
 
 BODY = b'{"ok": true}'

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from qumos.chain import preprocess
 from qumos.datasets import load_task
 from qumos.errors import DatasetError

@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qumos.chain import run_chain
 from qumos.model import DistributedQNN, predict_proba
 from qumos.quantum import AerRunner, build_circuit, statevector_expectations

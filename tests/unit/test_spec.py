@@ -2,10 +2,16 @@ import json
 import math
 
 import pytest
-
 from qumos.errors import DesignError
-from qumos.spec import (BLOCK_TYPES, Design, FragmentSpec, ModelSpec, build_spec,
-                        design_from_flags, validate_design)
+from qumos.spec import (
+    BLOCK_TYPES,
+    Design,
+    FragmentSpec,
+    ModelSpec,
+    build_spec,
+    design_from_flags,
+    validate_design,
+)
 
 
 def test_fragment_json_round_trip():

@@ -127,7 +127,10 @@ def test_torch_fallback_path_equals_one_by_one():
 def run_both(models, xs, ys, xv, yv, cfgs, **kw):
     ref = copy.deepcopy(models)
     got = fit_many(models, xs, ys, xv, yv, cfgs, **kw)
-    per = lambda v, i: v[i] if isinstance(v, list) else v
+
+    def per(v, i):
+        return v[i] if isinstance(v, list) else v
+
     want = [fit(r, per(xs, i), per(ys, i), per(xv, i), per(yv, i), per(cfgs, i))
             for i, r in enumerate(ref)]
     return got, want, ref
