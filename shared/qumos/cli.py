@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from qumos.errors import QumosError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 # Plain click help (rich_markup_mode=None): no "<bool>" placeholders on flags; each
 # command's summary is its docstring's first sentence, whole (`_summaries`).
@@ -35,7 +35,7 @@ def _json_mode() -> bool:
     try:  # typer >= 0.20 carries its own copy of click
         from typer._click.globals import get_current_context
     except ImportError:  # pragma: no cover
-        from click import get_current_context
+        from click import get_current_context  # type: ignore[no-redef]
     ctx = get_current_context(silent=True)
     if ctx is not None:
         return bool(ctx.params.get("as_json"))
@@ -57,7 +57,8 @@ class PlainProgress:
     instead of a bar that renders as blank lines."""
 
     def __init__(self, every: float = 5.0):
-        self.every, self.tasks = every, {}
+        self.every = every
+        self.tasks: dict[int, dict] = {}
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -65,12 +66,12 @@ class PlainProgress:
     def __exit__(self, *exc) -> None:
         pass
 
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+    def add_task(self, description: str, total: float | None = None, **fields) -> TaskID:
         tid = len(self.tasks)
         self.tasks[tid] = {"description": description, "total": total, "completed": 0,
                            "t0": time.monotonic(), "printed": 0.0, "fields": fields}
         console.print(f"{description} ...", markup=False, highlight=False, soft_wrap=True)
-        return tid
+        return TaskID(tid)
 
     def update(self, tid: int, completed: float | None = None, total: float | None = None,
                advance: float | None = None, **fields) -> None:
@@ -295,7 +296,7 @@ def _no_hyphen_breaks() -> None:
         kwargs.setdefault("break_on_hyphens", False)
         init(self, *args, **kwargs)
 
-    _textwrap.TextWrapper.__init__ = __init__
+    _textwrap.TextWrapper.__init__ = __init__  # type: ignore[method-assign]
 
 
 _register_commands()

@@ -192,14 +192,16 @@ def compose_demo(
         data = load_task(spec.dataset, spec.task, seed=seed)
         raw, y = data.test.raw[:limit], data.test.y[:limit]
         t1 = time.perf_counter()
-        probs = []
+        probs: list[list[float]] = []
         # clients use API keys like any client: one for this check, one for the attacker
         demo_key = create_key(orchestrator_url, admin, "compose-demo")["key"]
         attacker_key = create_key(orchestrator_url, admin, "compose-attacker")["key"]
         with httpx.Client(timeout=120.0) as client:
             for i in range(0, len(raw), 100):
-                probs += predict(client, orchestrator_url, spec.name, raw[i:i + 100],
-                                 api_key=demo_key).probabilities
+                ans = predict(client, orchestrator_url, spec.name, raw[i:i + 100],
+                              api_key=demo_key)
+                assert ans.probabilities is not None  # the demo model shows probabilities
+                probs += ans.probabilities
         predict_s = time.perf_counter() - t1
         remote = np.asarray(probs)
         local = predict_proba(DistributedQNN(spec), data.test.x[:limit]).detach().numpy()

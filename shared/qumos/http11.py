@@ -294,6 +294,7 @@ class _AsyncConn(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.answer = _Answer(method, max_bytes)
         self.waiter = waiter = loop.create_future()
+        assert self.transport is not None  # set by connection_made
         self.transport.write(data)
         timer = None
         if read_timeout is not None:  # a timer handle: lighter than asyncio.wait_for

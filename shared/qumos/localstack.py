@@ -178,7 +178,7 @@ class LocalStack:
         return {n: self.services[n].url for n in self.provider_names}
 
     def data_dir(self, provider: str) -> Path:
-        return self.workdir / provider
+        return Path(self.workdir) / provider
 
     def token(self, provider: str) -> str:
         return (self.tokens_dir / provider).read_text().strip()

@@ -442,7 +442,7 @@ class ModelSpec(BaseModel):
             raise ValueError(f"input_transform: must map the {nf} features to {nf} angles "
                              f"(in_dim {nf}, out_dim {nf}, no reupload)")
         pol = self.output_policy
-        if pol.kind == "top_k" and pol.k > len(self.classes):
+        if pol.kind == "top_k" and pol.k is not None and pol.k > len(self.classes):
             raise ValueError(f"output_policy.k is {pol.k}; the model has "
                              f"{len(self.classes)} classes")
         return self
@@ -633,7 +633,7 @@ def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
                                   entanglement=f.entanglement,
                                   reupload=bool(k and spec.glue[k - 1].reupload))
                    for k, f in enumerate(spec.fragments)],
-        glue=spec.glue[0].kind if spec.glue else glue_default,  # type: ignore[arg-type]
+        glue=spec.glue[0].kind if spec.glue else glue_default,
         head=spec.head.kind, hide_inputs=spec.input_transform is not None,
     )
 

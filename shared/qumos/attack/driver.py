@@ -193,6 +193,7 @@ def _case_contexts(cfg: AttackConfig, case: Case, thefts: list[str],
                       qx=base.qx, qraw=base.qraw, qt=base.qt, progress=progress,
                       provider="+".join(h.provider for h in unit))
         if base.qx is not None and "insider" in thefts:
+            assert victim.oracle is not None and base.qraw is not None
             for f in stolen:
                 ctx.qrows[f.index] = victim.oracle.rows(f.index, base.qraw, base.qx)
         runs.append(_Run(case, ctx, unit))

@@ -104,7 +104,8 @@ class Holdings:
         """The log rows of `stolen`'s fragment. Entries of another fragment are ignored;
         an entry whose arrays are missing or of the wrong width counts as torn."""
         f = stolen.fragment
-        ins, outs, ent, times, torn = [], [], [], [], 0
+        ins, outs, ent, torn = [], [], [], 0
+        times: list[float] = []
         for e in self.access_log:
             if e.get("fragment_id") != stolen.fragment_id:
                 continue

@@ -45,6 +45,7 @@ def insider(ctx: Context) -> Job | None:
             ctx.progress({**ctx.info("insider"), "note": "no query row attributed"})
         return None
     f = rows.found
+    assert ctx.qx is not None and ctx.qt is not None  # has_queries
     xq = torch.as_tensor(ctx.qx[f], dtype=torch.float32)
     aq = torch.as_tensor(rows.inputs[f], dtype=torch.float32)
     tq = torch.as_tensor(ctx.qt[f], dtype=torch.float32)

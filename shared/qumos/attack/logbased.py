@@ -51,17 +51,20 @@ def selftrain(ctx: Context) -> Job | None:
     trains on them and the labelled images. The driver runs ROUNDS rounds. None (with a
     note through progress) when the log holds nothing usable."""
     if not any(f.index == 0 for f in ctx.stolen):
-        return _nothing(ctx, "the breached log holds intermediate angles, not inputs")
+        _nothing(ctx, "the breached log holds intermediate angles, not inputs")
+        return None
     if ctx.arch is not None and ctx.arch.input_transform is not None:
-        return _nothing(ctx, "input hiding: the position-0 log holds transformed angles, "
-                        "not features")
+        _nothing(ctx, "input hiding: the position-0 log holds transformed angles, not features")
+        return None
     u = log_inputs(ctx)
     if len(u) == 0:
-        return _nothing(ctx, "the breached log holds no rows")
+        _nothing(ctx, "the breached log holds no rows")
+        return None
     teachers = {k: v for k, v in ctx.teachers.items()
                 if k in ("substitute", "finetune", "head_only")}
     if not teachers:
-        return _nothing(ctx, "no white-box teacher ran")
+        _nothing(ctx, "no white-box teacher ran")
+        return None
     kind = max(teachers, key=lambda k: (teachers[k].own_acc, -teachers[k].own_loss))
     teacher = ctx.teachers.get("selftrain") or teachers[kind]
 
@@ -99,12 +102,15 @@ def logspread(ctx: Context) -> _FeatureModel | None:
     from sklearn.semi_supervised import LabelSpreading
 
     if not any(f.index == 0 for f in ctx.stolen):
-        return _nothing(ctx, "the breached log holds intermediate angles, not inputs", "logspread")
+        _nothing(ctx, "the breached log holds intermediate angles, not inputs", "logspread")
+        return None
     u = log_inputs(ctx)
     if len(u) == 0:
-        return _nothing(ctx, "the breached log holds no rows", "logspread")
+        _nothing(ctx, "the breached log holds no rows", "logspread")
+        return None
     xl, yl = ctx.own.x, ctx.own.y
     if ctx.has_queries:
+        assert ctx.qx is not None and ctx.qt is not None
         xl = np.concatenate([xl, ctx.qx])
         yl = np.concatenate([yl, ctx.qt.argmax(1)])
     x = np.concatenate([xl, u])

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,7 +187,7 @@ def train_restarts(make: Callable[[int], nn.Module], x: np.ndarray, t: np.ndarra
     return run_jobs([Job(make, x, t, x_sel, y_sel, seed, info or {})], cfg, progress)[0]
 
 
-def adam_steps(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,
+def adam_steps(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,
                lr: float) -> float:
     """Full-batch Adam on `loss_fn` for `steps` steps; returns the last loss (regression
     stages of the log and insider strategies)."""

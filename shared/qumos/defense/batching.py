@@ -37,7 +37,7 @@ class Batcher:
         self.inflight: dict[str, int] = {}
         self.expired: set[str] = set()  # window over, waiting for a free slot
         self.waits: list[float] = []  # seconds from arrival to dispatch (last 10000)
-        self.pending: dict[str, list[tuple[np.ndarray, asyncio.Future]]] = {}
+        self.pending: dict[str, list[tuple[np.ndarray, asyncio.Future, float]]] = {}
         self.rows: dict[str, int] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.batches = 0  # dispatched batches (tests, metrics)

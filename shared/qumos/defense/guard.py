@@ -96,6 +96,7 @@ class Guard:
         if not self.monitor.observe(client.id, model, raw, classes):
             return
         st = self.monitor.state(client.id, model)
+        assert st is not None and st.w is not None  # observe() just flagged it
         info = {"time": time.time(), "model": model, "queries": st.flagged_at,
                 "w": round(st.w, 4),
                 "reason": f"PRADA: Shapiro-Wilk W {st.w:.3f} < {self.monitor.cfg.delta} "
