@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+sys.path.insert(0, str(ROOT))  # tests.support: the in-process services and the liar
 
 
 def small_artifact(path: Path):
@@ -45,8 +45,9 @@ def small_artifact(path: Path):
 async def run(args) -> list[dict]:
     from qumos.client import make_canaries
     from qumos.datasets import load_task
-    from svc_helpers import company_stack, deploy_inprocess
-    from tamper import TamperingTransport
+
+    from tests.support.services import company_stack, deploy_inprocess
+    from tests.support.tamper import TamperingTransport
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tamper-"))
     art = small_artifact(Path(args.artifact) if args.artifact else tmp / "model")

@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from compose import ROOT, compose, docker, docker_problem
+
+from tests.support.compose import ROOT, compose, docker, docker_problem
+from tests.support.reports import assert_report_consistent
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]
 
@@ -189,11 +191,8 @@ def test_demo_job_deploys_predicts_and_attacks(demo):
         (p,) = rep["providers"]
         assert p["provider"] == BREACHED
         assert {"substitute", "finetune", "head_only"} <= set(p["by_strategy"])
-        for name, st in p["by_strategy"].items():
-            assert st["acc"][0] is None or 0.0 <= st["acc"][0] <= 1.0, name
         assert {"scratch", "logreg", "mlp", "knn"} <= set(rep["references"])
-        assert 0.0 <= rep["S"][0] <= 1.0 and 0.0 <= p["A"][0] <= 1.0
-        assert 0.0 <= p["leak"][0] <= 1.0 and 0.0 <= rep["security"][0] <= 1.0
+        assert_report_consistent(rep)  # S, A, leak and security follow from the accuracies
     # the insider's queries went through the public API, but the compose orchestrator
     # sends identical rows of a call once (QUMOS_ORCH_DEDUP_ROWS, on by default), which
     # breaks its repeat mark: at provider-b it attributes none of its rows

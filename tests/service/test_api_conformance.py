@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from qumos.datasets import load_task
 from qumos.spec import PreprocessSpec
-from svc_helpers import company_stack, deploy_inprocess
+
+from tests.support.services import company_stack, deploy_inprocess
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/digits4/infer"

@@ -7,7 +7,8 @@ import logging
 
 import numpy as np
 import pytest
-from svc_helpers import company_stack, create_key, deploy_inprocess
+
+from tests.support.services import company_stack, create_key, deploy_inprocess
 
 pytestmark = pytest.mark.anyio
 
@@ -109,7 +110,8 @@ def test_quota_file_survives_a_crash_mid_write(tmp_path, monkeypatch):
     ({"kind": "probabilities", "decimals": 3}, "round3")])
 async def test_output_policy_v1_and_v2_identical(tmp_path, artifact, data, policy, check):
     from qumos.defense.policy import OutputPolicy, apply_policy
-    from svc_helpers import torch_probs
+
+    from tests.support.services import torch_probs
 
     async with company_stack(tmp_path, artifact) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
@@ -206,7 +208,8 @@ async def test_monitor_flags_and_blocks_a_synthetic_attacker(tmp_path, artifact,
 
 async def test_batching_shuffles_concurrent_requests_into_one_call(tmp_path, artifact, data):
     import anyio
-    from svc_helpers import torch_probs
+
+    from tests.support.services import torch_probs
 
     async with company_stack(tmp_path, artifact, batch_window_ms=50,
                              canaries_per_call=0) as (c, admin, prov):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from qumos.quantum import AerRunner, DeviceProfile
 from qumos.spec import FragmentSpec
-from svc_helpers import provider_settings, running
 
 from services.provider.app import create_app
+from tests.support.services import provider_settings, running
 
 pytestmark = pytest.mark.anyio
 

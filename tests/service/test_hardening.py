@@ -13,8 +13,15 @@ import pytest
 from qumos.client import make_canaries
 from qumos.datasets import load_task
 from qumos.quantum import statevector_expectations
-from svc_helpers import company_stack, deploy_inprocess, provider_settings, running, torch_probs
-from tamper import TamperingTransport
+
+from tests.support.services import (
+    company_stack,
+    deploy_inprocess,
+    provider_settings,
+    running,
+    torch_probs,
+)
+from tests.support.tamper import TamperingTransport
 
 pytestmark = pytest.mark.anyio
 PRED = "/v1/models/digits4/predict"

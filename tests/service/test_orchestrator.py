@@ -9,9 +9,15 @@ import httpx
 import numpy as np
 import pytest
 from qumos.datasets import load_task
-from svc_helpers import company_stack, deploy_inprocess, running, torch_probs, write_token
 
 from services.orchestrator.app import OrchestratorSettings, create_app
+from tests.support.services import (
+    company_stack,
+    deploy_inprocess,
+    running,
+    torch_probs,
+    write_token,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,9 @@ import gc
 import numpy as np
 import pytest
 from qumos.quantum import statevector_expectations
-from svc_helpers import provider_settings, running
 
 from services.provider.app import create_app
+from tests.support.services import provider_settings, running
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,9 @@ services (provider, orchestrator, attacker), 0 responses 5xx.
 
 The number of examples per operation is QUMOS_SCHEMATHESIS_EXAMPLES (default 25; CI-time
 budget ~1 minute per service on 2 busy cores). Every response is counted; when
-QUMOS_RELIABILITY_DIR is set the counts are written there for the README table.
+QUMOS_RELIABILITY_DIR is set the counts of the services fuzzed are written there (the
+`seen` fixture's teardown, after the module's tests, whichever ran and in any order), for
+results/reliability.
 """
 
 from __future__ import annotations
@@ -21,11 +23,29 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from svc_helpers import provider_settings, write_token
+
+from tests.support.services import provider_settings, write_token
 
 EXAMPLES = int(os.environ.get("QUMOS_SCHEMATHESIS_EXAMPLES", "25"))
-SEEN: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 HEADERS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def seen():
+    """Response status counts per service fuzzed; written to QUMOS_RELIABILITY_DIR (if set)
+    when the module's tests are done."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    yield counts
+    out = os.environ.get("QUMOS_RELIABILITY_DIR")
+    if out and counts:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "schemathesis.json").write_text(json.dumps({
+            "examples_per_operation": EXAMPLES,
+            "requests": sum(sum(c.values()) for c in counts.values()),
+            "by_service": {s: {str(k): v for k, v in sorted(c.items())}
+                           for s, c in counts.items()},
+            "status_5xx": sum(v for c in counts.values() for k, v in c.items() if k >= 500)},
+            indent=1))
 
 
 def _deployed_provider(tmp, artifact, k):
@@ -102,7 +122,7 @@ def attacker_schema(tmp_path_factory, artifact):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def _run(service: str, case) -> None:
+def _run(service: str, case, seen: collections.Counter) -> None:
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     # Every check runs except positive_data_acceptance ("schema-valid data gets 2xx"): our
@@ -112,7 +132,7 @@ def _run(service: str, case) -> None:
     # 422 naming the field. The tests in test_provider/test_orchestrator cover acceptance.
     response = case.call_and_validate(headers=HEADERS[service],
                                       excluded_checks=[positive_data_acceptance])
-    SEEN[service][response.status_code] += 1
+    seen[response.status_code] += 1
     assert response.status_code < 500, (case.method, case.path, response.text[:300])
     if response.status_code >= 400:  # every error is JSON naming what was wrong
         err = response.json()["error"]
@@ -137,7 +157,7 @@ def _pin(case):
     return case
 
 
-def _fuzz(service: str, schema) -> None:
+def _fuzz(service: str, schema, seen: dict[str, collections.Counter]) -> None:
     """Every operation, positive (valid per schema) and negative (invalid) data, and with
     the deployed model's path parameters pinned. (schemathesis' pytest `from_fixture`
     loader does not work with pytest 9, so the operations are driven with hypothesis.)"""
@@ -154,7 +174,7 @@ def _fuzz(service: str, schema) -> None:
                 @BUDGET
                 @given(case=strategy.map(_pin) if pin else strategy)
                 def run(case):
-                    _run(service, case)
+                    _run(service, case, seen[service])
 
                 try:
                     run()
@@ -164,29 +184,16 @@ def _fuzz(service: str, schema) -> None:
                     assert "requestBody" not in op.definition.raw, op.path
 
 
-def test_provider_api(provider_schema):
-    _fuzz("provider", provider_schema)
+def test_provider_api(provider_schema, seen):
+    _fuzz("provider", provider_schema, seen)
+    assert sum(seen["provider"].values()) >= 2 * EXAMPLES  # 303 at 25 examples
 
 
-def test_orchestrator_api(orchestrator_schema):
-    _fuzz("orchestrator", orchestrator_schema)
+def test_orchestrator_api(orchestrator_schema, seen):
+    _fuzz("orchestrator", orchestrator_schema, seen)
+    assert sum(seen["orchestrator"].values()) >= 2 * EXAMPLES  # 958 at 25 examples
 
 
-def test_attacker_api(attacker_schema):
-    _fuzz("attacker", attacker_schema)
-
-
-def test_zz_write_summary():
-    """Runs last in this module: the counts, for the README's reliability table."""
-    total = sum(sum(c.values()) for c in SEEN.values())
-    assert total > 0, "no schemathesis case ran"
-    assert not any(code >= 500 for c in SEEN.values() for code in c)
-    out = os.environ.get("QUMOS_RELIABILITY_DIR")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "schemathesis.json").write_text(json.dumps({
-            "examples_per_operation": EXAMPLES,
-            "requests": total,
-            "by_service": {s: {str(k): v for k, v in sorted(c.items())}
-                           for s, c in SEEN.items()},
-            "status_5xx": 0}, indent=1))
+def test_attacker_api(attacker_schema, seen):
+    _fuzz("attacker", attacker_schema, seen)
+    assert sum(seen["attacker"].values()) >= 2 * EXAMPLES  # 103 at 25 examples

@@ -21,16 +21,22 @@ from qumos.attack import (
     strategies_of,
     summary_json,
 )
-from qumos.attack.context import Context
+from qumos.attack.context import Context, strip
 from qumos.attack.holdings import holdings_in_process
 from qumos.attack.strategies import FUNCS
 from qumos.datasets import load_task
 from qumos.errors import AttackError
-from qumos.spec import design_from_flags, parse_short_design
+from qumos.spec import design_from_flags, design_of, parse_short_design
 from qumos.store import ProviderStore
 from qumos.train import TrainConfig, train_design
 
 TINY = dict(epochs=4, restarts=2)
+# Test accuracy each strategy must reach on TINY (digits-4, 146 test images, chance 0.25).
+# Measured (torch 2.13.0 CPU, this seed): logreg 0.897, mlp 0.911, knn 0.904, distill_mlp
+# 0.890, logspread 0.760; the QNN strategies learn little in 4 epochs but clearly beat
+# chance: insider 0.562, finetune 0.500, substitute 0.432, distill_qnn 0.397, scratch
+# 0.377, head_only 0.356, selftrain 0.336. Those get chance + 0.05 (1.4 standard errors).
+TINY_FLOOR = {"logreg": 0.8, "mlp": 0.8, "knn": 0.8, "distill_mlp": 0.8, "logspread": 0.65}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +206,8 @@ def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, dat
     pa, pb = _labels(a, data), _labels(b, data)
     assert np.array_equal(pa, pb)
     acc = float((pa == data.test.y).mean())
-    assert acc > 1.0 / len(data.classes) - 0.1, f"{name}: {acc} is no better than chance"
+    floor = TINY_FLOOR.get(name, 1.0 / len(data.classes) + 0.05)
+    assert acc >= floor, f"{name}: test accuracy {acc:.3f} on the tiny budget, below {floor}"
     if hasattr(a, "restart_accs"):  # every restart kept, their probabilities averaged
         assert len(a.restart_accs) == TINY["restarts"]
         assert len(a.model.members) == TINY["restarts"]
@@ -341,3 +348,9 @@ def test_default_budget_is_converged_on_the_engine_design():
             for c in (base, AttackConfig(**{**base.__dict__, "restarts": 2 * base.restarts}))]
     for p, q in zip(reps[0].providers, reps[1].providers):
         assert abs(p.A[0] - q.A[0]) <= 0.02, (p.provider, p.A[0], q.A[0])
+
+
+def test_strip_keeps_only_the_architecture(victim):
+    a = strip(victim)
+    assert victim.is_trained() and not a.is_trained()
+    assert design_of(a) == design_of(victim)

@@ -1,7 +1,7 @@
 """Run docker compose v2 (`docker compose`) or v1 (`docker-compose`), whichever exists.
 
 QUMOS_COMPOSE="docker compose" (or "docker-compose") forces one. Used by the container
-tests and by .ci/run (`python3 tests/containers/compose.py ARGS...` runs compose).
+tests and by .ci/run (`python3 tests/support/compose.py ARGS...` runs compose).
 """
 
 from __future__ import annotations
