@@ -1,6 +1,6 @@
 """Forward+backward throughput of the torch simulator against PennyLane and the flop floor.
 
-    python bench/bench_simulator.py                  # the table in the README
+    python bench/bench_simulator.py                  # the table in results/simulator-speed.md
     python bench/bench_simulator.py --min-time 0.2   # quicker, noisier
 
 What is timed, per (fragment, batch B): one training-style step on fixed random inputs

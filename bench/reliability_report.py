@@ -1,4 +1,5 @@
-"""Aggregate the reliability figures written by the tests and benches into the README table.
+"""Aggregate the reliability figures written by the tests and benches into the table of
+results/reliability/README.md.
 
     QUMOS_RELIABILITY_DIR=results/reliability python -m pytest \
         tests/service/test_schemathesis.py tests/integration/test_reliability.py -q
