@@ -39,13 +39,19 @@ def seen():
     out = os.environ.get("QUMOS_RELIABILITY_DIR")
     if out and counts:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "schemathesis.json").write_text(json.dumps({
-            "examples_per_operation": EXAMPLES,
-            "requests": sum(sum(c.values()) for c in counts.values()),
-            "by_service": {s: {str(k): v for k, v in sorted(c.items())}
-                           for s, c in counts.items()},
-            "status_5xx": sum(v for c in counts.values() for k, v in c.items() if k >= 500)},
-            indent=1))
+        (Path(out) / "schemathesis.json").write_text(
+            json.dumps(
+                {
+                    "examples_per_operation": EXAMPLES,
+                    "requests": sum(sum(c.values()) for c in counts.values()),
+                    "by_service": {
+                        s: {str(k): v for k, v in sorted(c.items())} for s, c in counts.items()
+                    },
+                    "status_5xx": sum(v for c in counts.values() for k, v in c.items() if k >= 500),
+                },
+                indent=1,
+            )
+        )
 
 
 def _deployed_provider(tmp, artifact, k):
@@ -84,15 +90,19 @@ def orchestrator_schema(tmp_path_factory, artifact):
         mounts[f"http://{name}"] = httpx.ASGITransport(app=app)
     admin = write_token(tmp / "admin_token")
     data = tmp / "orchestrator"
-    atomic_write(data / "models" / "digits4.json",
-                 artifact.company_spec().model_dump_json().encode())
+    atomic_write(
+        data / "models" / "digits4.json", artifact.company_spec().model_dump_json().encode()
+    )
     canaries = make_canaries(artifact.spec, load_task("digits", 4, seed=0).train.raw[:16])
     atomic_write(data / "canaries" / "digits4.json", canaries.model_dump_json().encode())
-    s = OrchestratorSettings(data_dir=data, tokens_dir=tmp / "tokens",
-                             admin_token_file=tmp / "admin_token", max_batch=32,
-                             max_body_bytes=256 * 1024,
-                             providers=",".join(f"{n}=http://{n}"
-                                                for n in artifact.spec.placement))
+    s = OrchestratorSettings(
+        data_dir=data,
+        tokens_dir=tmp / "tokens",
+        admin_token_file=tmp / "admin_token",
+        max_batch=32,
+        max_body_bytes=256 * 1024,
+        providers=",".join(f"{n}=http://{n}" for n in artifact.spec.placement),
+    )
     HEADERS["orchestrator"] = {"Authorization": f"Bearer {admin}"}
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(s, mounts=mounts))
 
@@ -111,8 +121,12 @@ def attacker_schema(tmp_path_factory, artifact):
     tmp = tmp_path_factory.mktemp("st-attacker")
     ProviderStore.create(tmp / "provider-b", "provider-b").put(artifact.fragment_file(1))
     token = write_token(tmp / "attacker_token")
-    s = AttackerSettings(breached_dir=tmp / "provider-b", data_dir=tmp / "attacker",
-                         admin_token_file=tmp / "attacker_token", max_pending=1000)
+    s = AttackerSettings(
+        breached_dir=tmp / "provider-b",
+        data_dir=tmp / "attacker",
+        admin_token_file=tmp / "attacker_token",
+        max_pending=1000,
+    )
     app = create_app(s)
     state = app.state.attacker
     state.load()  # the lifespan's work, without its worker pool
@@ -130,8 +144,9 @@ def _run(service: str, case, seen: collections.Counter) -> None:
     # body's model.index, a fragment must be placed on this provider, a row must have as
     # many values as the deployed fragment takes), so schema-valid data may rightly get a
     # 422 naming the field. The tests in test_provider/test_orchestrator cover acceptance.
-    response = case.call_and_validate(headers=HEADERS[service],
-                                      excluded_checks=[positive_data_acceptance])
+    response = case.call_and_validate(
+        headers=HEADERS[service], excluded_checks=[positive_data_acceptance]
+    )
     seen[response.status_code] += 1
     assert response.status_code < 500, (case.method, case.path, response.text[:300])
     if response.status_code >= 400:  # every error is JSON naming what was wrong
@@ -142,8 +157,13 @@ def _run(service: str, case, seen: collections.Counter) -> None:
             assert err["type"] and err["message"], err
 
 
-BUDGET = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+BUDGET = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 # Path parameters of what is deployed: random names mostly meet 404, so every operation

@@ -29,8 +29,9 @@ def assert_report_consistent(rep: dict) -> None:
     tol = 1e-9
     lo, hi = _best([r["acc"] for r in rep["references"].values()], n)
     assert lo - tol <= rep["S"][0] <= hi + tol, (rep["S"], rep["references"])
-    by_provider = rep.get("by_provider") or {p["provider"]: p["by_strategy"]
-                                              for p in rep["providers"]}
+    by_provider = rep.get("by_provider") or {
+        p["provider"]: p["by_strategy"] for p in rep["providers"]
+    }
     leaks = []
     for p in rep["providers"]:
         lo, hi = _best([s["acc"] for s in by_provider[p["provider"]].values()], n)
@@ -38,7 +39,8 @@ def assert_report_consistent(rep: dict) -> None:
         assert 0.0 <= p["leak"][0] <= 1.0
         if n == 1:
             assert p["leak"][0] == pytest.approx(
-                leak_value(p["A"][0], rep["S"][0], rep["victim_acc"][0])), p["provider"]
+                leak_value(p["A"][0], rep["S"][0], rep["victim_acc"][0])
+            ), p["provider"]
         leaks.append(p["leak"][0])
     if rep.get("security") is not None and leaks:
         if n == 1:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
-                *(ROOT / "results").rglob("*.md")])
+PAGES = sorted(
+    [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "results").rglob("*.md")]
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -35,8 +36,11 @@ def test_links_resolve(page):
         if re.match(r"[a-z]+:", target):  # http(s), mailto
             continue
         path, _, anchor = target.partition("#")
-        dest = page if not path else (ROOT / path.lstrip("/") if path.startswith("/")
-                                      else page.parent / path)
+        dest = (
+            page
+            if not path
+            else (ROOT / path.lstrip("/") if path.startswith("/") else page.parent / path)
+        )
         if not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):

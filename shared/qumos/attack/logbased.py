@@ -60,8 +60,9 @@ def selftrain(ctx: Context) -> Job | None:
     if len(u) == 0:
         _nothing(ctx, "the breached log holds no rows")
         return None
-    teachers = {k: v for k, v in ctx.teachers.items()
-                if k in ("substitute", "finetune", "head_only")}
+    teachers = {
+        k: v for k, v in ctx.teachers.items() if k in ("substitute", "finetune", "head_only")
+    }
     if not teachers:
         _nothing(ctx, "no white-box teacher ran")
         return None
@@ -70,8 +71,9 @@ def selftrain(ctx: Context) -> Job | None:
 
     def make(s: int):
         if kind == "head_only":
-            return HeadOnly(max(ctx.stolen, key=lambda f: f.index), ctx.own.x.shape[1],
-                            ctx.n_classes, s)
+            return HeadOnly(
+                max(ctx.stolen, key=lambda f: f.index), ctx.own.x.shape[1], ctx.n_classes, s
+            )
         return ctx.qnn(s, stolen=True, frozen=(kind == "substitute"))
 
     pseudo = one_hot(predict_proba(teacher.model, u).argmax(1), ctx.n_classes)
@@ -80,8 +82,16 @@ def selftrain(ctx: Context) -> Job | None:
         x_more = np.concatenate([ctx.qx, u])
         t_more = np.concatenate([ctx.qt, pseudo])
     x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, x_more, t_more)
-    return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("selftrain"),
-               note=f"{len(u)} log rows, teacher {kind}")
+    return Job(
+        make,
+        x,
+        t,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("selftrain"),
+        note=f"{len(u)} log rows, teacher {kind}",
+    )
 
 
 class _FeatureModel:
@@ -120,7 +130,12 @@ def logspread(ctx: Context) -> _FeatureModel | None:
         k = int(min(7, max(2, len(xl) - 1)))
         spread = LabelSpreading(kernel="knn", n_neighbors=k, max_iter=200).fit(x, y)
         pseudo = spread.transduction_
-        mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-2, solver="lbfgs",
-                            max_iter=500, random_state=ctx.seed).fit(x, pseudo)
+        mlp = MLPClassifier(
+            hidden_layer_sizes=(64,),
+            alpha=1e-2,
+            solver="lbfgs",
+            max_iter=500,
+            random_state=ctx.seed,
+        ).fit(x, pseudo)
     own_acc = float((mlp.predict(ctx.own.x) == ctx.own.y).mean())
     return _FeatureModel(mlp, own_acc, f"{len(u)} log rows")
