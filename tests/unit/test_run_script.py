@@ -42,3 +42,25 @@ def test_usage_not_source_lines():
     assert "setup" in r.stderr and "set -euo" not in r.stderr
     r = subprocess.run(["bash", str(RUN), "help"], capture_output=True, text=True)
     assert r.returncode == 0 and './run test -m "not containers"' in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, checks",
+    [
+        ([], True),
+        (["-q", "--timeout=900"], True),
+        (["-m", "not containers"], True),
+        (["-k", "tests/unit"], True),
+        (["tests/unit"], False),
+        (["-x", "tests/service/test_provider.py"], False),
+    ],
+)
+def test_the_whole_suite_starts_with_the_static_checks(args, checks):
+    script = (
+        f"eval \"$(sed -n '/^has_paths()/,/^}}/p' {RUN})\"; "
+        'has_paths "$@" && echo paths || echo checks'
+    )
+    out = subprocess.run(
+        ["bash", "-c", script, "run", *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == ("checks" if checks else "paths"), args
