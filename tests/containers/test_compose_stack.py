@@ -365,12 +365,20 @@ def test_killed_provider_gives_503_naming_it_and_recovers(stack, demo, small_art
     np.testing.assert_allclose(np.asarray(r.json()["probabilities"]), want, atol=1e-4)
 
 
-def test_zz_teardown_leaves_nothing_behind(stack):
-    """Runs last in this module: down -v, then nothing labelled with the project is left."""
-    stack.compose("down", "-v", "--remove-orphans", timeout=300)
-    label = f"label=com.docker.compose.project={stack.project}"
+def test_down_leaves_nothing_behind(stack):
+    """`down -v` removes every container, network and volume of a project. The test brings
+    up a project of its own (one provider, its volume and the network; the images are the
+    ones the module's stack built), so it needs no place in the test order."""
+    own = Stack(f"qumostest{uuid.uuid4().hex[:8]}", stack.env, _free_port(), _free_port())
+    label = f"label=com.docker.compose.project={own.project}"
+    try:
+        own.compose("up", "-d", "provider-a", timeout=300)
+        assert docker("ps", "-aq", "--filter", label).stdout.strip() != ""
+        assert own.volume("provider-a-data") in docker("volume", "ls", "-q").stdout.split()
+    finally:
+        own.compose("down", "-v", "--remove-orphans", timeout=300)
     assert docker("ps", "-aq", "--filter", label).stdout.strip() == ""
     assert docker("network", "ls", "-q", "--filter", label).stdout.strip() == ""
     assert docker("volume", "ls", "-q", "--filter", label).stdout.strip() == ""
     names = docker("volume", "ls", "--format", "{{.Name}}").stdout.split()
-    assert not [n for n in names if n.startswith(stack.project)], names
+    assert not [n for n in names if n.startswith(own.project)], names
