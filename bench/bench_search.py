@@ -5,6 +5,15 @@ executor and by a 2-process pool (pool start-up included in its wall time, and s
 separately); each worker uses one torch thread. Prints a table of ratios.
 
     python bench/bench_search.py [--candidates 4] [--victim-epochs 2] [--attack-epochs 2]
+
+`--strong`: the search's throughput at the strong default instead (the converged
+`breach` attacker, victim 10 epochs, `--eval-seeds` evaluation seeds): the same
+candidates evaluated one training at a time (`batched=False`, the evaluator before
+batched training) and batched (`qumos.stacked.fit_many`, after), interleaved candidate by
+candidate in one process on one core, as designs per hour per core, with the largest
+difference between the two paths' figures.
+
+    python bench/bench_search.py --strong --candidates 2 --eval-seeds 0
 """
 
 from __future__ import annotations
@@ -25,7 +34,12 @@ def main() -> None:
     ap.add_argument("--attack-epochs", type=int, default=2)
     ap.add_argument("--attack-restarts", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strong", action="store_true", help="throughput at the strong default, "
+                    "one-by-one against batched")
+    ap.add_argument("--eval-seeds", default="0", help="--strong: evaluation seeds")
     args = ap.parse_args()
+    if args.strong:
+        return strong(args)
 
     import torch
     from qumos.search.env import DesignSpace
@@ -70,6 +84,47 @@ def main() -> None:
           f"{(t_pool - t_start) / len(jobs):.1f} | {t_serial / (t_pool - t_start):.2f} |")
     print(f"\nper-candidate evaluation time (serial): min {min(per):.1f}s, median "
           f"{float(np.median(per)):.1f}s, max {max(per):.1f}s; identical results: {same}")
+
+
+def strong(args) -> None:
+    """Designs per hour per core at the strong default: one-by-one against batched."""
+    import torch
+    from qumos.search.env import DesignSpace
+    from qumos.search.evaluator import EvalConfig, evaluate_design
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    space = DesignSpace("digits", 4, n_fragments=args.fragments)
+    rng = np.random.default_rng(args.seed)
+    designs = [space.sample(rng) for _ in range(args.candidates)]
+    cfg = EvalConfig(seeds=tuple(int(s) for s in args.eval_seeds.split(",")))
+    evaluate_design((designs[0].model_dump(), cfg.with_(attacks=False)))  # warm imports, data
+    times: dict[str, list[float]] = {"one-by-one": [], "batched": []}
+    diff = 0.0
+    with threadpool_limits(1):
+        for d in designs:
+            recs = {}
+            for name, batched in (("one-by-one", False), ("batched", True)):
+                c0 = time.process_time()
+                recs[name] = evaluate_design((d.model_dump(), cfg.with_(batched=batched)))
+                times[name].append(time.process_time() - c0)
+                print(f"  {d.short()} {name}: {times[name][-1]:.1f} s CPU", flush=True)
+            a, b = recs["one-by-one"], recs["batched"]
+            diff = max(diff, abs(a["victim_acc"][0] - b["victim_acc"][0]),
+                       *(abs(x[0] - y[0]) for x, y in zip(a["attacker_acc"], b["attacker_acc"])),
+                       abs(a["security"][0] - b["security"][0]))
+    print(f"# bench_search --strong: {len(designs)} random 3-fragment digits-4 designs, "
+          f"evaluation seeds {list(cfg.seeds)}, profile {cfg.attack_profile}, "
+          f"{cfg.attack_epochs} steps x {cfg.attack_restarts} restarts, victim "
+          f"{cfg.victim_epochs} epochs; one core; loadavg={os.getloadavg()[0]:.1f}")
+    print("| evaluator | CPU s per design (mean) | designs per hour per core | ratio |")
+    print("|---|---|---|---|")
+    base = float(np.mean(times["one-by-one"]))
+    for name, ts in times.items():
+        m = float(np.mean(ts))
+        print(f"| {name} | {m:.1f} | {3600 / m:.1f} | {base / m:.2f} |")
+    print(f"\nlargest difference between the paths' figures (accuracy, A_j, security): "
+          f"{diff:.4f}")
 
 
 def _warm(job):

@@ -12,25 +12,40 @@ from qumos.cli import app, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise QumosError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+        raise QumosError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
     if not seeds:
-        raise QumosError("--seeds: give at least one seed, e.g. 0,1,2")
+        raise QumosError(f"{flag}: give at least one seed, e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise QumosError(f"{flag}: {text!r} repeats a seed")
     return seeds
 
 
+def _check_data(tasks: list[tuple[str, int]], data_dir: Path) -> None:
+    """Fail before any work when a task's data is missing, naming --tasks."""
+    from qumos.datasets import load_task
+    from qumos.errors import DatasetError
+
+    for ds, t in tasks:
+        try:
+            load_task(ds, t, seed=0, data_dir=data_dir)
+        except DatasetError as e:
+            raise QumosError(f"--tasks: {ds}-{t}: {e}") from None
+
+
 def _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts, attack_fraction,
-                 data_dir):
+                 data_dir, attack_profile="breach", attack_queries=100):
     from qumos.search.evaluator import EvalConfig, attack_config
 
     if victim_epochs < 1:
         raise QumosError(f"--victim-epochs: {victim_epochs}; allowed: 1 or more")
-    cfg = EvalConfig(seeds=_seeds(seeds), victim_epochs=victim_epochs,
+    cfg = EvalConfig(seeds=_seeds(seeds, "--seeds"), victim_epochs=victim_epochs,
                      attack_epochs=attack_epochs, attack_restarts=attack_restarts,
-                     attack_fraction=attack_fraction, data_dir=str(data_dir))
+                     attack_fraction=attack_fraction, attack_profile=attack_profile,
+                     attack_queries=attack_queries, data_dir=str(data_dir))
     try:
         attack_config(cfg)
     except QumosError as e:
@@ -58,6 +73,9 @@ ATTACK_RESTARTS = typer.Option(24, help="attacker restarts per strategy (learnin
 ATTACK_FRACTION = typer.Option(0.05, help="attacker's share of the labelled training data")
 WORKERS = typer.Option(1, help="parallel evaluations (local process pool)")
 ROLLOUT = typer.Option(8, help="PPO: designs per policy update")
+PROFILE = typer.Option("breach", help="attacker profile: breach, breach+queries, queries, "
+                       "coalition (see docs/threat-model.md)")
+QUERIES = typer.Option(100, help="query profiles: queries the attacker sends")
 RAY = typer.Option(None, help="run evaluations on this Ray cluster (e.g. auto, ray://h:10001)")
 
 
@@ -72,23 +90,26 @@ def search(
     budget_minutes: float | None = typer.Option(None, help="wall-clock budget"),
     max_evals: int | None = typer.Option(None, help="budget in fresh evaluations"),
     lam: float = typer.Option(1.0, "--lambda", help="reward = acc - lambda * max_j (A_j - S)"),
-    method: str = typer.Option("ppo", help="ppo (the engine) or random"),
+    method: str = typer.Option("ppo", help="ppo (the engine), ppo-seq (PPO, one fragment per "
+                               "step), evolution (regularized evolution) or random"),
     seed: int = typer.Option(0, help="search seed (policy init / random sampling)"),
     seeds: str = SEEDS, victim_epochs: int = VICTIM_EPOCHS, attack_epochs: int = ATTACK_EPOCHS,
     attack_restarts: int = ATTACK_RESTARTS, attack_fraction: float = ATTACK_FRACTION,
+    attack_profile: str = PROFILE, attack_queries: int = QUERIES,
     workers: int = WORKERS, ray_address: str | None = RAY, rollout: int = ROLLOUT,
     data_dir: Path = typer.Option(Path("data")),
     out: Path = typer.Option(Path("runs/search"), help="output directory (resumes its cache)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Search the distributed design with PPO (or random search) under a budget."""
+    """Search the distributed design with PPO (or a baseline) under a budget."""
     from qumos.search.env import DesignSpace
+    from qumos.search.experiment import METHODS, ExperimentConfig, run_method
     from qumos.search.evaluator import EvalCache, Evaluator
     from qumos.search.parallel import make_executor
-    from qumos.search.search import Budget, ppo_search, random_search, write_search_outputs
+    from qumos.search.search import Budget, write_search_outputs
 
-    if method not in ("ppo", "random"):
-        fail(QumosError(f"--method: {method!r}; allowed: ppo, random"))
+    if method not in METHODS:
+        fail(QumosError(f"--method: {method!r}; allowed: {', '.join(METHODS)}"))
     try:
         if rollout < 2:
             raise QumosError(f"--rollout: {rollout}; allowed: 2 or more designs per update")
@@ -108,12 +129,12 @@ def search(
 
             space = replace(space, hiding=hide)
         ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
-                            attack_fraction, data_dir)
+                            attack_fraction, data_dir, attack_profile, attack_queries)
         if lam == 0 and space.n_fragments == 1:
             ecfg = ecfg.with_(attacks=False)
-        from qumos.datasets import load_task
-
-        load_task(dataset, task, seed=ecfg.seeds[0], data_dir=data_dir)  # fail early
+        if method == "ppo-seq" and space.n_fragments is None:
+            raise QumosError("--fragments: open; --method ppo-seq needs a fixed number")
+        _check_data([(dataset, task)], data_dir)
     except QumosError as e:
         fail(e)
     t0 = time.perf_counter()
@@ -133,11 +154,8 @@ def search(
 
             ev = Evaluator(ecfg, lam=lam, cache=EvalCache(out / "cache.jsonl"),
                            executor=executor, on_record=on_record)
-            if method == "ppo":
-                res = ppo_search(space, ev, budget, seed=seed, tb_dir=out / "tb",
-                                 rollout=rollout)
-            else:
-                res = random_search(space, ev, budget, seed=seed)
+            res = run_method(method, space, ev, budget, seed,
+                             ExperimentConfig(rollout=rollout), tb_dir=out / "tb")
     except QumosError as e:
         fail(e)
     finally:
@@ -159,42 +177,63 @@ def search(
 
 @app.command()
 def experiment(
-    tasks: str = typer.Option("digits-2,digits-4,mnist-small-2,mnist-small-4",
-                              help="comma-separated DATASET-TASK (add mnist-4, fashion-mnist-4 "
+    tasks: str = typer.Option("digits-4",
+                              help="comma-separated DATASET-TASK: digits-2, digits-4, "
+                                   "mnist-small-2, mnist-small-4 (mnist-4, fashion-mnist-4 "
                                    "when their files are in --data-dir)"),
+    fractions: str = typer.Option("0.01", help="attacker budgets: labelled fractions, "
+                                  "comma-separated (e.g. 0.01,0.05)"),
+    gap_fractions: str = typer.Option("", help="attacker budgets measured for the value "
+                                      "gap only (no searches), e.g. 0.05"),
+    methods: str = typer.Option("random,evolution,ppo",
+                                help="searches: random, evolution, ppo, ppo-seq, ppo-warm"),
+    warm_start: Path | None = typer.Option(None, help="ppo-warm: another task's output "
+                                           "directory whose ppo policies start the search"),
+    search_seeds: str = typer.Option("0,1,2", help="search seeds, one search per method "
+                                     "and seed"),
+    heldout_seeds: str = typer.Option("100,101,102", help="evaluation seeds of the final "
+                                      "designs; disjoint from --seeds"),
     fragments: int = typer.Option(3, help="fragments of the distributed designs (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
-    budget_minutes: float | None = typer.Option(None, help="wall clock per search"),
-    max_evals: int | None = typer.Option(None, help="fresh evaluations per search"),
+    max_evals: int = typer.Option(16, help="distinct designs per search"),
+    centralized_evals: int = typer.Option(16, help="distinct designs per centralized search"),
+    budget_minutes: float | None = typer.Option(None, help="optional wall clock per search"),
     lam: float = typer.Option(1.0, "--lambda"),
-    seed: int = typer.Option(0, help="search seed"),
     seeds: str = SEEDS, victim_epochs: int = VICTIM_EPOCHS, attack_epochs: int = ATTACK_EPOCHS,
-    attack_restarts: int = ATTACK_RESTARTS, attack_fraction: float = ATTACK_FRACTION,
+    attack_restarts: int = ATTACK_RESTARTS, attack_profile: str = PROFILE,
+    attack_queries: int = QUERIES,
     workers: int = WORKERS, ray_address: str | None = RAY, rollout: int = ROLLOUT,
     data_dir: Path = typer.Option(Path("data")),
-    out: Path = typer.Option(Path("results/experiment"), help="output directory"),
+    out: Path = typer.Option(Path("results/engine"), help="output directory (resumes)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run the engine and every baseline per task; write a markdown table and plots."""
+    """The engine against its baselines: several search seeds, held-out figures, per task
+    and attacker budget; a markdown report and Pareto plots. Resumes from its caches."""
     from qumos.search.experiment import ExperimentConfig, parse_task, run_task, write_report
     from qumos.search.parallel import make_executor
 
     try:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
-        for n in names:
-            parse_task(n)
-        if not 1 <= max_depth <= 6:
-            raise QumosError(f"--max-depth: {max_depth}; allowed: 1 to 6")
-        if not 2 <= fragments <= 4:
-            raise QumosError(f"--fragments: {fragments}; allowed: 2 to 4")
-        if budget_minutes is None and max_evals is None:
-            max_evals = 16
-        cfg = ExperimentConfig(tasks=tuple(names), n_fragments=fragments, lam=lam,
-                               budget_minutes=budget_minutes, max_evals=max_evals, seed=seed,
-                               workers=workers, ray_address=ray_address, max_depth=max_depth,
-                               rollout=rollout)
+        try:
+            fracs = tuple(float(f) for f in fractions.split(",") if f.strip())
+            gaps = tuple(float(f) for f in gap_fractions.split(",") if f.strip())
+        except ValueError:
+            raise QumosError(f"--fractions/--gap-fractions: {fractions!r}/{gap_fractions!r} "
+                             "is not a comma-separated list of numbers") from None
+        if not fracs or any(not 0 < f <= 1 for f in fracs):
+            raise QumosError(f"--fractions: {fractions!r}; allowed: numbers in (0, 1]")
+        cfg = ExperimentConfig(
+            tasks=tuple(names), fractions=fracs, gap_fractions=gaps,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            search_seeds=_seeds(search_seeds, "--search-seeds"),
+            heldout_seeds=_seeds(heldout_seeds, "--heldout-seeds"), n_fragments=fragments,
+            lam=lam, max_evals=max_evals, centralized_evals=centralized_evals,
+            budget_minutes=budget_minutes, workers=workers, ray_address=ray_address,
+            max_depth=max_depth, rollout=rollout, warm_start=warm_start)
         ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
-                            attack_fraction, data_dir)
+                            fracs[0], data_dir, attack_profile, attack_queries)
+        cfg.validate(ecfg)
+        _check_data([parse_task(n) for n in names], data_dir)
     except QumosError as e:
         fail(e)
     command = "qumos " + shlex.join(sys.argv[1:])
@@ -206,7 +245,8 @@ def experiment(
             tid = bar.add_task("experiment", total=None, info="")
 
             def on_record(rec: dict, fresh: bool) -> None:
-                bar.update(tid, advance=1, info=f"{rec['short']} acc {rec['victim_acc'][0]:.3f}")
+                bar.update(tid, advance=1, info=f"{rec['short']} acc {rec['victim_acc'][0]:.3f}"
+                           f" ({rec['seconds']:.0f} s)")
 
             for n in names:
                 results.append(run_task(n, cfg, ecfg, out / n, executor,
@@ -215,9 +255,15 @@ def experiment(
         fail(e)
     finally:
         executor.close()
-    path = write_report(results, cfg, ecfg, out, command, time.perf_counter() - t0)
+    path = write_report(out, command)
     emit({"report": str(path), "seconds": time.perf_counter() - t0,
-          "tasks": {r["task"]: {"rows": [{k: v for k, v in row.items() if k != "record"}
-                                         for row in r["rows"]], "checks": r["checks"]}
+          "tasks": {r["task"]: {"designs_per_hour_per_core": r["designs_per_hour_per_core"],
+                                "settings": [{"fraction": st["fraction"],
+                                              "value_gap": st["value_gap"],
+                                              "checks": st["checks"],
+                                              "rows": st["rows"]} for st in r["settings"]]}
                     for r in results}},
-         as_json, f"report: {path}")
+         as_json, f"report: {path}\n" + "\n".join(
+             f"{r['task']}: {r['designs_per_hour_per_core'] or 0:.0f} designs/hour/core; "
+             + "; ".join(f"fraction {st['fraction']:g} value gap {st['value_gap']:.3f}"
+                         for st in r["settings"]) for r in results))

@@ -7,14 +7,29 @@ but every evaluation is real: real training, real attacks.
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 
 import numpy as np
 import pytest
 from qumos.errors import DesignError, QumosError
-from qumos.search.env import DesignEnv, DesignSpace
-from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator, evaluate_design, reward
-from qumos.search.experiment import even_split, markdown_table, target_checks
+from qumos.search.env import DesignEnv, DesignSpace, SequentialDesignEnv
+from qumos.search.evaluator import (
+    EvalCache,
+    EvalConfig,
+    Evaluator,
+    evaluate_design,
+    old_reward,
+    reward,
+)
+from qumos.search.evolution import evolution_search, mutate
+from qumos.search.experiment import (
+    ExperimentConfig,
+    even_split,
+    markdown_table,
+    table_row,
+    target_checks,
+)
 from qumos.search.search import Budget, pareto_front, ppo_search, random_search
 from qumos.spec import Design, design_from_flags
 
@@ -35,6 +50,37 @@ def test_env_passes_check_env_without_warnings(space):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_env(DesignEnv(space, _const_reward), warn=True)
+
+
+@pytest.mark.parametrize("space", [DesignSpace(n_fragments=3), DesignSpace(n_fragments=2),
+                                   DesignSpace.centralized(),
+                                   DesignSpace("mnist-small", 4, n_fragments=4,
+                                               hiding=(False, True))])
+def test_sequential_env_passes_check_env_and_builds_the_design(space):
+    from stable_baselines3.common.env_checker import check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(SequentialDesignEnv(space, _const_reward), warn=True)
+    # K steps build exactly the design the flat action encodes
+    env = SequentialDesignEnv(space, _const_reward)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        want = space.sample(rng)
+        flat = space.encode(want)
+        obs, _ = env.reset()
+        k = space.n_fragments
+        tail = flat[4 * k:]
+        for f in range(k):
+            action = np.concatenate([flat[4 * f:4 * f + 4], tail])
+            assert env.observation_space.contains(obs)
+            obs, r, term, trunc, info = env.step(action)
+            assert term == (f == k - 1) and not trunc
+            if f < k - 1:
+                assert r == 0.0 and obs[len(space.observation()) + f + 1] == 1.0
+        assert info["key"] == want.key() and r == _const_reward(want)[0]
+    with pytest.raises(DesignError, match="fragments"):
+        SequentialDesignEnv(DesignSpace(n_fragments=None), _const_reward)
 
 
 def test_space_roundtrip_and_ranges():
@@ -96,7 +142,7 @@ def test_evaluator_reward_and_cache_resume(tmp_path):
     rec = ev.evaluate_many([design])[0]
     assert ev.fresh == 1
     assert len(rec["attacker_acc"]) == 2 and 0 <= rec["victim_acc"][0] <= 1
-    gain = max(a[0] for a in rec["attacker_acc"]) - rec["S"][0]  # S: the best reference
+    gain = max(0.0, max(a[0] for a in rec["attacker_acc"]) - rec["S"][0])  # S: best reference
     assert rec["worst_gain"][0] == pytest.approx(gain)
     assert rec["reward"] == pytest.approx(rec["victim_acc"][0] - gain)
     assert reward(rec, 2.5) == pytest.approx(rec["victim_acc"][0] - 2.5 * gain)
@@ -162,7 +208,10 @@ def test_process_pool_matches_serial():
         pool.close()
     ser = SerialExecutor().map(evaluate_design, jobs)
     assert [r["victim_acc"] for r in par] == [r["victim_acc"] for r in ser]
-    assert len({r["pid"] for r in par}) >= 1 and all(r["pid"] != ser[0]["pid"] for r in par)
+    import os
+
+    # evaluated in the pool's processes, not in this one
+    assert ser[0]["pid"] == os.getpid() and all(r["pid"] != os.getpid() for r in par)
     with pytest.raises(QumosError, match="workers"):
         make_executor(0)
 
@@ -182,25 +231,96 @@ def test_ray_local_cluster_matches_serial():
     assert got[0]["victim_acc"] == evaluate_design(job)["victim_acc"]
 
 
-def test_report_table_and_target_checks():
-    def row(method, acc, leak):
-        rec = {"short": "x"}
-        return {"method": method, "design": "x", "accuracy": [acc, 0.01],
-                "worst_attacker_acc": [0.5, 0.0], "scratch_acc": [0.4, 0.0],
-                "worst_leak": [leak, 0.0], "security": [1 - leak, 0.0], "reward": acc - leak,
-                "evaluations": 3, "seconds": 12.0, "record": rec}
+def _rec(acc, attackers, S, scratch, seeds=(100,)):
+    leak = [min(1.0, max(0.0, (a - S) / (acc - S))) for a in attackers]
+    return {"short": "x", "key": f"k{acc}{attackers}", "attacked": True, "seeds": list(seeds),
+            "victim_acc": [acc, 0.0], "S": [S, 0.0], "scratch_acc": [scratch, 0.0],
+            "worst_attacker_acc": [max(attackers), 0.0],
+            "worst_gain": [max(0.0, max(attackers) - S), 0.0],
+            "old_gain": [max(attackers) - scratch, 0.0], "security": [1 - max(leak), 0.01],
+            "theft_ratio": [max(attackers) / acc, 0.0]}
 
-    rows = [row("centralized search (K=1, lambda=0)", 0.90, 1.0), row("even split into 3", 0.85, 0.5),
-            row("engine (PPO)", 0.88, 0.2), row("random (best by reward)", 0.8, 0.3),
-            row("random (median of 3)", 0.7, 0.4)]
-    checks = target_checks(rows)
-    assert checks["within_0.03_of_centralized"] and checks["leak_below_even_split"]
-    assert checks["leak_below_median_random"]
-    assert checks["accuracy_gap_to_centralized"] == pytest.approx(0.02)
-    rows[2]["worst_leak"] = [0.45, 0.0]
-    assert not target_checks(rows)["leak_below_median_random"]
+
+def test_reward_is_clipped_and_old_reward_kept():
+    # stolen fragments below S: the reward is the accuracy, never above it
+    rec = _rec(0.9, [0.6, 0.7], S=0.8, scratch=0.5)
+    assert reward(rec, 1.0) == pytest.approx(0.9)
+    # the old formula (scratch S, not clipped) rewarded a design for being easy to learn
+    assert old_reward(rec, 1.0) == pytest.approx(0.9 - 0.2)
+    assert old_reward(_rec(0.9, [0.6], S=0.8, scratch=0.7), 1.0) == pytest.approx(1.0)
+    assert reward(_rec(0.9, [0.85], S=0.8, scratch=0.7), 2.0) == pytest.approx(0.8)
+
+
+def test_report_table_and_target_checks():
+    def row(method, acc, attackers, S=0.6):
+        held = {s: _rec(acc + 0.01 * s, attackers, S, 0.5) for s in (0, 1, 2)}
+        return table_row(method, held, {0: 0.9, 1: 0.8, 2: 0.85}, 1.0)
+
+    rows = [row("centralized search (K=1, lambda=0)", 0.90, [0.92]),
+            row("even split into 3", 0.85, [0.8]), row("engine (PPO)", 0.88, [0.62]),
+            row("random (best by reward)", 0.8, [0.7]), row("random (median design)", 0.7, [0.69])]
+    assert rows[2]["accuracy"][0] == pytest.approx(0.89)
+    assert rows[2]["in_search_reward"] == pytest.approx([0.85, statistics.pstdev([0.9, 0.8, 0.85])])
+    checks = target_checks(rows, value_gap=0.3)
+    assert checks["carries_comparison"] and checks["engine_security_ge_0.7"]
+    assert checks["engine_within_0.03_of_centralized"]
+    assert checks["engine_accuracy_gap_to_centralized"] == pytest.approx(0.02)
+    assert checks["even_split_security_lower_beyond_spread"]
+    assert checks["median_random_security_lower_beyond_spread"]
+    assert checks["engine_reward_above_random"]
+    assert not target_checks(rows, value_gap=0.1)["carries_comparison"]
+    rows[2] = row("engine (PPO)", 0.85, [0.8])  # as leaky as the even split
+    assert not target_checks(rows, 0.3)["even_split_security_lower_beyond_spread"]
     table = markdown_table(rows)
-    assert table.count("\n") == 6 and "| engine (PPO) | `x` | 0.880 ± 0.010 |" in table
+    assert table.count("\n") == 6
+    assert "| engine (PPO) | 0: `x`<br>1: `x`<br>2: `x` | 0.660 ± 0.008 | 0.860 ± 0.008 |" in table
+
+
+def test_evolution_respects_budget_and_seeds_differ(tmp_path):
+    space = DesignSpace(n_fragments=2, **SMALL)
+    cfg = CHEAP.with_(attacks=False)
+    cache = EvalCache(tmp_path / "c.jsonl")
+    runs = {}
+    for seed in (0, 1):
+        ev = Evaluator(cfg, lam=0.0, cache=cache)
+        res = evolution_search(space, ev, Budget(max_evals=5), seed=seed, population=3,
+                               sample=2)
+        assert len(res.records) == 5 and len(ev.seen) == 5  # exactly the budget
+        assert len({r["key"] for r in res.records}) == 5
+        runs[seed] = [r["key"] for r in res.records]
+    assert runs[0] != runs[1]  # several search seeds give distinct runs
+    again = evolution_search(space, Evaluator(cfg, lam=0.0, cache=cache), Budget(max_evals=5),
+                             seed=0, population=3, sample=2)
+    assert [r["key"] for r in again.records] == runs[0] and again.evaluations == 0
+    rng = np.random.default_rng(0)
+    a = space.encode(space.sample(rng))
+    for _ in range(50):
+        c = mutate(space, a, rng)
+        assert (c != a).sum() == 1 and all(0 <= v < n for v, n in zip(c, space.nvec))
+    with pytest.raises(ValueError, match="sample"):
+        evolution_search(space, Evaluator(cfg, lam=0.0), Budget(max_evals=2), population=3,
+                         sample=5)
+
+
+def test_ppo_policy_saved_on_one_task_warm_starts_another(tmp_path):
+    cfg = CHEAP.with_(attacks=False)
+    src = DesignSpace("digits", 2, n_fragments=2, **SMALL)
+    ppo_search(src, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
+               save_policy=tmp_path / "p.zip")
+    assert (tmp_path / "p.zip").stat().st_size > 1000
+    dst = DesignSpace("digits", 4, n_fragments=2, **SMALL)
+    res = ppo_search(dst, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
+                     init_policy=tmp_path / "p.zip")
+    assert len(res.records) == 2 and all(r["design"]["task"] == 4 for r in res.records)
+
+
+def test_sequential_ppo_respects_budget(tmp_path):
+    space = DesignSpace(n_fragments=2, **SMALL)
+    ev = Evaluator(CHEAP.with_(attacks=False), lam=0.0)
+    res = ppo_search(space, ev, Budget(max_evals=4), seed=0, rollout=2, sequential=True)
+    assert len(res.records) == 4 and len(ev.seen) == 4 and res.method == "ppo-seq"
+    assert res.extra["updates"] >= 1
+    assert res.extra["policy_mode"].count("-") == 1  # a 2-fragment design
 
 
 def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
@@ -249,3 +369,80 @@ def test_victims_of_all_seeds_train_together_as_one_by_one():
         assert acc == pytest.approx(want, abs=1 / len(data.test.y))
         np.testing.assert_allclose(spec.fragments[0].params, one.fragments[0].params,
                                    atol=2e-3)
+
+
+TINY = ["--fragments", "2", "--max-depth", "1", "--victim-epochs", "1", "--attack-epochs", "1",
+        "--attack-restarts", "1", "--rollout", "2"]
+
+
+def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
+    """Every method, two search seeds, held-out figures, report, plots; a rerun evaluates
+    nothing again."""
+    from qumos.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "exp"
+    args = ["experiment", "--tasks", "digits-2", "--fractions", "0.05", "--methods",
+            "random,evolution,ppo,ppo-seq", "--search-seeds", "0,1", "--heldout-seeds", "100",
+            "--gap-fractions", "0.5", "--max-evals", "3", "--centralized-evals", "2",
+            "--out", str(out), "--json", *TINY]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "digits-2" / "result.json").read_text())
+    st = res["settings"][0]
+    methods = [row["method"] for row in st["rows"]]
+    assert methods == ["centralized search (K=1, lambda=0)", "even split into 2",
+                       "random (best by reward)", "random (median design)",
+                       "regularized evolution", "engine (PPO)", "engine (PPO, sequential)"]
+    assert all(row["search_seeds"] == [0, 1] for row in st["rows"])
+    # the searches: 2 centralized + 4 methods x 2 seeds, each within its budget
+    searches = [json.loads(l) for l in (out / "digits-2" / "searches.jsonl").read_text()
+                .splitlines()]
+    assert len(searches) == 10
+    assert all(s["evaluations"] <= (2 if "centralized" in s["id"] or "n=2" in s["id"] else 3)
+               for s in searches)
+    by = {(s["method"], s["seed"]): s["keys"] for s in searches if "n=3" in s["id"]}
+    assert by[("random", 0)] != by[("random", 1)]
+    # held-out records: evaluated on the held-out seed only, never on the search's seed
+    cache = [json.loads(l) for l in (out / "digits-2" / "cache.jsonl").read_text().splitlines()]
+    held = [c for c in cache if c["seeds"] == [100]]
+    finals = {d for row in st["rows"] for d in row["designs"].values()}
+    assert finals <= {c["short"] for c in held} and all(c["attacked"] for c in held)
+    assert all(c["seeds"] in ([0], [100]) for c in cache)
+    assert (out / "digits-2" / "pareto-fraction-0.05.png").stat().st_size > 1000
+    report = (out / "README.md").read_text()
+    assert "Value gap" in report and "engine (PPO, sequential)" in report
+    assert res["designs_per_hour_per_core"] > 0
+    gap_only = res["settings"][1]  # --gap-fractions: the value gap, no searches
+    assert gap_only["fraction"] == 0.5 and len(gap_only["rows"]) == 2
+    assert gap_only["value_gap"] == pytest.approx(
+        st["rows"][0]["accuracy"][0] - gap_only["S"][0])
+    # resume: nothing evaluated or searched again
+    n_cache = len(cache)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert len((out / "digits-2" / "cache.jsonl").read_text().splitlines()) == n_cache
+    assert len((out / "digits-2" / "searches.jsonl").read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--seeds", "0,100"], "--heldout-seeds"),
+    (["--attack-profile", "queries", "--attack-queries", "0"], "--attack-queries"),
+    (["--tasks", "mnist-4"], "--tasks"),
+    (["--tasks", "digits-3"], "--tasks"),
+    (["--methods", "random,annealing"], "--methods"),
+    (["--search-seeds", "1,1"], "--search-seeds"),
+    (["--fractions", "0"], "--fractions"),
+    (["--gap-fractions", "0.01"], "--gap-fractions"),
+    (["--methods", "ppo-warm"], "--warm-start"),
+    (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),
+])
+def test_experiment_rejects_inconsistent_flags_before_work(tmp_path, extra, flag):
+    from qumos.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "bad"
+    r = CliRunner().invoke(app, ["experiment", "--out", str(out), "--data-dir",
+                                 str(tmp_path / "nodata"), *extra])
+    assert r.exit_code == 2 and flag in r.output, r.output
+    assert not out.exists()  # failed before any work

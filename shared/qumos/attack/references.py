@@ -40,8 +40,10 @@ class Classical:
 
 
 def _cv_folds(y: np.ndarray) -> int:
+    """Stratified folds the labelled images allow (at most 3); below 2, no CV is possible
+    (one image of some class) and the first hyperparameter of the grid is used."""
     counts = np.bincount(y.astype(int))
-    return int(max(2, min(3, counts[counts > 0].min())))
+    return int(min(3, counts[counts > 0].min()))
 
 
 def _fit_cv(make, grid: list, own_raw: np.ndarray, own_y: np.ndarray, seed: int):

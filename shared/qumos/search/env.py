@@ -18,7 +18,12 @@ An action is a whole distributed design (a one-step episode, a contextual bandit
 
 The observation is a fixed task descriptor (dataset one-hot, classes / 4, fixed fragment
 count / 4 or 0 when open): the policy learns a distribution over designs for this task.
-The reward is the evaluator's score `acc_victim - lambda * max_j (A_j - S)`.
+The reward is the evaluator's score `acc_victim - lambda * max(0, max_j (A_j - S))`.
+
+`SequentialDesignEnv` is the same space taken one fragment per step (K steps for K
+fragments; the last step also chooses glue, head and hiding), with the partial design in
+the observation and the reward at the last step: the value function sees what is chosen
+so far, so credit reaches each fragment's choice separately (PPO with gamma = 1).
 """
 
 from __future__ import annotations
@@ -172,8 +177,82 @@ class DesignEnv(gym.Env):
         super().reset(seed=seed)
         return self._obs.copy(), {}
 
+    def pending_design(self, action) -> Design:
+        """The design this step's action chooses (every step completes one)."""
+        return self.design_space.decode(action)
+
     def step(self, action):
         design = self.design_space.decode(action)
         reward, info = self.reward_fn(design)
         info = {**info, "design": design.short(), "key": design.key()}
         return self._obs.copy(), float(reward), True, False, info
+
+
+class SequentialDesignEnv(gym.Env):
+    """A K-fragment design chosen one fragment per step; the reward comes at step K.
+
+    Action (every step): MultiDiscrete([block, depth, entanglement, reupload, glue, head]
+    + [hide_inputs?]); at step k the first four fields choose fragment k (re-uploading is
+    ignored for fragment 0), the rest are read at the last step only.
+    Observation: the task descriptor, the step one-hot (4 slots) and, per fragment slot,
+    the one-hot of the chosen block, depth, entanglement and the re-upload bit (zeros
+    until chosen).
+    """
+
+    metadata = {"render_modes": []}
+    MAX_FRAGMENTS = 4
+
+    def __init__(self, space: DesignSpace, reward_fn: RewardFn):
+        super().__init__()
+        if space.n_fragments is None:
+            raise DesignError("fragments: the sequential environment needs a fixed number "
+                              "of fragments (1 to 4); 'open' is for DesignEnv")
+        self.design_space = space
+        self.reward_fn = reward_fn
+        self.k = space.n_fragments
+        nv = space.nvec
+        self._tail = nv[FIELDS_PER_FRAGMENT * self.k:]  # glue, head(, hiding)
+        self.action_space = spaces.MultiDiscrete(
+            np.concatenate([nv[:FIELDS_PER_FRAGMENT], self._tail]).astype(np.int64))
+        self._per = [len(BLOCK_TYPES), len(space.depths), len(ENTANGLEMENTS), 1]
+        n_obs = len(space.observation()) + self.MAX_FRAGMENTS * (1 + sum(self._per))
+        self.observation_space = spaces.Box(low=0.0, high=1.0, shape=(n_obs,),
+                                            dtype=np.float32)
+        self._chosen: list[np.ndarray] = []
+
+    def _obs(self) -> np.ndarray:
+        step = np.zeros(self.MAX_FRAGMENTS, dtype=np.float32)
+        if len(self._chosen) < self.MAX_FRAGMENTS:
+            step[len(self._chosen)] = 1.0
+        slots = []
+        for f in range(self.MAX_FRAGMENTS):
+            parts = [np.zeros(n, dtype=np.float32) for n in self._per]
+            if f < len(self._chosen):
+                b, d, e, r = self._chosen[f]
+                parts[0][b] = parts[1][d] = parts[2][e] = 1.0
+                parts[3][0] = float(r and f > 0)
+            slots.append(np.concatenate(parts))
+        return np.concatenate([self.design_space.observation(), step, *slots])
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._chosen = []
+        return self._obs(), {}
+
+    def pending_design(self, action) -> Design | None:
+        """The design this action completes, or None when it is not the last step."""
+        if len(self._chosen) != self.k - 1:
+            return None
+        a = np.asarray(action).reshape(-1)
+        frags = [*self._chosen, a[:FIELDS_PER_FRAGMENT]]
+        return self.design_space.decode(np.concatenate([*frags, a[FIELDS_PER_FRAGMENT:]]))
+
+    def step(self, action):
+        design = self.pending_design(action)
+        if design is None:
+            self._chosen.append(np.asarray(action).reshape(-1)[:FIELDS_PER_FRAGMENT].copy())
+            return self._obs(), 0.0, False, False, {}
+        reward, info = self.reward_fn(design)
+        self._chosen = [*self._chosen, np.zeros(FIELDS_PER_FRAGMENT, dtype=np.int64)]
+        info = {**info, "design": design.short(), "key": design.key()}
+        return self._obs(), float(reward), True, False, info

@@ -5,10 +5,15 @@ train the victim with `TrainConfig(epochs=victim_epochs, seed=s)` (all seeds' vi
 one `fit_many` call), then the one attack driver (`qumos.attack.driver.evaluate_victims`,
 profile `attack_profile`, the converged default budget, every seed's trainings batched)
 attacks every provider, in process. S is the profile's best no-theft
-reference (classical learners included). Per seed, `gain = max_j (A_j - S)`; figures are
-means (and spreads) over seeds, and
+reference (classical learners included, so S does not reward a design for being hard to
+learn from scratch). Per seed, `gain = max(0, max_j (A_j - S))`, clipped at 0 so a design
+whose stolen fragments score below S cannot earn a reward above its own accuracy; figures
+are means (and spreads) over seeds, and
 
     reward = acc_victim - lambda * gain        (gain = mean over seeds)
+
+`old_reward` is the formula before threat model v2 (S the scratch QNN of the design's own
+architecture, gain not clipped), kept to report old winners under both.
 
 With `attacks=False` only the victim is trained (the centralized search with lambda 0
 needs nothing else); such records have no attack figures and a reward only for lambda 0.
@@ -53,6 +58,8 @@ class EvalConfig:
         d = asdict(self)
         d.pop("data_dir")
         d.pop("batched")
+        if not self.attacks:  # the attacker's settings do not change a victim-only record
+            d = {k: v for k, v in d.items() if not k.startswith("attack") and k != "strategies"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def with_(self, **kw) -> EvalConfig:
@@ -116,9 +123,13 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
             s_acc = float(r["S"])
             attackers = [float(u["A"]) for u in r["units"]]
             leaks = [float(u["leak"]) for u in r["units"]]
-            row.update(scratch=float(r["references"]["scratch"]["test_acc"]), S=s_acc,
-                       S_reference=r["S_reference"], attacker_acc=attackers, leak=leaks,
-                       security=1.0 - max(leaks), gain=max(a - s_acc for a in attackers))
+            scratch = float(r["references"]["scratch"]["test_acc"])
+            row.update(scratch=scratch, S=s_acc, S_reference=r["S_reference"],
+                       attacker_acc=attackers, leak=leaks, security=1.0 - max(leaks),
+                       gain=max(0.0, max(a - s_acc for a in attackers)),
+                       gain_unclipped=max(a - s_acc for a in attackers),
+                       gain_scratch=max(a - scratch for a in attackers),
+                       theft_ratio=max(attackers) / max(row["victim_acc"], 1e-9))
     rec: dict = {
         "design": design.model_dump(), "short": design.short(), "key": design.key(),
         "n_fragments": len(design.fragments), "seeds": list(cfg.seeds),
@@ -134,6 +145,8 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
             attacker_acc=[_ms([r["attacker_acc"][j] for r in per_seed]) for j in range(k)],
             worst_attacker_acc=_ms([max(r["attacker_acc"]) for r in per_seed]),
             worst_gain=_ms([r["gain"] for r in per_seed]),
+            old_gain=_ms([r["gain_scratch"] for r in per_seed]),
+            theft_ratio=_ms([r["theft_ratio"] for r in per_seed]),
             leak=[_ms([r["leak"][j] for r in per_seed]) for j in range(k)],
             worst_leak=_ms([max(r["leak"]) for r in per_seed]),
             security=_ms([r["security"] for r in per_seed]),
@@ -144,14 +157,27 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
     return rec
 
 
-def reward(rec: dict, lam: float) -> float:
-    """acc_victim - lambda * max_j (A_j - S) on the record's means."""
-    if lam == 0:
-        return rec["victim_acc"][0]
+def _attacked(rec: dict, lam: float) -> None:
     if not rec.get("attacked"):
         raise ValueError(f"design {rec['short']} was evaluated without attacks; lambda {lam} "
                          "needs attack figures")
+
+
+def reward(rec: dict, lam: float) -> float:
+    """acc_victim - lambda * mean over seeds of max(0, max_j (A_j - S))."""
+    if lam == 0:
+        return rec["victim_acc"][0]
+    _attacked(rec, lam)
     return rec["victim_acc"][0] - lam * rec["worst_gain"][0]
+
+
+def old_reward(rec: dict, lam: float) -> float:
+    """The reward before threat model v2: acc - lambda * max_j (A_j - S_scratch), where
+    S_scratch is the scratch QNN of the design's own architecture, not clipped."""
+    if lam == 0:
+        return rec["victim_acc"][0]
+    _attacked(rec, lam)
+    return rec["victim_acc"][0] - lam * rec["old_gain"][0]
 
 
 class EvalCache:
@@ -195,6 +221,7 @@ class Evaluator:
     executor: object = None  # qumos.search.parallel executor; None = serial
     on_record: object = None  # callback(rec, fresh: bool) after each result
     fresh: int = 0  # evaluations run (cache misses)
+    seen: set = field(default_factory=set)  # distinct designs asked for (the budget's unit)
     log: list = field(default_factory=list)  # every record returned, in order, with "reward"
 
     def evaluate_many(self, designs: list[Design], log: bool = True) -> list[dict]:
@@ -205,6 +232,7 @@ class Evaluator:
         ex = self.executor or SerialExecutor()
         missing: dict[str, Design] = {}
         for d in designs:
+            self.seen.add(d.key())
             if self.cache.get(d, self.cfg) is None:
                 missing.setdefault(d.key(), d)
         todo = list(missing.values())

@@ -1,38 +1,58 @@
-"""The paper's experiment: the engine against its baselines, per task, on one budget.
+"""The paper's experiment, honestly: every method, several search seeds, held-out figures.
 
-Per task (dataset-task), with the same evaluation config (victim/attack budgets, seeds):
+Per task (DATASET-TASK) and attacker budget (the attacker's labelled fraction), with one
+evaluation config for every design of every method:
 
 1. centralized search: PPO over one-fragment designs with the fixed readout head
    (`DesignSpace.centralized`: nothing is company-held) with lambda 0 (victim accuracy
-   only, no attacks during the search); its best design is then attacked once for the
-   table. The accuracy ceiling; breaching its only provider is a full theft.
-2. even split: the best centralized design cut into K fragments of the same block,
-   entanglement and head, depths as even as possible summing to its depth D
-   (`even_split`: D = 6, K = 3 -> 2-2-2; D = 5 -> 2-2-1; when D < K every fragment
-   gets depth 1), tanh glue, no re-uploading.
-3. engine: PPO over K-fragment designs with the given lambda, on the search budget.
-4. random: uniformly random K-fragment designs, as many evaluations as PPO got;
-   the table shows its best design (by reward) and the median over its designs.
+   only, no attacks while searching), once per search seed; the accuracy ceiling, and a
+   breach of its only provider is a full theft. Shared by every attacker budget.
+2. even split: each centralized winner cut into K fragments (`even_split`).
+3. the searches over K-fragment designs, each method once per search seed, every one on
+   the same budget of distinct designs: `random` (uniform), `evolution` (regularized
+   evolution), `ppo` (the engine: PPO on the one-step environment), `ppo-seq` (PPO on the
+   sequential environment), `ppo-warm` (PPO started from the policy the `ppo` search of
+   the same seed left in another task's output, `warm_start`). Every PPO search saves its
+   policy in `<out>/<task>/policies/`. Their final design is the best by in-search reward.
+4. held-out evaluation: every final design (and the centralized winner, its even split
+   and the median-reward design of each random search) is re-evaluated on evaluation
+   seeds the searches never used (`heldout_seeds`, disjoint from the search's seeds,
+   asserted). The tables report these figures as mean ± std over search seeds, next to
+   the in-search reward.
+5. the value gap: acc_centralized - S on the held-out seeds (S: the best no-theft
+   reference of the profile). Where it is small, every design looks secure and the
+   comparison says little; the report says which settings carry it (gap >= 0.15).
+   `gap_fractions` are attacker budgets measured for the gap only (the centralized and
+   even-split rows, no searches).
 
-Budgets are per search (centralized, engine); random gets the engine's evaluation count.
+Everything resumes: evaluations are cached per (design, evaluation config) in
+`<out>/<task>/cache.jsonl`; every finished search is recorded in `searches.jsonl` (its
+designs' keys), so a rerun skips it; an unfinished search is replayed from the cache
+(each method is deterministic given its seed and the rewards) and continues. Split a long
+experiment into runs by task and attacker budget; `write_report` gathers every
+`result.json` under the output directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qumos.errors import QumosError
 from qumos.search.env import DesignSpace
-from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator
+from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator, old_reward, reward
 from qumos.search.search import Budget, SearchResult, pareto_plot, ppo_search, random_search
 from qumos.spec import Design, FragmentDesign, validate_design
 
 TASKS_DEFAULT = ("digits-2", "digits-4", "mnist-small-2", "mnist-small-4")
+METHODS = ("random", "evolution", "ppo", "ppo-seq", "ppo-warm")
+ENGINE = "ppo"  # the method the targets are checked for
+VALUE_GAP_MIN = 0.15
 
 
 def parse_task(name: str) -> tuple[str, int]:
@@ -44,7 +64,9 @@ def parse_task(name: str) -> tuple[str, int]:
 
 
 def even_split(design: Design, k: int) -> Design:
-    """The one-fragment `design` cut into k fragments with depths summing to its depth."""
+    """The one-fragment `design` cut into k fragments with depths summing to its depth
+    (depth 6, k 3 -> 2-2-2; 5 -> 2-2-1; every fragment at least 1), the same block,
+    entanglement and head, tanh glue, no re-uploading."""
     if len(design.fragments) != 1:
         raise QumosError(f"even_split: expected a one-fragment design, got {design.short()}")
     f = design.fragments[0]
@@ -53,166 +75,407 @@ def even_split(design: Design, k: int) -> Design:
     frags = [FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=d,
                             entanglement=f.entanglement).model_dump() for d in depths]
     return validate_design({"dataset": design.dataset, "task": design.task, "fragments": frags,
-                                "glue": "tanh", "head": design.head})
+                            "glue": "tanh", "head": design.head})
 
 
 @dataclass
 class ExperimentConfig:
     tasks: tuple[str, ...] = ("digits-4",)
+    fractions: tuple[float, ...] = (0.01,)  # attacker budgets (labelled fraction)
+    gap_fractions: tuple[float, ...] = ()  # budgets measured for the value gap only (no search)
+    methods: tuple[str, ...] = ("random", "evolution", "ppo")
+    search_seeds: tuple[int, ...] = (0, 1, 2)
+    heldout_seeds: tuple[int, ...] = (100, 101, 102)
     n_fragments: int = 3
     lam: float = 1.0
-    budget_minutes: float | None = None  # per search (centralized, engine)
-    max_evals: int | None = 16  # per search (centralized, engine)
-    seed: int = 0  # search seed (policy init, random sampling)
+    max_evals: int = 16  # distinct designs per search (every method, every seed)
+    centralized_evals: int = 16  # distinct designs per centralized search
+    budget_minutes: float | None = None  # optional wall clock per search
     workers: int = 1
     ray_address: str | None = None
     max_depth: int = 6  # fragment depths 1..max_depth in every searched space
     rollout: int = 8  # PPO: designs per policy update
+    population: int = 8  # evolution
+    tournament: int = 3  # evolution
+    warm_start: Path | None = None  # ppo-warm: another task's output dir (its policies/)
+
+    def validate(self, ecfg: EvalConfig) -> ExperimentConfig:
+        """Raise QumosError naming the flag for inconsistent settings (before any work)."""
+        for t in self.tasks:
+            parse_task(t)
+        if not self.tasks:
+            raise QumosError("--tasks: give at least one task, e.g. digits-4")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise QumosError(f"--methods: {bad or 'none'}; allowed: {', '.join(METHODS)}")
+        for name, seeds in (("--search-seeds", self.search_seeds),
+                            ("--heldout-seeds", self.heldout_seeds)):
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise QumosError(f"{name}: {list(seeds)}; give distinct integers")
+        overlap = sorted(set(self.heldout_seeds) & set(ecfg.seeds))
+        if overlap:
+            raise QumosError(f"--heldout-seeds: {overlap} also evaluate designs during the "
+                             f"search (--seeds {','.join(map(str, ecfg.seeds))}); held-out "
+                             "seeds must be new")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise QumosError(f"--fractions: {list(self.fractions)}; allowed: numbers in (0, 1]")
+        if any(not 0 < f <= 1 for f in self.gap_fractions) or \
+                set(self.gap_fractions) & set(self.fractions):
+            raise QumosError(f"--gap-fractions: {list(self.gap_fractions)}; allowed: numbers "
+                             "in (0, 1] not already in --fractions")
+        if not 2 <= self.n_fragments <= 4:
+            raise QumosError(f"--fragments: {self.n_fragments}; allowed: 2 to 4")
+        if not 1 <= self.max_depth <= 6:
+            raise QumosError(f"--max-depth: {self.max_depth}; allowed: 1 to 6")
+        if self.max_evals < 1 or self.centralized_evals < 1:
+            raise QumosError(f"--max-evals: {self.max_evals}, --centralized-evals: "
+                             f"{self.centralized_evals}; allowed: 1 or more")
+        if self.rollout < 2:
+            raise QumosError(f"--rollout: {self.rollout}; allowed: 2 or more")
+        if "ppo-warm" in self.methods:
+            if self.warm_start is None:
+                raise QumosError("--warm-start: method ppo-warm needs another task's output "
+                                 "directory, e.g. results/engine/digits-2")
+            missing = [str(warm_policy(self.warm_start, s)) for s in self.search_seeds
+                       if not warm_policy(self.warm_start, s).is_file()]
+            if missing:
+                raise QumosError(f"--warm-start: no saved policy {missing[0]}; run the ppo "
+                                 "method on that task first with the same search seeds")
+        if not ecfg.attacks:
+            raise QumosError("the experiment attacks every design; the evaluation config "
+                             "has attacks off")
+        return self
 
 
-def _row(name: str, rec: dict, evaluations: int, seconds: float, lam: float) -> dict:
-    m = lambda k: rec.get(k) or [None, None]
-    return {"method": name, "design": rec["short"], "accuracy": m("victim_acc"),
-            "worst_attacker_acc": m("worst_attacker_acc"), "scratch_acc": m("scratch_acc"),
-            "worst_leak": m("worst_leak"), "security": m("security"),
-            "reward": rec["victim_acc"][0] - lam * rec["worst_gain"][0]
-            if rec.get("attacked") else None,
-            "evaluations": evaluations, "seconds": seconds, "record": rec}
+# ----- one task -----------------------------------------------------------------------------
+@dataclass
+class TaskRun:
+    """The state of one task's experiment: its cache, its finished searches."""
+
+    name: str
+    cfg: ExperimentConfig
+    ecfg: EvalConfig  # search fidelity (the attacker budget is set per setting)
+    out: Path
+    executor: object
+    log: Callable[[str], None] = print
+    on_record: object = None
+    cache: EvalCache = field(init=False)
+    done: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dataset, self.task = parse_task(self.name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = EvalCache(self.out / "cache.jsonl")
+        self.done = {}
+        path = self.out / "searches.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    s = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[s["id"]] = s
+
+    def evaluator(self, ecfg: EvalConfig, lam: float) -> Evaluator:
+        return Evaluator(ecfg, lam=lam, cache=self.cache, executor=self.executor,
+                         on_record=self.on_record)
+
+    def budget(self, n: int) -> Budget:
+        return Budget(minutes=self.cfg.budget_minutes, max_evals=n)
+
+    def search(self, method: str, seed: int, ecfg: EvalConfig, lam: float,
+               space: DesignSpace, n: int) -> dict:
+        """One search (skipped when recorded): its designs' records, in order."""
+        sid = f"{method}|seed={seed}|{ecfg.fingerprint()}|lam={lam}|n={n}|{space}"
+        if method == "ppo-warm":
+            sid += f"|warm={self.cfg.warm_start}"
+        if sid in self.done:
+            s = self.done[sid]
+            recs = [self.cache.records[EvalCache.cache_key(k, ecfg.fingerprint())]
+                    for k in s["keys"]]
+            return {**s, "records": [{**r, "reward": reward(r, lam)} for r in recs]}
+        self.log(f"[{self.name}] {method} search, seed {seed}, {n} designs")
+        ev = self.evaluator(ecfg, lam)
+        kind = "centralized" if space.n_fragments == 1 else "distributed"
+        res = run_method(method, space, ev, self.budget(n), seed, self.cfg,
+                         tb_dir=self.out / "tb" / f"{method}-{seed}",
+                         save_policy=self.out / "policies" / f"{kind}-{method}-{seed}.zip")
+        s = {"id": sid, "method": method, "seed": seed, "keys": [r["key"] for r in res.records],
+             "best": res.best["key"], "evaluations": len(res.records), "fresh": res.evaluations,
+             "steps": res.steps, "seconds": res.seconds, "extra": res.extra}
+        with (self.out / "searches.jsonl").open("a") as f:
+            f.write(json.dumps(s) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[sid] = s
+        return {**s, "records": res.records}
+
+    def heldout(self, designs: list[Design], ecfg: EvalConfig) -> list[dict]:
+        """`designs` on the held-out seeds only (a config whose seeds are the held-out ones)."""
+        hcfg = ecfg.with_(seeds=tuple(self.cfg.heldout_seeds))
+        assert not set(hcfg.seeds) & set(ecfg.seeds), "held-out seeds overlap the search's"
+        recs = self.evaluator(hcfg, self.cfg.lam).evaluate_many(designs)
+        assert all(tuple(r["seeds"]) == tuple(self.cfg.heldout_seeds) for r in recs)
+        return recs
 
 
-def _median_row(records: list[dict], evaluations: int, seconds: float) -> dict:
-    def med(k):
-        vals = [r[k][0] for r in records if r.get(k)]
-        return [statistics.median(vals), None] if vals else [None, None]
+def warm_policy(task_out: Path, seed: int) -> Path:
+    """The distributed-design PPO policy a task's `ppo` search of `seed` saved."""
+    return Path(task_out) / "policies" / f"distributed-ppo-{seed}.zip"
 
-    return {"method": f"random (median of {len(records)})", "design": "-",
-            "accuracy": med("victim_acc"), "worst_attacker_acc": med("worst_attacker_acc"),
-            "scratch_acc": med("scratch_acc"), "worst_leak": med("worst_leak"),
-            "security": med("security"),
-            "reward": statistics.median(r["reward"] for r in records),
-            "evaluations": evaluations, "seconds": seconds, "record": None}
+
+def run_method(method: str, space: DesignSpace, ev: Evaluator, budget: Budget, seed: int,
+               cfg: ExperimentConfig, tb_dir: Path | None = None,
+               save_policy: Path | None = None) -> SearchResult:
+    if method == "random":
+        return random_search(space, ev, budget, seed=seed)
+    if method == "evolution":
+        from qumos.search.evolution import evolution_search
+
+        return evolution_search(space, ev, budget, seed=seed, population=cfg.population,
+                                sample=cfg.tournament)
+    if method in ("ppo", "ppo-seq", "ppo-warm"):
+        if save_policy is not None:
+            save_policy.parent.mkdir(parents=True, exist_ok=True)
+        res = ppo_search(space, ev, budget, seed=seed, tb_dir=tb_dir, rollout=cfg.rollout,
+                         sequential=method == "ppo-seq", save_policy=save_policy,
+                         init_policy=warm_policy(cfg.warm_start, seed)
+                         if method == "ppo-warm" else None)
+        res.method = method
+        return res
+    raise QumosError(f"--methods: {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def _median_design(records: list[dict]) -> dict:
+    ranked = sorted(records, key=lambda r: r["reward"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path, executor,
              log: Callable[[str], None] = print, on_record=None) -> dict:
-    dataset, task = parse_task(task_name)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = EvalCache(out / "cache.jsonl")
-
-    def evaluator(c: EvalConfig, lam: float) -> Evaluator:
-        return Evaluator(c, lam=lam, cache=cache, executor=executor, on_record=on_record)
-
-    def budget() -> Budget:
-        return Budget(minutes=cfg.budget_minutes, max_evals=cfg.max_evals)
-
+    """Every setting (attacker budget) of one task; writes and returns result.json."""
+    tr = TaskRun(task_name, cfg, ecfg, out, executor, log, on_record)
     depths = tuple(range(1, cfg.max_depth + 1))
-    rows = []
-    # 1. centralized search (K = 1, lambda 0, no attacks while searching)
-    log(f"[{task_name}] centralized search")
-    t0 = time.perf_counter()
-    ev_c = evaluator(ecfg.with_(attacks=False), 0.0)
-    cen = ppo_search(DesignSpace.centralized(dataset, task, depths=depths), ev_c, budget(), seed=cfg.seed,
-                     tb_dir=out / "tb-centralized",
-                     rollout=cfg.rollout)
-    cen_design = Design.model_validate(cen.best["design"])
-    cen_rec = evaluator(ecfg, cfg.lam).evaluate_many([cen_design])[0]
-    rows.append(_row("centralized search (K=1, lambda=0)", cen_rec, len(cen.records),
-                     time.perf_counter() - t0, cfg.lam))
-    # 2. even split of the centralized design
-    log(f"[{task_name}] even split of {cen_design.short()}")
-    t0 = time.perf_counter()
-    split = even_split(cen_design, cfg.n_fragments)
-    split_rec = evaluator(ecfg, cfg.lam).evaluate_many([split])[0]
-    rows.append(_row(f"even split into {cfg.n_fragments}", split_rec, 1,
-                     time.perf_counter() - t0, cfg.lam))
-    # 3. the engine
-    space = DesignSpace(dataset, task, n_fragments=cfg.n_fragments, depths=depths)
-    log(f"[{task_name}] engine (PPO, lambda {cfg.lam})")
-    ev_p = evaluator(ecfg, cfg.lam)
-    ppo = ppo_search(space, ev_p, budget(), seed=cfg.seed, tb_dir=out / "tb-engine",
-                     rollout=cfg.rollout)
-    rows.append(_row("engine (PPO)", ppo.best, len(ppo.records), ppo.seconds, cfg.lam))
-    # 4. random designs, as many evaluations as the engine got
-    n_rand = max(1, len(ppo.records))
-    log(f"[{task_name}] random search ({n_rand} designs)")
-    rnd = random_search(space, evaluator(ecfg, cfg.lam), Budget(max_evals=n_rand),
-                        seed=cfg.seed + 1)
-    rows.append(_row("random (best by reward)", rnd.best, len(rnd.records), rnd.seconds,
-                     cfg.lam))
-    rows.append(_median_row(rnd.records, len(rnd.records), rnd.seconds))
-
-    pareto_plot({"random": rnd.records, "engine (PPO)": ppo.records}, out / "pareto.png",
-                f"{task_name}, K={cfg.n_fragments}, lambda={cfg.lam}",
-                highlight={"centralized": cen_rec, "even split": split_rec,
-                           "engine best": ppo.best})
-    checks = target_checks(rows)
-    result = {"task": task_name, "rows": rows, "checks": checks,
-              "searches": {n: _search_summary(r) for n, r in
-                           (("centralized", cen), ("engine", ppo), ("random", rnd))}}
+    t_start = time.perf_counter()
+    # 1. centralized search (victim only): shared by every attacker budget
+    cen_space = DesignSpace.centralized(tr.dataset, tr.task, depths=depths)
+    cen = {s: tr.search("ppo", s, ecfg.with_(attacks=False), 0.0, cen_space,
+                        cfg.centralized_evals) for s in cfg.search_seeds}
+    cen_best = {s: Design.model_validate(next(r for r in c["records"] if r["key"] == c["best"])
+                                         ["design"]) for s, c in cen.items()}
+    space = DesignSpace(tr.dataset, tr.task, n_fragments=cfg.n_fragments, depths=depths)
+    settings = []
+    for frac in (*cfg.fractions, *cfg.gap_fractions):
+        methods = cfg.methods if frac in cfg.fractions else ()
+        e = ecfg.with_(attack_fraction=frac)
+        log(f"[{task_name}] attacker budget: labelled fraction {frac}")
+        finals: dict[str, dict[int, Design]] = {
+            "centralized search (K=1, lambda=0)": cen_best,
+            f"even split into {cfg.n_fragments}": {s: even_split(d, cfg.n_fragments)
+                                                   for s, d in cen_best.items()}}
+        in_search: dict[str, dict[int, float]] = {}
+        searches: dict[str, dict[int, dict]] = {}
+        for m in methods:
+            searches[m] = {s: tr.search(m, s, e, cfg.lam, space, cfg.max_evals)
+                           for s in cfg.search_seeds}
+            label = method_label(m)
+            finals[label], in_search[label] = {}, {}
+            for s, res in searches[m].items():
+                best = max(res["records"], key=lambda r: r["reward"])
+                finals[label][s] = Design.model_validate(best["design"])
+                in_search[label][s] = best["reward"]
+            if m == "random":
+                finals["random (median design)"] = {
+                    s: Design.model_validate(_median_design(res["records"])["design"])
+                    for s, res in searches[m].items()}
+        log(f"[{task_name}] held-out evaluation on seeds {list(cfg.heldout_seeds)}")
+        unique = {d.key(): d for per in finals.values() for d in per.values()}
+        held = {r["key"]: r for r in tr.heldout(list(unique.values()), e)}
+        rows = [table_row(label, {s: held[d.key()] for s, d in per.items()},
+                          in_search.get(label), cfg.lam)
+                for label, per in finals.items()]
+        cen_rows = [held[d.key()] for d in cen_best.values()]
+        gap = statistics.fmean(r["victim_acc"][0] - r["S"][0] for r in cen_rows)
+        all_recs = {m: [r for res in searches[m].values() for r in res["records"]]
+                    for m in methods}
+        tag = f"fraction-{frac:g}"
+        pareto_plot({method_label(m): recs for m, recs in all_recs.items()},
+                    out / f"pareto-{tag}.png",
+                    f"{task_name}, attacker fraction {frac:g}, K={cfg.n_fragments}, "
+                    f"lambda={cfg.lam} (in-search figures)",
+                    highlight={f"{lab} (held-out, seed {min(per)})": held[per[min(per)].key()]
+                               for lab, per in finals.items()
+                               if lab.startswith(("centralized", "even", "engine"))})
+        settings.append({
+            "fraction": frac, "value_gap": gap,
+            "S": _ms([r["S"][0] for r in cen_rows]),
+            "S_reference": sorted({x for r in cen_rows for x in r["S_reference"]}),
+            "rows": rows, "checks": target_checks(rows, gap),
+            "random_median_in_search": _median_in_search(all_recs.get("random", [])),
+            "searches": {method_label(m): [{k: v for k, v in res.items() if k != "records"}
+                                           for res in searches[m].values()]
+                         for m in methods},
+            "pareto": f"pareto-{tag}.png"})
+    fps = {ecfg.with_(attack_fraction=f).fingerprint() for f in cfg.fractions}
+    secs = [r["seconds"] for r in tr.cache.records.values() if r["fingerprint"] in fps]
+    result = {"task": task_name, "config": {**asdict(cfg), "warm_start": str(cfg.warm_start)},
+              "eval_config": asdict(ecfg), "settings": settings,
+              "seconds": time.perf_counter() - t_start,
+              # at the search's fidelity (its evaluation seeds), wall time of one worker
+              "designs_per_hour_per_core": 3600 / statistics.fmean(secs) if secs else None,
+              "load_average": os.getloadavg()}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _search_summary(r: SearchResult) -> dict:
-    return {"method": r.method, "evaluations": len(r.records), "fresh": r.evaluations,
-            "steps": r.steps, "seconds": r.seconds, "best": r.best["short"],
-            "best_reward": r.best["reward"], **r.extra}
+def method_label(m: str) -> str:
+    return {"random": "random (best by reward)", "evolution": "regularized evolution",
+            "ppo": "engine (PPO)", "ppo-seq": "engine (PPO, sequential)",
+            "ppo-warm": "engine (PPO, warm-started)"}[m]
 
 
-def target_checks(rows: list[dict]) -> dict:
-    """The issue's targets: accuracy within 0.03 of centralized; leak below even split's
-    and the median random design's."""
-    cen, split = rows[0], rows[1]
-    eng = next(r for r in rows if r["method"] == "engine (PPO)")
-    med = next(r for r in rows if r["method"].startswith("random (median"))
+def _ms(values: list[float]) -> list[float]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return [None, None]
+    return [statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0]
+
+
+def table_row(label: str, held: dict[int, dict], in_search: dict[int, float] | None,
+              lam: float) -> dict:
+    """Mean ± std over search seeds of the held-out figures of each seed's final design."""
+    recs = list(held.values())
     return {
-        "accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
-        "within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
-        "leak_below_even_split": eng["worst_leak"][0] < split["worst_leak"][0],
-        "leak_below_median_random": eng["worst_leak"][0] < med["worst_leak"][0],
+        "method": label,
+        "designs": {str(s): r["short"] for s, r in held.items()},
+        "reward": _ms([reward(r, lam) for r in recs]),
+        "old_reward": _ms([old_reward(r, lam) for r in recs]),
+        "accuracy": _ms([r["victim_acc"][0] for r in recs]),
+        "security": _ms([r["security"][0] for r in recs]),
+        "theft_ratio": _ms([r["theft_ratio"][0] for r in recs]),
+        "worst_attacker_acc": _ms([r["worst_attacker_acc"][0] for r in recs]),
+        "S": _ms([r["S"][0] for r in recs]),
+        "eval_seed_std_security": _ms([r["security"][1] for r in recs])[0],
+        "in_search_reward": _ms(list(in_search.values())) if in_search else [None, None],
+        "search_seeds": sorted(held),
     }
 
 
-def _f(v, std=None) -> str:
-    if v is None:
+def _median_in_search(recs: list[dict]) -> dict:
+    if not recs:
+        return {}
+    med = lambda k: statistics.median(r[k][0] for r in recs)
+    return {"designs": len(recs), "reward": statistics.median(r["reward"] for r in recs),
+            "accuracy": med("victim_acc"), "security": med("security")}
+
+
+def _apart(a: list, b: list) -> bool:
+    """a's mean above b's by more than the spread (the sum of the two stds)."""
+    return a[0] - b[0] > (a[1] or 0.0) + (b[1] or 0.0)
+
+
+def target_checks(rows: list[dict], value_gap: float) -> dict:
+    """The issue's targets for the engine (PPO) on held-out seeds."""
+    by = {r["method"]: r for r in rows}
+    cen = next(r for r in rows if r["method"].startswith("centralized"))
+    split = next(r for r in rows if r["method"].startswith("even split"))
+    eng = by.get(method_label(ENGINE))
+    out: dict = {"value_gap": value_gap, "carries_comparison": value_gap >= VALUE_GAP_MIN}
+    if eng is None:
+        return out
+    out.update({
+        "engine_security_ge_0.7": eng["security"][0] >= 0.7,
+        "engine_accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
+        "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
+        "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
+    })
+    med = by.get("random (median design)")
+    if med:
+        out["median_random_security_lower_beyond_spread"] = _apart(eng["security"],
+                                                                    med["security"])
+    rnd = by.get(method_label("random"))
+    if rnd:
+        out["engine_reward_minus_random"] = eng["reward"][0] - rnd["reward"][0]
+        out["engine_reward_above_random"] = eng["reward"][0] > rnd["reward"][0]
+        out["engine_vs_random_inside_spread"] = not (_apart(eng["reward"], rnd["reward"])
+                                                     or _apart(rnd["reward"], eng["reward"]))
+    return out
+
+
+# ----- the report ---------------------------------------------------------------------------
+def _f(v) -> str:
+    if v is None or v[0] is None:
         return "-"
-    return f"{v:.3f}" if std is None else f"{v:.3f} ± {std:.3f}"
+    return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | design | accuracy | worst-case attacker acc | scratch acc | worst leak "
-            "| security | reward | evaluations | wall time (s) |\n|" + "---|" * 10)
+    head = ("| method | final design per search seed | held-out reward | accuracy | security "
+            "| theft ratio | worst attacker acc | in-search reward | old reward |\n|"
+            + "---|" * 9)
     lines = [head]
     for r in rows:
+        designs = "<br>".join(f"{s}: `{d}`" for s, d in r["designs"].items())
         lines.append("| " + " | ".join([
-            r["method"], f"`{r['design']}`", _f(*r["accuracy"]),
-            _f(*r["worst_attacker_acc"]), _f(*r["scratch_acc"]), _f(*r["worst_leak"]),
-            _f(*r["security"]), _f(r["reward"]), str(r["evaluations"]),
-            f"{r['seconds']:.0f}"]) + " |")
+            r["method"], designs, _f(r["reward"]), _f(r["accuracy"]), _f(r["security"]),
+            _f(r["theft_ratio"]), _f(r["worst_attacker_acc"]), _f(r["in_search_reward"]),
+            _f(r["old_reward"])]) + " |")
     return "\n".join(lines)
 
 
-def write_report(results: list[dict], cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
-                 command: str, seconds: float) -> Path:
-    parts = [f"# Security engine experiment\n\nCommand (run from the repository root):\n\n"
-             f"```bash\n{command}\n```\n",
-             f"Total wall time: {seconds / 60:.1f} min. Search budget per search: "
-             f"{cfg.budget_minutes or '-'} min / {cfg.max_evals or '-'} evaluations; "
-             f"workers {cfg.workers}; lambda {cfg.lam}; K = {cfg.n_fragments}.\n",
-             "Evaluation config (every design, every method):\n\n```json\n"
-             + json.dumps(asdict(ecfg), indent=1) + "\n```\n",
-             "Columns: means ± population std over the evaluation seeds. accuracy = victim "
-             "test accuracy; worst-case attacker acc = max_j A_j (best white-box strategy "
-             "per breached provider); worst leak = max_j clip((A_j - S)/(acc - S), 0, 1); "
-             "security = 1 - worst leak; reward = acc - lambda * max_j (A_j - S); "
-             "evaluations = distinct designs evaluated by that method.\n"]
+def write_report(out: Path, command: str | None = None) -> Path:
+    """results/…/README.md from every `<task>/result.json` under `out`."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    commands = []
+    cmd_file = out / "commands.txt"
+    if command:
+        with cmd_file.open("a") as f:
+            f.write(command + "\n")
+    if cmd_file.is_file():
+        commands = [c for c in cmd_file.read_text().splitlines() if c.strip()]
+    parts = ["# Security engine experiment: held-out figures over search seeds\n",
+             "Commands (from the repository root; each resumes from the caches):\n\n```bash\n"
+             + "\n".join(dict.fromkeys(commands)) + "\n```\n",
+             "Every figure is the mean ± population std over search seeds of the held-out "
+             "evaluation (seeds never used while searching) of each search seed's final "
+             "design; each held-out figure is itself a mean over the held-out evaluation "
+             "seeds. reward = acc - lambda * max(0, max_j (A_j - S)) with S the profile's "
+             "best no-theft reference; old reward = acc - lambda * max_j (A_j - scratch) "
+             "(the formula before threat model v2); security = 1 - max_j clip((A_j - S) / "
+             "(acc - S), 0, 1); theft ratio = max_j A_j / acc. In-search reward: the "
+             "winner's reward on the search's own seeds (biased upwards: it selected the "
+             "design).\n"]
     for res in results:
-        parts.append(f"## {res['task']}\n\n{markdown_table(res['rows'])}\n\n"
-                     f"![Pareto plot]({res['task']}/pareto.png)\n\n"
-                     f"Target checks: `{json.dumps(res['checks'])}`\n")
+        c, e = res["config"], res["eval_config"]
+        parts.append(f"## {res['task']}\n\nSearch: {c['max_evals']} distinct designs per "
+                     f"search, search seeds {c['search_seeds']}, evaluation seeds "
+                     f"{e['seeds']} while searching, held-out seeds {c['heldout_seeds']}; "
+                     f"profile `{e['attack_profile']}`, {e['attack_restarts']} restarts x "
+                     f"{e['attack_epochs']} steps; victim {e['victim_epochs']} epochs; "
+                     f"lambda {c['lam']}; K = {c['n_fragments']}. Throughput: "
+                     f"{_num(res.get('designs_per_hour_per_core'))} designs per hour per "
+                     f"core (load average {_num(res['load_average'][0])}).\n")
+        for st in res["settings"]:
+            ch = st["checks"]
+            parts.append(
+                f"### attacker's labelled fraction {st['fraction']:g}\n\n"
+                f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (S = "
+                f"{_f(st['S'])}, {', '.join(st['S_reference'])}): "
+                + ("carries the comparison.\n\n" if ch["carries_comparison"] else
+                   f"below {VALUE_GAP_MIN}, so most designs look secure here and the "
+                   "comparison says little.\n\n")
+                + markdown_table(st["rows"]) + "\n\n"
+                + (f"Median random design (in-search, {st['random_median_in_search']['designs']}"
+                   f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
+                   f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
+                   f"{st['random_median_in_search']['security']:.3f}.\n\n"
+                   if st["random_median_in_search"] else "")
+                + f"![Pareto plot]({res['task']}/{st['pareto']})\n\n"
+                f"Target checks: `{json.dumps(ch)}`\n")
     path = out / "README.md"
     path.write_text("\n".join(parts))
-    (out / "results.json").write_text(json.dumps(
-        {"command": command, "config": asdict(cfg), "eval_config": asdict(ecfg),
-         "seconds": seconds, "results": results}, indent=2))
     return path
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"

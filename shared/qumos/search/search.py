@@ -1,9 +1,13 @@
-"""Search the design space under a budget: PPO (stable-baselines3) or uniform random.
+"""Search the design space under a budget: PPO (stable-baselines3), uniform random, or
+regularized evolution (`qumos.search.evolution`).
 
-Both stop launching evaluations once the budget (wall-clock minutes and/or fresh
-evaluations) is spent; a batch already running finishes, so the overshoot is at most
-one batch of `workers` evaluations. Cache hits cost no budget; `max_steps` bounds a
-policy that keeps proposing designs it has already seen.
+Every method stops launching evaluations once the budget (wall-clock minutes and/or
+distinct designs) is spent; a batch already running finishes, so the overshoot is at
+most one batch of `workers` evaluations (none with one worker). The unit is a distinct
+design the search asked for, whether the shared cache already held it or not: methods
+sharing a cache get the same number of designs, and a search resumed after a crash
+replays its designs from the cache and stops where it would have. Proposing a design
+already seen costs nothing; `max_steps` bounds a policy that keeps doing so.
 
 PPO runs on `workers` copies of the one-step environment; before a vectorized step the
 `workers` proposed designs are evaluated in parallel (the executor), then each copy
@@ -21,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 from qumos.errors import QumosError
-from qumos.search.env import DesignEnv, DesignSpace
+from qumos.search.env import DesignEnv, DesignSpace, SequentialDesignEnv
 from qumos.search.evaluator import Evaluator
 
 
 @dataclass
 class Budget:
     minutes: float | None = None  # wall-clock budget of the whole search
-    max_evals: int | None = None  # fresh (uncached) evaluations
+    max_evals: int | None = None  # distinct designs the search asks for
 
     def __post_init__(self) -> None:
         if self.minutes is None and self.max_evals is None:
@@ -47,12 +51,12 @@ class Budget:
         return time.perf_counter() - self.t0
 
     def remaining_evals(self, ev: Evaluator) -> int | None:
-        return None if self.max_evals is None else self.max_evals - ev.fresh
+        return None if self.max_evals is None else self.max_evals - len(ev.seen)
 
     def exhausted(self, ev: Evaluator) -> bool:
         if self.minutes is not None and self.elapsed() >= 60 * self.minutes:
             return True
-        return self.max_evals is not None and ev.fresh >= self.max_evals
+        return self.max_evals is not None and len(ev.seen) >= self.max_evals
 
 
 @dataclass
@@ -70,7 +74,7 @@ class SearchResult:
         return max(self.records, key=lambda r: r["reward"])
 
 
-def _unique(log: list[dict]) -> list[dict]:
+def unique_records(log: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for rec in log:
         seen.setdefault(rec["key"], rec)
@@ -93,17 +97,23 @@ def random_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int =
             n = max(1, min(n, rem))
         ev.evaluate_many([space.sample(rng) for _ in range(n)])
         steps += n
-    return SearchResult("random", ev.lam, _unique(ev.log[log_start:]), ev.fresh - start_fresh,
+    return SearchResult("random", ev.lam, unique_records(ev.log[log_start:]), ev.fresh - start_fresh,
                         steps, budget.elapsed())
 
 
 def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
                tb_dir: Path | None = None, n_steps: int | None = None,
                max_steps: int | None = None, learning_rate: float = 3e-3,
-               ent_coef: float = 0.01, rollout: int = 8) -> SearchResult:
-    """PPO on the one-step design environment until the budget is spent.
-    `rollout`: designs per policy update (n_steps = rollout // workers, at least 1 per
-    copy and 2 in all); `n_steps` overrides it."""
+               ent_coef: float = 0.01, rollout: int = 8, sequential: bool = False,
+               init_policy: Path | None = None, save_policy: Path | None = None
+               ) -> SearchResult:
+    """PPO until the budget is spent, on the one-step design environment (a contextual
+    bandit) or, `sequential`, on `SequentialDesignEnv` (one fragment per step, the partial
+    design observed, gamma 1).
+    `rollout`: designs per policy update (n_steps = rollout * steps-per-design // workers,
+    at least 2 env steps in all); `n_steps` overrides it. `init_policy`: a saved policy
+    (`save_policy` of an earlier search with the same action and observation spaces, e.g.
+    another task's) to start from instead of a random initialisation."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -111,50 +121,74 @@ def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
     workers = getattr(ev.executor, "workers", 1)
     if rollout < 2:
         raise QumosError(f"--rollout: {rollout}; allowed: 2 or more designs per update")
-    n_steps = n_steps or max(1, rollout // workers, -(-2 // workers))
+    env_cls = SequentialDesignEnv if sequential else DesignEnv
+    per_design = space.n_fragments if sequential else 1
+    n_steps = n_steps or max(1, rollout * per_design // workers, -(-2 // workers))
     max_steps = max_steps or 20 * (budget.max_evals or 1000)
 
     class PrefetchVecEnv(DummyVecEnv):
-        """Evaluates the step's designs in parallel before each copy reads its reward."""
+        """Evaluates the designs this step completes in parallel before each copy reads
+        its reward."""
 
         def step_wait(self):
-            ev.evaluate_many([space.decode(a) for a in self.actions], log=False)
+            designs = [e.pending_design(a) for e, a in zip(self.envs, self.actions)]
+            ev.evaluate_many([d for d in designs if d is not None], log=False)
             return super().step_wait()
 
     class BudgetCallback(BaseCallback):
         def __init__(self):
             super().__init__()
-            self.steps = 0
+            self.steps = 0  # designs proposed
             self.best = -np.inf
 
         def _on_step(self) -> bool:
-            for r in self.locals["rewards"]:
+            for r, done in zip(self.locals["rewards"], self.locals["dones"]):
+                if not done:
+                    continue
                 self.steps += 1
                 self.best = max(self.best, float(r))
                 self.logger.record_mean("search/reward", float(r))
             self.logger.record("search/best_reward", self.best)
-            self.logger.record("search/evaluations", ev.fresh)
+            self.logger.record("search/designs", len(ev.seen))
             return not budget.exhausted(ev) and self.steps < max_steps
 
-    venv = PrefetchVecEnv([lambda: DesignEnv(space, ev) for _ in range(workers)])
-    model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=n_steps * workers,
-                n_epochs=10, learning_rate=learning_rate, ent_coef=ent_coef, gamma=0.0,
-                gae_lambda=1.0, policy_kwargs={"net_arch": [32, 32]}, seed=seed,
-                tensorboard_log=str(tb_dir) if tb_dir else None, verbose=0, device="cpu")
+    venv = PrefetchVecEnv([lambda: env_cls(space, ev) for _ in range(workers)])
+    kw = dict(n_steps=n_steps, batch_size=n_steps * workers, n_epochs=10,
+              learning_rate=learning_rate, ent_coef=ent_coef, gamma=1.0 if sequential else 0.0,
+              gae_lambda=1.0, seed=seed, tensorboard_log=str(tb_dir) if tb_dir else None,
+              verbose=0, device="cpu")
+    if init_policy is not None:
+        model = PPO.load(init_policy, env=venv, custom_objects={"learning_rate": learning_rate},
+                         **{k: v for k, v in kw.items() if k not in ("learning_rate",)})
+    else:
+        model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": [32, 32]}, **kw)
     cb = BudgetCallback()
     start_fresh, log_start = ev.fresh, len(ev.log)
     budget.start()
     model.learn(total_timesteps=10**9, callback=cb, tb_log_name="ppo")
-    # The policy's most likely design, for the record (not evaluated: that would cost
-    # budget; the search's result is the best design it evaluated).
-    obs = venv.reset()
-    action, _ = model.predict(obs, deterministic=True)
-    res = SearchResult("ppo", ev.lam, _unique(ev.log[log_start:]), ev.fresh - start_fresh,
-                       cb.steps, budget.elapsed(),
-                       extra={"policy_mode": space.decode(action[0]).short(),
+    if save_policy is not None:
+        model.save(save_policy)
+    res = SearchResult("ppo-seq" if sequential else "ppo", ev.lam,
+                       unique_records(ev.log[log_start:]), ev.fresh - start_fresh, cb.steps,
+                       budget.elapsed(),
+                       extra={"policy_mode": _policy_mode(model, venv, space, sequential),
                               "updates": int(model._n_updates // model.n_epochs)})
     venv.close()
     return res
+
+
+def _policy_mode(model, venv, space: DesignSpace, sequential: bool) -> str:
+    """The policy's most likely design, for the record (not evaluated: that would cost
+    budget; the search's result is the best design it evaluated)."""
+    env = venv.envs[0]
+    obs, _ = env.reset()
+    for _ in range(space.n_fragments if sequential else 1):
+        action, _ = model.predict(obs, deterministic=True)
+        design = env.pending_design(action)
+        if design is not None:
+            return design.short()
+        obs, *_ = env.step(action)
+    raise AssertionError("the environment did not complete a design")
 
 
 # ----- outputs ----------------------------------------------------------------------------
