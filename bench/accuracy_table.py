@@ -44,9 +44,12 @@ def main() -> None:
             _, res, test_acc = train_design(design, data, cfg)
             accs.append(test_acc)
             secs.append(time.perf_counter() - t0)
-            print(f"{name} seed {seed}: test {test_acc:.4f} val {res.val_acc:.4f} "
-                  f"(best epoch {res.best_epoch}, n_train {len(data.train.y)}, "
-                  f"{secs[-1]:.1f} s)", flush=True)
+            print(
+                f"{name} seed {seed}: test {test_acc:.4f} val {res.val_acc:.4f} "
+                f"(best epoch {res.best_epoch}, n_train {len(data.train.y)}, "
+                f"{secs[-1]:.1f} s)",
+                flush=True,
+            )
         rows.append((name, len(data.train.y), len(data.test.y), accs, secs))
 
     print()
@@ -60,8 +63,10 @@ def main() -> None:
         target = TARGETS.get(name)
         tcell = f">= {target:.2f} {'met' if mean >= target else 'MISSED'}" if target else "-"
         per = ", ".join(f"{a:.3f}" for a in accs)
-        print(f"| {name} | {ntr} / {nte} | {mean:.3f} ± {std:.3f} | {per} | {tcell} | "
-              f"{statistics.mean(secs):.0f} |")
+        print(
+            f"| {name} | {ntr} / {nte} | {mean:.3f} ± {std:.3f} | {per} | {tcell} | "
+            f"{statistics.mean(secs):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 
-REFERENCE_DESIGNS = ("u3cu3:6", "u3cu3:2-2-2", "rzz_ry:4-u3cu3:2R-rxyz_cnot:5R",
-                     "rxyz_cnot:2-2-2")
+REFERENCE_DESIGNS = ("u3cu3:6", "u3cu3:2-2-2", "rzz_ry:4-u3cu3:2R-rxyz_cnot:5R", "rxyz_cnot:2-2-2")
 
 
 def main() -> None:
@@ -60,8 +59,11 @@ def main() -> None:
             except (json.JSONDecodeError, KeyError):
                 pass
     base = AttackConfig()
-    budgets = {"default": {}, "2x epochs": {"epochs": 2 * base.epochs},
-               "2x restarts": {"restarts": 2 * base.restarts}}
+    budgets = {
+        "default": {},
+        "2x epochs": {"epochs": 2 * base.epochs},
+        "2x restarts": {"restarts": 2 * base.restarts},
+    }
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     for short in designs:
@@ -73,33 +75,49 @@ def main() -> None:
             if victims is None:
                 design = parse_short_design(short, "digits", 4)
                 datas = [load_task("digits", 4, seed=s) for s in seeds]
-                specs, _ = train_victims(design, datas, EvalConfig(
-                    seeds=tuple(seeds), victim_epochs=args.victim_epochs))
+                specs, _ = train_victims(
+                    design, datas, EvalConfig(seeds=tuple(seeds), victim_epochs=args.victim_epochs)
+                )
                 victims = list(zip(seeds, specs, datas))
             t0 = time.perf_counter()
             rep = evaluate_victims(victims, AttackConfig(**over)).to_dict()
             seconds = time.perf_counter() - t0
             for r in rep["records"]:
-                rec = {"key": keys[r["seed"]], "design": short, "seed": r["seed"],
-                       "budget": bname, "victim_acc": r["victim_acc"], "S": r["S"],
-                       "S_reference": r["S_reference"],
-                       "references": {n: v["test_acc"] for n, v in r["references"].items()},
-                       "providers": {u["provider"]: {"A": u["A"], **{
-                           n: v["test_acc"] for n, v in u["strategies"].items()}}
-                           for u in r["units"]},
-                       "seconds": seconds / len(seeds), "load": os.getloadavg()[0]}
+                rec = {
+                    "key": keys[r["seed"]],
+                    "design": short,
+                    "seed": r["seed"],
+                    "budget": bname,
+                    "victim_acc": r["victim_acc"],
+                    "S": r["S"],
+                    "S_reference": r["S_reference"],
+                    "references": {n: v["test_acc"] for n, v in r["references"].items()},
+                    "providers": {
+                        u["provider"]: {
+                            "A": u["A"],
+                            **{n: v["test_acc"] for n, v in u["strategies"].items()},
+                        }
+                        for u in r["units"]
+                    },
+                    "seconds": seconds / len(seeds),
+                    "load": os.getloadavg()[0],
+                }
                 cache[rec["key"]] = rec
                 with cache_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-            print(f"{short} {bname}: S {[round(r['S'], 3) for r in rep['records']]} "
-                  f"({seconds:.0f} s for {len(seeds)} seeds)", flush=True)
+            print(
+                f"{short} {bname}: S {[round(r['S'], 3) for r in rep['records']]} "
+                f"({seconds:.0f} s for {len(seeds)} seeds)",
+                flush=True,
+            )
     table = render(cache, designs, seeds, list(budgets), base)
     print(table)
     (out / "README.md").write_text(
         "# Attack convergence (digits-4, breach profile)\n\n"
         f"Command: `python bench/bench_attack_convergence.py --seeds {args.seeds}`\n\n"
         f"Load average at start: {load[0]:.2f}. Default budget: {base.epochs} steps x "
-        f"{base.restarts} restarts, learning rates {list(base.lrs)} cycled.\n\n" + table + "\n")
+        f"{base.restarts} restarts, learning rates {list(base.lrs)} cycled.\n\n" + table + "\n"
+    )
 
 
 def _mean(vals: list) -> float:
@@ -108,12 +126,16 @@ def _mean(vals: list) -> float:
 
 
 def render(cache: dict, designs: list[str], seeds: list[int], budgets: list[str], base) -> str:
-    lines = ["| design | figure | " + " | ".join(budgets) + " | max change |",
-             "|---|---|" + "---|" * (len(budgets) + 1)]
+    lines = [
+        "| design | figure | " + " | ".join(budgets) + " | max change |",
+        "|---|---|" + "---|" * (len(budgets) + 1),
+    ]
     worst = 0.0
     for short in designs:
-        recs = {b: [cache.get(f"{short}|{s}|{b}|{base.epochs}x{base.restarts}")
-                    for s in seeds] for b in budgets}
+        recs = {
+            b: [cache.get(f"{short}|{s}|{b}|{base.epochs}x{base.restarts}") for s in seeds]
+            for b in budgets
+        }
         if any(r is None for rs in recs.values() for r in rs):
             lines.append(f"| {short} | (incomplete) |" + " |" * (len(budgets) + 1))
             continue
@@ -130,11 +152,16 @@ def render(cache: dict, designs: list[str], seeds: list[int], budgets: list[str]
             change = max(abs(v - vals[0]) for v in vals[1:])
             if not label.startswith("  "):
                 worst = max(worst, change)
-            lines.append(f"| {short} | {label} | " + " | ".join(f"{v:.3f}" for v in vals) +
-                         f" | {change:.3f} |")
+            lines.append(
+                f"| {short} | {label} | "
+                + " | ".join(f"{v:.3f}" for v in vals)
+                + f" | {change:.3f} |"
+            )
     lines.append("")
-    lines.append(f"Largest change of S or an A_j when the budget doubles: {worst:.3f} "
-                 f"(mean over seeds {seeds}; converged if < 0.01).")
+    lines.append(
+        f"Largest change of S or an A_j when the budget doubles: {worst:.3f} "
+        f"(mean over seeds {seeds}; converged if < 0.01)."
+    )
     return "\n".join(lines)
 
 

@@ -68,27 +68,38 @@ def main() -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         datas = [load_task(args.dataset, args.task, seed=s) for s in seeds]
         design = parse_short_design(args.design, args.dataset, args.task)
-        specs, _ = train_victims(design, datas, EvalConfig(
-            seeds=tuple(seeds), victim_epochs=args.victim_epochs))
-        rep = evaluate_victims(list(zip(seeds, specs, datas)), AttackConfig(
-            profile=profile, queries=max(n, 1))).to_dict()
-        rec = {"key": key, "profile": profile, "queries": n, "report": rep,
-               "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-               "load": os.getloadavg()[0]}
+        specs, _ = train_victims(
+            design, datas, EvalConfig(seeds=tuple(seeds), victim_epochs=args.victim_epochs)
+        )
+        rep = evaluate_victims(
+            list(zip(seeds, specs, datas)), AttackConfig(profile=profile, queries=max(n, 1))
+        ).to_dict()
+        rec = {
+            "key": key,
+            "profile": profile,
+            "queries": n,
+            "report": rep,
+            "wall": time.perf_counter() - t0,
+            "cpu": time.process_time() - c0,
+            "load": os.getloadavg()[0],
+        }
         cache[key] = rec
         with cache_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"{profile} N={n}: S {rep['S'][0]:.3f} ({rep['S_reference']}) A "
-              f"{[round(p['A'][0], 3) for p in rep['providers']]} "
-              f"({rec['wall']:.0f} s wall)", flush=True)
+        print(
+            f"{profile} N={n}: S {rep['S'][0]:.3f} ({rep['S_reference']}) A "
+            f"{[round(p['A'][0], 3) for p in rep['providers']]} "
+            f"({rec['wall']:.0f} s wall)",
+            flush=True,
+        )
     table = render([cache[k] for k in keys], args)
     print(table)
     (out / "README.md").write_text(
         f"# Attack strength: {args.dataset}-{args.task}, design `{args.design}`\n\n"
         f"Command: `python bench/bench_attack_strength.py --design '{args.design}' "
         f"--seeds {args.seeds} --queries {args.queries}`\n\nVictim: {args.victim_epochs} "
-        f"epochs, seed(s) {args.seeds}. Load average at start: {load[0]:.2f}.\n\n"
-        + table + "\n")
+        f"epochs, seed(s) {args.seeds}. Load average at start: {load[0]:.2f}.\n\n" + table + "\n"
+    )
 
 
 def _f(v) -> str:
@@ -98,16 +109,25 @@ def _f(v) -> str:
 
 
 def render(recs: list[dict], args) -> str:
-    lines = ["| profile | N | victim | S (reference) | breached: A_j (theft) | worst leak | "
-             "security | wall s | cpu s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| profile | N | victim | S (reference) | breached: A_j (theft) | worst leak | "
+        "security | wall s | cpu s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         d = r["report"]
-        provs = "; ".join(f"{p['provider']} {_f(p['A'])} ({p['best_strategy']})"
-                          for p in d["providers"]) or "-"
+        provs = (
+            "; ".join(
+                f"{p['provider']} {_f(p['A'])} ({p['best_strategy']})" for p in d["providers"]
+            )
+            or "-"
+        )
         worst = "-" if d["security"] is None else f"{1 - d['security'][0]:.3f}"
-        lines.append(f"| {r['profile']} | {r['queries'] or '-'} | {_f(d['victim_acc'])} | "
-                     f"{_f(d['S'])} ({d['S_reference']}) | {provs} | {worst} | "
-                     f"{_f(d['security'])} | {r['wall']:.0f} | {r['cpu']:.0f} |")
+        lines.append(
+            f"| {r['profile']} | {r['queries'] or '-'} | {_f(d['victim_acc'])} | "
+            f"{_f(d['S'])} ({d['S_reference']}) | {provs} | {worst} | "
+            f"{_f(d['security'])} | {r['wall']:.0f} | {r['cpu']:.0f} |"
+        )
     return "\n".join(lines)
 
 

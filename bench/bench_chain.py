@@ -52,8 +52,11 @@ def main() -> int:
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/default"))
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
     ap.add_argument("--max-seconds", type=float, default=300.0)
-    ap.add_argument("--variants", default="default,no-canaries",
-                    help=f"orchestrator settings to compare, from {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default="default,no-canaries",
+        help=f"orchestrator settings to compare, from {','.join(VARIANTS)}",
+    )
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -74,8 +77,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stacks:
         urls = {}
         for v in variants:
-            stack = stacks.enter_context(stack_on_free_ports(
-                Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v]))
+            stack = stacks.enter_context(
+                stack_on_free_ports(
+                    Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v]
+                )
+            )
             stack.deploy(art)
             urls[v] = stack.orchestrator_url
         with make_client(timeout=120) as client:
@@ -105,7 +111,7 @@ def main() -> int:
                     url = urls[variants[0]]
                     with ThreadPoolExecutor(3) as pool, make_client(timeout=120) as c2:
                         t0 = time.perf_counter()
-                        list(pool.map(lambda x: predict(c2, url, spec.name, x), xs))
+                        list(pool.map(lambda x, url=url: predict(c2, url, spec.name, x), xs))
                         conc[bsz].append((3 * n * bsz, time.perf_counter() - t0))
                 if time.perf_counter() - t_start > args.max_seconds:
                     print(f"time limit reached after {r + 1} rounds", file=sys.stderr)
@@ -115,8 +121,11 @@ def main() -> int:
         return bsz * len(samples[bsz][p]) / sum(samples[bsz][p])
 
     head = " | ".join(f"HTTP {v} (samples/s) | ratio" for v in variants)
-    rows = [f"| batch | in-process Aer (samples/s) | {head} | HTTP {variants[0]}, 3 clients "
-            "(samples/s) | ratio |", "|---" * (4 + 2 * len(variants)) + "|"]
+    rows = [
+        f"| batch | in-process Aer (samples/s) | {head} | HTTP {variants[0]}, 3 clients "
+        "(samples/s) | ratio |",
+        "|---" * (4 + 2 * len(variants)) + "|",
+    ]
     for bsz in CALLS:
         loc = rate(bsz, "local")
         cells = " | ".join(f"{rate(bsz, v):.0f} | {rate(bsz, v) / loc:.2f}" for v in variants)
@@ -124,18 +133,25 @@ def main() -> int:
         rows.append(f"| {bsz} | {loc:.0f} | {cells} | {cc:.0f} | {cc / loc:.2f} |")
     ms = {p: np.array(samples[1][p]) * 1000 for p in paths}
     head = " | ".join(f"HTTP {v} (ms) | ratio" for v in variants)
-    rows += ["", f"| latency at batch 1 | in-process (ms) | {head} |",
-             "|---" * (2 + 2 * len(variants)) + "|"]
+    rows += [
+        "",
+        f"| latency at batch 1 | in-process (ms) | {head} |",
+        "|---" * (2 + 2 * len(variants)) + "|",
+    ]
     for q in (50, 99):
         a = np.percentile(ms["local"], q)
-        cells = " | ".join(f"{np.percentile(ms[v], q):.1f} | {np.percentile(ms[v], q) / a:.2f}"
-                           for v in variants)
+        cells = " | ".join(
+            f"{np.percentile(ms[v], q):.1f} | {np.percentile(ms[v], q) / a:.2f}" for v in variants
+        )
         rows.append(f"| p{q} | {a:.1f} | {cells} |")
     print("\n".join(rows))
-    print(f"\n{len(samples[1]['local'])} batch-1 calls per path; model {spec.name} "
-          f"({'-'.join(str(f.depth) for f in spec.fragments)} {spec.fragments[0].block}); "
-          f"variants: " + "; ".join(f"{v} = {VARIANTS[v] or 'defaults'}" for v in variants)
-          + f"; loadavg {os.getloadavg()[0]:.1f}; {time.perf_counter() - t_start:.0f}s")
+    print(
+        f"\n{len(samples[1]['local'])} batch-1 calls per path; model {spec.name} "
+        f"({'-'.join(str(f.depth) for f in spec.fragments)} {spec.fragments[0].block}); "
+        f"variants: "
+        + "; ".join(f"{v} = {VARIANTS[v] or 'defaults'}" for v in variants)
+        + f"; loadavg {os.getloadavg()[0]:.1f}; {time.perf_counter() - t_start:.0f}s"
+    )
     return 0
 
 

@@ -58,8 +58,9 @@ def _victim(design: str, seed: int, epochs: int = 10):
     from qumos.train import TrainConfig, train_design
 
     data = load_task("digits", 4, seed=seed)
-    spec, _, acc = train_design(parse_short_design(design), data,
-                                TrainConfig(epochs=epochs, seed=seed), name="victim")
+    spec, _, acc = train_design(
+        parse_short_design(design), data, TrainConfig(epochs=epochs, seed=seed), name="victim"
+    )
     return spec, data, acc
 
 
@@ -120,8 +121,9 @@ def section_monitor(args) -> dict:
             else:
                 raw = allraw[rng.permutation(len(allraw))]
             at = queries_until_flagged(raw, _classes(spec, raw), cfg)
-            benign.append({"seed": s, "key": k, "order": order, "queries": len(raw),
-                           "flagged_at": at})
+            benign.append(
+                {"seed": s, "key": k, "order": order, "queries": len(raw), "flagged_at": at}
+            )
         own = attacker_data(data, 0.05, s)
         streams = {
             "natural (the queries attacker's own images)": data.train.raw[own.queries(data, 400)],
@@ -133,21 +135,35 @@ def section_monitor(args) -> dict:
             "uniform noise": noise(400, rng),
         }
         for name, raw in streams.items():
-            rows.append({"seed": s, "attacker": name,
-                         "flagged_at": queries_until_flagged(raw, _classes(spec, raw), cfg)})
+            rows.append(
+                {
+                    "seed": s,
+                    "attacker": name,
+                    "flagged_at": queries_until_flagged(raw, _classes(spec, raw), cfg),
+                }
+            )
     fp = sum(b["flagged_at"] is not None for b in benign)
-    return {"config": cfg.model_dump(), "seeds": args.seed_list, "benign": benign,
-            "benign_queries": sum(b["queries"] for b in benign), "benign_flagged": fp,
-            "attackers": rows}
+    return {
+        "config": cfg.model_dump(),
+        "seeds": args.seed_list,
+        "benign": benign,
+        "benign_queries": sum(b["queries"] for b in benign),
+        "benign_flagged": fp,
+        "attackers": rows,
+    }
 
 
 def render_monitor(r: dict) -> str:
-    lines = [f"PRADA delta {r['config']['delta']}, min {r['config']['min_queries']} distances; "
-             f"seeds {r['seeds']}",
-             f"benign: {len(r['benign'])} keys, {r['benign_queries']} queries, "
-             f"{r['benign_flagged']} flagged " + str([(b['order'], b['flagged_at'])
-                                                     for b in r['benign'] if b['flagged_at']]),
-             "", "| attacker (400 queries) | flagged at (per seed) |", "|---|---|"]
+    lines = [
+        f"PRADA delta {r['config']['delta']}, min {r['config']['min_queries']} distances; "
+        f"seeds {r['seeds']}",
+        f"benign: {len(r['benign'])} keys, {r['benign_queries']} queries, "
+        f"{r['benign_flagged']} flagged "
+        + str([(b["order"], b["flagged_at"]) for b in r["benign"] if b["flagged_at"]]),
+        "",
+        "| attacker (400 queries) | flagged at (per seed) |",
+        "|---|---|",
+    ]
     by: dict = {}
     for a in r["attackers"]:
         by.setdefault(a["attacker"], []).append(a["flagged_at"])
@@ -168,7 +184,12 @@ DEFENCES = {  # name -> (output policy, input hiding, quota images per key, moni
     "input hiding": ("probabilities", True, None, False, False),
     "dedup + batching (insider rows)": ("probabilities", False, None, False, True),
     "combined (label + hiding + quota 100 + monitor block + dedup + batching)": (
-        "label", True, 100, True, True),
+        "label",
+        True,
+        100,
+        True,
+        True,
+    ),
 }
 
 
@@ -226,27 +247,53 @@ def section_clone(args) -> dict:
                     if rowdef:
                         victim.oracle = _RowDefended(victim.oracle, hide)
                     t0 = time.perf_counter()
-                    rep = run_attack(cfg, data, victim, [], [s], holdings_for_seed=lambda x,
-                                     sp=spec, d=data, c=cfg: in_process_holdings(sp, d, c, x)
-                                     ).to_dict()
+                    rep = run_attack(
+                        cfg,
+                        data,
+                        victim,
+                        [],
+                        [s],
+                        holdings_for_seed=lambda x, sp=spec, d=data, c=cfg: in_process_holdings(
+                            sp, d, c, x
+                        ),
+                    ).to_dict()
                     refs = rep["references"]
-                    dist = max((k for k in refs if k.startswith("distill")),
-                               key=lambda k: refs[k]["acc"][0])
-                    base = max((k for k in refs if not k.startswith("distill")),
-                               key=lambda k: refs[k]["acc"][0])
-                    rec = {"defence": name, "profile": profile, "N": n, "N_eff": n_eff,
-                           "flagged_at": flagged, "seed": s, "victim_acc": rep["victim_acc"][0],
-                           "labelled_only": refs[base]["acc"][0], "labelled_ref": base,
-                           "distill": refs[dist]["acc"][0],
-                           "distill_fidelity": refs[dist]["fidelity"][0], "distill_ref": dist,
-                           "seconds": time.perf_counter() - t0, "load": _load()[0]}
+                    dist = max(
+                        (k for k in refs if k.startswith("distill")),
+                        key=lambda k: refs[k]["acc"][0],
+                    )
+                    base = max(
+                        (k for k in refs if not k.startswith("distill")),
+                        key=lambda k: refs[k]["acc"][0],
+                    )
+                    rec = {
+                        "defence": name,
+                        "profile": profile,
+                        "N": n,
+                        "N_eff": n_eff,
+                        "flagged_at": flagged,
+                        "seed": s,
+                        "victim_acc": rep["victim_acc"][0],
+                        "labelled_only": refs[base]["acc"][0],
+                        "labelled_ref": base,
+                        "distill": refs[dist]["acc"][0],
+                        "distill_fidelity": refs[dist]["fidelity"][0],
+                        "distill_ref": dist,
+                        "seconds": time.perf_counter() - t0,
+                        "load": _load()[0],
+                    }
                     # the strongest clone: distillation, or (breach+queries) the best theft
-                    rec["A"], rec["fidelity"], rec["theft"] = (rec["distill"],
-                                                               rec["distill_fidelity"], dist)
+                    rec["A"], rec["fidelity"], rec["theft"] = (
+                        rec["distill"],
+                        rec["distill_fidelity"],
+                        dist,
+                    )
                     if rep["providers"]:
                         best = max(rep["providers"], key=lambda p: p["A"][0])
-                        ins = [p["by_strategy"].get("insider", {}).get("acc", [None])[0]
-                               for p in rep["providers"]]
+                        ins = [
+                            p["by_strategy"].get("insider", {}).get("acc", [None])[0]
+                            for p in rep["providers"]
+                        ]
                         rec["insider"] = max([x for x in ins if x is not None], default=None)
                         rec["breach_best"] = best["A"][0]
                         if best["A"][0] > rec["A"]:
@@ -254,10 +301,13 @@ def section_clone(args) -> dict:
                             rec["theft"] = f"{best['best_strategy']} @ {best['provider']}"
                     runs.append(rec)
                     _save("clone", {"design": args.design, "attack": ATTACK, "runs": runs})
-                    print(f"{name} | {profile} N={n} (eff {n_eff}) seed {s}: victim "
-                          f"{rec['victim_acc']:.3f} clone {rec['A']:.3f} ({rec['theft']}) fid "
-                          f"{rec['fidelity']:.3f}; labelled only {rec['labelled_only']:.3f} "
-                          f"({rec['seconds']:.0f} s)", flush=True)
+                    print(
+                        f"{name} | {profile} N={n} (eff {n_eff}) seed {s}: victim "
+                        f"{rec['victim_acc']:.3f} clone {rec['A']:.3f} ({rec['theft']}) fid "
+                        f"{rec['fidelity']:.3f}; labelled only {rec['labelled_only']:.3f} "
+                        f"({rec['seconds']:.0f} s)",
+                        flush=True,
+                    )
     return {"design": args.design, "attack": ATTACK, "runs": runs}
 
 
@@ -268,23 +318,32 @@ def _fid(rep: dict):
 
 
 def render_clone(r: dict) -> str:
-    lines = ["| defence | attacker | N (effective) | victim | clone accuracy | fidelity | "
-             "best clone (per seed) | insider | labelled images only | flagged at |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| defence | attacker | N (effective) | victim | clone accuracy | fidelity | "
+        "best clone (per seed) | insider | labelled images only | flagged at |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict = {}
     for x in r["runs"]:
         groups.setdefault((x["defence"], x["profile"], x["N"]), []).append(x)
     for (d, p, n), xs in groups.items():
-        f = lambda k: _ms([x[k] for x in xs])
-        fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+        def f(k, xs=xs):
+            return _ms([x[k] for x in xs])
+
+        def fmt(v):
+            return "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
         eff = sorted({x["N_eff"] for x in xs})
         fl = [x["flagged_at"] for x in xs]
         ins = f("insider") if "insider" in xs[0] else [None, None]
-        lines.append(f"| {d} | {p} | {n} ({'/'.join(map(str, eff))}) | {fmt(f('victim_acc'))} | "
-                     f"{fmt(f('A'))} | {fmt(f('fidelity'))} | "
-                     f"{', '.join(x['theft'] for x in xs)} | {fmt(ins)} | "
-                     f"{fmt(f('labelled_only'))} | "
-                     f"{', '.join('-' if v is None else str(v) for v in fl)} |")
+        lines.append(
+            f"| {d} | {p} | {n} ({'/'.join(map(str, eff))}) | {fmt(f('victim_acc'))} | "
+            f"{fmt(f('A'))} | {fmt(f('fidelity'))} | "
+            f"{', '.join(x['theft'] for x in xs)} | {fmt(ins)} | "
+            f"{fmt(f('labelled_only'))} | "
+            f"{', '.join('-' if v is None else str(v) for v in fl)} |"
+        )
     return "\n".join(lines)
 
 
@@ -305,26 +364,39 @@ def section_logbased(args) -> dict:
             rep = run_attack(cfg, data, victim, [h0], [s]).to_dict()
             by = rep["providers"][0]["by_strategy"]
             st = by.get("selftrain") or {}
-            runs.append({"seed": s, "hiding": hide, "victim_acc": rep["victim_acc"][0],
-                         "S": rep["S"][0], "A": rep["providers"][0]["A"][0],
-                         "best": rep["providers"][0]["best_strategy"],
-                         "selftrain": (st.get("acc") or [None])[0],
-                         "selftrain_note": st.get("note"),
-                         "strategies": {k: v["acc"][0] for k, v in by.items()},
-                         "log_row_is_feature": bool(np.allclose(
-                             h0.access_log[0]["inputs"][0], traffic[0]))})
+            runs.append(
+                {
+                    "seed": s,
+                    "hiding": hide,
+                    "victim_acc": rep["victim_acc"][0],
+                    "S": rep["S"][0],
+                    "A": rep["providers"][0]["A"][0],
+                    "best": rep["providers"][0]["best_strategy"],
+                    "selftrain": (st.get("acc") or [None])[0],
+                    "selftrain_note": st.get("note"),
+                    "strategies": {k: v["acc"][0] for k, v in by.items()},
+                    "log_row_is_feature": bool(
+                        np.allclose(h0.access_log[0]["inputs"][0], traffic[0])
+                    ),
+                }
+            )
             print(runs[-1], flush=True)
     return {"design": args.design, "attack": ATTACK, "runs": runs}
 
 
 def render_logbased(r: dict) -> str:
-    lines = ["| input hiding | victim | S | breach of provider-a: A (best theft) | selftrain | "
-             "log rows are the features | seed |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| input hiding | victim | S | breach of provider-a: A (best theft) | selftrain | "
+        "log rows are the features | seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for x in r["runs"]:
         st = "-" if x["selftrain"] is None else f"{x['selftrain']:.3f}"
-        lines.append(f"| {'on' if x['hiding'] else 'off'} | {x['victim_acc']:.3f} | "
-                     f"{x['S']:.3f} | {x['A']:.3f} ({x['best']}) | {st} | "
-                     f"{x['log_row_is_feature']} | {x['seed']} |")
+        lines.append(
+            f"| {'on' if x['hiding'] else 'off'} | {x['victim_acc']:.3f} | "
+            f"{x['S']:.3f} | {x['A']:.3f} ({x['best']}) | {st} | "
+            f"{x['log_row_is_feature']} | {x['seed']} |"
+        )
     return "\n".join(lines)
 
 
@@ -334,8 +406,12 @@ def _artifact(path: Path, design: str):
 
     if not (path / "model.json").is_file():
         spec, data, acc = _victim(design, 0)
-        save_artifact(spec.model_copy(update={"name": "victim"}), path,
-                      metrics={"test_acc": acc}, training={"seed": 0, "design": design})
+        save_artifact(
+            spec.model_copy(update={"name": "victim"}),
+            path,
+            metrics={"test_acc": acc},
+            training={"seed": 0, "design": design},
+        )
     return load_artifact(path)
 
 
@@ -345,8 +421,9 @@ def _stack(tmp: Path, env: dict):
     return stack_on_free_ports(tmp, with_attacker=False, orchestrator_env=env)
 
 
-def _closed_loop(url: str, model: str, key: str, raw: np.ndarray, clients: int,
-                 seconds: float, max_requests: int) -> dict:
+def _closed_loop(
+    url: str, model: str, key: str, raw: np.ndarray, clients: int, seconds: float, max_requests: int
+) -> dict:
     """`clients` threads each sending batch-1 predicts back to back, for `seconds` (or
     `max_requests` in all): requests/s and latency percentiles."""
     from qumos.client import make_client, predict
@@ -380,9 +457,15 @@ def _closed_loop(url: str, model: str, key: str, raw: np.ndarray, clients: int,
         t.join()
     wall = time.perf_counter() - t0
     ms = np.asarray(lat) * 1000
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "seconds": wall,
-            "rps": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors[0],
+        "seconds": wall,
+        "rps": len(lat) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 def _batch_metrics(url: str) -> dict:
@@ -390,12 +473,14 @@ def _batch_metrics(url: str) -> dict:
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    want = {"qumos_orch_batch_wait_seconds_sum": "wait_sum",
-            "qumos_orch_batch_wait_seconds_count": "wait_count",
-            'qumos_orch_batch_wait_seconds_bucket{le="0.002"}': "wait_le_2ms",
-            'qumos_orch_batch_wait_seconds_bucket{le="0.0025"}': "wait_le_2_5ms",
-            "qumos_orch_batch_requests_sum": "req_sum",
-            "qumos_orch_batch_requests_count": "req_count"}
+    want = {
+        "qumos_orch_batch_wait_seconds_sum": "wait_sum",
+        "qumos_orch_batch_wait_seconds_count": "wait_count",
+        'qumos_orch_batch_wait_seconds_bucket{le="0.002"}': "wait_le_2ms",
+        'qumos_orch_batch_wait_seconds_bucket{le="0.0025"}': "wait_le_2_5ms",
+        "qumos_orch_batch_requests_sum": "req_sum",
+        "qumos_orch_batch_requests_count": "req_count",
+    }
     out = {v: 0.0 for v in want.values()}
     for line in text.splitlines():
         name, _, val = line.rpartition(" ")
@@ -412,9 +497,10 @@ def section_batching(args) -> dict:
     art = _artifact(OUT / "artifact", args.design)
     raw = load_task("digits", 4, seed=0).test.raw
     out = {"design": args.design, "window_ms": args.window_ms, "max_rows": 256, "rounds": []}
-    envs = {"off": {"QUMOS_ORCH_MONITOR": "off"},
-            "on": {"QUMOS_ORCH_MONITOR": "off", "QUMOS_ORCH_BATCH_WINDOW_MS":
-                   str(args.window_ms)}}
+    envs = {
+        "off": {"QUMOS_ORCH_MONITOR": "off"},
+        "on": {"QUMOS_ORCH_MONITOR": "off", "QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         stacks = {k: _stack(Path(tmp) / k, e) for k, e in envs.items()}
         try:
@@ -425,8 +511,15 @@ def section_batching(args) -> dict:
                 for k, s in stacks.items():
                     for clients in (1, 32):
                         m0 = _batch_metrics(s.orchestrator_url)
-                        res = _closed_loop(s.orchestrator_url, "victim", s.client_key, raw,
-                                           clients, args.seconds, 4000)
+                        res = _closed_loop(
+                            s.orchestrator_url,
+                            "victim",
+                            s.client_key,
+                            raw,
+                            clients,
+                            args.seconds,
+                            4000,
+                        )
                         m1 = _batch_metrics(s.orchestrator_url)
                         d = {k2: m1[k2] - m0[k2] for k2 in m0}
                         if d.get("wait_count"):
@@ -434,8 +527,7 @@ def section_batching(args) -> dict:
                             res["requests_per_batch"] = d["req_sum"] / d["req_count"]
                             res["batch_wait_le_2ms"] = d["wait_le_2ms"] / d["wait_count"]
                             res["batch_wait_le_2_5ms"] = d["wait_le_2_5ms"] / d["wait_count"]
-                        out["rounds"].append({"round": r, "batching": k, **res,
-                                              "load": _load()[0]})
+                        out["rounds"].append({"round": r, "batching": k, **res, "load": _load()[0]})
                         print(out["rounds"][-1], flush=True)
         finally:
             for s in stacks.values():
@@ -448,19 +540,25 @@ def _j(xs: list, k: str, digits: int) -> str:
 
 
 def render_batching(r: dict) -> str:
-    lines = [f"window {r['window_ms']} ms, row cap {r['max_rows']}; rounds interleaved",
-             "", "| batching | clients | requests/s (per round) | p50 ms | p99 ms | errors | "
-             "batch wait mean ms | requests per batch |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"window {r['window_ms']} ms, row cap {r['max_rows']}; rounds interleaved",
+        "",
+        "| batching | clients | requests/s (per round) | p50 ms | p99 ms | errors | "
+        "batch wait mean ms | requests per batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by: dict = {}
     for x in r["rounds"]:
         by.setdefault((x["batching"], x["clients"]), []).append(x)
     for (b, c), xs in sorted(by.items(), key=lambda t: (t[0][1], t[0][0])):
-        lines.append(f"| {b} | {c} | {_j(xs, 'rps', 0)} | "
-                     f"{_j(xs, 'p50_ms', 1)} | "
-                     f"{_j(xs, 'p99_ms', 1)} | "
-                     f"{sum(x['errors'] for x in xs)} | "
-                     f"{_j(xs, 'batch_wait_mean_ms', 2) if 'batch_wait_mean_ms' in xs[0] else '-'} | "
-                     f"{_j(xs, 'requests_per_batch', 1) if 'requests_per_batch' in xs[0] else '-'} |")
+        lines.append(
+            f"| {b} | {c} | {_j(xs, 'rps', 0)} | "
+            f"{_j(xs, 'p50_ms', 1)} | "
+            f"{_j(xs, 'p99_ms', 1)} | "
+            f"{sum(x['errors'] for x in xs)} | "
+            f"{_j(xs, 'batch_wait_mean_ms', 2) if 'batch_wait_mean_ms' in xs[0] else '-'} | "
+            f"{_j(xs, 'requests_per_batch', 1) if 'requests_per_batch' in xs[0] else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -478,15 +576,24 @@ def section_insider(args) -> dict:
     q = data.train.raw[own.queries(data, args.query_list[0])]
     qx = preprocess(q, art.spec.preprocess)
     truth = fragment_rows(art.spec, qx)
-    out = {"design": args.design, "queries": args.query_list[0], "window_ms": args.window_ms,
-           "background_clients": 4, "runs": []}
+    out = {
+        "design": args.design,
+        "queries": args.query_list[0],
+        "window_ms": args.window_ms,
+        "background_clients": 4,
+        "runs": [],
+    }
     hidden = _artifact(OUT / "artifact-hidden", "H:" + args.design)
     win = {"QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)}
-    modes = [("off", {"QUMOS_ORCH_DEDUP_ROWS": "0"}, art, 2),
-             ("batching", {"QUMOS_ORCH_DEDUP_ROWS": "0", **win}, art, 2),
-             ("dedup", {}, art, 2), ("dedup", {}, art, 1),
-             ("batching + dedup", win, art, 2), ("batching + dedup", win, art, 1),
-             ("batching + dedup + hiding", win, hidden, 1)]
+    modes = [
+        ("off", {"QUMOS_ORCH_DEDUP_ROWS": "0"}, art, 2),
+        ("batching", {"QUMOS_ORCH_DEDUP_ROWS": "0", **win}, art, 2),
+        ("dedup", {}, art, 2),
+        ("dedup", {}, art, 1),
+        ("batching + dedup", win, art, 2),
+        ("batching + dedup", win, art, 1),
+        ("batching + dedup + hiding", win, hidden, 1),
+    ]
     for mode, env, model, repeat in modes:
         truth_m = truth if model is art else fragment_rows(model.spec, qx)
         with tempfile.TemporaryDirectory() as tmp:
@@ -497,21 +604,34 @@ def section_insider(args) -> dict:
                 bg = threading.Thread(target=_background, args=(s, data.test.raw, stop))
                 bg.start()
                 time.sleep(1.0)
-                oracle = HttpOracle(s.orchestrator_url, "victim",
-                                    {j: s.data_dir(p) for j, p in enumerate(art.spec.placement)},
-                                    api_key=s.create_key("insider"), repeat=repeat,
-                                    hidden_inputs=model is not art)
+                oracle = HttpOracle(
+                    s.orchestrator_url,
+                    "victim",
+                    {j: s.data_dir(p) for j, p in enumerate(art.spec.placement)},
+                    api_key=s.create_key("insider"),
+                    repeat=repeat,
+                    hidden_inputs=model is not art,
+                )
                 oracle.answer(q)
                 stop.set()
                 bg.join()
                 time.sleep(0.5)
                 for j in range(art.spec.n_fragments):
                     rows = oracle.rows(j, q, qx)
-                    right = [bool(np.allclose(rows.inputs[i], truth_m[j][0][i], atol=1e-6))
-                             for i in np.flatnonzero(rows.found)]
-                    out["runs"].append({"batching": mode, "repeat": repeat, "fragment": j,
-                                        "attributed": int(rows.found.sum()),
-                                        "correct": int(sum(right)), "queries": len(q)})
+                    right = [
+                        bool(np.allclose(rows.inputs[i], truth_m[j][0][i], atol=1e-6))
+                        for i in np.flatnonzero(rows.found)
+                    ]
+                    out["runs"].append(
+                        {
+                            "batching": mode,
+                            "repeat": repeat,
+                            "fragment": j,
+                            "attributed": int(rows.found.sum()),
+                            "correct": int(sum(right)),
+                            "queries": len(q),
+                        }
+                    )
                     print(out["runs"][-1], flush=True)
     return out
 
@@ -524,9 +644,15 @@ def _background(stack, raw, stop: threading.Event) -> None:
         with make_client(timeout=60) as c:
             j = i
             while not stop.is_set():
-                predict(c, stack.orchestrator_url, "victim", raw[j % len(raw)][None],
-                        api_key=stack.client_key)
+                predict(
+                    c,
+                    stack.orchestrator_url,
+                    "victim",
+                    raw[j % len(raw)][None],
+                    api_key=stack.client_key,
+                )
                 j += 4
+
     ts = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
     for t in ts:
         t.start()
@@ -535,14 +661,19 @@ def _background(stack, raw, stop: threading.Event) -> None:
 
 
 def render_insider(r: dict) -> str:
-    lines = [f"{r['queries']} insider queries (each in its own request, repeated as shown) while 4 honest "
-             f"clients send batch-1 requests; window {r['window_ms']} ms", "",
-             "| orchestrator | insider repeats each query | fragment | attributed | correct |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"{r['queries']} insider queries (each in its own request, repeated as shown) while 4 honest "
+        f"clients send batch-1 requests; window {r['window_ms']} ms",
+        "",
+        "| orchestrator | insider repeats each query | fragment | attributed | correct |",
+        "|---|---|---|---|---|",
+    ]
     for x in r["runs"]:
-        lines.append(f"| {x['batching']} | {x.get('repeat', 2)}x | {x['fragment']} | "
-                     f"{x['attributed']} / {x['queries']} "
-                     f"| {x['correct']} / {x['queries']} |")
+        lines.append(
+            f"| {x['batching']} | {x.get('repeat', 2)}x | {x['fragment']} | "
+            f"{x['attributed']} / {x['queries']} "
+            f"| {x['correct']} / {x['queries']} |"
+        )
     return "\n".join(lines)
 
 
@@ -556,11 +687,16 @@ def section_cost(args) -> dict:
 
     art = _artifact(OUT / "artifact", args.design)
     test = load_task("digits", 4, seed=0).test
-    envs = {"no defence (anonymous, monitor off)": {"QUMOS_ORCH_ALLOW_ANONYMOUS": "1",
-                                                    "QUMOS_ORCH_MONITOR": "off"},
-            "key + quota + monitor (log)": {},
-            f"key + quota + monitor + batching {args.window_ms} ms": {
-                "QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)}}
+    envs = {
+        "no defence (anonymous, monitor off)": {
+            "QUMOS_ORCH_ALLOW_ANONYMOUS": "1",
+            "QUMOS_ORCH_MONITOR": "off",
+        },
+        "key + quota + monitor (log)": {},
+        f"key + quota + monitor + batching {args.window_ms} ms": {
+            "QUMOS_ORCH_BATCH_WINDOW_MS": str(args.window_ms)
+        },
+    }
     out = {"design": args.design, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         stacks = {k: _stack(Path(tmp) / str(i), e) for i, (k, e) in enumerate(envs.items())}
@@ -568,25 +704,41 @@ def section_cost(args) -> dict:
             for s in stacks.values():
                 s.start()
                 s.deploy(art)
-            keys = {k: (None if "anonymous" in k else s.create_key(
-                "honest", images_per_window=100000, window_s=60)) for k, s in stacks.items()}
+            keys = {
+                k: (
+                    None
+                    if "anonymous" in k
+                    else s.create_key("honest", images_per_window=100000, window_s=60)
+                )
+                for k, s in stacks.items()
+            }
             for r in range(args.rounds):
                 for k, s in stacks.items():
-                    res = _closed_loop(s.orchestrator_url, "victim", keys[k], test.raw, 1,
-                                       args.seconds, 300)
+                    res = _closed_loop(
+                        s.orchestrator_url, "victim", keys[k], test.raw, 1, args.seconds, 300
+                    )
                     out["rows"].append({"round": r, "config": k, **res, "load": _load()[0]})
                     print(out["rows"][-1], flush=True)
             s = stacks["key + quota + monitor (log)"]
             from qumos.client import make_client, predict
+
             accs = {}
             for pol in ("probabilities", "top_k:1", "probabilities:1", "label"):
                 from qumos.defense.policy import parse_policy
+
                 with make_client(timeout=60) as c:
-                    c.put(f"{s.orchestrator_url}/v1/models/victim/policy",
-                          json=parse_policy(pol).model_dump(),
-                          headers={"Authorization": f"Bearer {s.admin_token}"}).raise_for_status()
-                    res = predict(c, s.orchestrator_url, "victim", test.raw,
-                                  api_key=keys["key + quota + monitor (log)"])
+                    c.put(
+                        f"{s.orchestrator_url}/v1/models/victim/policy",
+                        json=parse_policy(pol).model_dump(),
+                        headers={"Authorization": f"Bearer {s.admin_token}"},
+                    ).raise_for_status()
+                    res = predict(
+                        c,
+                        s.orchestrator_url,
+                        "victim",
+                        test.raw,
+                        api_key=keys["key + quota + monitor (log)"],
+                    )
                 accs[pol] = float((np.asarray(res.labels) == test.y).mean())
             out["accuracy"] = accs
         finally:
@@ -601,17 +753,23 @@ def render_cost(r: dict) -> str:
     for x in r["rows"]:
         by.setdefault(x["config"], []).append(x)
     for k, xs in by.items():
-        lines.append(f"| {k} | {_j(xs, 'p50_ms', 1)} | "
-                     f"{_j(xs, 'p99_ms', 1)} |")
-    lines += ["", "honest accuracy of the labels under each policy: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in r.get("accuracy", {}).items())]
+        lines.append(f"| {k} | {_j(xs, 'p50_ms', 1)} | {_j(xs, 'p99_ms', 1)} |")
+    lines += [
+        "",
+        "honest accuracy of the labels under each policy: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in r.get("accuracy", {}).items()),
+    ]
     return "\n".join(lines)
 
 
-SECTIONS = {"monitor": (section_monitor, render_monitor), "clone": (section_clone, render_clone),
-            "logbased": (section_logbased, render_logbased),
-            "batching": (section_batching, render_batching),
-            "insider": (section_insider, render_insider), "cost": (section_cost, render_cost)}
+SECTIONS = {
+    "monitor": (section_monitor, render_monitor),
+    "clone": (section_clone, render_clone),
+    "logbased": (section_logbased, render_logbased),
+    "batching": (section_batching, render_batching),
+    "insider": (section_insider, render_insider),
+    "cost": (section_cost, render_cost),
+}
 
 
 def main() -> None:
@@ -644,8 +802,13 @@ def main() -> None:
     print(f"load average at start: {load0}", flush=True)
     t0 = time.perf_counter()
     rec = fn(args)
-    rec.update({"command": "python bench/bench_defenses.py " + " ".join(sys.argv[1:]),
-                "load_start": load0, "seconds": time.perf_counter() - t0})
+    rec.update(
+        {
+            "command": "python bench/bench_defenses.py " + " ".join(sys.argv[1:]),
+            "load_start": load0,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
     _save(args.section, rec)
     print(render(rec))
 

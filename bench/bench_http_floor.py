@@ -29,8 +29,8 @@ import time
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from qumos.localstack import HOST, free_port
 from qumos.client import make_client
+from qumos.localstack import HOST, free_port
 from qumos.webcommon import check_bearer, hot_route, install_common
 
 TOKEN = "bench-token"
@@ -56,8 +56,13 @@ async def raw_app(scope, receive, send):
     more = True
     while more:
         more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": ANSWER})
 
 
@@ -65,21 +70,43 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1500, help="timed requests per server")
     args = ap.parse_args()
-    servers = {"fastapi": ("--factory", "bench_http_floor:fastapi_app"),
-               "raw ASGI": ("bench_http_floor:raw_app",)}
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
+    servers = {
+        "fastapi": ("--factory", "bench_http_floor:fastapi_app"),
+        "raw ASGI": ("bench_http_floor:raw_app",),
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))
+        + os.pathsep
+        + os.environ.get("PYTHONPATH", ""),
+    }
     ports, procs = {}, []
     try:
         for name, app in servers.items():
             ports[name] = free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port",
-                 str(ports[name]), "--log-level", "warning", "--no-access-log",
-                 "--no-proxy-headers"],
-                env=env, stdin=subprocess.DEVNULL))
-        body = ('{"inputs": [[' + ",".join(f"{v:.3f}" for v in np.linspace(0, 3, 16))
-                + "]]}").encode()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        *app,
+                        "--host",
+                        HOST,
+                        "--port",
+                        str(ports[name]),
+                        "--log-level",
+                        "warning",
+                        "--no-access-log",
+                        "--no-proxy-headers",
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        body = (
+            '{"inputs": [[' + ",".join(f"{v:.3f}" for v in np.linspace(0, 3, 16)) + "]]}"
+        ).encode()
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         clients = {"httpx default": httpx.Client(timeout=10), "make_client": make_client(10)}
         times = {(s, c): [] for s in servers for c in clients}
@@ -88,8 +115,10 @@ def main() -> int:
             while True:
                 try:
                     clients["httpx default"].post(
-                        f"http://{HOST}:{port}/v1/fragments/a.0/execute", content=body,
-                        headers=headers).raise_for_status()
+                        f"http://{HOST}:{port}/v1/fragments/a.0/execute",
+                        content=body,
+                        headers=headers,
+                    ).raise_for_status()
                     break
                 except httpx.TransportError:
                     if time.monotonic() > deadline:
@@ -98,8 +127,11 @@ def main() -> int:
         for i in range(200 + args.requests):
             for (name, cname), ts in times.items():
                 t0 = time.perf_counter()
-                clients[cname].post(f"http://{HOST}:{ports[name]}/v1/fragments/a.0/execute",
-                                    content=body, headers=headers).raise_for_status()
+                clients[cname].post(
+                    f"http://{HOST}:{ports[name]}/v1/fragments/a.0/execute",
+                    content=body,
+                    headers=headers,
+                ).raise_for_status()
                 if i >= 200:
                     ts.append(time.perf_counter() - t0)
         for c in clients.values():
@@ -114,11 +146,15 @@ def main() -> int:
     print("| one HTTP exchange | client | p50 (ms) | p99 (ms) | p50 / fastapi + httpx default |")
     print("|---|---|---|---|---|")
     for (name, cname), v in ms.items():
-        print(f"| {name} | {cname} | {np.percentile(v, 50):.3f} | {np.percentile(v, 99):.3f} "
-              f"| {np.percentile(v, 50) / np.percentile(base, 50):.2f} |")
-    print(f"\n{args.requests} requests per combination, interleaved; mean "
-          + ", ".join(f"{n}/{c} {statistics.mean(v):.3f}" for (n, c), v in ms.items())
-          + f" ms; loadavg {os.getloadavg()[0]:.1f}")
+        print(
+            f"| {name} | {cname} | {np.percentile(v, 50):.3f} | {np.percentile(v, 99):.3f} "
+            f"| {np.percentile(v, 50) / np.percentile(base, 50):.2f} |"
+        )
+    print(
+        f"\n{args.requests} requests per combination, interleaved; mean "
+        + ", ".join(f"{n}/{c} {statistics.mean(v):.3f}" for (n, c), v in ms.items())
+        + f" ms; loadavg {os.getloadavg()[0]:.1f}"
+    )
     return 0
 
 

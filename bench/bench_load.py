@@ -66,14 +66,20 @@ def phase(stack, raw, ref, clients: int, duration: float, batch: int, seed: int)
     wall = time.monotonic() - t0
     n = sum(codes.values())
     lat_ms = np.array(lat) * 1000
-    return {"clients": clients, "seconds": round(wall, 1), "requests": n,
-            "ok": codes[200], "pushed_back": codes[503] + codes[429],
-            "errors": n - codes[200] - codes[503] - codes[429],
-            "wrong_answers": wrong[0], "retry_after_missing": retry_after_missing[0],
-            "status": {str(k): v for k, v in sorted(codes.items())},
-            "rps": round(codes[200] / wall, 1),
-            "p50_ms": round(float(np.percentile(lat_ms, 50)), 1) if lat else None,
-            "p99_ms": round(float(np.percentile(lat_ms, 99)), 1) if lat else None}
+    return {
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": n,
+        "ok": codes[200],
+        "pushed_back": codes[503] + codes[429],
+        "errors": n - codes[200] - codes[503] - codes[429],
+        "wrong_answers": wrong[0],
+        "retry_after_missing": retry_after_missing[0],
+        "status": {str(k): v for k, v in sorted(codes.items())},
+        "rps": round(codes[200] / wall, 1),
+        "p50_ms": round(float(np.percentile(lat_ms, 50)), 1) if lat else None,
+        "p99_ms": round(float(np.percentile(lat_ms, 99)), 1) if lat else None,
+    }
 
 
 def main() -> None:
@@ -81,8 +87,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
     ap.add_argument("--batch", type=int, default=4, help="images per request")
-    ap.add_argument("--max-inflight", type=int, default=16, help="orchestrator and provider "
-                    "in-flight limit (QUMOS_*_MAX_INFLIGHT)")
+    ap.add_argument(
+        "--max-inflight",
+        type=int,
+        default=16,
+        help="orchestrator and provider in-flight limit (QUMOS_*_MAX_INFLIGHT)",
+    )
     ap.add_argument("--overload-clients", type=int, default=48, help="0: skip phase 2")
     ap.add_argument("--artifact", default=None, help="artifact dir (default: train a tiny one)")
     ap.add_argument("--json-out", default=None)
@@ -100,14 +110,22 @@ def main() -> None:
     art = small_artifact(Path(args.artifact) if args.artifact else tmp / "model")
     test = load_task(art.spec.dataset, art.spec.task, seed=0).test
     with torch.no_grad():
-        ref = torch.softmax(DistributedQNN(art.spec, dtype=torch.float64)(
-            torch.as_tensor(test.x, dtype=torch.float64)), 1).numpy()
+        ref = torch.softmax(
+            DistributedQNN(art.spec, dtype=torch.float64)(
+                torch.as_tensor(test.x, dtype=torch.float64)
+            ),
+            1,
+        ).numpy()
     lim = str(args.max_inflight)
-    stack = stack_on_free_ports(tmp / "stack", with_attacker=False,
-                                orchestrator_env={"QUMOS_ORCH_MAX_INFLIGHT": lim},
-                                provider_env={n: {"QUMOS_PROVIDER_MAX_INFLIGHT": lim}
-                                              for n in ("provider-a", "provider-b",
-                                                        "provider-c")})
+    stack = stack_on_free_ports(
+        tmp / "stack",
+        with_attacker=False,
+        orchestrator_env={"QUMOS_ORCH_MAX_INFLIGHT": lim},
+        provider_env={
+            n: {"QUMOS_PROVIDER_MAX_INFLIGHT": lim}
+            for n in ("provider-a", "provider-b", "provider-c")
+        },
+    )
     stack.model = art.spec.name
     out = {}
     with stack:
@@ -115,20 +133,28 @@ def main() -> None:
         out["steady"] = phase(stack, test.raw, ref, args.clients, args.duration, args.batch, 0)
         print(json.dumps(out["steady"]), flush=True)
         if args.overload_clients:
-            out["overload"] = phase(stack, test.raw, ref, args.overload_clients,
-                                    args.duration, args.batch, 1000)
+            out["overload"] = phase(
+                stack, test.raw, ref, args.overload_clients, args.duration, args.batch, 1000
+            )
             print(json.dumps(out["overload"]), flush=True)
-    print("\n| phase | clients | requests | ok | 503 pushed back | other errors | wrong | "
-          "p50 ms | p99 ms | ok/s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| phase | clients | requests | ok | 503 pushed back | other errors | wrong | "
+        "p50 ms | p99 ms | ok/s |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     for name, r in out.items():
-        print(f"| {name} | {r['clients']} | {r['requests']} | {r['ok']} | {r['pushed_back']} "
-              f"| {r['errors']} | {r['wrong_answers']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['rps']} |")
+        print(
+            f"| {name} | {r['clients']} | {r['requests']} | {r['ok']} | {r['pushed_back']} "
+            f"| {r['errors']} | {r['wrong_answers']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['rps']} |"
+        )
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out | {"args": vars(args)}, indent=1))
-    bad = out["steady"]["errors"] + out["steady"]["pushed_back"] + sum(
-        r["wrong_answers"] + r["errors"] + r["retry_after_missing"] for r in out.values())
+    bad = (
+        out["steady"]["errors"]
+        + out["steady"]["pushed_back"]
+        + sum(r["wrong_answers"] + r["errors"] + r["retry_after_missing"] for r in out.values())
+    )
     sys.exit(1 if bad else 0)
 
 

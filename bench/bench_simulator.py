@@ -1,6 +1,6 @@
 """Forward+backward throughput of the torch simulator against PennyLane and the flop floor.
 
-    python bench/bench_simulator.py                  # the table in the README
+    python bench/bench_simulator.py                  # the table in results/simulator-speed.md
     python bench/bench_simulator.py --min-time 0.2   # quicker, noisier
 
 What is timed, per (fragment, batch B): one training-style step on fixed random inputs
@@ -126,8 +126,9 @@ def check_agree(spec: FragmentSpec, ours, theirs, n: int = 4, seed: int = 0) -> 
 
 
 # ---- timing ---------------------------------------------------------------------------
-def time_steps(fns: dict, batch: int, spec: FragmentSpec, min_time: float,
-               max_reps: int) -> dict[str, float]:
+def time_steps(
+    fns: dict, batch: int, spec: FragmentSpec, min_time: float, max_reps: int
+) -> dict[str, float]:
     """Median seconds of one forward+backward step for each simulator in `fns`, measured
     interleaved (one step of each per round), so a shared machine's load hits all alike.
     Runs until every simulator has >= 3 steps and >= min_time seconds, or max_reps steps."""
@@ -180,27 +181,39 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, pennylane {qml.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-          f"thread(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, pennylane {qml.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"thread(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
 
     with_c = kernels.get() is not None
-    print("batch part: " + ("C kernels (qumos.kernels), also timed as torch ops" if with_c
-                            else "torch ops (the C kernels are unavailable here)"))
+    print(
+        "batch part: "
+        + (
+            "C kernels (qumos.kernels), also timed as torch ops"
+            if with_c
+            else "torch ops (the C kernels are unavailable here)"
+        )
+    )
     rows = []
     for n in args.qubits:
-        spec = FragmentSpec(n_qubits=n, n_inputs=16, block="rxyz_cnot", depth=2, entanglement="ring")
+        spec = FragmentSpec(
+            n_qubits=n, n_inputs=16, block="rxyz_cnot", depth=2, entanglement="ring"
+        )
         rng = np.random.default_rng(n)
         spec = spec.with_params(rng.uniform(-math.pi, math.pi, spec.n_params).tolist())
         sim = FragmentSim(spec)
         fns = {"ours": sim}
         if with_c:
+
             def torch_only(x, w, sim=sim):  # the kernel is chosen in forward; backward follows
                 kernels.set_mode("torch")
                 try:
                     return sim(x, w)
                 finally:
                     kernels.set_mode("auto")
+
             fns["ours-torch"] = torch_only
         if not args.skip_pennylane:
             fns["pennylane"] = pennylane_sim(spec)
@@ -214,18 +227,24 @@ def main() -> None:
             st = b / t["ours-torch"] if "ours-torch" in t else float("nan")
             fps = flops_per_sample(spec, b)
             rows.append((n, b, so, st, sp, flops / fps, fps, flops))
-            print(f"  {n}q B={b}: ours {so:,.0f}/s  torch only {st:,.0f}/s  pennylane "
-                  f"{sp:,.0f}/s  floor {flops / fps:,.0f}/s ({flops / 1e9:.1f} GFLOP/s)",
-                  flush=True)
+            print(
+                f"  {n}q B={b}: ours {so:,.0f}/s  torch only {st:,.0f}/s  pennylane "
+                f"{sp:,.0f}/s  floor {flops / fps:,.0f}/s ({flops / 1e9:.1f} GFLOP/s)",
+                flush=True,
+            )
 
     print()
-    print("| qubits | batch | ours (samples/s) | ours, torch only (samples/s) | PennyLane "
-          "(samples/s) | flop floor (samples/s) | ours / torch only | ours / PennyLane | "
-          "ours / floor | flops per sample | machine GFLOP/s |")
+    print(
+        "| qubits | batch | ours (samples/s) | ours, torch only (samples/s) | PennyLane "
+        "(samples/s) | flop floor (samples/s) | ours / torch only | ours / PennyLane | "
+        "ours / floor | flops per sample | machine GFLOP/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, b, so, st, sp, fl, fps, flops in rows:
-        print(f"| {n} | {b} | {so:,.0f} | {st:,.0f} | {sp:,.0f} | {fl:,.0f} | {so / st:.2f}x | "
-              f"{so / sp:.1f}x | 1/{fl / so:.1f} | {fps:,.0f} | {flops / 1e9:.1f} |")
+        print(
+            f"| {n} | {b} | {so:,.0f} | {st:,.0f} | {sp:,.0f} | {fl:,.0f} | {so / st:.2f}x | "
+            f"{so / sp:.1f}x | 1/{fl / so:.1f} | {fps:,.0f} | {flops / 1e9:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def parse_design(text: str) -> Design:
             raise SystemExit(f"design {text!r}: fragment {i} has no block")
         else:
             depth = part
-        frags.append({"block": block, "depth": int(depth.rstrip("R")),
-                      "reupload": depth.endswith("R")})
+        frags.append(
+            {"block": block, "depth": int(depth.rstrip("R")), "reupload": depth.endswith("R")}
+        )
     return validate_design({"dataset": "digits", "task": 4, "fragments": frags})
 
 
@@ -67,11 +68,27 @@ def jobs(scale: str, m: int, data, args):
             rng = np.random.default_rng(10_007 + i)
             sub = rng.choice(len(data.train.y), args.attacker_samples, replace=False)
             x, y = data.train.x[sub], data.train.y[sub]
-            out.append((x, y, x, y, TrainConfig(epochs=args.attacker_epochs, lr=0.03,
-                                                batch_size=len(y), seed=1000 + i)))
+            out.append(
+                (
+                    x,
+                    y,
+                    x,
+                    y,
+                    TrainConfig(
+                        epochs=args.attacker_epochs, lr=0.03, batch_size=len(y), seed=1000 + i
+                    ),
+                )
+            )
         else:
-            out.append((data.train.x, data.train.y, data.val.x, data.val.y,
-                        TrainConfig(epochs=args.victim_epochs, lr=0.03, batch_size=32, seed=i)))
+            out.append(
+                (
+                    data.train.x,
+                    data.train.y,
+                    data.val.x,
+                    data.val.y,
+                    TrainConfig(epochs=args.victim_epochs, lr=0.03, batch_size=32, seed=i),
+                )
+            )
     return out
 
 
@@ -97,8 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=int, nargs="+", default=[5, 15, 45])
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS))
-    ap.add_argument("--scales", nargs="+", default=["attacker", "victim"],
-                    choices=["attacker", "victim"])
+    ap.add_argument(
+        "--scales", nargs="+", default=["attacker", "victim"], choices=["attacker", "victim"]
+    )
     ap.add_argument("--attacker-epochs", type=int, default=30)
     ap.add_argument("--attacker-samples", type=int, default=22)
     ap.add_argument("--victim-epochs", type=int, default=2)
@@ -106,13 +124,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_task("digits", 4, seed=0)
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch "
-          f"{torch.__version__}, 1 thread; digits-4 train {len(data.train.y)}, "
-          f"val {len(data.val.y)}")
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, 1 thread; digits-4 train {len(data.train.y)}, "
+        f"val {len(data.val.y)}"
+    )
     print(f"# load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("| scale | design | M | one-by-one wall s | batched wall s | ratio | "
-          "one-by-one CPU s | batched CPU s | CPU ratio | max abs dp | max dacc | "
-          "same best epoch |")
+    print(
+        "| scale | design | M | one-by-one wall s | batched wall s | ratio | "
+        "one-by-one CPU s | batched CPU s | CPU ratio | max abs dp | max dacc | "
+        "same best epoch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.scales:
         for text in args.designs:
@@ -145,12 +167,17 @@ def main() -> None:
                 one_c = statistics.median(t[1] for t in times["one"])
                 b_w = statistics.median(t[0] for t in times["batched"])
                 b_c = statistics.median(t[1] for t in times["batched"])
-                print(f"| {scale} | {text} | {m} | {one_w:.2f} | {b_w:.2f} | "
-                      f"{one_w / b_w:.1f}x | {one_c:.2f} | {b_c:.2f} | {one_c / b_c:.1f}x | "
-                      f"{dp:.1e} | {dacc:.3f} | {same}/{m} |", flush=True)
+                print(
+                    f"| {scale} | {text} | {m} | {one_w:.2f} | {b_w:.2f} | "
+                    f"{one_w / b_w:.1f}x | {one_c:.2f} | {b_c:.2f} | {one_c / b_c:.1f}x | "
+                    f"{dp:.1e} | {dacc:.3f} | {same}/{m} |",
+                    flush=True,
+                )
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"# attacker: {args.attacker_samples} samples/model, full batch, "
-          f"{args.attacker_epochs} epochs; victim: batch 32, {args.victim_epochs} epochs")
+    print(
+        f"# attacker: {args.attacker_samples} samples/model, full batch, "
+        f"{args.attacker_epochs} epochs; victim: batch 32, {args.victim_epochs} epochs"
+    )
 
 
 if __name__ == "__main__":

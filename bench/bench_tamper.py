@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "service"))
+sys.path.insert(0, str(ROOT))  # tests.support: the in-process services and the liar
 
 
 def small_artifact(path: Path):
@@ -36,8 +36,9 @@ def small_artifact(path: Path):
     if (path / "model.json").is_file():
         return load_artifact(path)
     design = design_from_flags(dataset="digits", task=4, fragments="2-2-2")
-    spec, _, acc = train_design(design, load_task("digits", 4, seed=0),
-                                TrainConfig(epochs=4, seed=0), name="digits4")
+    spec, _, acc = train_design(
+        design, load_task("digits", 4, seed=0), TrainConfig(epochs=4, seed=0), name="digits4"
+    )
     save_artifact(spec, path, metrics={"test_acc": acc})
     return load_artifact(path)
 
@@ -45,8 +46,9 @@ def small_artifact(path: Path):
 async def run(args) -> list[dict]:
     from qumos.client import make_canaries
     from qumos.datasets import load_task
-    from svc_helpers import company_stack, deploy_inprocess
-    from tamper import TamperingTransport
+
+    from tests.support.services import company_stack, deploy_inprocess
+    from tests.support.tamper import TamperingTransport
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tamper-"))
     art = small_artifact(Path(args.artifact) if args.artifact else tmp / "model")
@@ -60,14 +62,19 @@ async def run(args) -> list[dict]:
     rows = []
     async with company_stack(tmp, art, {"provider-b": liar}) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, art)
-        canaries = make_canaries(art.spec, data.train.raw[:args.pool])
-        r = await c.put("/v1/models/digits4/canaries", content=canaries.model_dump_json(),
-                        headers={"Authorization": f"Bearer {admin}"})
+        canaries = make_canaries(art.spec, data.train.raw[: args.pool])
+        r = await c.put(
+            "/v1/models/digits4/canaries",
+            content=canaries.model_dump_json(),
+            headers={"Authorization": f"Bearer {admin}"},
+        )
         assert r.status_code == 200, r.text
         settings = c._transport.app.state.orchestrator.settings
         rng = np.random.default_rng(args.seed)
-        batches = [data.test.raw[rng.choice(len(data.test.raw), args.batch, replace=False)]
-                   for _ in range(args.requests)]
+        batches = [
+            data.test.raw[rng.choice(len(data.test.raw), args.batch, replace=False)]
+            for _ in range(args.requests)
+        ]
         honest = []
         for b in batches:
             r = await c.post("/v1/models/digits4/predict", json={"instances": b.tolist()})
@@ -80,10 +87,13 @@ async def run(args) -> list[dict]:
                     box["t"].delta, box["t"].fraction = delta, frac
                     caught = wrong = ok = 0
                     for b, want in zip(batches, honest):
-                        r = await c.post("/v1/models/digits4/predict",
-                                         json={"instances": b.tolist()})
-                        if r.status_code == 502 and r.json()["error"]["type"] == \
-                                "integrity_check_failed":
+                        r = await c.post(
+                            "/v1/models/digits4/predict", json={"instances": b.tolist()}
+                        )
+                        if (
+                            r.status_code == 502
+                            and r.json()["error"]["type"] == "integrity_check_failed"
+                        ):
                             caught += 1
                         elif r.status_code == 200:
                             same = np.allclose(r.json()["probabilities"], want, atol=1e-6)
@@ -93,12 +103,23 @@ async def run(args) -> list[dict]:
                             raise AssertionError(r.text)
                     n = len(batches)
                     theory = 1 - (1 - frac) ** k if delta > 1e-6 else 0.0  # exact tolerance
-                    rows.append({"canaries_per_call": k, "delta": delta, "fraction": frac,
-                                 "requests": n, "detected": caught / n,
-                                 "wrong_served": wrong / n, "theory": theory})
-                    print(f"k={k:3d} delta={delta:<6g} fraction={frac:<5g} detected "
-                          f"{caught / n:5.2f} (theory {theory:4.2f})  "
-                          f"answers altered {wrong / n:5.2f}", flush=True)
+                    rows.append(
+                        {
+                            "canaries_per_call": k,
+                            "delta": delta,
+                            "fraction": frac,
+                            "requests": n,
+                            "detected": caught / n,
+                            "wrong_served": wrong / n,
+                            "theory": theory,
+                        }
+                    )
+                    print(
+                        f"k={k:3d} delta={delta:<6g} fraction={frac:<5g} detected "
+                        f"{caught / n:5.2f} (theory {theory:4.2f})  "
+                        f"answers altered {wrong / n:5.2f}",
+                        flush=True,
+                    )
     return rows
 
 
@@ -115,11 +136,15 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     rows = asyncio.run(run(args))
-    print("\n| canaries/call | delta | tampered rows | detected | theory 1-(1-f)^k | "
-          "answers altered |\n|---|---|---|---|---|---|")
+    print(
+        "\n| canaries/call | delta | tampered rows | detected | theory 1-(1-f)^k | "
+        "answers altered |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['canaries_per_call']} | {r['delta']:g} | {r['fraction']:g} | "
-              f"{r['detected']:.2f} | {r['theory']:.2f} | {r['wrong_served']:.2f} |")
+        print(
+            f"| {r['canaries_per_call']} | {r['delta']:g} | {r['fraction']:g} | "
+            f"{r['detected']:.2f} | {r['theory']:.2f} | {r['wrong_served']:.2f} |"
+        )
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(rows, indent=1))

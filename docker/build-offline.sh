@@ -4,7 +4,8 @@
 #   1. the base image python:3.11-slim, made locally (docker/build-base-image.sh:
 #      debootstrap Debian bookworm from the apt mirror + docker import; skipped if present)
 #   2. the wheelhouse docker/wheelhouse/ (docker/build-wheelhouse.sh, downloaded on the
-#      host with the host's pip; skipped if it already holds this pyproject's requirements)
+#      host with the host's pip, at the versions of requirements.lock; skipped if it
+#      already holds this pyproject's requirements at those versions)
 #   3. the compose secrets (docker/make-secrets.sh; existing tokens are kept)
 #   4. the images qumos-provider, qumos-orchestrator, qumos-attacker from the same
 #      Dockerfiles an online build uses, with --build-arg PIP_NO_INDEX=1 (wheelhouse only).
@@ -48,12 +49,13 @@ log "base image python:3.11-slim ready ($(since "$t"))"
 # 2. wheelhouse: re-download only when the requirements changed (or --force-wheels)
 t=$(date +%s)
 REQS=$(python3 "$HERE/requirements.py")
-WANT=$(printf '%s\n' "$REQS" | sha256sum | cut -d' ' -f1)
+LOCK="$ROOT/requirements.lock"  # the exact versions (a constraint file)
+WANT=$(printf '%s\n' "$REQS" | cat - "$LOCK" | sha256sum | cut -d' ' -f1)
 STAMP="$HERE/wheelhouse/.requirements.sha256"
 if [[ $FORCE_WHEELS -eq 1 || ! -f $STAMP || $(cat "$STAMP") != "$WANT" ]]; then
   # shellcheck disable=SC2086
   mapfile -t REQ_ARR <<<"$REQS"
-  "$HERE/build-wheelhouse.sh" "${REQ_ARR[@]}"
+  "$HERE/build-wheelhouse.sh" "${REQ_ARR[@]}" -c "$LOCK"
   echo "$WANT" >"$STAMP"
   log "wheelhouse downloaded ($(since "$t"))"
 else

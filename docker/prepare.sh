@@ -42,7 +42,7 @@ prepare_docker() {
           "the container tier cannot run, so this test run fails."
     fi
   fi
-  echo "docker: docker $(docker info --format '{{.ServerVersion}}') ($(docker info --format '{{.Driver}}')), compose: $(python3 tests/containers/compose.py version --short 2>/dev/null || echo '?')" >&2
+  echo "docker: docker $(docker info --format '{{.ServerVersion}}') ($(docker info --format '{{.Driver}}')), compose: $(python3 tests/support/compose.py version --short 2>/dev/null || echo '?')" >&2
   local t0=$SECONDS
   docker/build-offline.sh || die "docker/build-offline.sh failed: no images for the container tier"
   echo "docker: base image, wheelhouse and images ready in $((SECONDS - t0))s" >&2

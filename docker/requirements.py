@@ -3,10 +3,11 @@
 
 Reads pyproject.toml: the core dependencies plus the extras the images use
 (provider, orchestrator, attacker and what they pull in, e.g. attacker ->
-qumos[train]), plus the build-system requirements (`pip install /src` builds
+qumos[train], provider -> qumos[quantum]), plus the build-system requirements (`pip install /src` builds
 the project with setuptools, which must then come from the wheelhouse too).
 torch is pinned to the CPU build the project tests with: an unpinned torch
-resolves to a multi-GB CUDA build.
+resolves to a multi-GB CUDA build. The versions come from requirements.lock, which
+every install passes as a constraint file (`pip install -r ... -c requirements.lock`).
 
     docker/requirements.py [--pyproject FILE] [EXTRA ...]
         (default file: the repository's; default extras: provider orchestrator attacker)

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import FastAPI, Request
 from pydantic import (
@@ -64,6 +64,9 @@ from qumos.webcommon import (
     parse_body,
     read_token_file,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("qumos.attacker")
 

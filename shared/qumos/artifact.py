@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
 from qumos.errors import ArtifactError
 from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec, format_validation_error
 
@@ -58,8 +57,12 @@ class Artifact:
     training: dict = field(default_factory=dict)
 
     def fragment_file(self, k: int) -> FragmentFile:
-        return FragmentFile(model=self.spec.name, index=k, provider=self.spec.placement[k],
-                            fragment=self.spec.fragments[k])
+        return FragmentFile(
+            model=self.spec.name,
+            index=k,
+            provider=self.spec.placement[k],
+            fragment=self.spec.fragments[k],
+        )
 
     def company_spec(self) -> ModelSpec:
         return company_spec(self.spec)
@@ -67,8 +70,9 @@ class Artifact:
 
 def company_spec(spec: ModelSpec) -> ModelSpec:
     """The spec without any fragment parameters: what the orchestrator holds."""
-    return spec.model_copy(update={"fragments": [f.model_copy(update={"params": None})
-                                                 for f in spec.fragments]})
+    return spec.model_copy(
+        update={"fragments": [f.model_copy(update={"params": None}) for f in spec.fragments]}
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -91,8 +95,9 @@ def _dump(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
-def save_artifact(spec: ModelSpec, out: Path | str, metrics: dict | None = None,
-                  training: dict | None = None) -> Artifact:
+def save_artifact(
+    spec: ModelSpec, out: Path | str, metrics: dict | None = None, training: dict | None = None
+) -> Artifact:
     out = Path(out)
     if not spec.is_trained():
         raise ArtifactError("the model has untrained parts; refusing to save it")
@@ -102,13 +107,23 @@ def save_artifact(spec: ModelSpec, out: Path | str, metrics: dict | None = None,
         rel = f"fragments/fragment-{k}.json"
         data = _dump(art.fragment_file(k).model_dump(mode="json"))
         atomic_write(out / rel, data)
-        manifest.append({"file": rel, "provider": spec.placement[k],
-                         "sha256": hashlib.sha256(data).hexdigest()})
+        manifest.append(
+            {"file": rel, "provider": spec.placement[k], "sha256": hashlib.sha256(data).hexdigest()}
+        )
     atomic_write(out / "company.json", _dump(company_spec(spec).model_dump(mode="json")))
-    atomic_write(out / "model.json", _dump({
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "model": spec.model_dump(mode="json"),
-        "metrics": art.metrics, "training": art.training, "fragments": manifest,
-    }))
+    atomic_write(
+        out / "model.json",
+        _dump(
+            {
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "model": spec.model_dump(mode="json"),
+                "metrics": art.metrics,
+                "training": art.training,
+                "fragments": manifest,
+            }
+        ),
+    )
     return art
 
 
@@ -127,20 +142,26 @@ def load_artifact(path: Path | str) -> Artifact:
         raise ArtifactError(f"{path}: not an artifact directory (no such directory)")
     top = _read_json(path / "model.json")
     if top.get("format") != FORMAT:
-        raise ArtifactError(f"{path / 'model.json'}: format is {top.get('format')!r}, "
-                            f"expected {FORMAT!r}")
+        raise ArtifactError(
+            f"{path / 'model.json'}: format is {top.get('format')!r}, expected {FORMAT!r}"
+        )
     if top.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path / 'model.json'}: schema_version {top.get('schema_version')}; "
-                            f"this QuMoS reads {SCHEMA_VERSION}")
+        raise ArtifactError(
+            f"{path / 'model.json'}: schema_version {top.get('schema_version')}; "
+            f"this QuMoS reads {SCHEMA_VERSION}"
+        )
     try:
         spec = ModelSpec.model_validate(top["model"])
     except (ValidationError, KeyError) as e:
-        raise ArtifactError(f"{path / 'model.json'}: invalid model: "
-                            f"{format_validation_error(e)}") from None
+        raise ArtifactError(
+            f"{path / 'model.json'}: invalid model: {format_validation_error(e)}"
+        ) from None
     manifest = top.get("fragments") or []
     if len(manifest) != spec.n_fragments:
-        raise ArtifactError(f"{path / 'model.json'}: manifest lists {len(manifest)} fragments; "
-                            f"the model has {spec.n_fragments}")
+        raise ArtifactError(
+            f"{path / 'model.json'}: manifest lists {len(manifest)} fragments; "
+            f"the model has {spec.n_fragments}"
+        )
     for k, entry in enumerate(manifest):
         fpath = path / entry["file"]
         if not fpath.is_file():
@@ -154,5 +175,6 @@ def load_artifact(path: Path | str) -> Artifact:
     company = _read_json(path / "company.json")
     if company != company_spec(spec).model_dump(mode="json"):
         raise ArtifactError(f"{path / 'company.json'}: does not match model.json")
-    return Artifact(path=path, spec=spec, metrics=top.get("metrics", {}),
-                    training=top.get("training", {}))
+    return Artifact(
+        path=path, spec=spec, metrics=top.get("metrics", {}), training=top.get("training", {})
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 from qumos.spec import GlueSpec, HeadSpec, ModelSpec, PreprocessSpec
 
 

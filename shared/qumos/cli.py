@@ -6,19 +6,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
 from qumos.errors import QumosError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 # Plain click help (rich_markup_mode=None): no "<bool>" placeholders on flags; each
 # command's summary is its docstring's first sentence, whole (`_summaries`).
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  context_settings={"max_content_width": 100},
-                  help="QuMoS: split a QNN across quantum providers and measure its theft.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
+    help="QuMoS: split a QNN across quantum providers and measure its theft.",
+)
 console = Console(stderr=True)
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
@@ -37,7 +39,7 @@ def _json_mode() -> bool:
     try:  # typer >= 0.20 carries its own copy of click
         from typer._click.globals import get_current_context
     except ImportError:  # pragma: no cover
-        from click import get_current_context
+        from click import get_current_context  # type: ignore[no-redef]
     ctx = get_current_context(silent=True)
     if ctx is not None:
         return bool(ctx.params.get("as_json"))
@@ -59,7 +61,8 @@ class PlainProgress:
     instead of a bar that renders as blank lines."""
 
     def __init__(self, every: float = 5.0):
-        self.every, self.tasks = every, {}
+        self.every = every
+        self.tasks: dict[int, dict] = {}
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -67,15 +70,27 @@ class PlainProgress:
     def __exit__(self, *exc) -> None:
         pass
 
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+    def add_task(self, description: str, total: float | None = None, **fields) -> TaskID:
         tid = len(self.tasks)
-        self.tasks[tid] = {"description": description, "total": total, "completed": 0,
-                           "t0": time.monotonic(), "printed": 0.0, "fields": fields}
+        self.tasks[tid] = {
+            "description": description,
+            "total": total,
+            "completed": 0,
+            "t0": time.monotonic(),
+            "printed": 0.0,
+            "fields": fields,
+        }
         console.print(f"{description} ...", markup=False, highlight=False, soft_wrap=True)
-        return tid
+        return TaskID(tid)
 
-    def update(self, tid: int, completed: float | None = None, total: float | None = None,
-               advance: float | None = None, **fields) -> None:
+    def update(
+        self,
+        tid: int,
+        completed: float | None = None,
+        total: float | None = None,
+        advance: float | None = None,
+        **fields,
+    ) -> None:
         t = self.tasks[tid]
         before = t["completed"]
         if total is not None:
@@ -90,34 +105,47 @@ class PlainProgress:
         if t["completed"] != before and (done or now - t["printed"] >= self.every):
             t["printed"] = now
             total_s = "?" if t["total"] is None else f"{t['total']:g}"
-            console.print(f"{t['description']}: {t['completed']:g}/{total_s} "
-                          f"{t['fields'].get('info', '')} ({now - t['t0']:.0f}s)".rstrip(),
-                          markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"{t['description']}: {t['completed']:g}/{total_s} "
+                f"{t['fields'].get('info', '')} ({now - t['t0']:.0f}s)".rstrip(),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def progress_bar(transient: bool = True) -> Progress | PlainProgress:
     """A progress bar on a terminal; plain progress lines otherwise."""
     if not console.is_terminal:
         return PlainProgress()
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-                    TimeElapsedColumn(), console=console, transient=transient)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
 
 
 def attack_progress(bar, tid):
     """A qumos.attack progress callback showing seed, breach, strategy and epoch."""
+
     def prog(i: dict) -> None:
-        bar.update(tid, completed=i.get("done", 0),
-                   info=f"seed {i.get('seed')} {i.get('provider') or ''} "
-                        f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}")
+        bar.update(
+            tid,
+            completed=i.get("done", 0),
+            info=f"seed {i.get('seed')} {i.get('provider') or ''} "
+            f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}",
+        )
+
     return prog
 
 
 def load_design_file(path: Path):
     """A design from a YAML or JSON file; QumosError naming the file, line and column."""
-    from qumos.spec import validate_design
-
     import yaml
+    from qumos.spec import validate_design
 
     if not path.is_file():
         raise QumosError(f"design file {path}: no such file")
@@ -129,8 +157,9 @@ def load_design_file(path: Path):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise QumosError(f"design file {path}: line {e.lineno}, column {e.colno}: not "
-                             f"valid JSON ({e.msg})") from None
+            raise QumosError(
+                f"design file {path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+            ) from None
     else:
         try:
             data = yaml.safe_load(text)
@@ -140,14 +169,16 @@ def load_design_file(path: Path):
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise QumosError(f"design file {path}: {where}not valid YAML ({what})") from None
     if not isinstance(data, dict):
-        raise QumosError(f"design file {path}: expected a mapping of design fields "
-                         f"(dataset, task, fragments, ...); got {type(data).__name__}")
+        raise QumosError(
+            f"design file {path}: expected a mapping of design fields "
+            f"(dataset, task, fragments, ...); got {type(data).__name__}"
+        )
     return validate_design(data)
 
 
 @app.command()
 def train(
-    design_file: Optional[Path] = typer.Argument(None, help="YAML/JSON design file"),
+    design_file: Path | None = typer.Argument(None, help="YAML/JSON design file"),
     dataset: str = typer.Option("digits", help="digits, mnist-small, mnist, fashion-mnist"),
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("2-2-2", help="depth of each fragment, dash-separated"),
@@ -156,11 +187,16 @@ def train(
     entanglement: str = typer.Option("ring", help="ring, linear, full"),
     glue: str = typer.Option("tanh", help="tanh: pi*tanh(Wh+b); sin: pi*sin(Wh+b)"),
     head: str = typer.Option("readout", help="readout (fixed) or linear (trained)"),
-    reupload: bool = typer.Option(False, show_default=False,
-                                  help="glue also feeds the raw features (default: off)"),
-    hide_inputs: bool = typer.Option(False, "--hide-inputs", show_default=False,
-                                     help="input hiding: a company-held transform before "
-                                     "fragment 0, trained with the model (default: off)"),
+    reupload: bool = typer.Option(
+        False, show_default=False, help="glue also feeds the raw features (default: off)"
+    ),
+    hide_inputs: bool = typer.Option(
+        False,
+        "--hide-inputs",
+        show_default=False,
+        help="input hiding: a company-held transform before "
+        "fragment 0, trained with the model (default: off)",
+    ),
     seed: int = typer.Option(0, help="seed of the split, initialisation and batches"),
     epochs: int = typer.Option(30, min=1),
     lr: float = typer.Option(0.03, min=0.0),
@@ -177,41 +213,76 @@ def train(
     from qumos.train import TrainConfig, train_design
 
     try:
-        design = load_design_file(design_file) if design_file else design_from_flags(
-            dataset=dataset, task=task, fragments=fragments, block=block, n_qubits=qubits,
-            entanglement=entanglement, glue=glue, head=head, reupload=reupload,
-            hide_inputs=hide_inputs)
+        design = (
+            load_design_file(design_file)
+            if design_file
+            else design_from_flags(
+                dataset=dataset,
+                task=task,
+                fragments=fragments,
+                block=block,
+                n_qubits=qubits,
+                entanglement=entanglement,
+                glue=glue,
+                head=head,
+                reupload=reupload,
+                hide_inputs=hide_inputs,
+            )
+        )
         t0 = time.perf_counter()
         data = load_task(design.dataset, design.task, seed=seed, data_dir=data_dir)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
         with progress_bar() as bar:
             tid = bar.add_task(f"train {design.short()}", total=epochs, info="")
             spec, res, test_acc = train_design(
-                design, data, cfg, name=name,
-                progress=lambda e, n, v: bar.update(tid, completed=e, info=f"val {v:.3f}"))
-        metrics = {"val_acc": res.val_acc, "test_acc": test_acc, "train_acc": res.train_acc,
-                   "best_epoch": res.best_epoch, "train_seconds": res.seconds}
-        training = {"design": design.model_dump(), "seed": seed, "epochs": epochs, "lr": lr,
-                    "batch_size": batch_size}
+                design,
+                data,
+                cfg,
+                name=name,
+                progress=lambda e, n, v: bar.update(tid, completed=e, info=f"val {v:.3f}"),
+            )
+        metrics = {
+            "val_acc": res.val_acc,
+            "test_acc": test_acc,
+            "train_acc": res.train_acc,
+            "best_epoch": res.best_epoch,
+            "train_seconds": res.seconds,
+        }
+        training = {
+            "design": design.model_dump(),
+            "seed": seed,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+        }
         save_artifact(spec, out, metrics=metrics, training=training)
     except QumosError as e:
         fail(e)
-    result = {"artifact": str(out), "design": design.short(), **metrics,
-              "seconds": time.perf_counter() - t0,
-              "fragments": [str(out / f"fragments/fragment-{k}.json")
-                            for k in range(len(design.fragments))]}
-    emit(result, as_json, f"trained {design.short()} on {design.dataset}-{design.task} "
-         f"(seed {seed}): validation accuracy {res.val_acc:.3f}, test accuracy {test_acc:.3f}\n"
-         f"artifact: {out}")
+    result = {
+        "artifact": str(out),
+        "design": design.short(),
+        **metrics,
+        "seconds": time.perf_counter() - t0,
+        "fragments": [
+            str(out / f"fragments/fragment-{k}.json") for k in range(len(design.fragments))
+        ],
+    }
+    emit(
+        result,
+        as_json,
+        f"trained {design.short()} on {design.dataset}-{design.task} "
+        f"(seed {seed}): validation accuracy {res.val_acc:.3f}, test accuracy {test_acc:.3f}\n"
+        f"artifact: {out}",
+    )
 
 
 @app.command()
 def evaluate(
     artifact: Path = typer.Argument(DEFAULT_ARTIFACT, help="artifact directory"),
     backend: str = typer.Option("torch", help="torch (simulator) or aer (qiskit-aer, exact)"),
-    shots: Optional[int] = typer.Option(None, min=1, help="aer only: sample with shots"),
+    shots: int | None = typer.Option(None, min=1, help="aer only: sample with shots"),
     data_dir: Path = typer.Option(Path("data")),
-    limit: Optional[int] = typer.Option(None, min=1, help="evaluate the first N test samples"),
+    limit: int | None = typer.Option(None, min=1, help="evaluate the first N test samples"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Recompute the test accuracy of an artifact with the torch simulator or with Aer."""
@@ -235,11 +306,21 @@ def evaluate(
     else:
         probs = aer_predict(art.spec, x, shots=shots, seed=seed)
     acc = float((probs.argmax(1) == y).mean())
-    result = {"artifact": str(artifact), "backend": backend, "shots": shots,
-              "test_acc": acc, "n": int(len(y)), "seconds": time.perf_counter() - t0,
-              "trained_test_acc": art.metrics.get("test_acc")}
-    emit(result, as_json, f"{backend}{'' if shots is None else f' ({shots} shots)'}: "
-         f"test accuracy {acc:.3f} on {len(y)} samples ({result['seconds']:.1f}s)")
+    result = {
+        "artifact": str(artifact),
+        "backend": backend,
+        "shots": shots,
+        "test_acc": acc,
+        "n": int(len(y)),
+        "seconds": time.perf_counter() - t0,
+        "trained_test_acc": art.metrics.get("test_acc"),
+    }
+    emit(
+        result,
+        as_json,
+        f"{backend}{'' if shots is None else f' ({shots} shots)'}: "
+        f"test accuracy {acc:.3f} on {len(y)} samples ({result['seconds']:.1f}s)",
+    )
 
 
 def aer_predict(spec, features, shots=None, seed=None):
@@ -265,8 +346,13 @@ def _register_commands() -> None:
     """Commands of the services, attacker and search engine live in their own modules."""
     import importlib
 
-    for mod in ("qumos.cli_services", "qumos.cli_attack", "qumos.cli_search",
-                "qumos.cli_compose", "qumos.cli_keys"):
+    for mod in (
+        "qumos.cli_services",
+        "qumos.cli_attack",
+        "qumos.cli_search",
+        "qumos.cli_compose",
+        "qumos.cli_keys",
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -298,7 +384,7 @@ def _no_hyphen_breaks() -> None:
         kwargs.setdefault("break_on_hyphens", False)
         init(self, *args, **kwargs)
 
-    _textwrap.TextWrapper.__init__ = __init__
+    _textwrap.TextWrapper.__init__ = __init__  # type: ignore[method-assign]
 
 
 _register_commands()

@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from qumos.cli import app, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
@@ -73,8 +71,8 @@ def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, float]:
                 except httpx.HTTPError as e:
                     last[name] = f"{type(e).__name__}: {e}"
             if waiting and time.perf_counter() - t0 > timeout:
-                raise QumosError("not ready after %.0fs: %s" % (timeout, "; ".join(
-                    f"{n} ({last.get(n, 'no answer')})" for n in waiting)))
+                raise QumosError(f"not ready after {timeout:.0f}s: " + "; ".join(
+                    f"{n} ({last.get(n, 'no answer')})" for n in waiting))
             if waiting:
                 time.sleep(0.5)
     return took
@@ -166,7 +164,6 @@ def compose_demo(
     attack through the attacker service, print the report."""
     import httpx
     import numpy as np
-
     from qumos.attack import report_table
     from qumos.client import ServiceError, create_key, deploy_artifact, predict
     from qumos.datasets import load_task
@@ -195,14 +192,16 @@ def compose_demo(
         data = load_task(spec.dataset, spec.task, seed=seed)
         raw, y = data.test.raw[:limit], data.test.y[:limit]
         t1 = time.perf_counter()
-        probs = []
+        probs: list[list[float]] = []
         # clients use API keys like any client: one for this check, one for the attacker
         demo_key = create_key(orchestrator_url, admin, "compose-demo")["key"]
         attacker_key = create_key(orchestrator_url, admin, "compose-attacker")["key"]
         with httpx.Client(timeout=120.0) as client:
             for i in range(0, len(raw), 100):
-                probs += predict(client, orchestrator_url, spec.name, raw[i:i + 100],
-                                 api_key=demo_key).probabilities
+                ans = predict(client, orchestrator_url, spec.name, raw[i:i + 100],
+                              api_key=demo_key)
+                assert ans.probabilities is not None  # the demo model shows probabilities
+                probs += ans.probabilities
         predict_s = time.perf_counter() - t1
         remote = np.asarray(probs)
         local = predict_proba(DistributedQNN(spec), data.test.x[:limit]).detach().numpy()

@@ -6,43 +6,62 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from qumos.cli import app, emit, fail
 from qumos.errors import QumosError
 
 DEFAULT_WORKDIR = Path("runs/local")
-keys_app = typer.Typer(no_args_is_help=True, help="Client API keys of an orchestrator "
-                       "(admin token): create, list, revoke, flagged.")
+keys_app = typer.Typer(
+    no_args_is_help=True,
+    help="Client API keys of an orchestrator (admin token): create, list, revoke, flagged.",
+)
 app.add_typer(keys_app, name="keys", short_help="Client API keys: create, list, revoke.")
 
-ORCH = typer.Option("http://127.0.0.1:8100", "--orchestrator", envvar="QUMOS_ORCHESTRATOR_URL",
-                    help="orchestrator URL")
-ADMIN = typer.Option(DEFAULT_WORKDIR / "secrets/admin_token", "--admin-token-file",
-                     envvar="QUMOS_ADMIN_TOKEN_FILE", help="file with the admin token")
+ORCH = typer.Option(
+    "http://127.0.0.1:8100",
+    "--orchestrator",
+    envvar="QUMOS_ORCHESTRATOR_URL",
+    help="orchestrator URL",
+)
+ADMIN = typer.Option(
+    DEFAULT_WORKDIR / "secrets/admin_token",
+    "--admin-token-file",
+    envvar="QUMOS_ADMIN_TOKEN_FILE",
+    help="file with the admin token",
+)
 JSON = typer.Option(False, "--json")
 
 
-def _call(method: str, orchestrator: str, admin_token_file: Path, path: str,
-          body: dict | None = None) -> dict:
+def _call(
+    method: str, orchestrator: str, admin_token_file: Path, path: str, body: dict | None = None
+) -> dict:
     import httpx
     from qumos.client import ServiceError, _check, make_client, read_token
 
     try:
         token = read_token(admin_token_file)
     except (OSError, ValueError) as e:
-        raise QumosError(f"--admin-token-file: cannot read {admin_token_file} "
-                         f"({getattr(e, 'strerror', None) or e})") from None
+        raise QumosError(
+            f"--admin-token-file: cannot read {admin_token_file} "
+            f"({getattr(e, 'strerror', None) or e})"
+        ) from None
     if not orchestrator.startswith(("http://", "https://")):
         raise QumosError(f"--orchestrator: {orchestrator!r} is not an http(s) URL")
     try:
         with make_client(timeout=30) as c:
-            return _check(c.request(method, f"{orchestrator.rstrip('/')}{path}", json=body,
-                                    headers={"Authorization": f"Bearer {token}"}))
+            return _check(
+                c.request(
+                    method,
+                    f"{orchestrator.rstrip('/')}{path}",
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            )
     except httpx.TransportError as e:
-        raise QumosError(f"--orchestrator: {orchestrator} is unreachable "
-                         f"({type(e).__name__})") from None
+        raise QumosError(
+            f"--orchestrator: {orchestrator} is unreachable ({type(e).__name__})"
+        ) from None
     except ServiceError as e:
         raise QumosError(str(e)) from None
 
@@ -50,11 +69,14 @@ def _call(method: str, orchestrator: str, admin_token_file: Path, path: str,
 @keys_app.command("create")
 def create(
     name: str = typer.Option(..., "--name", help="who the key is for"),
-    images_per_window: int | None = typer.Option(None, min=1, help="quota: images per "
-                                                    "window (default: no limit)"),
+    images_per_window: int | None = typer.Option(
+        None, min=1, help="quota: images per window (default: no limit)"
+    ),
     window_s: float = typer.Option(60.0, min=0.001, help="quota window in seconds"),
     images_total: int | None = typer.Option(None, min=1, help="quota: images in total"),
-    orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON,
+    orchestrator: str = ORCH,
+    admin_token_file: Path = ADMIN,
+    as_json: bool = JSON,
 ) -> None:
     """Create a key, printed once.
 
@@ -77,23 +99,33 @@ def create(
 
 
 @keys_app.command("list")
-def list_keys(orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
-              as_json: bool = JSON) -> None:
+def list_keys(
+    orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON
+) -> None:
     """List keys by id, never the keys themselves."""
     try:
         res = _call("GET", orchestrator, admin_token_file, "/v1/keys")
     except QumosError as e:
         fail(e)
-    emit(res, as_json, "\n".join(
-        f"{k['id']}  {k['name']:20}  {'revoked' if k['revoked'] else 'active':8} "
-        f"{'FLAGGED ' if k['flagged'] else ''}quota {json.dumps(k['quota'])}"
-        for k in res["keys"]) or "(no keys)")
+    emit(
+        res,
+        as_json,
+        "\n".join(
+            f"{k['id']}  {k['name']:20}  {'revoked' if k['revoked'] else 'active':8} "
+            f"{'FLAGGED ' if k['flagged'] else ''}quota {json.dumps(k['quota'])}"
+            for k in res["keys"]
+        )
+        or "(no keys)",
+    )
 
 
 @keys_app.command("revoke")
-def revoke(key_id: str = typer.Argument(..., help="qk_<id> as `keys list` shows"),
-           orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
-           as_json: bool = JSON) -> None:
+def revoke(
+    key_id: str = typer.Argument(..., help="qk_<id> as `keys list` shows"),
+    orchestrator: str = ORCH,
+    admin_token_file: Path = ADMIN,
+    as_json: bool = JSON,
+) -> None:
     """Revoke a key: its requests get 403 from now on."""
     try:
         from qumos.defense.keys import key_id as parse_id
@@ -109,12 +141,15 @@ def revoke(key_id: str = typer.Argument(..., help="qk_<id> as `keys list` shows"
 
 
 @keys_app.command("flagged")
-def flagged(orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
-            as_json: bool = JSON) -> None:
+def flagged(orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON) -> None:
     """Keys the extraction monitor flagged, and why."""
     try:
         res = _call("GET", orchestrator, admin_token_file, "/v1/keys/flagged")
     except QumosError as e:
         fail(e)
-    emit(res, as_json, "\n".join(f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}"
-                                 for k in res["flagged"]) or "(no flagged keys)")
+    emit(
+        res,
+        as_json,
+        "\n".join(f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}" for k in res["flagged"])
+        or "(no flagged keys)",
+    )

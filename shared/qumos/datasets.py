@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from qumos.chain import preprocess
 from qumos.errors import DatasetError
 from qumos.spec import DATASET_IMAGES, TASK_CLASSES, PreprocessSpec
@@ -37,8 +36,10 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 MIRRORS = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "mnist": [
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
 }
 
@@ -83,7 +84,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise DatasetError(f"{path}: not an unsigned-byte IDX file")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise DatasetError(f"{path}: truncated ({arr.size} values, header says {dims})")
@@ -115,8 +116,13 @@ def _load_idx(name: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, np.concatenate(ys).astype(int)
 
 
-def load_task(dataset: str, task: int, seed: int = 0, data_dir: Path | str | None = None,
-              max_per_class: int | None = None) -> TaskData:
+def load_task(
+    dataset: str,
+    task: int,
+    seed: int = 0,
+    data_dir: Path | str | None = None,
+    max_per_class: int | None = None,
+) -> TaskData:
     """Load a task with seeded stratified 60/20/20 train/validation/test splits."""
     if task not in TASK_CLASSES:
         raise DatasetError(f"task: {task} is not a task; allowed: {sorted(TASK_CLASSES)}")
@@ -142,6 +148,7 @@ def load_task(dataset: str, task: int, seed: int = 0, data_dir: Path | str | Non
     for k, idxs in parts.items():
         idx = rng.permutation(np.concatenate(idxs))
         r = raw[idx]
-        splits[k] = Split(raw=r, x=preprocess(r, pre),
-                          y=np.array([remap[int(v)] for v in labels[idx]], dtype=int))
+        splits[k] = Split(
+            raw=r, x=preprocess(r, pre), y=np.array([remap[int(v)] for v in labels[idx]], dtype=int)
+        )
     return TaskData(dataset=dataset, task=task, classes=classes, preprocess=pre, **splits)

@@ -294,6 +294,7 @@ class _AsyncConn(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.answer = _Answer(method, max_bytes)
         self.waiter = waiter = loop.create_future()
+        assert self.transport is not None  # set by connection_made
         self.transport.write(data)
         timer = None
         if read_timeout is not None:  # a timer handle: lighter than asyncio.wait_for
@@ -338,7 +339,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
             _, conn = await asyncio.wait_for(loop.create_connection(
                 _AsyncConn, host, port, ssl=ctx, server_hostname=host if ctx else None),
                 timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ConnectTimeout(f"no connection to {host}:{port} within "
                                        f"{timeout}s") from None
         except (OSError, ssl.SSLError) as e:
@@ -357,7 +358,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
                 await asyncio.wait_for(slots.acquire(), pool_t)
             else:
                 await slots.acquire()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.PoolTimeout(f"all {self._max} connections to {key[1]}:{key[2]} "
                                     f"stayed busy for {pool_t}s") from None
         try:

@@ -103,8 +103,9 @@ def _cache_dir() -> Path:
 def _compile() -> Path:
     """Path of the shared library, compiled if it is not in the cache yet."""
     source = SOURCE.read_bytes()
-    version = subprocess.run([*COMPILER, "--version"], capture_output=True, check=True,
-                             timeout=60).stdout
+    version = subprocess.run(
+        [*COMPILER, "--version"], capture_output=True, check=True, timeout=60
+    ).stdout
     command = " ".join([*COMPILER, *FLAGS, *LIBS]).encode()
     key = hashlib.sha256(b"\0".join([source, command, version, platform.machine().encode()]))
     lib = _cache_dir() / f"qumos_kernels_{key.hexdigest()[:16]}.so"
@@ -114,8 +115,13 @@ def _compile() -> Path:
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=lib.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
-        res = subprocess.run([*COMPILER, *FLAGS, "-o", tmp, str(SOURCE), *LIBS],
-                             check=False, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [*COMPILER, *FLAGS, "-o", tmp, str(SOURCE), *LIBS],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(COMPILER)} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)
@@ -135,8 +141,10 @@ def _arg(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
     contiguous, and with torch's lazy conjugate / negative views applied (data_ptr() would
     otherwise show the un-conjugated numbers); no-ops when it already is."""
     if t.dtype != dtype or not t.is_cpu or t.shape != shape:
-        raise ValueError(f"kernel argument {tuple(t.shape)} {t.dtype} on {t.device}; "
-                         f"expected {shape} {dtype} on the CPU")
+        raise ValueError(
+            f"kernel argument {tuple(t.shape)} {t.dtype} on {t.device}; "
+            f"expected {shape} {dtype} on the CPU"
+        )
     return t.resolve_conj().resolve_neg().contiguous()
 
 
@@ -149,10 +157,12 @@ class Kernels:
         p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self._fn = {}
         for dtype, sfx in _SUFFIX.items():
-            for name, args in (("qk_encode_fwd", [long, long, i, i, i, p, p, p]),
-                               ("qk_encode_bwd", [long, long, i, i, i, p, p, p, i, i, p, p]),
-                               ("qk_readout_fwd", [long, i, p, p]),
-                               ("qk_readout_bwd", [long, i, p, p, p])):
+            for name, args in (
+                ("qk_encode_fwd", [long, long, i, i, i, p, p, p]),
+                ("qk_encode_bwd", [long, long, i, i, i, p, p, p, i, i, p, p]),
+                ("qk_readout_fwd", [long, i, p, p]),
+                ("qk_readout_bwd", [long, i, p, p, p]),
+            ):
                 fn = getattr(lib, f"{name}_{sfx}")
                 fn.argtypes, fn.restype = args, None
                 self._fn[name, dtype] = fn
@@ -167,8 +177,10 @@ class Kernels:
         """(B, n_inputs, M, n, 2**L) of x (B, n_inputs) and t_ri (n, 2**L, 4) or per model
         (M, n, 2**L, 4): then the B rows are M equal segments, model-major."""
         if t_ri.dim() not in (3, 4) or t_ri.shape[-1] != 4 or x.dim() != 2:
-            raise ValueError(f"kernel arguments x {tuple(x.shape)}, t_ri {tuple(t_ri.shape)}; "
-                             "expected (B, n_inputs) and ([M,] n, 2**L, 4)")
+            raise ValueError(
+                f"kernel arguments x {tuple(x.shape)}, t_ri {tuple(t_ri.shape)}; "
+                "expected (B, n_inputs) and ([M,] n, 2**L, 4)"
+            )
         (b, n_in), m = x.shape, (t_ri.shape[0] if t_ri.dim() == 4 else 1)
         n, k = t_ri.shape[-3], t_ri.shape[-2]
         if m < 1 or b % m:
@@ -181,12 +193,14 @@ class Kernels:
         b, n_in, m, n, k = self._segments(x, t_ri)
         x, t_ri = _arg(x, x.dtype, (b, n_in)), _arg(t_ri, x.dtype, tuple(t_ri.shape))
         psi = torch.empty(b, 2**n, dtype=_COMPLEX[x.dtype])
-        self._fn["qk_encode_fwd", x.dtype](b, m, n, n_in, k.bit_length() - 1, x.data_ptr(),
-                                           t_ri.data_ptr(), psi.data_ptr())
+        self._fn["qk_encode_fwd", x.dtype](
+            b, m, n, n_in, k.bit_length() - 1, x.data_ptr(), t_ri.data_ptr(), psi.data_ptr()
+        )
         return psi
 
-    def encode_bwd(self, x: torch.Tensor, t_ri: torch.Tensor, g_psi: torch.Tensor,
-                   need_x: bool, need_t: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def encode_bwd(
+        self, x: torch.Tensor, t_ri: torch.Tensor, g_psi: torch.Tensor, need_x: bool, need_t: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """grad x (B, n_inputs) and grad t_ri (n, 2**L, 4), summed over the batch (per
         model: (M, n, 2**L, 4), each summed over its segment), from grad psi (B, 2**n);
         None where not needed."""
@@ -197,9 +211,20 @@ class Kernels:
         g_psi = _arg(g_psi, _COMPLEX[x.dtype], (b, 2**n))
         g_x = torch.empty_like(x) if need_x else None
         g_t = torch.empty_like(t_ri) if need_t else None
-        self._fn["qk_encode_bwd", x.dtype](b, m, n, n_in, k.bit_length() - 1, x.data_ptr(),
-                                           t_ri.data_ptr(), g_psi.data_ptr(), int(need_x),
-                                           int(need_t), _ptr(g_x), _ptr(g_t))
+        self._fn["qk_encode_bwd", x.dtype](
+            b,
+            m,
+            n,
+            n_in,
+            k.bit_length() - 1,
+            x.data_ptr(),
+            t_ri.data_ptr(),
+            g_psi.data_ptr(),
+            int(need_x),
+            int(need_t),
+            _ptr(g_x),
+            _ptr(g_t),
+        )
         return g_x, g_t
 
     def readout_fwd(self, phi: torch.Tensor, n: int) -> torch.Tensor:
@@ -215,6 +240,7 @@ class Kernels:
         phi = _arg(phi, phi.dtype, (b, 2**n))
         g_out = _arg(g_out, _REAL[phi.dtype], (b, n))
         g_phi = torch.empty_like(phi)
-        self._fn["qk_readout_bwd", g_out.dtype](b, n, phi.data_ptr(), g_out.data_ptr(),
-                                                g_phi.data_ptr())
+        self._fn["qk_readout_bwd", g_out.dtype](
+            b, n, phi.data_ptr(), g_out.data_ptr(), g_phi.data_ptr()
+        )
         return g_phi

@@ -74,12 +74,29 @@ class Service:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--host", HOST,
-               "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-               "--no-proxy-headers"]  # loopback: no proxy in front
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)  # Ctrl-C goes to us, not it
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            self.app,
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--no-proxy-headers",
+        ]  # loopback: no proxy in front
+        self.proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # Ctrl-C goes to us, not it
         log.close()
 
     def alive(self) -> bool:
@@ -127,11 +144,11 @@ class LocalStack:
         self.workdir = Path(self.workdir).resolve()
         if self.attacker_port is None:
             self.attacker_port = self.orchestrator_port + 10
-        ports = self.provider_ports or [self.orchestrator_port + 1 + i
-                                        for i in range(self.n_providers)]
+        ports = self.provider_ports or [
+            self.orchestrator_port + 1 + i for i in range(self.n_providers)
+        ]
         if len(ports) != self.n_providers:
-            raise StackError(f"provider_ports: {len(ports)} ports for {self.n_providers} "
-                             "providers")
+            raise StackError(f"provider_ports: {len(ports)} ports for {self.n_providers} providers")
         self.provider_names = [provider_name(i) for i in range(self.n_providers)]
         self.tokens_dir = self.workdir / "secrets" / "tokens"
         self.admin_token_file = self.workdir / "secrets" / "admin_token"
@@ -140,33 +157,47 @@ class LocalStack:
         self.client_key_file = self.workdir / "secrets" / "client_key"
         logs = self.workdir / "logs"
         for name, port in zip(self.provider_names, ports):
-            env = {"QUMOS_PROVIDER_NAME": name,
-                   "QUMOS_PROVIDER_DATA_DIR": str(self.workdir / name),
-                   "QUMOS_PROVIDER_TOKEN_FILE": str(self.tokens_dir / name),
-                   **self.provider_env.get(name, {})}
-            self.services[name] = Service(name, "services.provider.app:create_app", port, env,
-                                          logs / f"{name}.log")
+            env = {
+                "QUMOS_PROVIDER_NAME": name,
+                "QUMOS_PROVIDER_DATA_DIR": str(self.workdir / name),
+                "QUMOS_PROVIDER_TOKEN_FILE": str(self.tokens_dir / name),
+                **self.provider_env.get(name, {}),
+            }
+            self.services[name] = Service(
+                name, "services.provider.app:create_app", port, env, logs / f"{name}.log"
+            )
         self.services["orchestrator"] = Service(
-            "orchestrator", "services.orchestrator.app:create_app", self.orchestrator_port,
-            {"QUMOS_ORCH_DATA_DIR": str(self.workdir / "orchestrator"),
-             "QUMOS_ORCH_PROVIDERS": ",".join(f"{n}={self.services[n].url}"
-                                              for n in self.provider_names),
-             "QUMOS_ORCH_TOKENS_DIR": str(self.tokens_dir),
-             "QUMOS_ORCH_ADMIN_TOKEN_FILE": str(self.admin_token_file),
-             **self.orchestrator_env},
-            logs / "orchestrator.log")
+            "orchestrator",
+            "services.orchestrator.app:create_app",
+            self.orchestrator_port,
+            {
+                "QUMOS_ORCH_DATA_DIR": str(self.workdir / "orchestrator"),
+                "QUMOS_ORCH_PROVIDERS": ",".join(
+                    f"{n}={self.services[n].url}" for n in self.provider_names
+                ),
+                "QUMOS_ORCH_TOKENS_DIR": str(self.tokens_dir),
+                "QUMOS_ORCH_ADMIN_TOKEN_FILE": str(self.admin_token_file),
+                **self.orchestrator_env,
+            },
+            logs / "orchestrator.log",
+        )
         if self.with_attacker is None:
             self.with_attacker = ATTACKER_APP.is_file()
         if self.with_attacker:
             # Hook for the attacker service (services/attacker/app.py, QUMOS_ATTACKER_*).
             self.services["attacker"] = Service(
-                "attacker", "services.attacker.app:create_app", self.attacker_port,
-                {"QUMOS_ATTACKER_BREACHED_DIR": str(self.workdir / self.breached),
-                 "QUMOS_ATTACKER_DATA_DIR": str(self.workdir / "attacker"),
-                 "QUMOS_ATTACKER_ADMIN_TOKEN_FILE": str(self.attacker_token_file),
-                 "QUMOS_ATTACKER_ORCHESTRATOR_URL": self.orchestrator_url,
-                 "QUMOS_ATTACKER_API_KEY_FILE": str(self.client_key_file)},
-                logs / "attacker.log")
+                "attacker",
+                "services.attacker.app:create_app",
+                self.attacker_port,
+                {
+                    "QUMOS_ATTACKER_BREACHED_DIR": str(self.workdir / self.breached),
+                    "QUMOS_ATTACKER_DATA_DIR": str(self.workdir / "attacker"),
+                    "QUMOS_ATTACKER_ADMIN_TOKEN_FILE": str(self.attacker_token_file),
+                    "QUMOS_ATTACKER_ORCHESTRATOR_URL": self.orchestrator_url,
+                    "QUMOS_ATTACKER_API_KEY_FILE": str(self.client_key_file),
+                },
+                logs / "attacker.log",
+            )
 
     # ----- addresses and secrets ------------------------------------------------------------
     @property
@@ -178,7 +209,7 @@ class LocalStack:
         return {n: self.services[n].url for n in self.provider_names}
 
     def data_dir(self, provider: str) -> Path:
-        return self.workdir / provider
+        return Path(self.workdir) / provider
 
     def token(self, provider: str) -> str:
         return (self.tokens_dir / provider).read_text().strip()
@@ -201,8 +232,9 @@ class LocalStack:
         """An httpx.Client sending the stack's client key (or `key`)."""
         from qumos.client import make_client
 
-        return make_client(timeout=timeout, headers={
-            "Authorization": f"Bearer {key or self.client_key}"})
+        return make_client(
+            timeout=timeout, headers={"Authorization": f"Bearer {key or self.client_key}"}
+        )
 
     @property
     def attacker_token(self) -> str:
@@ -220,8 +252,10 @@ class LocalStack:
     def start(self, timeout: float = 90.0) -> LocalStack:
         for s in self.services.values():
             if _port_in_use(s.port):
-                raise StackError(f"{s.name}: port {HOST}:{s.port} is already in use; stop "
-                                 "what runs there or choose other ports")
+                raise StackError(
+                    f"{s.name}: port {HOST}:{s.port} is already in use; stop "
+                    "what runs there or choose other ports"
+                )
         self._write_secrets()
         try:
             for s in self.services.values():
@@ -244,9 +278,11 @@ class LocalStack:
                 for name in list(pending):
                     s = self.services[name]
                     if not s.alive():
-                        raise StackError(f"{name} exited during startup (code "
-                                         f"{s.proc.returncode if s.proc else '?'}); last lines "
-                                         f"of {s.log_path}:\n{s.log_tail()}")
+                        raise StackError(
+                            f"{name} exited during startup (code "
+                            f"{s.proc.returncode if s.proc else '?'}); last lines "
+                            f"of {s.log_path}:\n{s.log_tail()}"
+                        )
                     try:
                         if client.get(f"{s.url}/readyz").status_code == 200:
                             pending.remove(name)
@@ -254,8 +290,10 @@ class LocalStack:
                         pass
                 if pending and time.monotonic() > deadline:
                     s = self.services[pending[0]]
-                    raise StackError(f"{', '.join(pending)} not ready after {timeout:.0f}s; "
-                                     f"last lines of {s.log_path}:\n{s.log_tail()}")
+                    raise StackError(
+                        f"{', '.join(pending)} not ready after {timeout:.0f}s; "
+                        f"last lines of {s.log_path}:\n{s.log_tail()}"
+                    )
                 if pending:
                     time.sleep(0.2)
 
@@ -286,13 +324,18 @@ class LocalStack:
         from qumos.client import deploy_artifact
 
         tokens = {n: self.token(n) for n in self.provider_names}
-        return deploy_artifact(artifact, self.orchestrator_url, self.admin_token,
-                               self.provider_urls, tokens)
+        return deploy_artifact(
+            artifact, self.orchestrator_url, self.admin_token, self.provider_urls, tokens
+        )
 
     def describe(self) -> dict:
-        return {"workdir": str(self.workdir),
-                "services": {n: {"url": s.url, "pid": s.proc.pid if s.proc else None,
-                                 "log": str(s.log_path)} for n, s in self.services.items()}}
+        return {
+            "workdir": str(self.workdir),
+            "services": {
+                n: {"url": s.url, "pid": s.proc.pid if s.proc else None, "log": str(s.log_path)}
+                for n, s in self.services.items()
+            },
+        }
 
 
 def _port_in_use(port: int) -> bool:
@@ -303,6 +346,11 @@ def _port_in_use(port: int) -> bool:
 def stack_on_free_ports(workdir: Path | str, **kw) -> LocalStack:
     """A stack on free ephemeral ports (tests)."""
     n = kw.pop("n_providers", 3)
-    return LocalStack(workdir=workdir, n_providers=n, orchestrator_port=free_port(),
-                      provider_ports=[free_port() for _ in range(n)],
-                      attacker_port=free_port(), **kw)
+    return LocalStack(
+        workdir=workdir,
+        n_providers=n,
+        orchestrator_port=free_port(),
+        provider_ports=[free_port() for _ in range(n)],
+        attacker_port=free_port(),
+        **kw,
+    )

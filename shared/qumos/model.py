@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from qumos.spec import FragmentSpec, GlueSpec, HeadSpec, ModelSpec
 from qumos.torchsim import fragment_sim, init_params
+from torch import nn
 
 
 class Glue(nn.Module):
@@ -34,8 +33,12 @@ class Glue(nn.Module):
         return math.pi * (torch.tanh(a) if self.kind == "tanh" else torch.sin(a))
 
     def to_spec(self, spec: GlueSpec) -> GlueSpec:
-        return spec.model_copy(update={"weight": self.linear.weight.detach().tolist(),
-                                       "bias": self.linear.bias.detach().tolist()})
+        return spec.model_copy(
+            update={
+                "weight": self.linear.weight.detach().tolist(),
+                "bias": self.linear.bias.detach().tolist(),
+            }
+        )
 
 
 class Head(nn.Module):
@@ -59,8 +62,12 @@ class Head(nn.Module):
     def to_spec(self) -> HeadSpec:
         if self.linear is None:
             return self.spec
-        return self.spec.model_copy(update={"weight": self.linear.weight.detach().tolist(),
-                                            "bias": self.linear.bias.detach().tolist()})
+        return self.spec.model_copy(
+            update={
+                "weight": self.linear.weight.detach().tolist(),
+                "bias": self.linear.bias.detach().tolist(),
+            }
+        )
 
 
 class DistributedQNN(nn.Module):
@@ -70,11 +77,16 @@ class DistributedQNN(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # nn.Linear initialisation
         self.sims = [fragment_sim(f, dtype=dtype) for f in spec.fragments]  # compiled once
-        self.weights = nn.ParameterList([
-            nn.Parameter(torch.tensor(f.params, dtype=dtype) if f.params is not None
-                         else init_params(f, gen).to(dtype))
-            for f in spec.fragments
-        ])
+        self.weights = nn.ParameterList(
+            [
+                nn.Parameter(
+                    torch.tensor(f.params, dtype=dtype)
+                    if f.params is not None
+                    else init_params(f, gen).to(dtype)
+                )
+                for f in spec.fragments
+            ]
+        )
         self.glue = nn.ModuleList([Glue(g) for g in spec.glue])
         # input hiding: the company-held transform before fragment 0 (None: off)
         self.transform = Glue(spec.input_transform) if spec.input_transform else None
@@ -110,8 +122,10 @@ class DistributedQNN(nn.Module):
             self.weights[k].copy_(torch.tensor(fragment.params))
 
     def to_spec(self) -> ModelSpec:
-        frags = [f.with_params(w.detach().double().tolist())
-                 for f, w in zip(self.spec.fragments, self.weights)]
+        frags = [
+            f.with_params(w.detach().double().tolist())
+            for f, w in zip(self.spec.fragments, self.weights)
+        ]
         glue = [m.to_spec(g) for m, g in zip(self.glue, self.spec.glue)]
         update = {"fragments": frags, "glue": glue, "head": self.head.to_spec()}
         if self.transform is not None:
@@ -122,7 +136,9 @@ class DistributedQNN(nn.Module):
 @torch.no_grad()
 def predict_proba(model: nn.Module, features, batch_size: int = 1024) -> torch.Tensor:
     x = torch.as_tensor(features, dtype=torch.float32)
-    outs = [torch.softmax(model(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    outs = [
+        torch.softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -23,11 +23,16 @@ import numpy as np
 from qiskit import QuantumCircuit, transpile
 from qiskit.circuit import ParameterVector
 from qiskit.quantum_info import SparsePauliOp, Statevector
-
 from qumos.spec import FragmentSpec
 
-__all__ = ["build_circuit", "observables", "statevector_expectations", "AerRunner",
-           "DeviceProfile", "FAKE_BACKENDS"]
+__all__ = [
+    "build_circuit",
+    "observables",
+    "statevector_expectations",
+    "AerRunner",
+    "DeviceProfile",
+    "FAKE_BACKENDS",
+]
 
 
 def build_circuit(spec: FragmentSpec) -> tuple[QuantumCircuit, ParameterVector, ParameterVector]:
@@ -111,11 +116,16 @@ class DeviceProfile:
     @property
     def is_ideal(self) -> bool:
         return self.fake_backend is None and not (
-            self.depolarizing_1q or self.depolarizing_2q or self.readout_error)
+            self.depolarizing_1q or self.depolarizing_2q or self.readout_error
+        )
 
     def describe(self) -> dict:
-        return {"fake_backend": self.fake_backend, "depolarizing_1q": self.depolarizing_1q,
-                "depolarizing_2q": self.depolarizing_2q, "readout_error": self.readout_error}
+        return {
+            "fake_backend": self.fake_backend,
+            "depolarizing_1q": self.depolarizing_1q,
+            "depolarizing_2q": self.depolarizing_2q,
+            "readout_error": self.readout_error,
+        }
 
 
 def _fake_backend(name: str):
@@ -133,11 +143,14 @@ def _noise_model(profile: DeviceProfile):
         return NoiseModel.from_backend(_fake_backend(profile.fake_backend))
     nm = NoiseModel()
     if profile.depolarizing_1q:
-        nm.add_all_qubit_quantum_error(depolarizing_error(profile.depolarizing_1q, 1),
-                                       ["rx", "ry", "rz", "u", "sx", "x"])
+        nm.add_all_qubit_quantum_error(
+            depolarizing_error(profile.depolarizing_1q, 1), ["rx", "ry", "rz", "u", "sx", "x"]
+        )
     if profile.depolarizing_2q:
-        nm.add_all_qubit_quantum_error(depolarizing_error(profile.depolarizing_2q, 2),
-                                       ["cx", "cz", "cu", "rzz", "rxx", "rzx", "ecr"])
+        nm.add_all_qubit_quantum_error(
+            depolarizing_error(profile.depolarizing_2q, 2),
+            ["cx", "cz", "cu", "rzz", "rxx", "rzx", "ecr"],
+        )
     if profile.readout_error:
         p = profile.readout_error
         nm.add_all_qubit_readout_error(ReadoutError([[1 - p, p], [p, 1 - p]]))
@@ -150,8 +163,9 @@ class AerRunner:
     `run(inputs)` with inputs (B, n_inputs) returns (B, n_qubits) Z expectations.
     """
 
-    def __init__(self, spec: FragmentSpec, profile: DeviceProfile | None = None,
-                 seed_transpiler: int = 0):
+    def __init__(
+        self, spec: FragmentSpec, profile: DeviceProfile | None = None, seed_transpiler: int = 0
+    ):
         from qiskit_aer import AerSimulator
 
         if spec.params is None:
@@ -166,16 +180,20 @@ class AerRunner:
         if self.profile.fake_backend:
             backend = _fake_backend(self.profile.fake_backend)
             if backend.num_qubits < spec.n_qubits:
-                raise ValueError(f"device {self.profile.fake_backend} has {backend.num_qubits} "
-                                 f"qubits; the fragment needs {spec.n_qubits}")
+                raise ValueError(
+                    f"device {self.profile.fake_backend} has {backend.num_qubits} "
+                    f"qubits; the fragment needs {spec.n_qubits}"
+                )
             self.sim = AerSimulator.from_backend(backend)
-            tqc = transpile(qc, backend=backend, optimization_level=1,
-                            seed_transpiler=seed_transpiler)
+            tqc = transpile(
+                qc, backend=backend, optimization_level=1, seed_transpiler=seed_transpiler
+            )
             obs = [o.apply_layout(tqc.layout) for o in obs]
         else:
             self.sim = AerSimulator(**self._backend_options())
-            tqc = transpile(qc, backend=self.sim, optimization_level=1,
-                            seed_transpiler=seed_transpiler)
+            tqc = transpile(
+                qc, backend=self.sim, optimization_level=1, seed_transpiler=seed_transpiler
+            )
         self.circuit = tqc
         self.observables = obs
         self.order = _column_order(tqc, x, w)
@@ -195,14 +213,17 @@ class AerRunner:
     def _values(self, inputs: np.ndarray) -> np.ndarray:
         inputs = np.asarray(inputs, dtype=float)
         if inputs.ndim != 2 or inputs.shape[1] != self.n_inputs:
-            raise ValueError(f"inputs must have shape (batch, {self.n_inputs}); "
-                             f"got {tuple(inputs.shape)}")
-        full = np.concatenate([inputs, np.broadcast_to(self.weights, (len(inputs),
-                                                                      len(self.weights)))], 1)
+            raise ValueError(
+                f"inputs must have shape (batch, {self.n_inputs}); got {tuple(inputs.shape)}"
+            )
+        full = np.concatenate(
+            [inputs, np.broadcast_to(self.weights, (len(inputs), len(self.weights)))], 1
+        )
         return full[:, self.order]  # (B, n_circuit_params)
 
-    def run(self, inputs: np.ndarray, shots: int | None = None,
-            seed: int | None = None) -> np.ndarray:
+    def run(
+        self, inputs: np.ndarray, shots: int | None = None, seed: int | None = None
+    ) -> np.ndarray:
         values = self._values(inputs)
         if shots is None:
             return self._run_exact(values)
@@ -235,8 +256,9 @@ class AerRunner:
                 m.measure(p, creg[i])
             self._measured = m
         opts = self._backend_options()
-        sampler = SamplerV2(default_shots=shots, seed=seed,
-                            options={"backend_options": opts} if opts else None)
+        sampler = SamplerV2(
+            default_shots=shots, seed=seed, options={"backend_options": opts} if opts else None
+        )
         res = sampler.run([(self._measured, values)]).result()[0]
         bits = res.data.z.to_bool_array(order="little")  # (B, shots, n): bit q = qubit q
         if bits.ndim == 2:

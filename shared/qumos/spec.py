@@ -59,8 +59,7 @@ GLUE_KINDS: tuple[str, ...] = ("tanh", "sin")
 MAX_NAME = 100
 NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
 FRAGMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-NAME_RULE = (f"1 to {MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or "
-             "digit")
+NAME_RULE = f"1 to {MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 
 def name_problem(name: object) -> str | None:
@@ -78,8 +77,16 @@ MAX_DEPTH = 12
 ENCODER_GATES = ("ry", "rz", "rx", "ry")
 # Gates and how many angles each takes.
 GATE_ARITY = {
-    "rx": 1, "ry": 1, "rz": 1, "u3": 3,
-    "cx": 0, "cz": 0, "cu3": 3, "rzz": 1, "rxx": 1, "rzx": 1,
+    "rx": 1,
+    "ry": 1,
+    "rz": 1,
+    "u3": 3,
+    "cx": 0,
+    "cz": 0,
+    "cu3": 3,
+    "rzz": 1,
+    "rxx": 1,
+    "rzx": 1,
 }
 TWO_QUBIT_GATES = frozenset({"cx", "cz", "cu3", "rzz", "rxx", "rzx"})
 
@@ -187,8 +194,9 @@ class FragmentSpec(BaseModel):
         def param_op(gate: str, wires: tuple[int, ...]) -> None:
             nonlocal counter
             k = GATE_ARITY[gate]
-            ops.append(Op(gate=gate, wires=wires, source="param",
-                          index=tuple(range(counter, counter + k))))
+            ops.append(
+                Op(gate=gate, wires=wires, source="param", index=tuple(range(counter, counter + k)))
+            )
             counter += k
 
         for _ in range(self.depth):
@@ -297,7 +305,9 @@ class HeadSpec(BaseModel):
                 f"{self.n_classes} classes; use head kind 'linear'"
             )
         if self.weight is not None:
-            if len(self.weight) != self.n_classes or any(len(r) != self.in_dim for r in self.weight):
+            if len(self.weight) != self.n_classes or any(
+                len(r) != self.in_dim for r in self.weight
+            ):
                 raise ValueError(f"weight must have shape ({self.n_classes}, {self.in_dim})")
             for r in self.weight:
                 _finite(r, "weight")
@@ -329,18 +339,24 @@ class PreprocessSpec(BaseModel):
     def _check(self) -> PreprocessSpec:
         h, w = self.image_shape
         if not (1 <= h <= 1024 and 1 <= w <= 1024):
-            raise ValueError(f"image_shape is {list(self.image_shape)}; allowed: two sizes "
-                             "from 1 to 1024")
+            raise ValueError(
+                f"image_shape is {list(self.image_shape)}; allowed: two sizes from 1 to 1024"
+            )
         if not 1 <= self.pool_to <= min(h, w):
-            raise ValueError(f"pool_to is {self.pool_to}; allowed: 1 to {min(h, w)} (the "
-                             "image's smaller side)")
+            raise ValueError(
+                f"pool_to is {self.pool_to}; allowed: 1 to {min(h, w)} (the image's smaller side)"
+            )
         if not 1 <= self.crop <= min(h, w) or self.crop % self.pool_to:
-            raise ValueError(f"crop is {self.crop}; allowed: a multiple of pool_to "
-                             f"({self.pool_to}) from {self.pool_to} to {min(h, w)} (fits the "
-                             f"image {h}x{w})")
+            raise ValueError(
+                f"crop is {self.crop}; allowed: a multiple of pool_to "
+                f"({self.pool_to}) from {self.pool_to} to {min(h, w)} (fits the "
+                f"image {h}x{w})"
+            )
         if not (math.isfinite(self.max_value) and self.max_value > 0):
-            raise ValueError(f"max_value is {self.max_value}; allowed: a finite number above 0 "
-                             "(the dataset's largest pixel value)")
+            raise ValueError(
+                f"max_value is {self.max_value}; allowed: a finite number above 0 "
+                "(the dataset's largest pixel value)"
+            )
         return self
 
     @property
@@ -368,12 +384,16 @@ class ModelSpec(BaseModel):
     head: HeadSpec
     placement: list[str] = Field(default_factory=list, description="provider of fragment k")
     input_transform: GlueSpec | None = Field(
-        None, description="input hiding: a company-held map features -> fragment 0's angles "
+        None,
+        description="input hiding: a company-held map features -> fragment 0's angles "
         "(pi * tanh(W x + b), trained with the model); fragment 0's provider sees only "
-        "its output. None: the features go to fragment 0 in the clear")
+        "its output. None: the features go to fragment 0 in the clear",
+    )
     output_policy: OutputPolicy = Field(
-        default_factory=OutputPolicy, description="what clients see of the probabilities "
-        "(the orchestrator applies it on v1 and v2)")
+        default_factory=OutputPolicy,
+        description="what clients see of the probabilities "
+        "(the orchestrator applies it on v1 and v2)",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler):
@@ -430,7 +450,9 @@ class ModelSpec(BaseModel):
                 f"{self.fragments[-1].n_qubits} qubits"
             )
         if self.head.n_classes != len(self.classes):
-            raise ValueError(f"head.n_classes is {self.head.n_classes}; classes has {len(self.classes)}")
+            raise ValueError(
+                f"head.n_classes is {self.head.n_classes}; classes has {len(self.classes)}"
+            )
         if not self.placement:
             self.placement = [provider_name(i) for i in range(k)]
         if len(self.placement) != k:
@@ -439,12 +461,15 @@ class ModelSpec(BaseModel):
             raise ValueError("placement: each fragment must be on a different provider")
         t = self.input_transform
         if t is not None and (t.reupload or t.in_dim != nf or t.out_dim != nf):
-            raise ValueError(f"input_transform: must map the {nf} features to {nf} angles "
-                             f"(in_dim {nf}, out_dim {nf}, no reupload)")
+            raise ValueError(
+                f"input_transform: must map the {nf} features to {nf} angles "
+                f"(in_dim {nf}, out_dim {nf}, no reupload)"
+            )
         pol = self.output_policy
-        if pol.kind == "top_k" and pol.k > len(self.classes):
-            raise ValueError(f"output_policy.k is {pol.k}; the model has "
-                             f"{len(self.classes)} classes")
+        if pol.kind == "top_k" and pol.k is not None and pol.k > len(self.classes):
+            raise ValueError(
+                f"output_policy.k is {pol.k}; the model has {len(self.classes)} classes"
+            )
         return self
 
     @property
@@ -452,11 +477,18 @@ class ModelSpec(BaseModel):
         return len(self.fragments)
 
     def is_trained(self) -> bool:
-        return all(f.params is not None for f in self.fragments) and all(
-            g.weight is not None and g.bias is not None for g in self.glue
-        ) and (self.head.kind == "readout" or self.head.weight is not None) and (
-            self.input_transform is None or (self.input_transform.weight is not None
-                                             and self.input_transform.bias is not None))
+        return (
+            all(f.params is not None for f in self.fragments)
+            and all(g.weight is not None and g.bias is not None for g in self.glue)
+            and (self.head.kind == "readout" or self.head.weight is not None)
+            and (
+                self.input_transform is None
+                or (
+                    self.input_transform.weight is not None
+                    and self.input_transform.bias is not None
+                )
+            )
+        )
 
 
 def provider_name(k: int) -> str:
@@ -486,9 +518,12 @@ class Design(BaseModel):
     )
     glue: GlueKind = "tanh"
     head: Literal["readout", "linear"] = "readout"
-    hide_inputs: bool = Field(False, description="input hiding: a company-held transform "
-                              "(trained with the model) before fragment 0, so that its "
-                              "provider never sees the features")
+    hide_inputs: bool = Field(
+        False,
+        description="input hiding: a company-held transform "
+        "(trained with the model) before fragment 0, so that its "
+        "provider never sees the features",
+    )
 
     @field_validator("fragments")
     @classmethod
@@ -509,27 +544,51 @@ class Design(BaseModel):
         return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
 
     def short(self) -> str:
-        parts = [f"{f.block}:{f.depth}{'R' if f.reupload and i else ''}"
-                 for i, f in enumerate(self.fragments)]
+        parts = [
+            f"{f.block}:{f.depth}{'R' if f.reupload and i else ''}"
+            for i, f in enumerate(self.fragments)
+        ]
         return ("H:" if self.hide_inputs else "") + "-".join(parts) + f"|{self.glue}|{self.head}"
 
 
 def design_from_flags(
-    dataset: str = "digits", task: int = 4, fragments: str = "2-2-2", block: str = "rxyz_cnot",
-    n_qubits: int = 4, entanglement: str = "ring", glue: str = "tanh", head: str = "readout",
-    reupload: bool = False, hide_inputs: bool = False,
+    dataset: str = "digits",
+    task: int = 4,
+    fragments: str = "2-2-2",
+    block: str = "rxyz_cnot",
+    n_qubits: int = 4,
+    entanglement: str = "ring",
+    glue: str = "tanh",
+    head: str = "readout",
+    reupload: bool = False,
+    hide_inputs: bool = False,
 ) -> Design:
     """`--fragments 2-2-2 --block rxyz_cnot`: one fragment per depth, all of one block."""
     try:
         depths = [int(p) for p in fragments.split("-")]
     except ValueError:
-        raise DesignError(f"fragments: {fragments!r} is not a dash-separated list of depths "
-                          "such as 2-2-2") from None
-    return validate_design(dict(
-        dataset=dataset, task=task, glue=glue, head=head, hide_inputs=hide_inputs,
-        fragments=[dict(n_qubits=n_qubits, block=block, depth=d, entanglement=entanglement,
-                        reupload=reupload) for d in depths],
-    ))
+        raise DesignError(
+            f"fragments: {fragments!r} is not a dash-separated list of depths such as 2-2-2"
+        ) from None
+    return validate_design(
+        dict(
+            dataset=dataset,
+            task=task,
+            glue=glue,
+            head=head,
+            hide_inputs=hide_inputs,
+            fragments=[
+                dict(
+                    n_qubits=n_qubits,
+                    block=block,
+                    depth=d,
+                    entanglement=entanglement,
+                    reupload=reupload,
+                )
+                for d in depths
+            ],
+        )
+    )
 
 
 def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Design:
@@ -542,8 +601,9 @@ def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Des
     hide = text.startswith("H:")
     body, *rest = text.removeprefix("H:").split("|")
     if len(rest) not in (0, 2):
-        raise DesignError(f"design: {text!r}; expected block:depth-... or "
-                          "block:depth-...|glue|head")
+        raise DesignError(
+            f"design: {text!r}; expected block:depth-... or block:depth-...|glue|head"
+        )
     glue, head = rest if rest else ("tanh", "readout")
     frags: list[dict] = []
     for i, part in enumerate(body.split("-")):
@@ -553,11 +613,14 @@ def parse_short_design(text: str, dataset: str = "digits", task: int = 4) -> Des
         reupload = depth.endswith("R")
         depth = depth.removesuffix("R")
         if not sep or not depth.isdigit():
-            raise DesignError(f"design: fragment {i} is {part!r}; expected block:depth such "
-                              "as u3cu3:2 (or u3cu3:2R to re-upload the features)")
+            raise DesignError(
+                f"design: fragment {i} is {part!r}; expected block:depth such "
+                "as u3cu3:2 (or u3cu3:2R to re-upload the features)"
+            )
         frags.append(dict(block=block, depth=int(depth), reupload=reupload))
-    return validate_design(dict(dataset=dataset, task=task, fragments=frags, glue=glue,
-                                head=head, hide_inputs=hide))
+    return validate_design(
+        dict(dataset=dataset, task=task, fragments=frags, glue=glue, head=head, hide_inputs=hide)
+    )
 
 
 def validate_design(data: dict) -> Design:
@@ -599,28 +662,49 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
     nf = pre.n_features
     first = design.fragments[0].n_qubits
     if MIN_QUBITS <= first <= MAX_QUBITS and 4 * first < nf:  # (ranges: FragmentSpec)
-        raise DesignError(f"fragments[0].n_qubits: is {first}; the first fragment takes the "
-                          f"{nf} features of {design.dataset} (4 per qubit), so it needs at "
-                          f"least {-(-nf // 4)} qubits")
+        raise DesignError(
+            f"fragments[0].n_qubits: is {first}; the first fragment takes the "
+            f"{nf} features of {design.dataset} (4 per qubit), so it needs at "
+            f"least {-(-nf // 4)} qubits"
+        )
     try:
         frags = []
         for k, f in enumerate(design.fragments):
             try:
-                frags.append(FragmentSpec(
-                    n_qubits=f.n_qubits, n_inputs=fragment_inputs(k, f.n_qubits, nf),
-                    block=f.block, depth=f.depth, entanglement=f.entanglement))
+                frags.append(
+                    FragmentSpec(
+                        n_qubits=f.n_qubits,
+                        n_inputs=fragment_inputs(k, f.n_qubits, nf),
+                        block=f.block,
+                        depth=f.depth,
+                        entanglement=f.entanglement,
+                    )
+                )
             except ValidationError as e:
                 raise DesignError(format_validation_error(e, f"fragments[{k}]")) from None
-        glue = [GlueSpec(kind=design.glue, reupload=design.fragments[k + 1].reupload,
-                         in_dim=frags[k].n_qubits + (nf if design.fragments[k + 1].reupload else 0),
-                         out_dim=frags[k + 1].n_inputs)
-                for k in range(len(frags) - 1)]
+        glue = [
+            GlueSpec(
+                kind=design.glue,
+                reupload=design.fragments[k + 1].reupload,
+                in_dim=frags[k].n_qubits + (nf if design.fragments[k + 1].reupload else 0),
+                out_dim=frags[k + 1].n_inputs,
+            )
+            for k in range(len(frags) - 1)
+        ]
         classes = TASK_CLASSES[design.task]
         head = HeadSpec(kind=design.head, n_classes=len(classes), in_dim=frags[-1].n_qubits)
         hide = GlueSpec(kind=design.glue, in_dim=nf, out_dim=nf) if design.hide_inputs else None
-        return ModelSpec(name=name, dataset=design.dataset, task=design.task, classes=classes,
-                         preprocess=pre, fragments=frags, glue=glue, head=head,
-                         input_transform=hide)
+        return ModelSpec(
+            name=name,
+            dataset=design.dataset,
+            task=design.task,
+            classes=classes,
+            preprocess=pre,
+            fragments=frags,
+            glue=glue,
+            head=head,
+            input_transform=hide,
+        )
     except ValidationError as e:
         raise DesignError(format_validation_error(e)) from None
 
@@ -628,13 +712,21 @@ def build_spec(design: Design, name: str = "qumos-model") -> ModelSpec:
 def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
     """Recover the Design a ModelSpec was built from."""
     return Design(
-        dataset=spec.dataset, task=spec.task,
-        fragments=[FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=f.depth,
-                                  entanglement=f.entanglement,
-                                  reupload=bool(k and spec.glue[k - 1].reupload))
-                   for k, f in enumerate(spec.fragments)],
-        glue=spec.glue[0].kind if spec.glue else glue_default,  # type: ignore[arg-type]
-        head=spec.head.kind, hide_inputs=spec.input_transform is not None,
+        dataset=spec.dataset,
+        task=spec.task,
+        fragments=[
+            FragmentDesign(
+                n_qubits=f.n_qubits,
+                block=f.block,
+                depth=f.depth,
+                entanglement=f.entanglement,
+                reupload=bool(k and spec.glue[k - 1].reupload),
+            )
+            for k, f in enumerate(spec.fragments)
+        ],
+        glue=spec.glue[0].kind if spec.glue else glue_default,
+        head=spec.head.kind,
+        hide_inputs=spec.input_transform is not None,
     )
 
 
@@ -666,14 +758,21 @@ def format_validation_error(e: Exception, prefix: str = "") -> str:
             msg = "missing; this field is required"
         elif kind == "extra_forbidden":
             msg = "unknown field"
-        elif kind in ("int_type", "int_parsing", "float_type", "float_parsing", "bool_type",
-                      "bool_parsing", "string_type") and not isinstance(value, (dict, list)):
+        elif kind in (
+            "int_type",
+            "int_parsing",
+            "float_type",
+            "float_parsing",
+            "bool_type",
+            "bool_parsing",
+            "string_type",
+        ) and not isinstance(value, (dict, list)):
             msg = f"is {value!r}; {msg[0].lower() + msg[1:]}"
         # the validator's own message may name the field again: say it once
         last = str(err["loc"][-1]) if err.get("loc") else ""
         for dup in (f"{loc}: ", f"{last}: "):
             if loc and msg.startswith(dup):
-                msg = msg[len(dup):]
+                msg = msg[len(dup) :]
         m = _FIELD_FIRST.match(msg)
         if m and (not loc or m.group(1) == last):
             loc, msg = (m.group(1) if not loc else loc), m.group(2)

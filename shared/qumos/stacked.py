@@ -49,8 +49,15 @@ from qumos.spec import ModelSpec
 from qumos.train import TrainConfig, TrainResult, _targets
 from torch import nn
 
-__all__ = ["MAX_AMPLITUDES", "ArchitectureMismatch", "StackedAdam", "StackedQNN",
-           "architecture_of", "check_same_architecture", "fit_many"]
+__all__ = [
+    "MAX_AMPLITUDES",
+    "ArchitectureMismatch",
+    "StackedAdam",
+    "StackedQNN",
+    "architecture_of",
+    "check_same_architecture",
+    "fit_many",
+]
 
 MAX_AMPLITUDES = 2**21  # per simulator call: rows * 2**n_qubits (see the module docstring)
 
@@ -65,19 +72,30 @@ def architecture_of(model: nn.Module) -> dict:
     """What must be equal for models to be stacked: every fragment's circuit, the glue's
     and head's shapes and kinds, the dtype and which parameters train."""
     if type(model) is not DistributedQNN:
-        raise ArchitectureMismatch(f"only DistributedQNN models can be stacked; got "
-                                   f"{type(model).__name__}")
+        raise ArchitectureMismatch(
+            f"only DistributedQNN models can be stacked; got {type(model).__name__}"
+        )
     spec = model.spec
     return {
         "dtype": str(model.weights[0].dtype),
         "fragments": [f.architecture() for f in spec.fragments],
-        "glue": [{"kind": g.kind, "reupload": g.reupload, "in_dim": g.in_dim,
-                  "out_dim": g.out_dim} for g in spec.glue],
-        "head": {"kind": spec.head.kind, "n_classes": spec.head.n_classes,
-                 "in_dim": spec.head.in_dim, "scale": spec.head.scale},
-        "input_transform": None if spec.input_transform is None else {
-            "kind": spec.input_transform.kind, "in_dim": spec.input_transform.in_dim,
-            "out_dim": spec.input_transform.out_dim},
+        "glue": [
+            {"kind": g.kind, "reupload": g.reupload, "in_dim": g.in_dim, "out_dim": g.out_dim}
+            for g in spec.glue
+        ],
+        "head": {
+            "kind": spec.head.kind,
+            "n_classes": spec.head.n_classes,
+            "in_dim": spec.head.in_dim,
+            "scale": spec.head.scale,
+        },
+        "input_transform": None
+        if spec.input_transform is None
+        else {
+            "kind": spec.input_transform.kind,
+            "in_dim": spec.input_transform.in_dim,
+            "out_dim": spec.input_transform.out_dim,
+        },
         "trainable": {name: p.requires_grad for name, p in model.named_parameters()},
     }
 
@@ -112,7 +130,8 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
         if diff:
             raise ArchitectureMismatch(
                 f"models[{i}] differs from models[0] in {diff}; only models of one "
-                "architecture (and the same frozen parameters) can be trained together")
+                "architecture (and the same frozen parameters) can be trained together"
+            )
 
 
 class StackedQNN(nn.Module):
@@ -150,23 +169,32 @@ class StackedQNN(nn.Module):
         self.transform_kind = m0.transform.kind if m0.transform is not None else None
         if m0.transform is not None:  # input hiding: features -> fragment 0's angles
             for part in ("weight", "bias"):
-                entries.append((f"transform_{part}",
-                                torch.stack([getattr(m.transform.linear, part).detach()
-                                             for m in models]),
-                                getattr(m0.transform.linear, part).requires_grad))
+                entries.append(
+                    (
+                        f"transform_{part}",
+                        torch.stack([getattr(m.transform.linear, part).detach() for m in models]),
+                        getattr(m0.transform.linear, part).requires_grad,
+                    )
+                )
         for k, g in enumerate(m0.glue):
             for part in ("weight", "bias"):
-                entries.append((f"glue{k}_{part}",
-                                torch.stack([getattr(m.glue[k].linear, part).detach()
-                                             for m in models]),
-                                getattr(g.linear, part).requires_grad))
+                entries.append(
+                    (
+                        f"glue{k}_{part}",
+                        torch.stack([getattr(m.glue[k].linear, part).detach() for m in models]),
+                        getattr(g.linear, part).requires_grad,
+                    )
+                )
         self.head_kind = m0.head.spec.kind
         if m0.head.linear is not None:
             for part in ("weight", "bias"):
-                entries.append((f"head_{part}",
-                                torch.stack([getattr(m.head.linear, part).detach()
-                                             for m in models]),
-                                getattr(m0.head.linear, part).requires_grad))
+                entries.append(
+                    (
+                        f"head_{part}",
+                        torch.stack([getattr(m.head.linear, part).detach() for m in models]),
+                        getattr(m0.head.linear, part).requires_grad,
+                    )
+                )
         self.register_buffer("readout", m0.head.readout.to(self.dtype))
 
         total = sum(t.numel() for _, t, train in entries if train)
@@ -180,25 +208,31 @@ class StackedQNN(nn.Module):
                 self.register_buffer(name, t.clone().to(self.dtype))
                 continue
             size = t.numel()
-            view = self.flat[off:off + size].view(t.shape)
+            view = self.flat[off : off + size].view(t.shape)
             view.copy_(t)
             p = nn.Parameter(view)  # shares the flat buffer's memory
-            g = self.flat_grad[off:off + size].view(t.shape)
+            g = self.flat_grad[off : off + size].view(t.shape)
             p.grad = g
-            self.flat_model[off:off + size] = torch.arange(n).repeat_interleave(size // n)
+            self.flat_model[off : off + size] = torch.arange(n).repeat_interleave(size // n)
             setattr(self, name, p)
             self._views.append((p, g))
             off += size
         self.glue_spec = [(g.kind, g.reupload) for g in m0.glue]
 
     @classmethod
-    def from_specs(cls, specs: Sequence[ModelSpec], seeds: Sequence[int] | None = None,
-                   dtype: torch.dtype = torch.float32, max_rows: int | None = None
-                   ) -> StackedQNN:
+    def from_specs(
+        cls,
+        specs: Sequence[ModelSpec],
+        seeds: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_rows: int | None = None,
+    ) -> StackedQNN:
         """Stack DistributedQNN(spec, seed) for each spec (seeds default to 0)."""
         seeds = list(seeds) if seeds is not None else [0] * len(specs)
-        return cls([DistributedQNN(s, seed=sd, dtype=dtype) for s, sd in zip(specs, seeds)],
-                   max_rows=max_rows)
+        return cls(
+            [DistributedQNN(s, seed=sd, dtype=dtype) for s, sd in zip(specs, seeds)],
+            max_rows=max_rows,
+        )
 
     @property
     def has_trainable(self) -> bool:
@@ -224,8 +258,15 @@ class StackedQNN(nn.Module):
             if b <= self.max_rows:
                 outs.append(self._forward(x[m0:m1], m0, m1))
             else:  # one model's batch alone is over the limit: split its rows too
-                outs.append(torch.cat([self._forward(x[m0:m1, r:r + self.max_rows], m0, m1)
-                                       for r in range(0, b, self.max_rows)], dim=1))
+                outs.append(
+                    torch.cat(
+                        [
+                            self._forward(x[m0:m1, r : r + self.max_rows], m0, m1)
+                            for r in range(0, b, self.max_rows)
+                        ],
+                        dim=1,
+                    )
+                )
         return torch.cat(outs, dim=0)
 
     def _w(self, k: int, m0: int, m1: int) -> torch.Tensor:
@@ -235,8 +276,11 @@ class StackedQNN(nn.Module):
     def _forward(self, x: torch.Tensor, m0: int, m1: int) -> torch.Tensor:
         a = x
         if self.transform_kind is not None:
-            a = torch.baddbmm(self.transform_bias[m0:m1].unsqueeze(1), x,
-                              self.transform_weight[m0:m1].transpose(1, 2))
+            a = torch.baddbmm(
+                self.transform_bias[m0:m1].unsqueeze(1),
+                x,
+                self.transform_weight[m0:m1].transpose(1, 2),
+            )
             a = math.pi * (torch.tanh(a) if self.transform_kind == "tanh" else torch.sin(a))
         h = self.sims[0](a, self._w(0, m0, m1))
         for k, (kind, reupload) in enumerate(self.glue_spec):
@@ -246,8 +290,9 @@ class StackedQNN(nn.Module):
             a = math.pi * (torch.tanh(a) if kind == "tanh" else torch.sin(a))
             h = self.sims[k + 1](a, self._w(k + 1, m0, m1))
         if self.head_kind == "linear":
-            return torch.baddbmm(self.head_bias[m0:m1].unsqueeze(1), h,
-                                 self.head_weight[m0:m1].transpose(1, 2))
+            return torch.baddbmm(
+                self.head_bias[m0:m1].unsqueeze(1), h, self.head_weight[m0:m1].transpose(1, 2)
+            )
         return h @ self.readout
 
     # ---- gradients and values -------------------------------------------------------
@@ -288,21 +333,35 @@ class StackedQNN(nn.Module):
         """The M models' ModelSpecs with the stacked values (as DistributedQNN.to_spec)."""
         out = []
         for i, spec in enumerate(self.specs):
-            frags = [f.with_params(self._w(k, i, i + 1).reshape(-1).detach().double().tolist())
-                     for k, f in enumerate(spec.fragments)]
-            glue = [g.model_copy(update={
-                "weight": getattr(self, f"glue{k}_weight")[i].detach().tolist(),
-                "bias": getattr(self, f"glue{k}_bias")[i].detach().tolist()})
-                for k, g in enumerate(spec.glue)]
+            frags = [
+                f.with_params(self._w(k, i, i + 1).reshape(-1).detach().double().tolist())
+                for k, f in enumerate(spec.fragments)
+            ]
+            glue = [
+                g.model_copy(
+                    update={
+                        "weight": getattr(self, f"glue{k}_weight")[i].detach().tolist(),
+                        "bias": getattr(self, f"glue{k}_bias")[i].detach().tolist(),
+                    }
+                )
+                for k, g in enumerate(spec.glue)
+            ]
             head = spec.head
             if self.head_kind == "linear":
-                head = head.model_copy(update={"weight": self.head_weight[i].detach().tolist(),
-                                               "bias": self.head_bias[i].detach().tolist()})
+                head = head.model_copy(
+                    update={
+                        "weight": self.head_weight[i].detach().tolist(),
+                        "bias": self.head_bias[i].detach().tolist(),
+                    }
+                )
             update = {"fragments": frags, "glue": glue, "head": head}
             if self.transform_kind is not None:
-                update["input_transform"] = spec.input_transform.model_copy(update={
-                    "weight": self.transform_weight[i].detach().tolist(),
-                    "bias": self.transform_bias[i].detach().tolist()})
+                update["input_transform"] = spec.input_transform.model_copy(
+                    update={
+                        "weight": self.transform_weight[i].detach().tolist(),
+                        "bias": self.transform_bias[i].detach().tolist(),
+                    }
+                )
             out.append(spec.model_copy(update=update))
         return out
 
@@ -313,8 +372,9 @@ class StackedAdam:
     models with active[m] False exactly as they were (no batch for them this step). The
     arithmetic is torch's single-tensor Adam's, element by element."""
 
-    def __init__(self, stack: StackedQNN, lr: Sequence[float], betas=(0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(
+        self, stack: StackedQNN, lr: Sequence[float], betas=(0.9, 0.999), eps: float = 1e-8
+    ):
         self.stack = stack
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -342,8 +402,8 @@ class StackedAdam:
         self.exp_avg.lerp_(g, 1 - self.beta1)
         self.exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         steps = self.steps.clamp(min=1)  # inactive models' values are restored below
-        bc1 = 1 - self.beta1 ** steps
-        bc2_sqrt = (1 - self.beta2 ** steps) ** 0.5
+        bc1 = 1 - self.beta1**steps
+        bc2_sqrt = (1 - self.beta2**steps) ** 0.5
         neg_step = (-(self.lr / bc1)).to(p.dtype)[st.flat_model]
         denom = (self.exp_avg_sq.sqrt() / bc2_sqrt.to(p.dtype)[st.flat_model]).add_(self.eps)
         p.add_(neg_step * self.exp_avg / denom)  # addcdiv's order: value * t1 / t2
@@ -367,7 +427,7 @@ def _pad(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     n_max = max((len(t) for t in ts), default=0)
     out = torch.zeros(len(ts), n_max, *ts[0].shape[1:], dtype=dtype)
     for i, t in enumerate(ts):
-        out[i, :len(t)] = t
+        out[i, : len(t)] = t
     return out
 
 
@@ -392,17 +452,25 @@ class _Eval:
         acc = correct / self.n  # nan where a model has no data, as accuracy() gives
         loss = None
         if with_loss:
-            ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             self.y.reshape(-1), reduction="none")
+            ce = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), self.y.reshape(-1), reduction="none"
+            )
             ce = ce.view(self.valid.shape).double() * self.valid
             loss = ce.sum(1) / self.n
         return acc, loss
 
 
-def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
-             cfg: TrainConfig | Sequence[TrainConfig],
-             progress: ManyProgressFn | None = None, *,
-             max_rows: int | None = None) -> list[TrainResult]:
+def fit_many(
+    models: Sequence[DistributedQNN],
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    cfg: TrainConfig | Sequence[TrainConfig],
+    progress: ManyProgressFn | None = None,
+    *,
+    max_rows: int | None = None,
+) -> list[TrainResult]:
     """`qumos.train.fit` for each of the M models, all trained at once (StackedQNN).
 
     Every data argument is either one array for all models or a list/tuple of M arrays
@@ -422,8 +490,10 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
     for c in cfgs:
         if getattr(c, "select", "acc") not in ("acc", "acc_loss"):
             raise ValueError(f"select is {c.select!r}; allowed: 'acc', 'acc_loss'")
-    xs = [torch.as_tensor(np.asarray(x), dtype=torch.float32)
-          for x in _per_model(x_train, m_all, "x_train")]
+    xs = [
+        torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        for x in _per_model(x_train, m_all, "x_train")
+    ]
     ys = [_targets(y) for y in _per_model(y_train, m_all, "y_train")]
     if len({y.ndim for y in ys}) > 1:
         raise ValueError("y_train: mixes hard labels and soft targets across models")
@@ -431,8 +501,10 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
     for i, (x, y) in enumerate(zip(xs, ys)):
         if len(x) != len(y):
             raise ValueError(f"models[{i}]: {len(x)} training samples but {len(y)} targets")
-    xvs = [torch.as_tensor(np.asarray(x), dtype=torch.float32)
-           for x in _per_model(x_val, m_all, "x_val")]
+    xvs = [
+        torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        for x in _per_model(x_val, m_all, "x_val")
+    ]
     yvs = [_targets(y) for y in _per_model(y_val, m_all, "y_val")]
     yvs = [y.argmax(1) if y.ndim == 2 else y for y in yvs]
 
@@ -452,18 +524,29 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
     # Full batch with the training data as selection data (the attacker's case): the
     # selection figures of the values after epoch e are those of epoch e + 1's training
     # forward (the same rows and values, permuted), so that pass is not run twice.
-    fused = (stack.has_trainable and not soft and len({c.epochs for c in cfgs}) == 1
-             and all(n > 0 and c.batch_size >= n for n, c in zip(n_train, cfgs))
-             and all(xv.shape == x.shape and torch.equal(xv, x) and torch.equal(yv, y)
-                     for xv, x, yv, y in zip(xvs, xs, yvs, ys)))
+    fused = (
+        stack.has_trainable
+        and not soft
+        and len({c.epochs for c in cfgs}) == 1
+        and all(n > 0 and c.batch_size >= n for n, c in zip(n_train, cfgs))
+        and all(
+            xv.shape == x.shape and torch.equal(xv, x) and torch.equal(yv, y)
+            for xv, x, yv, y in zip(xvs, xs, yvs, ys)
+        )
+    )
     n_rows = torch.tensor(n_train, dtype=torch.float64)
     best_acc, best_loss = (None, None) if fused else val_eval(stack, any_loss)
     best_epoch = [0] * m_all
     best_flat = stack.flat.clone()
     histories: list[list[dict]] = [[] for _ in range(m_all)]
 
-    def finish(epoch: int, total: torch.Tensor, live: list[bool], acc: torch.Tensor,
-               loss: torch.Tensor | None) -> None:
+    def finish(
+        epoch: int,
+        total: torch.Tensor,
+        live: list[bool],
+        acc: torch.Tensor,
+        loss: torch.Tensor | None,
+    ) -> None:
         """Epoch `epoch` done (the stack holds its values): history, selection, progress."""
         nonlocal best_acc, best_loss, best_flat
         improved = acc > best_acc
@@ -472,8 +555,13 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
         improved &= torch.tensor(live)
         for i in range(m_all):
             if live[i]:
-                histories[i].append({"epoch": epoch, "loss": float(total[i]) / max(n_train[i], 1),
-                                     "val_acc": float(acc[i])})
+                histories[i].append(
+                    {
+                        "epoch": epoch,
+                        "loss": float(total[i]) / max(n_train[i], 1),
+                        "val_acc": float(acc[i]),
+                    }
+                )
                 if improved[i]:
                     best_epoch[i] = epoch
         best_acc = torch.where(improved, acc, best_acc)
@@ -496,7 +584,7 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
                 batches.append([])
                 continue
             perm = torch.randperm(n_train[i], generator=gens[i])
-            batches.append([perm[j:j + c.batch_size] for j in range(0, n_train[i], c.batch_size)])
+            batches.append([perm[j : j + c.batch_size] for j in range(0, n_train[i], c.batch_size)])
         n_steps = max(len(b) for b in batches)
         width = max((len(ix) for b in batches for ix in b), default=0)
         idx = torch.zeros(m_all, n_steps, width, dtype=torch.long)
@@ -504,8 +592,8 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
         count = torch.zeros(m_all, n_steps, dtype=torch.float64)
         for i, b in enumerate(batches):
             for s, ix in enumerate(b):
-                idx[i, s, :len(ix)] = ix
-                mask[i, s, :len(ix)] = 1
+                idx[i, s, : len(ix)] = ix
+                mask[i, s, : len(ix)] = 1
                 count[i, s] = len(ix)
         total = torch.zeros(m_all, dtype=torch.float64)
         for s in range(n_steps):
@@ -516,7 +604,8 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
             ce = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
                 target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1),
-                reduction="none").view(m_all, width)
+                reduction="none",
+            ).view(m_all, width)
             if fused:  # the figures of the values before this step, as _Eval computes them
                 with torch.no_grad():
                     valid = mask[:, s] > 0
@@ -552,8 +641,15 @@ def fit_many(models: Sequence[DistributedQNN], x_train, y_train, x_val, y_val,
         kw = {}
         if has_val_loss:
             kw["val_loss"] = float(best_loss[i]) if select[i] == "acc_loss" else None
-        out.append(TrainResult(model=m, val_acc=float(best_acc[i]), train_acc=float(train_acc[i]),
-                               best_epoch=best_epoch[i], seconds=seconds,
-                               history=histories[i], **kw))
+        out.append(
+            TrainResult(
+                model=m,
+                val_acc=float(best_acc[i]),
+                train_acc=float(train_acc[i]),
+                best_epoch=best_epoch[i],
+                seconds=seconds,
+                history=histories[i],
+                **kw,
+            )
+        )
     return out
-

@@ -123,7 +123,7 @@ class ProviderStore:
                 view = memoryview(line)
                 try:
                     while view:  # a full disk gives a short write first, then ENOSPC
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                 except OSError:
                     try:
                         os.ftruncate(fd, start)  # no torn line left behind

@@ -110,8 +110,10 @@ _XX = torch.kron(_X, _X)
 _ZX = torch.kron(_Z, _X)  # Z on the op's first wire, X on its second
 _CX = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.complex128)
 # R_P(t) = cos(t/2) I + sin(t/2) (-i P): rows are the flattened coefficients of (c, s), (2, 4).
-_ROT_BASIS = {g: torch.stack([_I.flatten(), (-1j * p).flatten()])
-              for g, p in (("rx", _X), ("ry", _Y), ("rz", _Z))}
+_ROT_BASIS = {
+    g: torch.stack([_I.flatten(), (-1j * p).flatten()])
+    for g, p in (("rx", _X), ("ry", _Y), ("rz", _Z))
+}
 ROTATIONS = frozenset(_ROT_BASIS)
 
 
@@ -121,7 +123,9 @@ def _kron_all(mats: torch.Tensor) -> torch.Tensor:
     ms = mats.unbind(-3)
     out = ms[0]
     lead = out.shape[:-2]
-    for m in ms[1:]:  # kron(m, out)[i*p + k, j*q + l] = m[i, j] * out[k, l]; fewer ops than torch.kron
+    for m in ms[
+        1:
+    ]:  # kron(m, out)[i*p + k, j*q + l] = m[i, j] * out[k, l]; fewer ops than torch.kron
         p, q = out.shape[-2:]
         out = (m[..., :, None, :, None] * out[..., None, :, None, :]).reshape(*lead, 2 * p, 2 * q)
     return out
@@ -279,8 +283,9 @@ class FragmentSim:
                     j += 1
                 idx = torch.tensor([op.index for op in ops[i:j]], dtype=torch.long)  # (m, k)
                 if ops[i].gate == "rzz":  # diagonal: phases exp(-i t/2 z_a z_b)
-                    zz = torch.stack([self._z(a) * self._z(b) for a, b in
-                                      (op.wires for op in ops[i:j])])  # (m, d)
+                    zz = torch.stack(
+                        [self._z(a) * self._z(b) for a, b in (op.wires for op in ops[i:j])]
+                    )  # (m, d)
                     self.steps.append(("diag", (idx[:, 0], zz.to(dtype))))
                 else:
                     wires = [op.wires for op in ops[i:j]]
@@ -291,14 +296,18 @@ class FragmentSim:
                 self.steps.append(("local", _Local(ops[i:j], n)))
             i = j
         # A leading local step acts on the encoder's product state, wire by wire.
-        self.first_local = self.steps.pop(0)[1] if self.steps and self.steps[0][0] == "local" else None
+        self.first_local = (
+            self.steps.pop(0)[1] if self.steps and self.steps[0][0] == "local" else None
+        )
         # The encoder's per-wire T = G @ C (see encode); with G = sum_k coef[k] f_g[k] it is
         # one real matmul f_g (n, 2**Lg) @ D (2**Lg, 2**L * 4), D[k] = coef[k] @ C laid out
         # as T's (re, im) columns.
         self.first_enc = None
         if self.first_local is not None and self.first_local.all_rotations:
             d_k = self.first_local.coef @ self.enc_c  # (2**Lg, 2, 2**L)
-            self.first_enc = torch.view_as_real(d_k.transpose(1, 2)).reshape(d_k.shape[0], -1).to(dtype)
+            self.first_enc = (
+                torch.view_as_real(d_k.transpose(1, 2)).reshape(d_k.shape[0], -1).to(dtype)
+            )
         # z_signs[idx, q] = +1 if bit q of idx is 0 else -1, (d, n); each row twice, for
         # the real and imaginary part of amplitude idx: (2d, n).
         z = torch.stack([self._z(q) for q in range(n)], dim=1)
@@ -307,16 +316,16 @@ class FragmentSim:
         # kron_index[w, i, j] = position of mats[w, bit_w(i), bit_w(j)] in mats (n, 2, 2)
         # flattened, for the dense Kronecker product of per-wire 2x2 matrices (_apply_local)
         bit = (torch.arange(self.d)[None, :] >> torch.arange(n)[:, None]) & 1  # (n, d)
-        self.kron_index = (4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None]
-                           + bit[:, None, :])  # (n, d, d)
+        self.kron_index = (
+            4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None] + bit[:, None, :]
+        )  # (n, d, d)
         self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
         self._embed_index: dict = {}  # gate wires -> gather index and mask (_embed_2q)
         # For building R = U^T (the unitary path): up to DENSE_LOCAL_QUBITS a local step's
         # matrix is gathered from the per-wire 2x2s, and the signed permutations next to
         # it fold into that gather's index (and a sign): one gather + product per local
         # step instead of index operations on R and their backward.
-        self.r_steps = (self._fold_permutations() if self.n <= DENSE_LOCAL_QUBITS
-                        else self.steps)
+        self.r_steps = self._fold_permutations() if self.n <= DENSE_LOCAL_QUBITS else self.steps
 
     # ---- compilation helpers -------------------------------------------------------
     def _z(self, q: int) -> torch.Tensor:
@@ -453,15 +462,20 @@ class FragmentSim:
             kron = _gather_kron(mats, self.kron_index)  # (..., d, d)
             return s @ kron.transpose(-1, -2)
         k_lo = _kron_all(mats[..., : self.lo, :, :])  # (..., 2**lo, 2**lo)
-        k_hi = _kron_all(mats[..., self.lo:, :, :])  # (..., 2**hi, 2**hi)
+        k_hi = _kron_all(mats[..., self.lo :, :, :])  # (..., 2**hi, 2**hi)
         t = s.reshape(*s.shape[:-1], -1, 2**self.lo)  # (..., B, 2**hi, 2**lo)
         if mats.dim() > 3:  # per model: broadcast over the batch axis
             k_lo, k_hi = k_lo.unsqueeze(-3), k_hi.unsqueeze(-3)
         t = torch.matmul(k_hi, t @ k_lo.transpose(-1, -2))
         return t.reshape(s.shape)
 
-    def apply_steps(self, state: torch.Tensor, w: torch.Tensor,
-                    cache: dict | None = None, steps: list | None = None) -> torch.Tensor:
+    def apply_steps(
+        self,
+        state: torch.Tensor,
+        w: torch.Tensor,
+        cache: dict | None = None,
+        steps: list | None = None,
+    ) -> torch.Tensor:
         """Apply the ansatz steps (all but a leading local step; or `steps`) to states
         (B, d); or per model: w (M, P), states (M, B, d)."""
         wz, cs = self._angles(w) if cache is None else cache["angles"]
@@ -479,8 +493,9 @@ class FragmentSim:
                 state = state * torch.polar(torch.ones_like(phase), phase)
             else:
                 gate, wires, idx = step
-                mats = gate_matrix(gate, [w[..., idx[:, a]] for a in range(idx.shape[1])],
-                                   self.cdtype)  # (..., m, 4, 4)
+                mats = gate_matrix(
+                    gate, [w[..., idx[:, a]] for a in range(idx.shape[1])], self.cdtype
+                )  # (..., m, 4, 4)
                 if self.n <= DENSE_LOCAL_QUBITS:
                     state = state @ self._embed_2q(mats, wires)
                     continue
@@ -508,8 +523,10 @@ class FragmentSim:
                 rest = ~((1 << a) | (1 << b))
                 masks.append(((i[:, None] ^ i[None, :]) & rest) == 0)
                 index.append(16 * k + 4 * p[None, :] + p[:, None])  # E[i, j] = g[p(j), p(i)]
-            self._embed_index[key] = (torch.stack(index).reshape(-1),
-                                      torch.stack(masks).to(self.cdtype))
+            self._embed_index[key] = (
+                torch.stack(index).reshape(-1),
+                torch.stack(masks).to(self.cdtype),
+            )
         index, mask = self._embed_index[key]
         lead = mats.shape[:-3]
         full = mats.reshape(*lead, -1).index_select(-1, index)  # (..., m * d * d)
@@ -558,8 +575,10 @@ class FragmentSim:
         x = x.to(self.dtype)
         w = w.to(self.dtype)
         if w.dim() == 2 and (x.dim() != 3 or x.shape[0] != w.shape[0]):
-            raise ValueError(f"per-model weights {tuple(w.shape)} need inputs (M, B, n_inputs) "
-                             f"with M = {w.shape[0]}; got {tuple(x.shape)}")
+            raise ValueError(
+                f"per-model weights {tuple(w.shape)} need inputs (M, B, n_inputs) "
+                f"with M = {w.shape[0]}; got {tuple(x.shape)}"
+            )
         wz, cs = self._angles(w)
         t_ri = self._encoder_t(wz, cs)
         if t_ri is None:
@@ -575,7 +594,6 @@ class FragmentSim:
     __call__ = forward
 
 
-
 # ---- the batch part, differentiated by hand ---------------------------------------------
 # Autograd records every small op and replays it backward; at 4 qubits that bookkeeping,
 # not the arithmetic, was most of a step's time. The functions below run the data-dependent
@@ -589,6 +607,7 @@ class FragmentSim:
 # (the reference and the fallback; states (d, B): the batch is the last, contiguous axis,
 # so every elementwise op runs over long rows of B values and every sum over a small axis
 # adds a few such rows).
+
 
 def _encode_fwd(sim: FragmentSim, x: torch.Tensor, t_ri: torch.Tensor):
     """Encoder forward without autograd: x (B, n_inputs) -> psi (d, B) complex, and what
@@ -612,8 +631,9 @@ def _encode_fwd(sim: FragmentSim, x: torch.Tensor, t_ri: torch.Tensor):
     return psis[-1], (c, s, cs, fs, v, psis, pad)
 
 
-def _encode_bwd(sim: FragmentSim, saved, t_ri: torch.Tensor, g_psi: torch.Tensor,
-                need_x: bool, need_t: bool):
+def _encode_bwd(
+    sim: FragmentSim, saved, t_ri: torch.Tensor, g_psi: torch.Tensor, need_x: bool, need_t: bool
+):
     """Gradients w.r.t. x (B, n_inputs) and t_ri (n, 2**L, 4) from grad psi (d, B)."""
     c, s, cs, fs, v, psis, pad = saved
     n, b = sim.n, g_psi.shape[-1]
@@ -715,12 +735,13 @@ class _Encode(torch.autograd.Function):
         x, t_ri = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[:2]
         if ctx.kern is not None:
-            g_x, g_t = ctx.kern.encode_bwd(_rows(x, x.shape[-1]), t_ri,
-                                           _rows(g_psi, ctx.sim.d), need_x, need_t)
+            g_x, g_t = ctx.kern.encode_bwd(
+                _rows(x, x.shape[-1]), t_ri, _rows(g_psi, ctx.sim.d), need_x, need_t
+            )
             return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, None
         g_xs, g_ts = [], []
         g_ps = [g_psi] if x.dim() == 2 else g_psi.unbind(0)
-        for (xm, tm), saved, gp in zip(_per_model(x, t_ri), ctx.saved, g_ps):
+        for (_xm, tm), saved, gp in zip(_per_model(x, t_ri), ctx.saved, g_ps):
             g_x, g_t = _encode_bwd(ctx.sim, saved, tm, gp.T.contiguous(), need_x, need_t)
             g_xs.append(g_x)
             g_ts.append(g_t)
@@ -811,18 +832,25 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
             elif need_r:
                 g_r = psi.conj().transpose(-1, -2) @ g_phi
             g_psi = g_phi if r is None else g_phi @ r.conj().transpose(-1, -2)
-            g_x, g_t = ctx.kern.encode_bwd(_rows(x, x.shape[-1]), t_ri,
-                                           _rows(g_psi, sim.d), need_x, need_t)
+            g_x, g_t = ctx.kern.encode_bwd(
+                _rows(x, x.shape[-1]), t_ri, _rows(g_psi, sim.d), need_x, need_t
+            )
             return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, g_r, None
         x, t_ri, r = ctx.saved_tensors
         need_r = need_r and r is not None
         g_os = [g_out] if x.dim() == 2 else g_out.unbind(0)
-        grads = [_eur_bwd_torch(sim, state, tm, rm, go, need_x, need_t, need_r)
-                 for (_, tm, rm), state, go in zip(_per_model(x, t_ri, r), ctx.state, g_os)]
+        grads = [
+            _eur_bwd_torch(sim, state, tm, rm, go, need_x, need_t, need_r)
+            for (_, tm, rm), state, go in zip(_per_model(x, t_ri, r), ctx.state, g_os)
+        ]
         g_x, g_t, g_r = zip(*grads)
         batched = x.dim() == 3
-        return (_join(list(g_x), False, batched), _join(list(g_t), t_ri.dim() == 3, batched),
-                None if not need_r else _join(list(g_r), r.dim() == 2, batched), None)
+        return (
+            _join(list(g_x), False, batched),
+            _join(list(g_t), t_ri.dim() == 3, batched),
+            None if not need_r else _join(list(g_r), r.dim() == 2, batched),
+            None,
+        )
 
 
 def flops_per_sample(spec: FragmentSpec, batch: int) -> float:

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
-
 from qumos.model import DistributedQNN, accuracy
 from qumos.spec import Design, ModelSpec, build_spec
+from torch import nn
 
 
 @dataclass
@@ -60,8 +59,15 @@ def _val_key(model: nn.Module, x_val, y_val, select: str) -> tuple[float, float]
     return (acc, -loss)
 
 
-def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
-        progress: ProgressFn | None = None) -> TrainResult:
+def fit(
+    model: nn.Module,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    cfg: TrainConfig,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
     """Train the model's trainable parameters; keep the state with the best validation
     accuracy (ties: the earlier epoch, or with `cfg.select == "acc_loss"` the lower
     validation loss). x_val may be the training data itself. `y_train` holds class
@@ -86,7 +92,7 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             logits = model(xt[idx])
             target = yt[idx].to(logits.dtype) if yt.ndim == 2 else yt[idx]
             loss = nn.functional.cross_entropy(logits, target)
@@ -102,13 +108,24 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
             progress(epoch, cfg.epochs, key[0])
     model.load_state_dict(best[2])
     train_acc = accuracy(model, xt, yt.argmax(1) if yt.ndim == 2 else yt)
-    return TrainResult(model=model, val_acc=best[0][0], train_acc=train_acc,
-                       best_epoch=best[1], seconds=time.perf_counter() - t0, history=history,
-                       val_loss=-best[0][1] if cfg.select == "acc_loss" else None)
+    return TrainResult(
+        model=model,
+        val_acc=best[0][0],
+        train_acc=train_acc,
+        best_epoch=best[1],
+        seconds=time.perf_counter() - t0,
+        history=history,
+        val_loss=-best[0][1] if cfg.select == "acc_loss" else None,
+    )
 
 
-def train_design(design: Design, data, cfg: TrainConfig, name: str = "qumos-model",
-                 progress: ProgressFn | None = None) -> tuple[ModelSpec, TrainResult, float]:
+def train_design(
+    design: Design,
+    data,
+    cfg: TrainConfig,
+    name: str = "qumos-model",
+    progress: ProgressFn | None = None,
+) -> tuple[ModelSpec, TrainResult, float]:
     """Train a design on a TaskData; returns (trained spec, result, test accuracy)."""
     spec = build_spec(design, name=name)
     model = DistributedQNN(spec, seed=cfg.seed)

@@ -371,7 +371,7 @@ def document_request_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[Bas
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install_common(app: FastAPI, max_body_bytes: int, registry=None,

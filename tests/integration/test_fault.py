@@ -24,8 +24,11 @@ def test_provider_killed_mid_stream(stack, digits_test, reference_probs):
         with httpx.Client(timeout=60) as c:
             while not stop.is_set() and len(results) < 400:
                 idx = rng.choice(len(digits_test.raw), size=8, replace=False)
-                r = c.post(url, json={"instances": digits_test.raw[idx].tolist()},
-                           headers={"Authorization": f"Bearer {stack.client_key}"})
+                r = c.post(
+                    url,
+                    json={"instances": digits_test.raw[idx].tolist()},
+                    headers={"Authorization": f"Bearer {stack.client_key}"},
+                )
                 results.append((idx, r.status_code, r.json()))
 
     threads = [threading.Thread(target=client_loop) for _ in range(2)]
@@ -52,13 +55,16 @@ def test_provider_killed_mid_stream(stack, digits_test, reference_probs):
         assert "provider-b" in body["error"]["message"]
         assert "digits4.1" in body["error"]["message"]
     # every request after the kill settled failed
-    assert all(s == 503 for _, s, _ in results[n_at_kill + 2:])
+    assert all(s == 503 for _, s, _ in results[n_at_kill + 2 :])
 
     stack.restart("provider-b")  # same data dir: it reloads its fragment
     with httpx.Client(timeout=60) as c:
         r = c.get(f"{stack.provider_urls['provider-b']}/readyz").json()
         assert r["fragments"] == 1
-        r = c.post(url, json={"instances": digits_test.raw[:32].tolist()},
-                   headers={"Authorization": f"Bearer {stack.client_key}"})
+        r = c.post(
+            url,
+            json={"instances": digits_test.raw[:32].tolist()},
+            headers={"Authorization": f"Bearer {stack.client_key}"},
+        )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probabilities"], reference_probs[:32], atol=1e-4)

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.integration
 
 def predict_all(stack, model, raw, batch=48, **kw):
     with stack.client(timeout=60) as c:
-        parts = [predict(c, stack.orchestrator_url, model, raw[i:i + batch], **kw)
-                 for i in range(0, len(raw), batch)]
+        parts = [
+            predict(c, stack.orchestrator_url, model, raw[i : i + batch], **kw)
+            for i in range(0, len(raw), batch)
+        ]
     probs = np.concatenate([np.array(p.probabilities) for p in parts])
     labels = sum((p.labels for p in parts), [])
     return probs, labels
@@ -41,8 +43,10 @@ def test_isolation(stack, live_artifact):
         assert stored["fragment"]["params"] == spec.fragments[k].params
         for j in range(spec.n_fragments):
             if j != k:
-                assert str(spec.fragments[j].params[0]) not in (root / "fragments" /
-                                                               f"digits4.{k}.json").read_text()
+                assert (
+                    str(spec.fragments[j].params[0])
+                    not in (root / "fragments" / f"digits4.{k}.json").read_text()
+                )
     # the orchestrator holds no fragment weights
     saved = json.loads((stack.workdir / "orchestrator" / "models" / "digits4.json").read_text())
     assert all(f["params"] is None for f in saved["fragments"])
@@ -53,20 +57,27 @@ def test_isolation(stack, live_artifact):
             other = spec.placement[(k + 1) % len(spec.placement)]
             ff = live_artifact.fragment_file(k).model_dump_json()
             ex = {"inputs": [[0.0] * spec.fragments[k].n_inputs]}
-            for headers, status in [({}, 401), ({"Authorization": "Bearer wrong-token-x"}, 403),
-                                    ({"Authorization": f"Bearer {stack.token(other)}"}, 403),
-                                    ({"Authorization": f"Bearer {stack.admin_token}"}, 403)]:
+            for headers, status in [
+                ({}, 401),
+                ({"Authorization": "Bearer wrong-token-x"}, 403),
+                ({"Authorization": f"Bearer {stack.token(other)}"}, 403),
+                ({"Authorization": f"Bearer {stack.admin_token}"}, 403),
+            ]:
                 r = c.put(f"{url}/v1/fragments/digits4.{k}", content=ff, headers=headers)
                 assert r.status_code == status, (name, headers, r.text)
                 r = c.post(f"{url}/v1/fragments/digits4.{k}/execute", json=ex, headers=headers)
                 assert r.status_code == status, (name, headers, r.text)
-            assert c.get(f"{url}/v1/fragments").json()["fragments"][0]["fragment_id"] == \
-                f"digits4.{k}"
+            assert (
+                c.get(f"{url}/v1/fragments").json()["fragments"][0]["fragment_id"] == f"digits4.{k}"
+            )
         company = live_artifact.company_spec().model_dump_json()
         r = c.put(f"{stack.orchestrator_url}/v1/models/digits4", content=company)
         assert r.status_code == 401
-        r = c.put(f"{stack.orchestrator_url}/v1/models/digits4", content=company,
-                  headers={"Authorization": f"Bearer {stack.token('provider-a')}"})
+        r = c.put(
+            f"{stack.orchestrator_url}/v1/models/digits4",
+            content=company,
+            headers={"Authorization": f"Bearer {stack.token('provider-a')}"},
+        )
         assert r.status_code == 403
 
 
@@ -76,27 +87,69 @@ def test_bad_input_keeps_services_up(stack, live_artifact, digits_test, referenc
     h = {"Content-Type": "application/json"}
     hk = h | {"Authorization": f"Bearer {stack.client_key}"}  # a client of the public API
     auth = {"Authorization": f"Bearer {stack.token('provider-a')}"} | h
-    before = {n: sorted(p.read_bytes() for p in (stack.data_dir(n) / "fragments").iterdir())
-              for n in stack.provider_names}
+    before = {
+        n: sorted(p.read_bytes() for p in (stack.data_dir(n) / "fragments").iterdir())
+        for n in stack.provider_names
+    }
     cases = [
         (f"{o}/v1/models/digits4/predict", b'{"instances": [[1,2', hk, 422, "body"),
-        (f"{o}/v1/models/digits4/predict", json.dumps({"instances": [[0] * 10]}).encode(), hk,
-         422, "instances[0]"),
-        (f"{o}/v1/models/digits4/predict", b'{"instances": [[NaN' + b",0" * 63 + b"]]}", hk, 422,
-         "instances[0][0]"),
-        (f"{o}/v1/models/digits4/predict", b'{"instances": [[-Infinity' + b",0" * 63 + b"]]}", hk,
-         422, "instances[0][0]"),
-        (f"{o}/v1/models/nope/predict", json.dumps({"instances": [[0] * 64]}).encode(), hk, 404,
-         "model"),
-        (f"{o}/v1/models/digits4/predict", json.dumps({"instances": [[0] * 64] * 1025}).encode(),
-         h, 413, "instances"),
+        (
+            f"{o}/v1/models/digits4/predict",
+            json.dumps({"instances": [[0] * 10]}).encode(),
+            hk,
+            422,
+            "instances[0]",
+        ),
+        (
+            f"{o}/v1/models/digits4/predict",
+            b'{"instances": [[NaN' + b",0" * 63 + b"]]}",
+            hk,
+            422,
+            "instances[0][0]",
+        ),
+        (
+            f"{o}/v1/models/digits4/predict",
+            b'{"instances": [[-Infinity' + b",0" * 63 + b"]]}",
+            hk,
+            422,
+            "instances[0][0]",
+        ),
+        (
+            f"{o}/v1/models/nope/predict",
+            json.dumps({"instances": [[0] * 64]}).encode(),
+            hk,
+            404,
+            "model",
+        ),
+        (
+            f"{o}/v1/models/digits4/predict",
+            json.dumps({"instances": [[0] * 64] * 1025}).encode(),
+            h,
+            413,
+            "instances",
+        ),
         (f"{o}/v1/models/digits4/predict", b" " * (9 * 1024 * 1024), hk, 413, "body"),
-        (f"{pa}/v1/fragments/digits4.0/execute", json.dumps({"inputs": [[0] * 3]}).encode(),
-         auth, 422, "inputs[0]"),
-        (f"{pa}/v1/fragments/digits4.9/execute", json.dumps({"inputs": [[0] * 16]}).encode(),
-         auth, 404, "fragment_id"),
-        (f"{pa}/v1/fragments/digits4.0/execute", b'{"inputs": [[NaN' + b",0" * 15 + b"]]}",
-         auth, 422, "inputs[0][0]"),
+        (
+            f"{pa}/v1/fragments/digits4.0/execute",
+            json.dumps({"inputs": [[0] * 3]}).encode(),
+            auth,
+            422,
+            "inputs[0]",
+        ),
+        (
+            f"{pa}/v1/fragments/digits4.9/execute",
+            json.dumps({"inputs": [[0] * 16]}).encode(),
+            auth,
+            404,
+            "fragment_id",
+        ),
+        (
+            f"{pa}/v1/fragments/digits4.0/execute",
+            b'{"inputs": [[NaN' + b",0" * 15 + b"]]}",
+            auth,
+            422,
+            "inputs[0][0]",
+        ),
         (f"{pa}/v1/fragments/digits4.0", b'{"format": "qumos-fragment"}', auth, 422, None),
     ]
     with httpx.Client(timeout=60) as c:
@@ -108,16 +161,20 @@ def test_bad_input_keeps_services_up(stack, live_artifact, digits_test, referenc
             assert err["message"]
             if field:
                 assert err["field"] == field, (url, err)
+
         # chunked upload (no Content-Length) over the limit
         def chunks():
             for _ in range(10):
                 yield b" " * (1024 * 1024)
+
         r = c.post(f"{o}/v1/models/digits4/predict", content=chunks(), headers=hk)
         assert r.status_code == 413
         for s in stack.services.values():
             assert s.alive(), s.name
-    after = {n: sorted(p.read_bytes() for p in (stack.data_dir(n) / "fragments").iterdir())
-             for n in stack.provider_names}
+    after = {
+        n: sorted(p.read_bytes() for p in (stack.data_dir(n) / "fragments").iterdir())
+        for n in stack.provider_names
+    }
     assert after == before
     probs, _ = predict_all(stack, "digits4", digits_test.raw[:20])
     np.testing.assert_allclose(probs, reference_probs[:20], atol=1e-4)

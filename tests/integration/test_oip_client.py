@@ -10,7 +10,7 @@ from qumos.client import make_client, predict
 
 pytestmark = pytest.mark.integration
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException  # noqa: E402 (after importorskip)
 
 
 class _Keyed:
@@ -22,8 +22,9 @@ class _Keyed:
     def __getattr__(self, name):
         f = getattr(self._c, name)
         if name in ("infer", "async_infer"):
-            return lambda *a, **kw: f(*a, headers={**self._h, **(kw.pop("headers", None)
-                                                                  or {})}, **kw)
+            return lambda *a, **kw: f(
+                *a, headers={**self._h, **(kw.pop("headers", None) or {})}, **kw
+            )
         return f
 
 
@@ -38,14 +39,16 @@ def triton(stack):
 @pytest.fixture(scope="module")
 def v1(stack, digits_test):
     with make_client(timeout=120) as c:
-        return predict(c, stack.orchestrator_url, "digits4", digits_test.raw[:32],
-                       api_key=stack.client_key)
+        return predict(
+            c, stack.orchestrator_url, "digits4", digits_test.raw[:32], api_key=stack.client_key
+        )
 
 
 def _inputs(raw, dtype="FP32", binary=True):
     t = httpclient.InferInput("images", list(raw.shape), dtype)
-    t.set_data_from_numpy(raw.astype(np.float32 if dtype == "FP32" else np.float64),
-                          binary_data=binary)
+    t.set_data_from_numpy(
+        raw.astype(np.float32 if dtype == "FP32" else np.float64), binary_data=binary
+    )
     return [t]
 
 
@@ -53,10 +56,13 @@ def _inputs(raw, dtype="FP32", binary=True):
 def test_tritonclient_infer_equals_v1_predict(triton, digits_test, v1, binary):
     raw = digits_test.raw[:32]
     want = np.asarray(v1.probabilities)
-    outs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
-            httpclient.InferRequestedOutput("labels", binary_data=binary)]
-    res = triton.infer("digits4", _inputs(raw, binary=binary), outputs=outs,
-                       model_version="1", request_id="r1")
+    outs = [
+        httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+        httpclient.InferRequestedOutput("labels", binary_data=binary),
+    ]
+    res = triton.infer(
+        "digits4", _inputs(raw, binary=binary), outputs=outs, model_version="1", request_id="r1"
+    )
     np.testing.assert_allclose(res.as_numpy("probabilities"), want, rtol=0, atol=1e-12)
     assert res.as_numpy("labels").tolist() == v1.labels
     assert res.get_response()["id"] == "r1"
@@ -64,8 +70,11 @@ def test_tritonclient_infer_equals_v1_predict(triton, digits_test, v1, binary):
     res = triton.infer("digits4", _inputs(raw, "FP64", binary=binary))
     np.testing.assert_allclose(res.as_numpy("probabilities"), want, rtol=0, atol=1e-12)
     # async_infer; only the labels asked for
-    pending = triton.async_infer("digits4", _inputs(raw, binary=binary), outputs=[
-        httpclient.InferRequestedOutput("labels", binary_data=binary)])
+    pending = triton.async_infer(
+        "digits4",
+        _inputs(raw, binary=binary),
+        outputs=[httpclient.InferRequestedOutput("labels", binary_data=binary)],
+    )
     res = pending.get_result(timeout=120)
     assert res.as_numpy("labels").tolist() == v1.labels
     assert res.as_numpy("probabilities") is None
@@ -80,8 +89,7 @@ def test_tritonclient_metadata_readiness_and_errors(triton, digits_test):
     assert triton.get_model_metadata("digits4", "1")["inputs"][0]["shape"] == [-1, 64]
     raw = digits_test.raw[:2]
     with pytest.raises(InferenceServerException) as e:
-        triton.infer("digits4", _inputs(raw), outputs=[
-            httpclient.InferRequestedOutput("logits")])
+        triton.infer("digits4", _inputs(raw), outputs=[httpclient.InferRequestedOutput("logits")])
     assert e.value.status() == "422" and e.value.message().startswith("outputs[0].name:")
     assert "outputs[0].name" in str(e.value)  # the exception prints (the error is a string)
     bad = httpclient.InferInput("pixels", [2, 64], "FP32")

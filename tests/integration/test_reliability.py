@@ -37,11 +37,19 @@ def rstack(tmp_path_factory, live_artifact):
     work = tmp_path_factory.mktemp("reliability")
     tmpfs = work / "provider-c"
     tmpfs.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tmpfs)],
-                             capture_output=True, check=False).returncode == 0
-    s = stack_on_free_ports(work, with_attacker=False,
-                            orchestrator_env={"QUMOS_ORCH_TIMEOUT_S": "2",
-                                              "QUMOS_ORCH_RETRIES": "1"})
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tmpfs)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    s = stack_on_free_ports(
+        work,
+        with_attacker=False,
+        orchestrator_env={"QUMOS_ORCH_TIMEOUT_S": "2", "QUMOS_ORCH_RETRIES": "1"},
+    )
     s.tmpfs_mounted = mounted
     try:
         with s:
@@ -58,9 +66,11 @@ def rstack(tmp_path_factory, live_artifact):
 
 def _predict(c, stack, raw):
     TALLY["requests"] += 1
-    r = c.post(f"{stack.orchestrator_url}/v1/models/digits4/predict",
-               json={"instances": raw.tolist()},
-               headers={"Authorization": f"Bearer {stack.client_key}"})
+    r = c.post(
+        f"{stack.orchestrator_url}/v1/models/digits4/predict",
+        json={"instances": raw.tolist()},
+        headers={"Authorization": f"Bearer {stack.client_key}"},
+    )
     if r.status_code != 200:
         TALLY["errors_seen"] += 1
     return r
@@ -117,8 +127,11 @@ def test_paused_provider_then_resumed(rstack, digits_test, reference_probs):
         TALLY["faults_injected"] += 1
         n_paused = len(results)
         try:  # paused until a request ran into the deadline (2 s x 2 attempts)
-            _until(lambda: any(r.status_code == 504 for _, r in results[n_paused:]), 60,
-                   "a 504 while provider-b is paused")
+            _until(
+                lambda: any(r.status_code == 504 for _, r in results[n_paused:]),
+                60,
+                "a 504 while provider-b is paused",
+            )
         finally:
             os.kill(pid, signal.SIGCONT)
         n_resumed = len(results)
@@ -137,8 +150,9 @@ def test_paused_provider_then_resumed(rstack, digits_test, reference_probs):
             # provider-b while paused; under load another provider may miss the 2 s too
             msg = r.json()["error"]["message"]
             assert re.search(r"provider provider-[abc] \(fragment digits4\.[012]\)", msg), msg
-    assert any("provider-b" in r.json()["error"]["message"] for _, r in results
-               if r.status_code == 504)
+    assert any(
+        "provider-b" in r.json()["error"]["message"] for _, r in results if r.status_code == 504
+    )
     assert len(results) > n_paused
     with httpx.Client(timeout=30) as c:  # healed
         r = _predict_ok(c, rstack, digits_test.raw[:16])
@@ -157,8 +171,9 @@ def test_orchestrator_restart_reloads(rstack, digits_test, reference_probs):
         _check_ok(r, reference_probs[:40])
 
 
-def test_provider_killed_mid_deploy_is_never_half_written(rstack, live_artifact, digits_test,
-                                                          reference_probs):
+def test_provider_killed_mid_deploy_is_never_half_written(
+    rstack, live_artifact, digits_test, reference_probs
+):
     name, k = "provider-a", 0
     url = f"{rstack.provider_urls[name]}/v1/fragments/digits4.0"
     h = {"Authorization": f"Bearer {rstack.token(name)}"}
@@ -166,8 +181,11 @@ def test_provider_killed_mid_deploy_is_never_half_written(rstack, live_artifact,
     versions = []
     for v in range(6):  # same fragment id, different parameters (v = 0 is the real one)
         params = [p + 0.5 * v for p in base.fragment.params]
-        versions.append(base.model_copy(update={"fragment": base.fragment.model_copy(
-            update={"params": params})}))
+        versions.append(
+            base.model_copy(
+                update={"fragment": base.fragment.model_copy(update={"params": params})}
+            )
+        )
     bodies = [f.model_dump_json() for f in versions]
     sent, stop = collections.Counter(), threading.Event()
 
@@ -216,8 +234,10 @@ def test_provider_killed_mid_deploy_is_never_half_written(rstack, live_artifact,
 
 def test_full_then_read_only_data_dir(rstack, live_artifact, digits_test, reference_probs):
     if not rstack.tmpfs_mounted:
-        pytest.skip("cannot mount a tmpfs here (needs root); the in-process fault injection "
-                    "in tests/service/test_hardening.py covers the same paths")
+        pytest.skip(
+            "cannot mount a tmpfs here (needs root); the in-process fault injection "
+            "in tests/service/test_hardening.py covers the same paths"
+        )
     root = rstack.data_dir("provider-c")
     url = rstack.provider_urls["provider-c"]
     h = {"Authorization": f"Bearer {rstack.token('provider-c')}"}
@@ -277,27 +297,43 @@ def test_tokens_never_logged_and_attacker_opens_nothing(rstack, live_artifact, d
         calls = []
         for k, name in enumerate(spec.placement):
             u = rstack.provider_urls[name]
-            calls += [("PUT", f"{u}/v1/fragments/digits4.{k}",
-                       live_artifact.fragment_file(k).model_dump_json()),
-                      ("POST", f"{u}/v1/fragments/digits4.{k}/execute",
-                       json.dumps({"inputs": [[0.0] * spec.fragments[k].n_inputs]})),
-                      ("DELETE", f"{u}/v1/fragments/digits4.{k}", None)]
+            calls += [
+                (
+                    "PUT",
+                    f"{u}/v1/fragments/digits4.{k}",
+                    live_artifact.fragment_file(k).model_dump_json(),
+                ),
+                (
+                    "POST",
+                    f"{u}/v1/fragments/digits4.{k}/execute",
+                    json.dumps({"inputs": [[0.0] * spec.fragments[k].n_inputs]}),
+                ),
+                ("DELETE", f"{u}/v1/fragments/digits4.{k}", None),
+            ]
         o = rstack.orchestrator_url
-        calls += [("PUT", f"{o}/v1/models/digits4", live_artifact.company_spec()
-                   .model_dump_json()), ("PUT", f"{o}/v1/models/digits4/canaries", "{}")]
+        calls += [
+            ("PUT", f"{o}/v1/models/digits4", live_artifact.company_spec().model_dump_json()),
+            ("PUT", f"{o}/v1/models/digits4/canaries", "{}"),
+        ]
         for cred in sorted(loot)[:60]:
             for method, url, body in calls:
-                r = c.request(method, url, content=body,
-                              headers={"Authorization": f"Bearer {cred}"} if cred else {})
+                r = c.request(
+                    method,
+                    url,
+                    content=body,
+                    headers={"Authorization": f"Bearer {cred}"} if cred else {},
+                )
                 TALLY["requests"] += 1
                 TALLY["errors_seen"] += 1
                 assert r.status_code in (401, 403), (method, url, cred[:20], r.status_code)
         # one provider's token opens no other provider, nor the admin API
         for k, name in enumerate(spec.placement):
             other = spec.placement[(k + 1) % 3]
-            r = c.post(f"{rstack.provider_urls[other]}/v1/fragments/digits4.0/execute",
-                       json={"inputs": [[0.0] * 16]},
-                       headers={"Authorization": f"Bearer {tokens[name]}"})
+            r = c.post(
+                f"{rstack.provider_urls[other]}/v1/fragments/digits4.0/execute",
+                json={"inputs": [[0.0] * 16]},
+                headers={"Authorization": f"Bearer {tokens[name]}"},
+            )
             assert r.status_code == 403
         # the public predict API needs nothing
         r = _predict_ok(c, rstack, digits_test.raw[:4])
@@ -306,8 +342,11 @@ def test_tokens_never_logged_and_attacker_opens_nothing(rstack, live_artifact, d
     secrets = list(tokens.values()) + [admin]
     scanned = 0
     for p in list((rstack.workdir / "logs").glob("*.log")) + [
-            p for d in ("provider-a", "provider-b", "provider-c", "orchestrator")
-            for p in (rstack.workdir / d).rglob("*") if p.is_file()]:
+        p
+        for d in ("provider-a", "provider-b", "provider-c", "orchestrator")
+        for p in (rstack.workdir / d).rglob("*")
+        if p.is_file()
+    ]:
         text = p.read_bytes()
         scanned += 1
         for s in secrets:

@@ -14,7 +14,6 @@ uses the default design trained for 20 epochs (a few seconds), as a deployed mod
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 from qumos.artifact import load_artifact, save_artifact
@@ -31,8 +30,12 @@ def trained(tmp_path_factory):
     from qumos.train import TrainConfig, train_design
 
     data = load_task("digits", 4, seed=0)
-    spec, res, acc = train_design(design_from_flags(dataset="digits", task=4, fragments="2-2-2"),
-                                  data, TrainConfig(epochs=20, seed=0), name="digits4-shots")
+    spec, res, acc = train_design(
+        design_from_flags(dataset="digits", task=4, fragments="2-2-2"),
+        data,
+        TrainConfig(epochs=20, seed=0),
+        name="digits4-shots",
+    )
     out = tmp_path_factory.mktemp("shots") / "model"
     save_artifact(spec, out, metrics={"test_acc": acc}, training={"seed": 0})
     return load_artifact(out), data.test
@@ -46,13 +49,20 @@ def test_shots_mode_label_agreement(tmp_path, trained):
     model = DistributedQNN(art.spec, dtype=torch.float64)
     with torch.no_grad():
         ref = torch.softmax(model(torch.as_tensor(test.x, dtype=torch.float64)), 1).numpy()
-    with stack_on_free_ports(tmp_path, with_attacker=False) as stack, \
-            stack.client(timeout=120) as c:
+    with (
+        stack_on_free_ports(tmp_path, with_attacker=False) as stack,
+        stack.client(timeout=120) as c,
+    ):
         stack.deploy(art)
-        parts = [predict(c, stack.orchestrator_url, art.spec.name, test.raw[i:i + 64],
-                         shots=4096, seed=11) for i in range(0, len(test.raw), 64)]
-        again = predict(c, stack.orchestrator_url, art.spec.name, test.raw[:64], shots=4096,
-                        seed=11)
+        parts = [
+            predict(
+                c, stack.orchestrator_url, art.spec.name, test.raw[i : i + 64], shots=4096, seed=11
+            )
+            for i in range(0, len(test.raw), 64)
+        ]
+        again = predict(
+            c, stack.orchestrator_url, art.spec.name, test.raw[:64], shots=4096, seed=11
+        )
     probs = np.concatenate([np.array(p.probabilities) for p in parts])
     agreement = float((probs.argmax(1) == ref.argmax(1)).mean())
     assert agreement >= 0.90, agreement

@@ -14,5 +14,3 @@ def anyio_backend():
 @pytest.fixture(scope="session")
 def artifact(small_artifact):
     return load_artifact(small_artifact)
-
-

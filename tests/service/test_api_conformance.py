@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from qumos.datasets import load_task
 from qumos.spec import PreprocessSpec
-from svc_helpers import company_stack, deploy_inprocess
+
+from tests.support.services import company_stack, deploy_inprocess
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/digits4/infer"
@@ -26,21 +27,31 @@ def raw():
 def binary_request(images: np.ndarray, dtype: str = "FP32", outputs=None, **params):
     """What tritonclient sends in its default (binary) mode."""
     blob = images.astype("<f4" if dtype == "FP32" else "<f8").tobytes()
-    head = {"inputs": [{"name": "images", "shape": list(images.shape), "datatype": dtype,
-                        "parameters": {"binary_data_size": len(blob)}}]}
+    head = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(images.shape),
+                "datatype": dtype,
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        ]
+    }
     if outputs is not None:
         head["outputs"] = outputs
     if params:
         head["parameters"] = params
     js = json.dumps(head).encode()
-    return js + blob, {"Inference-Header-Content-Length": str(len(js)),
-                       "Content-Type": "application/octet-stream"}
+    return js + blob, {
+        "Inference-Header-Content-Length": str(len(js)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 def decode(resp) -> dict[str, np.ndarray]:
     n = resp.headers.get("inference-header-content-length")
-    head = json.loads(resp.content[:int(n)] if n else resp.content)
-    buf, at, out = resp.content[int(n):] if n else b"", 0, {}
+    head = json.loads(resp.content[: int(n)] if n else resp.content)
+    buf, at, out = resp.content[int(n) :] if n else b"", 0, {}
     for o in head["outputs"]:
         assert "parameters" not in o or o["parameters"] is not None  # never "parameters": null
         dt = {"FP64": "<f8", "INT64": "<i8"}[o["datatype"]]
@@ -48,7 +59,7 @@ def decode(resp) -> dict[str, np.ndarray]:
             out[o["name"]] = np.asarray(o["data"], dtype=dt).reshape(o["shape"])
         else:
             size = o["parameters"]["binary_data_size"]
-            out[o["name"]] = np.frombuffer(buf[at:at + size], dtype=dt).reshape(o["shape"])
+            out[o["name"]] = np.frombuffer(buf[at : at + size], dtype=dt).reshape(o["shape"])
             at += size
     assert at == len(buf)
     return out
@@ -57,8 +68,7 @@ def decode(resp) -> dict[str, np.ndarray]:
 async def test_oip_binary_and_json_equal_v1_predict(tmp_path, artifact, raw):
     async with company_stack(tmp_path, artifact) as (c, admin, providers):
         await deploy_inprocess(c, admin, providers, artifact)
-        v1 = (await c.post("/v1/models/digits4/predict",
-                           json={"instances": raw.tolist()})).json()
+        v1 = (await c.post("/v1/models/digits4/predict", json={"instances": raw.tolist()})).json()
         want = np.array(v1["probabilities"])
         # binary in, binary out (no outputs listed + binary_data_output, as tritonclient)
         body, h = binary_request(raw, binary_data_output=True)
@@ -73,13 +83,23 @@ async def test_oip_binary_and_json_equal_v1_predict(tmp_path, artifact, raw):
         r = await c.post("/v2/models/digits4/versions/1/infer", content=body, headers=h)
         assert r.status_code == 200, r.text
         assert [o["name"] for o in r.json()["outputs"]] == ["labels"]
-        assert r.json()["outputs"][0] == {"name": "labels", "datatype": "INT64",
-                                          "shape": [5], "data": v1["labels"]}
+        assert r.json()["outputs"][0] == {
+            "name": "labels",
+            "datatype": "INT64",
+            "shape": [5],
+            "data": v1["labels"],
+        }
         # JSON in, probabilities only, binary
-        r = await c.post(INFER, json={"id": "x", "inputs": [
-            {"name": "images", "shape": [5, 64], "datatype": "FP32",
-             "data": raw.tolist()}], "outputs": [
-            {"name": "probabilities", "parameters": {"binary_data": True}}]})
+        r = await c.post(
+            INFER,
+            json={
+                "id": "x",
+                "inputs": [
+                    {"name": "images", "shape": [5, 64], "datatype": "FP32", "data": raw.tolist()}
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            },
+        )
         out = decode(r)
         assert list(out) == ["probabilities"] and r.status_code == 200
         np.testing.assert_allclose(out["probabilities"], want, atol=1e-12)
@@ -90,9 +110,12 @@ async def test_oip_binary_and_json_equal_v1_predict(tmp_path, artifact, raw):
         assert m1 == (await c.get("/v2/models/digits4")).json() and m1["versions"] == ["1"]
         r = await c.get("/v2/models/digits4/versions/2")
         assert r.status_code == 404 and r.json() == {
-            "error": "version: '2' is not a version of this model; allowed: '1'"}
+            "error": "version: '2' is not a version of this model; allowed: '1'"
+        }
         assert (await c.get("/v2/models/digits4/versions/1/ready")).json() == {
-            "name": "digits4", "ready": True}
+            "name": "digits4",
+            "ready": True,
+        }
 
 
 async def test_oip_refusals_name_the_field(tmp_path, artifact, raw):
@@ -110,13 +133,13 @@ async def test_oip_refusals_name_the_field(tmp_path, artifact, raw):
         msg = await refused({"inputs": [t], "outputs": [{"name": "logits"}]}, "outputs[0].name")
         assert "probabilities, labels" in msg
         await refused({"inputs": [t | {"name": "pixels"}]}, "inputs[0].name")
-        assert "FP32, FP64" in await refused({"inputs": [t | {"datatype": "INT32"}]},
-                                             "inputs[0].datatype")
+        assert "FP32, FP64" in await refused(
+            {"inputs": [t | {"datatype": "INT32"}]}, "inputs[0].datatype"
+        )
         await refused({"inputs": [t | {"shape": ["1", "64"]}]}, "inputs[0].shape")
         await refused({"inputs": [t | {"data": ["1"] * 64}]}, "inputs[0].data[0]")
         await refused({"inputs": [t | {"data": [True] + [0.0] * 63}]}, "inputs[0].data[0]")
-        msg = await refused({"inputs": [t | {"data": [1e39] + [0.0] * 63}]},
-                            "inputs[0].data[0]")
+        msg = await refused({"inputs": [t | {"data": [1e39] + [0.0] * 63}]}, "inputs[0].data[0]")
         assert "FP32" in msg
         await refused({"inputs": [t | {"data": [17.0] + [0.0] * 63}]}, "inputs[0].data[0]")
         await refused({"inputs": [t], "parameters": {"shots": 2**70}}, "parameters.shots")
@@ -128,8 +151,7 @@ async def test_oip_refusals_name_the_field(tmp_path, artifact, raw):
         h["Inference-Header-Content-Length"] = "9999999"
         await refused(None, "Inference-Header-Content-Length", content=body, headers=h)
         body, h = binary_request(raw[:1])
-        await refused(None, "inputs[0].parameters.binary_data_size", content=body[:-4],
-                      headers=h)
+        await refused(None, "inputs[0].parameters.binary_data_size", content=body[:-4], headers=h)
         # the errors of the middleware keep the protocol's shape too
         r = await c.get("/v2/nothing")
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
@@ -138,12 +160,14 @@ async def test_oip_refusals_name_the_field(tmp_path, artifact, raw):
         assert r.status_code == 422 and r.json()["error"]["field"] == "instances[0][0]"
         r = await c.post("/v1/models/digits4/predict", json={"instances": [[False] * 64]})
         assert r.status_code == 422 and r.json()["error"]["field"] == "instances[0][0]"
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": [[0.0] * 10 + [-1.0] + [0.0] * 53]})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": [[0.0] * 10 + [-1.0] + [0.0] * 53]}
+        )
         assert r.status_code == 422 and r.json()["error"]["field"] == "instances[0][10]"
         assert "[0, 16]" in r.json()["error"]["message"]
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": [[0.0] * 64], "shots": "10"})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": [[0.0] * 64], "shots": "10"}
+        )
         assert r.status_code == 422 and r.json()["error"]["field"] == "shots"
 
 
@@ -151,12 +175,17 @@ async def test_readiness_means_a_prediction_can_be_served(tmp_path, artifact, ra
     async with company_stack(tmp_path, artifact) as (c, admin, providers):
         assert (await c.get("/readyz")).status_code == 200  # nothing registered yet
         # the model registered, its fragments not yet on the providers: not ready
-        r = await c.put("/v1/models/digits4", content=artifact.company_spec().model_dump_json(),
-                        headers={"Authorization": f"Bearer {admin}"})
+        r = await c.put(
+            "/v1/models/digits4",
+            content=artifact.company_spec().model_dump_json(),
+            headers={"Authorization": f"Bearer {admin}"},
+        )
         assert r.status_code == 201
         r = await c.get("/readyz")
-        assert r.status_code == 503 and "provider-a does not hold fragment digits4.0" in \
-            r.json()["error"]["message"]
+        assert (
+            r.status_code == 503
+            and "provider-a does not hold fragment digits4.0" in r.json()["error"]["message"]
+        )
         r = await c.get("/v2/health/ready")
         assert r.status_code == 503 and "digits4" in r.json()["error"]
         r = await c.get("/v2/models/digits4/ready")
@@ -176,8 +205,11 @@ async def test_model_names_follow_the_providers_rule(tmp_path, artifact, name):
         body = artifact.company_spec().model_copy(update={"name": "ok"}).model_dump()
         body["name"] = name
         path = quote(name, safe="").replace(".", "%2E")  # so that no client drops "/.."
-        r = await c.put(f"/v1/models/{path}", content=orjson.dumps(body),
-                        headers={"Authorization": f"Bearer {admin}"})
+        r = await c.put(
+            f"/v1/models/{path}",
+            content=orjson.dumps(body),
+            headers={"Authorization": f"Bearer {admin}"},
+        )
         assert r.status_code == 422, r.text
         assert r.json()["error"]["field"] == "name"
         assert "letters, digits" in r.json()["error"]["message"]
@@ -192,8 +224,9 @@ async def test_preprocess_ranges_are_422(tmp_path, artifact):
     async with company_stack(tmp_path, artifact) as (c, admin, _):
         body = artifact.company_spec().model_dump()
         body["preprocess"]["pool_to"] = 0
-        r = await c.put("/v1/models/digits4", json=body,
-                        headers={"Authorization": f"Bearer {admin}"})
+        r = await c.put(
+            "/v1/models/digits4", json=body, headers={"Authorization": f"Bearer {admin}"}
+        )
         assert r.status_code == 422 and "pool_to is 0" in r.json()["error"]["message"]
 
 
@@ -207,8 +240,9 @@ async def test_405_allow_lists_every_method(tmp_path, artifact):
         app = providers["provider-a"][0]
         import httpx
 
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://p") as pc:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://p"
+        ) as pc:
             r = await pc.options("/v1/fragments/digits4.0")
             assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"
 
@@ -219,9 +253,15 @@ def test_health_probes_leave_no_access_log_lines():
     from qumos.webcommon import QuietHealthChecks
 
     def record(path, status):
-        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0,
-                                 '%s - "%s %s HTTP/%s" %d',
-                                 ("127.0.0.1:5", "GET", path, "1.1", status), None)
+        return logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            "",
+            0,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5", "GET", path, "1.1", status),
+            None,
+        )
 
     f = QuietHealthChecks()
     assert not f.filter(record("/readyz", 200)) and not f.filter(record("/healthz", 200))

@@ -33,8 +33,12 @@ ADMIN = "attacker-admin-token-for-tests"
 
 def _settings(tmp_path, breached_dir, **kw):
     (tmp_path / "attacker_token").write_text(ADMIN)
-    return AttackerSettings(breached_dir=breached_dir, data_dir=tmp_path / "attacker",
-                            admin_token_file=tmp_path / "attacker_token", **kw)
+    return AttackerSettings(
+        breached_dir=breached_dir,
+        data_dir=tmp_path / "attacker",
+        admin_token_file=tmp_path / "attacker_token",
+        **kw,
+    )
 
 
 def _client(app) -> TestClient:
@@ -57,9 +61,15 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     art, root = breached
     before = sorted(p.name for p in root.rglob("*"))
     strategies = ["scratch", "logreg", "substitute", "head_only"]
-    body = {"provider": "provider-b", "profile": "breach", "strategies": strategies,
-            "budget": {"fraction": 0.05, "epochs": 3, "restarts": 1}, "seeds": [0, 1],
-            "design": design_of(art.spec).model_dump(), "victim_acc": 0.8}
+    body = {
+        "provider": "provider-b",
+        "profile": "breach",
+        "strategies": strategies,
+        "budget": {"fraction": 0.05, "epochs": 3, "restarts": 1},
+        "seeds": [0, 1],
+        "design": design_of(art.spec).model_dump(),
+        "victim_acc": 0.8,
+    }
     with _client(create_app(_settings(tmp_path, root))) as client:
         assert client.get("/readyz").json()["breached_provider"] == "provider-b"
         r = client.post("/v1/attacks", json=body)
@@ -76,11 +86,20 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
     assert any(p.get("epoch") for p in seen) and job["progress"]["epoch"]
     res = job["results"]
     data = load_task("digits", 4, seed=0)
-    victim = Victim(model=art.spec.name, providers=["fragment-0", "provider-b", "fragment-2"],
-                    acc=0.8, test_labels=-np.ones(len(data.test.y), int),
-                    arch=strip(build_spec(design_of(art.spec))))
-    lib = run_attack(AttackConfig(epochs=3, restarts=1, strategies=tuple(strategies)), data,
-                     victim, [breach(root)], [0, 1]).to_dict()
+    victim = Victim(
+        model=art.spec.name,
+        providers=["fragment-0", "provider-b", "fragment-2"],
+        acc=0.8,
+        test_labels=-np.ones(len(data.test.y), int),
+        arch=strip(build_spec(design_of(art.spec))),
+    )
+    lib = run_attack(
+        AttackConfig(epochs=3, restarts=1, strategies=tuple(strategies)),
+        data,
+        victim,
+        [breach(root)],
+        [0, 1],
+    ).to_dict()
     assert res["S"] == pytest.approx(lib["S"]) and res["S_reference"] == lib["S_reference"]
     (p,) = res["providers"]
     (q,) = lib["providers"]
@@ -96,26 +115,34 @@ def test_job_runs_and_matches_the_library(tmp_path, breached):
         assert again["status"] == "succeeded" and again["results"]["S"] == res["S"]
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"provider": "provider-x"}, "provider"),
-    ({"budget": {"fraction": 0}}, "budget.fraction"),
-    ({"budget": {"fraction": 1.5}}, "budget.fraction"),
-    ({"budget": {"epochs": 100000}}, "budget.epochs"),
-    ({"strategies": ["scratch", "steal"]}, "strategies"),
-    ({"strategies": ["insider"]}, "strategies"),  # not a strategy of profile breach
-    ({"profile": "steal"}, "profile"),
-    ({"profile": "coalition", "coalition": ["provider-b", "provider-a"]}, "profile"),
-    ({"profile": "breach+queries"}, "profile"),  # no orchestrator configured
-    ({"victim_acc": None}, "victim_acc"),  # unknown, and no orchestrator to measure it
-    ({"seeds": []}, "seeds"),
-    ({"seeds": list(range(50))}, "seeds"),
-    ({"design": None}, "design"),
-    ({"model": "other-model"}, "model"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"provider": "provider-x"}, "provider"),
+        ({"budget": {"fraction": 0}}, "budget.fraction"),
+        ({"budget": {"fraction": 1.5}}, "budget.fraction"),
+        ({"budget": {"epochs": 100000}}, "budget.epochs"),
+        ({"strategies": ["scratch", "steal"]}, "strategies"),
+        ({"strategies": ["insider"]}, "strategies"),  # not a strategy of profile breach
+        ({"profile": "steal"}, "profile"),
+        ({"profile": "coalition", "coalition": ["provider-b", "provider-a"]}, "profile"),
+        ({"profile": "breach+queries"}, "profile"),  # no orchestrator configured
+        ({"victim_acc": None}, "victim_acc"),  # unknown, and no orchestrator to measure it
+        ({"seeds": []}, "seeds"),
+        ({"seeds": list(range(50))}, "seeds"),
+        ({"design": None}, "design"),
+        ({"model": "other-model"}, "model"),
+    ],
+)
 def test_bad_requests_name_the_field(tmp_path, breached, change, field):
     art, root = breached
-    body = {"design": design_of(art.spec).model_dump(), "seeds": [0], "victim_acc": 0.8,
-            "budget": {"epochs": 1, "restarts": 1}, **change}
+    body = {
+        "design": design_of(art.spec).model_dump(),
+        "seeds": [0],
+        "victim_acc": 0.8,
+        "budget": {"epochs": 1, "restarts": 1},
+        **change,
+    }
     with _client(create_app(_settings(tmp_path, root))) as client:
         r = client.post("/v1/attacks", json=body)
         assert r.status_code == 422, r.text
@@ -131,8 +158,9 @@ def test_not_a_provider_directory_is_refused(tmp_path, small_artifact):
         r = client.get("/readyz")
         assert r.status_code == 503
         assert "not a provider's data directory" in r.json()["error"]["message"]
-        r = client.post("/v1/attacks", json={"know_architecture": False, "seeds": [0],
-                                             "victim_acc": 0.8})
+        r = client.post(
+            "/v1/attacks", json={"know_architecture": False, "seeds": [0], "victim_acc": 0.8}
+        )
         assert r.status_code == 409
         assert r.json()["error"]["field"] == "breached_dir"
 
@@ -141,9 +169,19 @@ def test_interrupted_job_is_marked_not_lost(tmp_path, breached):
     _, root = breached
     jobs = tmp_path / "attacker" / "jobs"
     jobs.mkdir(parents=True)
-    (jobs / "abc123.json").write_text(json.dumps({
-        "id": "abc123", "status": "running", "provider": "provider-b", "request": {},
-        "progress": {"done": 1, "total": 4}, "created": 1.0, "started": 2.0}))
+    (jobs / "abc123.json").write_text(
+        json.dumps(
+            {
+                "id": "abc123",
+                "status": "running",
+                "provider": "provider-b",
+                "request": {},
+                "progress": {"done": 1, "total": 4},
+                "created": 1.0,
+                "started": 2.0,
+            }
+        )
+    )
     with _client(create_app(_settings(tmp_path, root))) as client:
         job = client.get("/v1/attacks/abc123").json()
         assert job["status"] == "interrupted" and "resubmit" in job["error"]
@@ -154,8 +192,11 @@ def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached
     from services.attacker.app import Job
 
     art, root = breached
-    body = {"design": design_of(art.spec).model_dump(), "seeds": [0],
-            "budget": {"epochs": 1, "restarts": 1}}
+    body = {
+        "design": design_of(art.spec).model_dump(),
+        "seeds": [0],
+        "budget": {"epochs": 1, "restarts": 1},
+    }
     app = create_app(_settings(tmp_path, root, max_pending=1))
     with _client(app) as client:
         r = client.post("/v1/attacks", json=body, headers={"Authorization": ""})
@@ -165,8 +206,9 @@ def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached
         r = client.post("/v1/attacks", json={**body, "seeds": [2**70]})
         assert r.status_code == 422 and r.json()["error"]["field"] == "seeds[0]", r.text
         # one job queued or running fills a queue of 1: the next gets 503 + Retry-After
-        app.state.attacker.jobs["busy"] = Job(id="busy", status="running",
-                                              provider="provider-b", request={}, created=1.0)
+        app.state.attacker.jobs["busy"] = Job(
+            id="busy", status="running", provider="provider-b", request={}, created=1.0
+        )
         r = client.post("/v1/attacks", json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
         assert "QUMOS_ATTACKER_MAX_PENDING" in r.json()["error"]["message"]
@@ -174,7 +216,8 @@ def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached
         # the schema documents the body and the errors (a fuzzer can reach the endpoint)
         op = client.get("/openapi.json").json()["paths"]["/v1/attacks"]["post"]
         assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
-            "/AttackRequest")
+            "/AttackRequest"
+        )
         assert {"401", "403", "409", "422", "503"} <= set(op["responses"])
         r = client.request("OPTIONS", "/v1/attacks")
         assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
@@ -186,10 +229,15 @@ def test_coalition_job_over_mounted_providers(tmp_path, breached):
     art, root = breached
     store = ProviderStore.create(tmp_path / "provider-a", "provider-a")
     store.put(art.fragment_file(0))
-    body = {"profile": "coalition", "coalition": ["provider-a", "provider-b"],
-            "strategies": ["logreg", "substitute"], "seeds": [0], "victim_acc": 0.8,
-            "budget": {"epochs": 2, "restarts": 1},
-            "design": design_of(art.spec).model_dump()}
+    body = {
+        "profile": "coalition",
+        "coalition": ["provider-a", "provider-b"],
+        "strategies": ["logreg", "substitute"],
+        "seeds": [0],
+        "victim_acc": 0.8,
+        "budget": {"epochs": 2, "restarts": 1},
+        "design": design_of(art.spec).model_dump(),
+    }
     with _client(create_app(_settings(tmp_path, root))) as client:  # one mounted
         r = client.post("/v1/attacks", json=body)
         assert r.status_code == 422 and r.json()["error"]["field"] == "profile", r.text

@@ -7,7 +7,8 @@ import logging
 
 import numpy as np
 import pytest
-from svc_helpers import company_stack, create_key, deploy_inprocess
+
+from tests.support.services import company_stack, create_key, deploy_inprocess
 
 pytestmark = pytest.mark.anyio
 
@@ -31,11 +32,13 @@ async def test_keys_missing_unknown_revoked(tmp_path, artifact, data, caplog):
         key = c.headers["Authorization"].split()[1]
         r = await c.post(url, json=_body(data.test.raw[:2]), headers={"Authorization": ""})
         assert r.status_code == 401 and "missing" in r.json()["error"]["message"]
-        r = await c.post(url, json=_body(data.test.raw[:2]),
-                         headers={"Authorization": f"Bearer {key[:-3]}abc"})
+        r = await c.post(
+            url, json=_body(data.test.raw[:2]), headers={"Authorization": f"Bearer {key[:-3]}abc"}
+        )
         assert r.status_code == 401 and "unknown API key" in r.json()["error"]["message"]
-        r = await c.post(url, json=_body(data.test.raw[:2]),
-                         headers={"Authorization": f"Bearer {admin}"})
+        r = await c.post(
+            url, json=_body(data.test.raw[:2]), headers={"Authorization": f"Bearer {admin}"}
+        )
         assert r.status_code == 401 and "not an API key" in r.json()["error"]["message"]
         assert (await c.post(url, json=_body(data.test.raw[:2]))).status_code == 200
         kid = key[:15]
@@ -50,8 +53,9 @@ async def test_keys_missing_unknown_revoked(tmp_path, artifact, data, caplog):
         store = (tmp_path / "orchestrator" / "keys.json").read_text()
         assert key[16:] not in store and kid.removeprefix("qk_") in store
         assert key[16:] not in caplog.text  # no key in any log
-        r = await c.post("/v1/keys", json={"name": "bad name"},
-                         headers={"Authorization": f"Bearer {admin}"})
+        r = await c.post(
+            "/v1/keys", json={"name": "bad name"}, headers={"Authorization": f"Bearer {admin}"}
+        )
         assert r.status_code == 422 and r.json()["error"]["field"] == "name"
         r = await c.delete("/v1/keys/qk_000000000000", headers={"Authorization": f"Bearer {admin}"})
         assert r.status_code == 404
@@ -60,8 +64,7 @@ async def test_keys_missing_unknown_revoked(tmp_path, artifact, data, caplog):
 async def test_quota_429_headers_and_restart(tmp_path, artifact, data):
     async with company_stack(tmp_path, artifact) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
-        key = await create_key(c, admin, "q", images_per_window=5, window_s=3600,
-                               images_total=8)
+        key = await create_key(c, admin, "q", images_per_window=5, window_s=3600, images_total=8)
         h = {"Authorization": f"Bearer {key}"}
         url = "/v1/models/digits4/predict"
         r = await c.post(url, json=_body(data.test.raw[:3]), headers=h)
@@ -104,12 +107,18 @@ def test_quota_file_survives_a_crash_mid_write(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("policy,check", [
-    ({"kind": "label"}, "label"), ({"kind": "top_k", "k": 1, "decimals": 2}, "top1"),
-    ({"kind": "probabilities", "decimals": 3}, "round3")])
+@pytest.mark.parametrize(
+    "policy,check",
+    [
+        ({"kind": "label"}, "label"),
+        ({"kind": "top_k", "k": 1, "decimals": 2}, "top1"),
+        ({"kind": "probabilities", "decimals": 3}, "round3"),
+    ],
+)
 async def test_output_policy_v1_and_v2_identical(tmp_path, artifact, data, policy, check):
     from qumos.defense.policy import OutputPolicy, apply_policy
-    from svc_helpers import torch_probs
+
+    from tests.support.services import torch_probs
 
     async with company_stack(tmp_path, artifact) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
@@ -119,16 +128,39 @@ async def test_output_policy_v1_and_v2_identical(tmp_path, artifact, data, polic
         raw = data.test.raw[:6]
         v1 = (await c.post("/v1/models/digits4/predict", json=_body(raw))).json()
         want = apply_policy(torch_probs(artifact.spec, data.test.x[:6]), OutputPolicy(**policy))
-        v2 = (await c.post("/v2/models/digits4/infer", json={"inputs": [{
-            "name": "images", "shape": [6, 64], "datatype": "FP64",
-            "data": raw.ravel().tolist()}]})).json()
+        v2 = (
+            await c.post(
+                "/v2/models/digits4/infer",
+                json={
+                    "inputs": [
+                        {
+                            "name": "images",
+                            "shape": [6, 64],
+                            "datatype": "FP64",
+                            "data": raw.ravel().tolist(),
+                        }
+                    ]
+                },
+            )
+        ).json()
         outs = {o["name"]: o for o in v2["outputs"]}
         if check == "label":
             assert v1.get("probabilities") is None and "probabilities" not in outs
             assert v1["predictions"] == want.tolist()
-            r = await c.post("/v2/models/digits4/infer", json={"inputs": [{
-                "name": "images", "shape": [1, 64], "datatype": "FP64",
-                "data": raw[0].tolist()}], "outputs": [{"name": "probabilities"}]})
+            r = await c.post(
+                "/v2/models/digits4/infer",
+                json={
+                    "inputs": [
+                        {
+                            "name": "images",
+                            "shape": [1, 64],
+                            "datatype": "FP64",
+                            "data": raw[0].tolist(),
+                        }
+                    ],
+                    "outputs": [{"name": "probabilities"}],
+                },
+            )
             assert r.status_code == 422 and "output policy" in r.json()["error"]
         else:
             p1 = np.asarray(v1["probabilities"])
@@ -147,9 +179,13 @@ async def test_invalid_policy_is_422(tmp_path, artifact):
     async with company_stack(tmp_path, artifact) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
         ha = {"Authorization": f"Bearer {admin}"}
-        for bad in ({"kind": "top_k"}, {"kind": "top_k", "k": 9}, {"kind": "label",
-                                                                    "decimals": 2},
-                    {"kind": "nope"}, {"kind": "probabilities", "decimals": 99}):
+        for bad in (
+            {"kind": "top_k"},
+            {"kind": "top_k", "k": 9},
+            {"kind": "label", "decimals": 2},
+            {"kind": "nope"},
+            {"kind": "probabilities", "decimals": 99},
+        ):
             r = await c.put("/v1/models/digits4/policy", json=bad, headers=ha)
             assert r.status_code == 422, (bad, r.text)
         spec = artifact.company_spec().model_dump(mode="json")
@@ -163,8 +199,11 @@ def test_bad_monitor_setting_names_the_variable(tmp_path, monkeypatch):
 
     from services.orchestrator.app import OrchestratorSettings
 
-    for var, value in (("QUMOS_ORCH_MONITOR", "shout"), ("QUMOS_ORCH_MONITOR_DELTA", "1.5"),
-                       ("QUMOS_ORCH_BATCH_WINDOW_MS", "-1")):
+    for var, value in (
+        ("QUMOS_ORCH_MONITOR", "shout"),
+        ("QUMOS_ORCH_MONITOR_DELTA", "1.5"),
+        ("QUMOS_ORCH_BATCH_WINDOW_MS", "-1"),
+    ):
         monkeypatch.setenv("QUMOS_ORCH_DATA_DIR", str(tmp_path))
         monkeypatch.setenv("QUMOS_ORCH_PROVIDERS", "a=http://a")
         monkeypatch.setenv("QUMOS_ORCH_TOKENS_DIR", str(tmp_path))
@@ -188,34 +227,43 @@ async def test_monitor_flags_and_blocks_a_synthetic_attacker(tmp_path, artifact,
             x += [np.clip(v + rng.choice([-1, 1], 64), 0, 16) for v in x]
         status = []
         for i in range(0, 400, 8):
-            r = await c.post(url, json=_body(np.asarray(x[i:i + 8])),
-                             headers={"Authorization": f"Bearer {thief}"})
+            r = await c.post(
+                url,
+                json=_body(np.asarray(x[i : i + 8])),
+                headers={"Authorization": f"Bearer {thief}"},
+            )
             status.append(r.status_code)
             if r.status_code == 403:
                 break
         assert status[-1] == 403 and len(status) * 8 < 400, status
         for i in range(0, len(data.test.raw), 8):  # benign traffic is not flagged
-            r = await c.post(url, json=_body(data.test.raw[i:i + 8]),
-                             headers={"Authorization": f"Bearer {benign}"})
+            r = await c.post(
+                url,
+                json=_body(data.test.raw[i : i + 8]),
+                headers={"Authorization": f"Bearer {benign}"},
+            )
             assert r.status_code == 200, r.text
-        fl = (await c.get("/v1/keys/flagged", headers={"Authorization": f"Bearer {admin}"})
-              ).json()
+        fl = (await c.get("/v1/keys/flagged", headers={"Authorization": f"Bearer {admin}"})).json()
         assert [k["name"] for k in fl["flagged"]] == ["thief"]
         assert "Shapiro-Wilk" in fl["flagged"][0]["flagged"]["reason"]
 
 
 async def test_batching_shuffles_concurrent_requests_into_one_call(tmp_path, artifact, data):
     import anyio
-    from svc_helpers import torch_probs
 
-    async with company_stack(tmp_path, artifact, batch_window_ms=50,
-                             canaries_per_call=0) as (c, admin, prov):
+    from tests.support.services import torch_probs
+
+    async with company_stack(tmp_path, artifact, batch_window_ms=50, canaries_per_call=0) as (
+        c,
+        admin,
+        prov,
+    ):
         await deploy_inprocess(c, admin, prov, artifact)
         state = c._transport.app.state.orchestrator
         out = {}
 
         async def one(i):
-            r = await c.post("/v1/models/digits4/predict", json=_body(data.test.raw[i:i + 1]))
+            r = await c.post("/v1/models/digits4/predict", json=_body(data.test.raw[i : i + 1]))
             out[i] = r.json()["probabilities"][0]
 
         async with anyio.create_task_group() as tg:
@@ -229,8 +277,9 @@ async def test_batching_shuffles_concurrent_requests_into_one_call(tmp_path, art
 async def test_throttle_delays_a_flagged_key_and_anonymous_is_opt_in(tmp_path, artifact, data):
     import time
 
-    async with company_stack(tmp_path, artifact, monitor="throttle", monitor_throttle_s=0.4,
-                             allow_anonymous=True) as (c, admin, prov):
+    async with company_stack(
+        tmp_path, artifact, monitor="throttle", monitor_throttle_s=0.4, allow_anonymous=True
+    ) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
         url = "/v1/models/digits4/predict"
         r = await c.post(url, json=_body(data.test.raw[:1]), headers={"Authorization": ""})
@@ -241,13 +290,16 @@ async def test_throttle_delays_a_flagged_key_and_anonymous_is_opt_in(tmp_path, a
         while len(x) < 200:
             x += [np.clip(v + rng.choice([-1, 1], 64), 0, 16) for v in x]
         for i in range(0, 200, 8):
-            r = await c.post(url, json=_body(np.asarray(x[i:i + 8])),
-                             headers={"Authorization": f"Bearer {thief}"})
+            r = await c.post(
+                url,
+                json=_body(np.asarray(x[i : i + 8])),
+                headers={"Authorization": f"Bearer {thief}"},
+            )
             assert r.status_code == 200  # throttled, never refused
-        fl = (await c.get("/v1/keys/flagged", headers={"Authorization": f"Bearer {admin}"})
-              ).json()
+        fl = (await c.get("/v1/keys/flagged", headers={"Authorization": f"Bearer {admin}"})).json()
         assert fl["action"] == "throttle" and [k["name"] for k in fl["flagged"]] == ["thief"]
         t0 = time.perf_counter()
-        r = await c.post(url, json=_body(data.test.raw[:1]),
-                         headers={"Authorization": f"Bearer {thief}"})
+        r = await c.post(
+            url, json=_body(data.test.raw[:1]), headers={"Authorization": f"Bearer {thief}"}
+        )
         assert r.status_code == 200 and time.perf_counter() - t0 >= 0.4

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from qumos.quantum import AerRunner, DeviceProfile
 from qumos.spec import FragmentSpec
-from svc_helpers import provider_settings, running
 
 from services.provider.app import create_app
+from tests.support.services import provider_settings, running
 
 pytestmark = pytest.mark.anyio
 
@@ -66,12 +66,17 @@ async def test_provider_with_device_profile_serves_noisy_results(tmp_path, artif
         s, token = provider_settings(tmp_path / name, name, **extra)
         async with running(create_app(s)) as c:
             ff = ff.model_copy(update={"provider": name})
-            r = await c.put(f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(),
-                            headers={"Authorization": f"Bearer {token}"})
+            r = await c.put(
+                f"/v1/fragments/{ff.fragment_id}",
+                content=ff.model_dump_json(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
             assert r.status_code == 201, r.text
-            r = await c.post(f"/v1/fragments/{ff.fragment_id}/execute",
-                             json={"inputs": x.tolist()},
-                             headers={"Authorization": f"Bearer {token}"})
+            r = await c.post(
+                f"/v1/fragments/{ff.fragment_id}/execute",
+                json={"inputs": x.tolist()},
+                headers={"Authorization": f"Bearer {token}"},
+            )
             assert r.status_code == 200, r.text
             outs[name] = np.array(r.json()["outputs"])
     diff = np.abs(outs["provider-a"] - outs["provider-b"]).max()

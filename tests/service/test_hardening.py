@@ -13,8 +13,15 @@ import pytest
 from qumos.client import make_canaries
 from qumos.datasets import load_task
 from qumos.quantum import statevector_expectations
-from svc_helpers import company_stack, deploy_inprocess, provider_settings, running, torch_probs
-from tamper import TamperingTransport
+
+from tests.support.services import (
+    company_stack,
+    deploy_inprocess,
+    provider_settings,
+    running,
+    torch_probs,
+)
+from tests.support.tamper import TamperingTransport
 
 pytestmark = pytest.mark.anyio
 PRED = "/v1/models/digits4/predict"
@@ -27,8 +34,11 @@ def data():
 
 async def register_canaries(c, admin, artifact, data, n=16):
     req = make_canaries(artifact.spec, data.train.raw[:n])
-    r = await c.put("/v1/models/digits4/canaries", content=req.model_dump_json(),
-                    headers={"Authorization": f"Bearer {admin}"})
+    r = await c.put(
+        "/v1/models/digits4/canaries",
+        content=req.model_dump_json(),
+        headers={"Authorization": f"Bearer {admin}"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["canaries"] == n
     return req
@@ -65,23 +75,26 @@ async def test_canaries_pass_honest_and_catch_tampering(tmp_path, artifact, data
         assert 'qumos_orch_integrity_failures_total{provider="provider-b"} 1.0' in metrics
         # 30% of rows tampered: with 4 canaries a call is caught with p = 1 - 0.7^4 = 0.76
         lie["t"].fraction = 0.3
-        codes = [(await c.post(PRED, json={"instances": raw.tolist()})).status_code
-                 for _ in range(20)]
+        codes = [
+            (await c.post(PRED, json={"instances": raw.tolist()})).status_code for _ in range(20)
+        ]
         assert set(codes) <= {200, 502}
         assert codes.count(502) >= 9, codes  # expected ~15; P(< 9) < 1e-3
         # the canaries survive a restart of the orchestrator (same data dir)
     from services.orchestrator.app import OrchestratorSettings
     from services.orchestrator.app import create_app as orch_app
 
-    s = OrchestratorSettings(data_dir=tmp_path / "orchestrator", tokens_dir=tmp_path / "tokens",
-                             admin_token_file=tmp_path / "admin_token",
-                             providers="provider-a=http://a,provider-b=http://b,"
-                                       "provider-c=http://c")
+    s = OrchestratorSettings(
+        data_dir=tmp_path / "orchestrator",
+        tokens_dir=tmp_path / "tokens",
+        admin_token_file=tmp_path / "admin_token",
+        providers="provider-a=http://a,provider-b=http://b,provider-c=http://c",
+    )
     app = orch_app(s)
     async with running(app) as c:
         assert (await c.get("/v1/models/digits4")).json()["canaries"] == 16
         assert app.state.orchestrator.problems == []
-        key = (tmp_path / "orchestrator" / "canary.key")
+        key = tmp_path / "orchestrator" / "canary.key"
         assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
 
 
@@ -107,22 +120,28 @@ async def test_canary_registration_rules(tmp_path, artifact, data):
         url = "/v1/models/digits4/canaries"
         assert (await c.put(url, content=req.model_dump_json(), headers=h)).status_code == 404
         await deploy_inprocess(c, admin, prov, artifact)
-        assert (await c.put(url, content=req.model_dump_json(),
-                            headers={"Authorization": ""})).status_code == 401
+        assert (
+            await c.put(url, content=req.model_dump_json(), headers={"Authorization": ""})
+        ).status_code == 401
         provider_token = prov["provider-a"][1]
-        r = await c.put(url, content=req.model_dump_json(),
-                        headers={"Authorization": f"Bearer {provider_token}"})
+        r = await c.put(
+            url,
+            content=req.model_dump_json(),
+            headers={"Authorization": f"Bearer {provider_token}"},
+        )
         assert r.status_code == 403
         bad = req.model_copy(update={"fragments": req.fragments[:2]})
         r = await c.put(url, content=bad.model_dump_json(), headers=h)
         assert r.status_code == 422 and r.json()["error"]["field"] == "fragments"
-        f1 = req.fragments[1].model_copy(update={"inputs": [row[:3] for row in
-                                                            req.fragments[1].inputs]})
+        f1 = req.fragments[1].model_copy(
+            update={"inputs": [row[:3] for row in req.fragments[1].inputs]}
+        )
         bad = req.model_copy(update={"fragments": [req.fragments[0], f1, req.fragments[2]]})
         r = await c.put(url, content=bad.model_dump_json(), headers=h)
         assert r.status_code == 422 and r.json()["error"]["field"] == "fragments[1].inputs[0]"
-        r = await c.put(url, content=b'{"fragments": [{"inputs": [[NaN]], "outputs": [[0]]}]}',
-                        headers=h)
+        r = await c.put(
+            url, content=b'{"fragments": [{"inputs": [[NaN]], "outputs": [[0]]}]}', headers=h
+        )
         assert r.status_code == 422 and "finite" in r.json()["error"]["message"]
         assert (await c.put(url, content=req.model_dump_json(), headers=h)).status_code == 200
         # re-registering the model (new weights) drops its canaries
@@ -136,8 +155,9 @@ class Stall(httpx.AsyncBaseTransport):
 
 
 async def test_stalled_provider_gives_504(tmp_path, artifact, data):
-    async with company_stack(tmp_path, artifact, {"provider-c": Stall()}, timeout_s=0.5,
-                             retries=1) as (c, admin, prov):
+    async with company_stack(
+        tmp_path, artifact, {"provider-c": Stall()}, timeout_s=0.5, retries=1
+    ) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
         t0 = asyncio.get_running_loop().time()
         r = await c.post(PRED, json={"instances": data.test.raw[:2].tolist()})
@@ -159,18 +179,26 @@ async def test_provider_retry_after_is_honoured_then_503(tmp_path, artifact, dat
                 state["calls"] += 1
                 if state["busy"] > 0:
                     state["busy"] -= 1
-                    return httpx.Response(503, headers={"Retry-After": "0"}, json={
-                        "error": {"type": "overloaded", "message": "at the limit"}})
+                    return httpx.Response(
+                        503,
+                        headers={"Retry-After": "0"},
+                        json={"error": {"type": "overloaded", "message": "at the limit"}},
+                    )
                 return await inner.handle_async_request(request)
+
         return Busy()
 
     async with company_stack(tmp_path, artifact, {"provider-a": busy}, retries=2) as (
-            c, admin, prov):
+        c,
+        admin,
+        prov,
+    ):
         await deploy_inprocess(c, admin, prov, artifact)
         r = await c.post(PRED, json={"instances": data.test.raw[:3].tolist()})
         assert r.status_code == 200, r.text  # two 503s, then served
-        np.testing.assert_allclose(r.json()["probabilities"],
-                                   torch_probs(artifact.spec, data.test.x[:3]), atol=1e-4)
+        np.testing.assert_allclose(
+            r.json()["probabilities"], torch_probs(artifact.spec, data.test.x[:3]), atol=1e-4
+        )
         assert state["calls"] == 3
         state["busy"] = 100
         r = await c.post(PRED, json={"instances": data.test.raw[:3].tolist()})
@@ -188,14 +216,16 @@ async def test_overload_pushes_back(tmp_path, artifact, data):
     async with running(__import__("services.provider.app", fromlist=["x"]).create_app(s)) as c:
         ff = artifact.fragment_file(0)
         h = {"Authorization": f"Bearer {token}"}
-        assert (await c.put(f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(),
-                            headers=h)).status_code == 201
+        assert (
+            await c.put(f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(), headers=h)
+        ).status_code == 201
         x = np.random.default_rng(0).uniform(0, np.pi, (20, 16))
         want = statevector_expectations(artifact.spec.fragments[0], x)
 
         async def one(i):
-            return await c.post("/v1/fragments/digits4.0/execute",
-                                json={"inputs": x[i:i + 1].tolist()}, headers=h)
+            return await c.post(
+                "/v1/fragments/digits4.0/execute", json={"inputs": x[i : i + 1].tolist()}, headers=h
+            )
 
         rs = await asyncio.gather(*(one(i) for i in range(20)))
         codes = [r.status_code for r in rs]
@@ -203,23 +233,28 @@ async def test_overload_pushes_back(tmp_path, artifact, data):
         assert codes.count(200) >= 2
         for i, r in enumerate(rs):
             if r.status_code == 200:
-                np.testing.assert_allclose(r.json()["outputs"], want[i:i + 1], atol=1e-6)
+                np.testing.assert_allclose(r.json()["outputs"], want[i : i + 1], atol=1e-6)
             else:
                 assert r.headers["retry-after"] == "1"
                 assert r.json()["error"]["type"] == "overloaded"
         assert (await c.get("/readyz")).status_code == 200  # health is never limited
         assert "qumos_overload_rejections_total" in (await c.get("/metrics")).text
-    async with company_stack(tmp_path / "o", artifact, max_inflight=2,
-                             provider_kw={"inline_rows": 0}) as (c, admin, prov):
+    async with company_stack(
+        tmp_path / "o", artifact, max_inflight=2, provider_kw={"inline_rows": 0}
+    ) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)
         want = torch_probs(artifact.spec, data.test.x[:20])
-        rs = await asyncio.gather(*(c.post(PRED, json={"instances": data.test.raw[i:i + 1]
-                                                      .tolist()}) for i in range(20)))
+        rs = await asyncio.gather(
+            *(
+                c.post(PRED, json={"instances": data.test.raw[i : i + 1].tolist()})
+                for i in range(20)
+            )
+        )
         codes = [r.status_code for r in rs]
         assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
         for i, r in enumerate(rs):
             if r.status_code == 200:
-                np.testing.assert_allclose(r.json()["probabilities"], want[i:i + 1], atol=1e-4)
+                np.testing.assert_allclose(r.json()["probabilities"], want[i : i + 1], atol=1e-4)
             else:
                 assert r.headers["retry-after"] == "1"
 
@@ -238,8 +273,9 @@ async def test_storage_faults_provider(tmp_path, artifact, monkeypatch):
     want = statevector_expectations(artifact.spec.fragments[0], x)
     async with running(create_app(s)) as c:
         ff = artifact.fragment_file(0)
-        assert (await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(),
-                            headers=h)).status_code == 201
+        assert (
+            await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(), headers=h)
+        ).status_code == 201
 
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -250,8 +286,7 @@ async def test_storage_faults_provider(tmp_path, artifact, monkeypatch):
         assert r.status_code == 507, r.text
         err = r.json()["error"]
         assert err["field"] == "data_dir" and "No space left" in err["message"]
-        r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()},
-                         headers=h)
+        r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()}, headers=h)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["outputs"], want, atol=1e-6)
         ready = (await c.get("/readyz")).json()
@@ -259,8 +294,7 @@ async def test_storage_faults_provider(tmp_path, artifact, monkeypatch):
         assert "qumos_provider_access_log_failures_total 1.0" in (await c.get("/metrics")).text
     s2 = s.model_copy(update={"access_log_required": True})
     async with running(create_app(s2)) as c:
-        r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()},
-                         headers=h)
+        r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()}, headers=h)
         assert r.status_code == 507 and "access log" in r.json()["error"]["message"]
 
 
@@ -274,11 +308,15 @@ async def test_storage_faults_orchestrator(tmp_path, artifact, data, monkeypatch
             raise OSError(errno.EROFS, "Read-only file system")
 
         monkeypatch.setattr(orch, "atomic_write", read_only)
-        r = await c.put("/v1/models/digits4", content=artifact.company_spec().model_dump_json(),
-                        headers={"Authorization": f"Bearer {admin}"})
+        r = await c.put(
+            "/v1/models/digits4",
+            content=artifact.company_spec().model_dump_json(),
+            headers={"Authorization": f"Bearer {admin}"},
+        )
         assert r.status_code == 507, r.text
         assert "not writable" in r.json()["error"]["message"]
         r = await c.post(PRED, json={"instances": data.test.raw[:4].tolist()})
         assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["probabilities"],
-                                   torch_probs(artifact.spec, data.test.x[:4]), atol=1e-4)
+        np.testing.assert_allclose(
+            r.json()["probabilities"], torch_probs(artifact.spec, data.test.x[:4]), atol=1e-4
+        )

@@ -9,9 +9,15 @@ import httpx
 import numpy as np
 import pytest
 from qumos.datasets import load_task
-from svc_helpers import company_stack, deploy_inprocess, running, torch_probs, write_token
 
 from services.orchestrator.app import OrchestratorSettings, create_app
+from tests.support.services import (
+    company_stack,
+    deploy_inprocess,
+    running,
+    torch_probs,
+    write_token,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +42,26 @@ async def test_predict_equals_torch_model(tmp_path, artifact, test_data):
         assert (await c.get("/v2/health/ready")).json() == {"ready": True}
         meta = (await c.get("/v2/models/digits4")).json()
         assert meta["inputs"][0]["shape"] == [-1, 64]
-        r = await c.post("/v2/models/digits4/infer", json={"id": "q1", "inputs": [
-            {"name": "images", "shape": [40, 64], "datatype": "FP32",
-             "data": raw.reshape(-1).tolist()}]})
+        r = await c.post(
+            "/v2/models/digits4/infer",
+            json={
+                "id": "q1",
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [40, 64],
+                        "datatype": "FP32",
+                        "data": raw.reshape(-1).tolist(),
+                    }
+                ],
+            },
+        )
         assert r.status_code == 200, r.text
         out = {o["name"]: o for o in r.json()["outputs"]}
         assert r.json()["id"] == "q1" and out["probabilities"]["shape"] == [40, 4]
-        np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(40, 4), want,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            np.array(out["probabilities"]["data"]).reshape(40, 4), want, atol=1e-4
+        )
         # every provider saw exactly its own fragment's traffic
         for k, name in enumerate(artifact.spec.placement):
             state = providers[name][0].state.provider
@@ -53,9 +71,11 @@ async def test_predict_equals_torch_model(tmp_path, artifact, test_data):
         assert listing[0]["placement"] == ["provider-a", "provider-b", "provider-c"]
     # the registration persists: a new orchestrator on the same data dir knows the model
     settings = OrchestratorSettings(
-        data_dir=tmp_path / "orchestrator", tokens_dir=tmp_path / "tokens",
+        data_dir=tmp_path / "orchestrator",
+        tokens_dir=tmp_path / "tokens",
         admin_token_file=tmp_path / "admin_token",
-        providers="provider-a=http://a,provider-b=http://b,provider-c=http://c")
+        providers="provider-a=http://a,provider-b=http://b,provider-c=http://c",
+    )
     async with running(create_app(settings)) as c:
         assert (await c.get("/v1/models/digits4")).json()["n_fragments"] == 3
     saved = json.loads((tmp_path / "orchestrator" / "models" / "digits4.json").read_text())
@@ -67,15 +87,17 @@ async def test_registration_rules(tmp_path, artifact):
         body = artifact.company_spec().model_dump_json()
         url = "/v1/models/digits4"
         assert (await c.put(url, content=body, headers={"Authorization": ""})).status_code == 401
-        assert (await c.put(url, content=body, headers={"Authorization": "Bearer " + "y" * 40})
-                ).status_code == 403
+        assert (
+            await c.put(url, content=body, headers={"Authorization": "Bearer " + "y" * 40})
+        ).status_code == 403
         h = {"Authorization": f"Bearer {admin}"}
         r = await c.put(url, content=artifact.spec.model_dump_json(), headers=h)  # with weights
         assert r.status_code == 422 and r.json()["error"]["field"] == "fragments[0].params"
         r = await c.put("/v1/models/other", content=body, headers=h)
         assert r.status_code == 422 and r.json()["error"]["field"] == "name"
-        bad = artifact.company_spec().model_copy(update={"placement": ["provider-a", "provider-b",
-                                                                       "provider-z"]})
+        bad = artifact.company_spec().model_copy(
+            update={"placement": ["provider-a", "provider-b", "provider-z"]}
+        )
         r = await c.put(url, content=bad.model_dump_json(), headers=h)
         assert r.status_code == 422 and "provider-z" in r.json()["error"]["message"]
         r = await c.put(url, content=b'{"fragments": []}', headers=h)
@@ -85,7 +107,10 @@ async def test_registration_rules(tmp_path, artifact):
 
 async def test_bad_input(tmp_path, artifact, test_data):
     async with company_stack(tmp_path, artifact, max_batch=16, max_body_bytes=20000) as (
-            c, admin, providers):
+        c,
+        admin,
+        providers,
+    ):
         await deploy_inprocess(c, admin, providers, artifact)
         url = "/v1/models/digits4/predict"
         h = {"Content-Type": "application/json"}
@@ -101,35 +126,47 @@ async def test_bad_input(tmp_path, artifact, test_data):
         await err(await c.post(url, content=b"[1,2", headers=h), 422, "body")
         msg = await err(await c.post(url, json={"instances": [[0.0] * 63]}), 422, "instances[0]")
         assert "64" in msg and "8x8" in msg
-        await err(await c.post(url, content=b'{"instances": [[NaN' + b",1" * 63 + b"]]}",
-                               headers=h), 422, "instances[0][0]")
+        await err(
+            await c.post(url, content=b'{"instances": [[NaN' + b",1" * 63 + b"]]}", headers=h),
+            422,
+            "instances[0][0]",
+        )
         await err(await c.post(url, json={"instances": []}), 422, "instances")
         await err(await c.post(url, json={"instances": [[0.0] * 64] * 17}), 413, "instances")
         await err(await c.post(url, json={"instances": [[0.0] * 64], "shots": -1}), 422, "shots")
-        await err(await c.post("/v1/models/nope/predict", json={"instances": [[0.0] * 64]}),
-                  404, "model")
+        await err(
+            await c.post("/v1/models/nope/predict", json={"instances": [[0.0] * 64]}), 404, "model"
+        )
         await err(await c.post(url, content=b"[" + b"0," * 20000 + b"0]", headers=h), 413, "body")
         v2 = "/v2/models/digits4/infer"
         t = {"name": "images", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}
-        await err(await c.post(v2, json={"inputs": [t | {"shape": [1, 63]}]}), 422,
-                  "inputs[0].shape")
-        await err(await c.post(v2, json={"inputs": [t | {"data": [0.0] * 63}]}), 422,
-                  "inputs[0].data")
-        await err(await c.post(v2, json={"inputs": [t | {"datatype": "BYTES"}]}), 422,
-                  "inputs[0].datatype")
-        await err(await c.post(v2, json={"inputs": [t], "parameters": {"shots": "many"}}), 422,
-                  "parameters.shots")
+        await err(
+            await c.post(v2, json={"inputs": [t | {"shape": [1, 63]}]}), 422, "inputs[0].shape"
+        )
+        await err(
+            await c.post(v2, json={"inputs": [t | {"data": [0.0] * 63}]}), 422, "inputs[0].data"
+        )
+        await err(
+            await c.post(v2, json={"inputs": [t | {"datatype": "BYTES"}]}),
+            422,
+            "inputs[0].datatype",
+        )
+        await err(
+            await c.post(v2, json={"inputs": [t], "parameters": {"shots": "many"}}),
+            422,
+            "parameters.shots",
+        )
         # still serving correct answers
         r = await c.post(url, json={"instances": test_data.raw[:3].tolist()})
-        np.testing.assert_allclose(r.json()["probabilities"],
-                                   torch_probs(artifact.spec, test_data.x[:3]), atol=1e-4)
+        np.testing.assert_allclose(
+            r.json()["probabilities"], torch_probs(artifact.spec, test_data.x[:3]), atol=1e-4
+        )
 
 
 def _garbage(kind):
     def handler(request: httpx.Request) -> httpx.Response:
         n = len(json.loads(request.content)["inputs"])
-        ok = {"provider": "provider-b", "fragment_id": "digits4.1", "shots": None,
-              "seconds": 0.0}
+        ok = {"provider": "provider-b", "fragment_id": "digits4.1", "shots": None, "seconds": 0.0}
         if kind == "range":
             return httpx.Response(200, json=ok | {"outputs": [[2.0, 0, 0, 0]] * n})
         if kind == "shape":
@@ -137,14 +174,17 @@ def _garbage(kind):
         if kind == "rows":
             return httpx.Response(200, json=ok | {"outputs": [[0.0] * 4] * (n + 1)})
         if kind == "nan":
-            return httpx.Response(200, content=json.dumps(
-                ok | {"outputs": [[float("nan")] * 4] * n}).encode())
+            return httpx.Response(
+                200, content=json.dumps(ok | {"outputs": [[float("nan")] * 4] * n}).encode()
+            )
         if kind == "json":
             return httpx.Response(200, content=b"<html>oops</html>")
         if kind == "impostor":
-            return httpx.Response(200, json=ok | {"provider": "provider-x",
-                                                  "outputs": [[0.0] * 4] * n})
+            return httpx.Response(
+                200, json=ok | {"provider": "provider-x", "outputs": [[0.0] * 4] * n}
+            )
         raise AssertionError(kind)
+
     return handler
 
 
@@ -153,8 +193,9 @@ async def test_garbage_provider_gives_502(tmp_path, artifact, test_data, kind):
     bad = httpx.MockTransport(_garbage(kind))
     async with company_stack(tmp_path, artifact, {"provider-b": bad}) as (c, admin, providers):
         await deploy_inprocess(c, admin, providers, artifact)
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": test_data.raw[:2].tolist()})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": test_data.raw[:2].tolist()}
+        )
         assert r.status_code == 502, r.text
         msg = r.json()["error"]["message"]
         assert "provider-b" in msg and "digits4.1" in msg
@@ -170,36 +211,41 @@ async def test_down_and_slow_providers(tmp_path, artifact, test_data):
     def slow(request):
         raise httpx.ReadTimeout("timed out", request=request)
 
-    async with company_stack(tmp_path, artifact, {"provider-c": httpx.MockTransport(down)},
-                             retries=2) as (c, admin, providers):
+    async with company_stack(
+        tmp_path, artifact, {"provider-c": httpx.MockTransport(down)}, retries=2
+    ) as (c, admin, providers):
         await deploy_inprocess(c, admin, providers, artifact)
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": test_data.raw[:2].tolist()})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": test_data.raw[:2].tolist()}
+        )
         assert r.status_code == 503
         assert "provider-c" in r.json()["error"]["message"]
         assert "digits4.2" in r.json()["error"]["message"]
         assert len(calls) == 3  # one try and two retries
-    async with company_stack(tmp_path / "t", artifact,
-                             {"provider-a": httpx.MockTransport(slow)}, retries=0) as (
-            c, admin, providers):
+    async with company_stack(
+        tmp_path / "t", artifact, {"provider-a": httpx.MockTransport(slow)}, retries=0
+    ) as (c, admin, providers):
         await deploy_inprocess(c, admin, providers, artifact)
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": test_data.raw[:2].tolist()})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": test_data.raw[:2].tolist()}
+        )
         assert r.status_code == 504 and "provider-a" in r.json()["error"]["message"]
 
 
 async def test_unreachable_provider_is_503_not_a_timeout(tmp_path, artifact, test_data):
     """No connection at all (a killed container's stale address) is 'unavailable' (503),
     not 'did not answer in time' (504)."""
+
     def unreachable(request):
         raise httpx.ConnectTimeout("connect timed out", request=request)
 
-    async with company_stack(tmp_path, artifact,
-                             {"provider-b": httpx.MockTransport(unreachable)}, retries=0) as (
-            c, admin, providers):
+    async with company_stack(
+        tmp_path, artifact, {"provider-b": httpx.MockTransport(unreachable)}, retries=0
+    ) as (c, admin, providers):
         await deploy_inprocess(c, admin, providers, artifact)
-        r = await c.post("/v1/models/digits4/predict",
-                         json={"instances": test_data.raw[:2].tolist()})
+        r = await c.post(
+            "/v1/models/digits4/predict", json={"instances": test_data.raw[:2].tolist()}
+        )
         assert r.status_code == 503, r.text
         msg = r.json()["error"]["message"]
         assert "provider-b" in msg and "unreachable" in msg and "digits4.1" in msg

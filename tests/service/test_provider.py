@@ -8,9 +8,9 @@ import gc
 import numpy as np
 import pytest
 from qumos.quantum import statevector_expectations
-from svc_helpers import provider_settings, running
 
 from services.provider.app import create_app
+from tests.support.services import provider_settings, running
 
 pytestmark = pytest.mark.anyio
 
@@ -21,8 +21,9 @@ def auth(token):
 
 async def deploy(client, artifact, k, token):
     ff = artifact.fragment_file(k)
-    return await client.put(f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(),
-                            headers=auth(token))
+    return await client.put(
+        f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(), headers=auth(token)
+    )
 
 
 async def test_deploy_execute_matches_statevector(tmp_path, artifact):
@@ -38,8 +39,9 @@ async def test_deploy_execute_matches_statevector(tmp_path, artifact):
         assert gc.get_freeze_count() > frozen
         assert r.json()["fragment_id"] == "digits4.0"
         x = np.random.default_rng(1).uniform(0, np.pi, (5, 16))
-        r = await c.post("/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()},
-                         headers=auth(token))
+        r = await c.post(
+            "/v1/fragments/digits4.0/execute", json={"inputs": x.tolist()}, headers=auth(token)
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["provider"] == "provider-a" and body["fragment_id"] == "digits4.0"
@@ -69,8 +71,12 @@ async def test_shots_mode_is_seeded_and_close(tmp_path, artifact):
         await deploy(c, artifact, 0, token)
         x = np.random.default_rng(2).uniform(0, np.pi, (4, 16)).tolist()
         body = {"inputs": x, "shots": 4096, "seed": 7}
-        r1 = (await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token))).json()
-        r2 = (await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token))).json()
+        r1 = (
+            await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token))
+        ).json()
+        r2 = (
+            await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token))
+        ).json()
         assert r1["outputs"] == r2["outputs"] and r1["shots"] == 4096
         want = statevector_expectations(artifact.spec.fragments[0], np.array(x))
         np.testing.assert_allclose(np.array(r1["outputs"]), want, atol=0.08)
@@ -87,12 +93,13 @@ async def test_reload_after_restart(tmp_path, artifact):
         ready = (await c.get("/readyz")).json()
         assert ready["fragments"] == 1
         x = np.zeros((2, 16))
-        r = await c.post("/v1/fragments/digits4.1/execute", json={"inputs": x.tolist()},
-                         headers=auth(token))
+        r = await c.post(
+            "/v1/fragments/digits4.1/execute", json={"inputs": x.tolist()}, headers=auth(token)
+        )
         assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["outputs"],
-                                   statevector_expectations(artifact.spec.fragments[1], x),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            r.json()["outputs"], statevector_expectations(artifact.spec.fragments[1], x), atol=1e-6
+        )
 
 
 async def test_auth_refused(tmp_path, artifact):
@@ -101,18 +108,23 @@ async def test_auth_refused(tmp_path, artifact):
         ff = artifact.fragment_file(0)
         r = await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json())
         assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
-        r = await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(),
-                        headers=auth("x" * 40))
+        r = await c.put(
+            "/v1/fragments/digits4.0", content=ff.model_dump_json(), headers=auth("x" * 40)
+        )
         assert r.status_code == 403
-        r = await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(),
-                        headers={"Authorization": f"Basic {token}"})
+        r = await c.put(
+            "/v1/fragments/digits4.0",
+            content=ff.model_dump_json(),
+            headers={"Authorization": f"Basic {token}"},
+        )
         assert r.status_code == 403
         assert not (tmp_path / "provider-a" / "fragments").exists()
         assert (await deploy(c, artifact, 0, token)).status_code == 201
         body = {"inputs": [[0.0] * 16]}
         assert (await c.post("/v1/fragments/digits4.0/execute", json=body)).status_code == 401
-        assert (await c.post("/v1/fragments/digits4.0/execute", json=body,
-                             headers=auth(token + "x"))).status_code == 403
+        assert (
+            await c.post("/v1/fragments/digits4.0/execute", json=body, headers=auth(token + "x"))
+        ).status_code == 403
         assert not (tmp_path / "provider-a" / "access.jsonl").exists()
 
 
@@ -131,24 +143,38 @@ async def test_bad_input(tmp_path, artifact):
 
         msg = await err(await c.post(ex, content=b"{not json", headers=h), 422, "body")
         assert "JSON" in msg
-        msg = await err(await c.post(ex, json={"inputs": [[0.0] * 15]}, headers=h), 422, "inputs[0]")
+        msg = await err(
+            await c.post(ex, json={"inputs": [[0.0] * 15]}, headers=h), 422, "inputs[0]"
+        )
         assert "15" in msg and "16" in msg
-        msg = await err(await c.post(ex, content=b'{"inputs": [[NaN' + b", 0.0" * 15 + b"]]}",
-                                     headers=h), 422, "inputs[0][0]")
+        msg = await err(
+            await c.post(ex, content=b'{"inputs": [[NaN' + b", 0.0" * 15 + b"]]}", headers=h),
+            422,
+            "inputs[0][0]",
+        )
         assert "finite" in msg
-        await err(await c.post(ex, content=b'{"inputs": [[Infinity' + b", 0.0" * 15 + b"]]}",
-                               headers=h), 422, "inputs[0][0]")
+        await err(
+            await c.post(ex, content=b'{"inputs": [[Infinity' + b", 0.0" * 15 + b"]]}", headers=h),
+            422,
+            "inputs[0][0]",
+        )
         await err(await c.post(ex, json={"inputs": []}, headers=h), 422, "inputs")
         await err(await c.post(ex, json={"inputs": "abc"}, headers=h), 422, "inputs")
-        await err(await c.post(ex, json={"inputs": [[0.0] * 16], "shots": 0}, headers=h), 422,
-                  "shots")
-        await err(await c.post(ex, json={"inputs": [[0.0] * 16], "bogus": 1}, headers=h), 422,
-                  "bogus")
-        msg = await err(await c.post(ex, json={"inputs": [[0.0] * 16] * 9}, headers=h), 413,
-                        "inputs")
+        await err(
+            await c.post(ex, json={"inputs": [[0.0] * 16], "shots": 0}, headers=h), 422, "shots"
+        )
+        await err(
+            await c.post(ex, json={"inputs": [[0.0] * 16], "bogus": 1}, headers=h), 422, "bogus"
+        )
+        msg = await err(
+            await c.post(ex, json={"inputs": [[0.0] * 16] * 9}, headers=h), 413, "inputs"
+        )
         assert "at most 8" in msg
-        await err(await c.post("/v1/fragments/nope.0/execute", json={"inputs": [[0.0] * 16]},
-                               headers=h), 404, "fragment_id")
+        await err(
+            await c.post("/v1/fragments/nope.0/execute", json={"inputs": [[0.0] * 16]}, headers=h),
+            404,
+            "fragment_id",
+        )
         await err(await c.get("/v1/fragments/nope.0"), 404, "fragment_id")
         # too large by Content-Length, and by a chunked body without Content-Length
         await err(await c.post(ex, content=b"x" * 5000, headers=h), 413, "body")
@@ -160,16 +186,24 @@ async def test_bad_input(tmp_path, artifact):
         await err(await c.post(ex, content=chunks(), headers=h), 413, "body")
         # a fragment that does not match its path or provider is refused
         ff = artifact.fragment_file(1)
-        await err(await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(),
-                              headers=h), 422, "fragment_id")
-        await err(await c.put("/v1/fragments/digits4.1", content=ff.model_dump_json(),
-                              headers=h), 422, "provider")
+        await err(
+            await c.put("/v1/fragments/digits4.0", content=ff.model_dump_json(), headers=h),
+            422,
+            "fragment_id",
+        )
+        await err(
+            await c.put("/v1/fragments/digits4.1", content=ff.model_dump_json(), headers=h),
+            422,
+            "provider",
+        )
         # still up, fragment intact
         r = await c.post(ex, json={"inputs": [[0.1] * 16]}, headers=h)
         assert r.status_code == 200
         np.testing.assert_allclose(
             r.json()["outputs"],
-            statevector_expectations(artifact.spec.fragments[0], np.full((1, 16), 0.1)), atol=1e-6)
+            statevector_expectations(artifact.spec.fragments[0], np.full((1, 16), 0.1)),
+            atol=1e-6,
+        )
 
 
 def test_missing_settings_name_the_variable(tmp_path, monkeypatch):
@@ -186,8 +220,9 @@ def test_missing_settings_name_the_variable(tmp_path, monkeypatch):
         create_app()
 
 
-async def test_small_exact_batches_run_on_the_loop_others_in_threads(tmp_path, artifact,
-                                                                     monkeypatch):
+async def test_small_exact_batches_run_on_the_loop_others_in_threads(
+    tmp_path, artifact, monkeypatch
+):
     """INLINE_ROWS: exact batches up to that many rows run on the event loop's thread (no
     ~0.6 ms hand-off); larger batches and shots go to worker threads. Same answers."""
     import threading
@@ -241,17 +276,24 @@ async def test_hot_route_errors_metrics_and_schema(tmp_path, artifact, monkeypat
         monkeypatch.setattr(qumos.quantum.AerRunner, "run", boom)
         r = await c.post(url, json=body, headers=auth(token))
         assert r.status_code == 500
-        assert r.json()["error"] == {"type": "internal", "message": "internal error "
-                                     "(RuntimeError); the service is still up"}
+        assert r.json()["error"] == {
+            "type": "internal",
+            "message": "internal error (RuntimeError); the service is still up",
+        }
         monkeypatch.undo()
         r = await c.post(url, json=body, headers=auth(token))
         assert r.status_code == 200
         metrics = (await c.get("/metrics")).text
         for status in ("2xx", "4xx", "5xx"):
-            assert ('http_requests_total{handler="/v1/fragments/{fragment_id}/execute",'
-                    f'method="POST",status="{status}"}}') in metrics
-        assert 'http_request_duration_seconds_count{handler="/v1/fragments/{fragment_id}/' \
-               'execute",method="POST"} 5.0' in metrics  # 401, 404, 422, 500, 200
-        op = (await c.get("/openapi.json")).json()["paths"][
-            "/v1/fragments/{fragment_id}/execute"]["post"]
+            assert (
+                'http_requests_total{handler="/v1/fragments/{fragment_id}/execute",'
+                f'method="POST",status="{status}"}}'
+            ) in metrics
+        assert (
+            'http_request_duration_seconds_count{handler="/v1/fragments/{fragment_id}/'
+            'execute",method="POST"} 5.0' in metrics
+        )  # 401, 404, 422, 500, 200
+        op = (await c.get("/openapi.json")).json()["paths"]["/v1/fragments/{fragment_id}/execute"][
+            "post"
+        ]
         assert "ExecuteRequest" in str(op["requestBody"]) and "200" in op["responses"]

@@ -6,7 +6,9 @@ services (provider, orchestrator, attacker), 0 responses 5xx.
 
 The number of examples per operation is QUMOS_SCHEMATHESIS_EXAMPLES (default 25; CI-time
 budget ~1 minute per service on 2 busy cores). Every response is counted; when
-QUMOS_RELIABILITY_DIR is set the counts are written there for the README table.
+QUMOS_RELIABILITY_DIR is set the counts of the services fuzzed are written there (the
+`seen` fixture's teardown, after the module's tests, whichever ran and in any order), for
+results/reliability.
 """
 
 from __future__ import annotations
@@ -21,11 +23,35 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from svc_helpers import provider_settings, write_token
+
+from tests.support.services import provider_settings, write_token
 
 EXAMPLES = int(os.environ.get("QUMOS_SCHEMATHESIS_EXAMPLES", "25"))
-SEEN: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 HEADERS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def seen():
+    """Response status counts per service fuzzed; written to QUMOS_RELIABILITY_DIR (if set)
+    when the module's tests are done."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    yield counts
+    out = os.environ.get("QUMOS_RELIABILITY_DIR")
+    if out and counts:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "schemathesis.json").write_text(
+            json.dumps(
+                {
+                    "examples_per_operation": EXAMPLES,
+                    "requests": sum(sum(c.values()) for c in counts.values()),
+                    "by_service": {
+                        s: {str(k): v for k, v in sorted(c.items())} for s, c in counts.items()
+                    },
+                    "status_5xx": sum(v for c in counts.values() for k, v in c.items() if k >= 500),
+                },
+                indent=1,
+            )
+        )
 
 
 def _deployed_provider(tmp, artifact, k):
@@ -64,15 +90,19 @@ def orchestrator_schema(tmp_path_factory, artifact):
         mounts[f"http://{name}"] = httpx.ASGITransport(app=app)
     admin = write_token(tmp / "admin_token")
     data = tmp / "orchestrator"
-    atomic_write(data / "models" / "digits4.json",
-                 artifact.company_spec().model_dump_json().encode())
+    atomic_write(
+        data / "models" / "digits4.json", artifact.company_spec().model_dump_json().encode()
+    )
     canaries = make_canaries(artifact.spec, load_task("digits", 4, seed=0).train.raw[:16])
     atomic_write(data / "canaries" / "digits4.json", canaries.model_dump_json().encode())
-    s = OrchestratorSettings(data_dir=data, tokens_dir=tmp / "tokens",
-                             admin_token_file=tmp / "admin_token", max_batch=32,
-                             max_body_bytes=256 * 1024,
-                             providers=",".join(f"{n}=http://{n}"
-                                                for n in artifact.spec.placement))
+    s = OrchestratorSettings(
+        data_dir=data,
+        tokens_dir=tmp / "tokens",
+        admin_token_file=tmp / "admin_token",
+        max_batch=32,
+        max_body_bytes=256 * 1024,
+        providers=",".join(f"{n}=http://{n}" for n in artifact.spec.placement),
+    )
     HEADERS["orchestrator"] = {"Authorization": f"Bearer {admin}"}
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(s, mounts=mounts))
 
@@ -91,8 +121,12 @@ def attacker_schema(tmp_path_factory, artifact):
     tmp = tmp_path_factory.mktemp("st-attacker")
     ProviderStore.create(tmp / "provider-b", "provider-b").put(artifact.fragment_file(1))
     token = write_token(tmp / "attacker_token")
-    s = AttackerSettings(breached_dir=tmp / "provider-b", data_dir=tmp / "attacker",
-                         admin_token_file=tmp / "attacker_token", max_pending=1000)
+    s = AttackerSettings(
+        breached_dir=tmp / "provider-b",
+        data_dir=tmp / "attacker",
+        admin_token_file=tmp / "attacker_token",
+        max_pending=1000,
+    )
     app = create_app(s)
     state = app.state.attacker
     state.load()  # the lifespan's work, without its worker pool
@@ -102,7 +136,7 @@ def attacker_schema(tmp_path_factory, artifact):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def _run(service: str, case) -> None:
+def _run(service: str, case, seen: collections.Counter) -> None:
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     # Every check runs except positive_data_acceptance ("schema-valid data gets 2xx"): our
@@ -110,9 +144,10 @@ def _run(service: str, case) -> None:
     # body's model.index, a fragment must be placed on this provider, a row must have as
     # many values as the deployed fragment takes), so schema-valid data may rightly get a
     # 422 naming the field. The tests in test_provider/test_orchestrator cover acceptance.
-    response = case.call_and_validate(headers=HEADERS[service],
-                                      excluded_checks=[positive_data_acceptance])
-    SEEN[service][response.status_code] += 1
+    response = case.call_and_validate(
+        headers=HEADERS[service], excluded_checks=[positive_data_acceptance]
+    )
+    seen[response.status_code] += 1
     assert response.status_code < 500, (case.method, case.path, response.text[:300])
     if response.status_code >= 400:  # every error is JSON naming what was wrong
         err = response.json()["error"]
@@ -122,8 +157,13 @@ def _run(service: str, case) -> None:
             assert err["type"] and err["message"], err
 
 
-BUDGET = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+BUDGET = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 # Path parameters of what is deployed: random names mostly meet 404, so every operation
@@ -137,7 +177,7 @@ def _pin(case):
     return case
 
 
-def _fuzz(service: str, schema) -> None:
+def _fuzz(service: str, schema, seen: dict[str, collections.Counter]) -> None:
     """Every operation, positive (valid per schema) and negative (invalid) data, and with
     the deployed model's path parameters pinned. (schemathesis' pytest `from_fixture`
     loader does not work with pytest 9, so the operations are driven with hypothesis.)"""
@@ -154,7 +194,7 @@ def _fuzz(service: str, schema) -> None:
                 @BUDGET
                 @given(case=strategy.map(_pin) if pin else strategy)
                 def run(case):
-                    _run(service, case)
+                    _run(service, case, seen[service])
 
                 try:
                     run()
@@ -164,29 +204,16 @@ def _fuzz(service: str, schema) -> None:
                     assert "requestBody" not in op.definition.raw, op.path
 
 
-def test_provider_api(provider_schema):
-    _fuzz("provider", provider_schema)
+def test_provider_api(provider_schema, seen):
+    _fuzz("provider", provider_schema, seen)
+    assert sum(seen["provider"].values()) >= 2 * EXAMPLES  # 303 at 25 examples
 
 
-def test_orchestrator_api(orchestrator_schema):
-    _fuzz("orchestrator", orchestrator_schema)
+def test_orchestrator_api(orchestrator_schema, seen):
+    _fuzz("orchestrator", orchestrator_schema, seen)
+    assert sum(seen["orchestrator"].values()) >= 2 * EXAMPLES  # 958 at 25 examples
 
 
-def test_attacker_api(attacker_schema):
-    _fuzz("attacker", attacker_schema)
-
-
-def test_zz_write_summary():
-    """Runs last in this module: the counts, for the README's reliability table."""
-    total = sum(sum(c.values()) for c in SEEN.values())
-    assert total > 0, "no schemathesis case ran"
-    assert not any(code >= 500 for c in SEEN.values() for code in c)
-    out = os.environ.get("QUMOS_RELIABILITY_DIR")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "schemathesis.json").write_text(json.dumps({
-            "examples_per_operation": EXAMPLES,
-            "requests": total,
-            "by_service": {s: {str(k): v for k, v in sorted(c.items())}
-                           for s, c in SEEN.items()},
-            "status_5xx": 0}, indent=1))
+def test_attacker_api(attacker_schema, seen):
+    _fuzz("attacker", attacker_schema, seen)
+    assert sum(seen["attacker"].values()) >= 2 * EXAMPLES  # 103 at 25 examples

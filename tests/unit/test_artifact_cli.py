@@ -9,8 +9,9 @@ from qumos.errors import ArtifactError
 
 
 def qumos(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "qumos.cli", *args], capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "qumos.cli", *args], capture_output=True, text=True, timeout=600
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -72,8 +73,10 @@ def test_cli_train_and_evaluate_agree(tmp_path):
 
 def test_cli_design_file(tmp_path):
     design = tmp_path / "d.yaml"
-    design.write_text("dataset: digits\ntask: 2\nfragments:\n  - {depth: 1}\n  - {depth: 1, "
-                      "block: ry_cz, reupload: true}\nhead: linear\n")
+    design.write_text(
+        "dataset: digits\ntask: 2\nfragments:\n  - {depth: 1}\n  - {depth: 1, "
+        "block: ry_cz, reupload: true}\nhead: linear\n"
+    )
     r = qumos("train", str(design), "--epochs", "1", "--out", str(tmp_path / "b"), "--json")
     assert json.loads(r.stdout)["design"] == "rxyz_cnot:1-ry_cz:1R|tanh|linear"
 
@@ -91,12 +94,15 @@ def test_training_learns(small_artifact):
     assert np.isfinite(art.metrics["val_acc"])
 
 
-@pytest.mark.parametrize("instances, where", [
-    ([[0.1, float("nan")]], "instances[0][1]: is nan"),
-    ([[0.1, 0.2], [float("inf"), 0.0]], "instances[1][0]: is inf"),
-    ([[0.1, 0.2], [0.3]], "instances: not a (batch, features) array"),
-    ([0.1, 0.2], "instances: shape (2,)"),
-])
+@pytest.mark.parametrize(
+    "instances, where",
+    [
+        ([[0.1, float("nan")]], "instances[0][1]: is nan"),
+        ([[0.1, 0.2], [float("inf"), 0.0]], "instances[1][0]: is inf"),
+        ([[0.1, 0.2], [0.3]], "instances: not a (batch, features) array"),
+        ([0.1, 0.2], "instances: shape (2,)"),
+    ],
+)
 def test_client_predict_refuses_bad_instances_before_sending(instances, where):
     from qumos.client import predict
 

@@ -21,16 +21,22 @@ from qumos.attack import (
     strategies_of,
     summary_json,
 )
-from qumos.attack.context import Context
+from qumos.attack.context import Context, strip
 from qumos.attack.holdings import holdings_in_process
 from qumos.attack.strategies import FUNCS
 from qumos.datasets import load_task
 from qumos.errors import AttackError
-from qumos.spec import design_from_flags, parse_short_design
+from qumos.spec import design_from_flags, design_of, parse_short_design
 from qumos.store import ProviderStore
 from qumos.train import TrainConfig, train_design
 
 TINY = dict(epochs=4, restarts=2)
+# Test accuracy each strategy must reach on TINY (digits-4, 146 test images, chance 0.25).
+# Measured (torch 2.13.0 CPU, this seed): logreg 0.897, mlp 0.911, knn 0.904, distill_mlp
+# 0.890, logspread 0.760; the QNN strategies learn little in 4 epochs but clearly beat
+# chance: insider 0.562, finetune 0.500, substitute 0.432, distill_qnn 0.397, scratch
+# 0.377, head_only 0.356, selftrain 0.336. Those get chance + 0.05 (1.4 standard errors).
+TINY_FLOOR = {"logreg": 0.8, "mlp": 0.8, "knn": 0.8, "distill_mlp": 0.8, "logspread": 0.65}
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +57,20 @@ def test_leak_formula():
     assert leak_value(0.7, 0.8, 0.8) == 0.0
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(profile="steal"), r"profile: unknown profile 'steal'; allowed: \['breach'"),
-    (dict(fraction=0), r"fraction: is 0; allowed: \(0, 1\]"),
-    (dict(epochs=0), "epochs: is 0"),
-    (dict(restarts=0), "restarts: is 0"),
-    (dict(lrs=()), "lrs:"),
-    (dict(profile="breach+queries", queries=0), "queries: is 0; profile breach\\+queries"),
-    (dict(profile="coalition"), "coalition: profile coalition needs"),
-    (dict(profile="breach", coalition=("provider-a",)), "coalition: only profile coalition"),
-    (dict(profile="breach", strategies=("insider",)), "strategies: unknown strategy 'insider'"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(profile="steal"), r"profile: unknown profile 'steal'; allowed: \['breach'"),
+        (dict(fraction=0), r"fraction: is 0; allowed: \(0, 1\]"),
+        (dict(epochs=0), "epochs: is 0"),
+        (dict(restarts=0), "restarts: is 0"),
+        (dict(lrs=()), "lrs:"),
+        (dict(profile="breach+queries", queries=0), "queries: is 0; profile breach\\+queries"),
+        (dict(profile="coalition"), "coalition: profile coalition needs"),
+        (dict(profile="breach", coalition=("provider-a",)), "coalition: only profile coalition"),
+        (dict(profile="breach", strategies=("insider",)), "strategies: unknown strategy 'insider'"),
+    ],
+)
 def test_config_errors_name_the_field(kw, match):
     with pytest.raises(AttackError, match=match):
         AttackConfig(**kw).validate()
@@ -70,8 +79,7 @@ def test_config_errors_name_the_field(kw, match):
 def test_coalition_must_name_providers_of_the_design_and_fewer_than_all():
     names = ["provider-a", "provider-b", "provider-c"]
     with pytest.raises(AttackError, match=r"coalition: \['provider-z'\] not in the design"):
-        AttackConfig(profile="coalition", coalition=("provider-a", "provider-z")).validate(
-            3, names)
+        AttackConfig(profile="coalition", coalition=("provider-a", "provider-z")).validate(3, names)
     with pytest.raises(AttackError, match="breaches 3 of 3 providers"):
         AttackConfig(profile="coalition", coalition=tuple(names)).validate(3, names)
     AttackConfig(profile="coalition", coalition=("provider-a", "provider-c")).validate(3, names)
@@ -113,8 +121,13 @@ def test_breach_reads_only_a_provider_directory_and_its_log(tmp_path, small_arti
     ff = art.fragment_file(1)
     store.put(ff)
     f = ff.fragment
-    store.append_log({"fragment_id": ff.fragment_id, "inputs": np.zeros((3, f.n_inputs)),
-                      "outputs": np.ones((3, f.n_qubits))})
+    store.append_log(
+        {
+            "fragment_id": ff.fragment_id,
+            "inputs": np.zeros((3, f.n_inputs)),
+            "outputs": np.ones((3, f.n_qubits)),
+        }
+    )
     store.append_log({"fragment_id": ff.fragment_id, "inputs": [[1.0]], "outputs": [[1.0]]})
     store.append_log({"fragment_id": "other.1", "inputs": [[1.0]], "outputs": [[1.0]]})
     with store.log_path.open("a") as fh:
@@ -181,9 +194,23 @@ def _labels(fitted, data) -> np.ndarray:
     return predict_proba(fitted.model, data.test.x).argmax(1)
 
 
-@pytest.mark.parametrize("name", ["scratch", "logreg", "mlp", "knn", "distill_qnn", "logspread",
-                                  "distill_mlp", "substitute", "finetune", "head_only",
-                                  "selftrain", "insider"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scratch",
+        "logreg",
+        "mlp",
+        "knn",
+        "distill_qnn",
+        "logspread",
+        "distill_mlp",
+        "substitute",
+        "finetune",
+        "head_only",
+        "selftrain",
+        "insider",
+    ],
+)
 def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, data):
     from qumos.attack.training import Job, run_jobs
 
@@ -200,7 +227,8 @@ def test_each_strategy_runs_deterministically_on_a_tiny_budget(name, victim, dat
     pa, pb = _labels(a, data), _labels(b, data)
     assert np.array_equal(pa, pb)
     acc = float((pa == data.test.y).mean())
-    assert acc > 1.0 / len(data.classes) - 0.1, f"{name}: {acc} is no better than chance"
+    floor = TINY_FLOOR.get(name, 1.0 / len(data.classes) + 0.05)
+    assert acc >= floor, f"{name}: test accuracy {acc:.3f} on the tiny budget, below {floor}"
     if hasattr(a, "restart_accs"):  # every restart kept, their probabilities averaged
         assert len(a.restart_accs) == TINY["restarts"]
         assert len(a.model.members) == TINY["restarts"]
@@ -224,10 +252,10 @@ def test_log_strategies_say_when_the_log_holds_nothing(victim, data):
 
 @pytest.mark.parametrize("profile", ["breach", "breach+queries"])
 def test_full_theft_of_a_centralized_model(profile, data):
-    spec, _, acc = train_design(design_from_flags(fragments="3"), data,
-                                TrainConfig(epochs=4, seed=0), name="central")
-    rep = evaluate_in_process(spec, data, AttackConfig(profile=profile, queries=10, **TINY),
-                              [0, 1])
+    spec, _, acc = train_design(
+        design_from_flags(fragments="3"), data, TrainConfig(epochs=4, seed=0), name="central"
+    )
+    rep = evaluate_in_process(spec, data, AttackConfig(profile=profile, queries=10, **TINY), [0, 1])
     assert rep.victim_acc[0] == pytest.approx(acc)
     (p,) = rep.providers
     # the stolen fragment with the fixed readout *is* the victim: nothing left to train
@@ -257,13 +285,21 @@ def test_coalition_fits_the_glue_between_its_providers_from_their_logs(victim, d
 
 
 def test_report_json_has_the_documented_fields(victim, data):
-    rep = evaluate_in_process(victim, data, AttackConfig(
-        profile="breach+queries", queries=8, epochs=2, restarts=1,
-        strategies=("scratch", "logreg", "head_only", "insider")), [0, 1])
+    rep = evaluate_in_process(
+        victim,
+        data,
+        AttackConfig(
+            profile="breach+queries",
+            queries=8,
+            epochs=2,
+            restarts=1,
+            strategies=("scratch", "logreg", "head_only", "insider"),
+        ),
+        [0, 1],
+    )
     d = summary_json(rep.to_dict())
     d = json.loads(json.dumps(d))
-    for k in ("profile", "queries", "victim_acc", "S", "S_reference", "providers",
-              "security"):
+    for k in ("profile", "queries", "victim_acc", "S", "S_reference", "providers", "security"):
         assert k in d
     assert d["profile"] == "breach+queries" and d["queries"] == 8
     assert len(d["victim_acc"]) == 2 and len(d["S"]) == 2 and len(d["security"]) == 2
@@ -278,9 +314,14 @@ def test_report_json_has_the_documented_fields(victim, data):
 
 
 def test_queries_profile_reports_references_only(victim, data):
-    rep = evaluate_in_process(victim, data, AttackConfig(
-        profile="queries", queries=8, epochs=2, restarts=1,
-        strategies=("logreg", "distill_mlp")), [0])
+    rep = evaluate_in_process(
+        victim,
+        data,
+        AttackConfig(
+            profile="queries", queries=8, epochs=2, restarts=1, strategies=("logreg", "distill_mlp")
+        ),
+        [0],
+    )
     assert rep.providers == [] and rep.security is None
     assert set(rep.references) == {"logreg", "distill_mlp"}
 
@@ -290,8 +331,9 @@ def test_driver_refuses_bad_input_before_any_work(victim, data):
     with pytest.raises(AttackError, match="queries: 5000 is more than"):
         run_attack(AttackConfig(profile="queries", queries=5000), data, v, [], [0])
     v.oracle = None
-    with pytest.raises(AttackError, match="profile: breach\\+queries needs the victim's "
-                       "public API"):
+    with pytest.raises(
+        AttackError, match="profile: breach\\+queries needs the victim's public API"
+    ):
         run_attack(AttackConfig(profile="breach+queries"), data, v, [], [0])
     with pytest.raises(AttackError, match="seeds: give at least one"):
         run_attack(AttackConfig(), data, v, [], [])
@@ -302,9 +344,16 @@ def test_log_selftraining_beats_the_scratch_qnn_where_the_log_holds_inputs(data)
     them (a stolen-fragment model labels the rows) beats the scratch QNN on a fixed seed."""
     design = parse_short_design("rxyz_cnot:2-rxyz_cnot:2-rxyz_cnot:2")
     spec, _, _ = train_design(design, data, TrainConfig(epochs=10, seed=0))
-    rep = evaluate_in_process(spec, data, AttackConfig(
-        epochs=60, restarts=2, strategies=("scratch", "substitute", "finetune", "head_only",
-                                           "selftrain")), [0])
+    rep = evaluate_in_process(
+        spec,
+        data,
+        AttackConfig(
+            epochs=60,
+            restarts=2,
+            strategies=("scratch", "substitute", "finetune", "head_only", "selftrain"),
+        ),
+        [0],
+    )
     by = rep.providers[0].by_strategy
     assert by["selftrain"]["acc"][0] > rep.references["scratch"]["acc"][0] + 0.05, by
 
@@ -312,18 +361,25 @@ def test_log_selftraining_beats_the_scratch_qnn_where_the_log_holds_inputs(data)
 def test_batched_training_gives_the_figures_of_one_by_one_training(victim, data):
     """Trainings of one architecture (restarts, seeds, breaches, strategies) batch into one
     fit_many call; the figures equal those of training the models one by one."""
-    kw = dict(profile="breach+queries", queries=10, epochs=6, restarts=2,
-              strategies=("scratch", "distill_qnn", "substitute", "finetune", "insider"))
+    kw = dict(
+        profile="breach+queries",
+        queries=10,
+        epochs=6,
+        restarts=2,
+        strategies=("scratch", "distill_qnn", "substitute", "finetune", "insider"),
+    )
     a = evaluate_in_process(victim, data, AttackConfig(batched=True, **kw), [0, 1])
     b = evaluate_in_process(victim, data, AttackConfig(batched=False, **kw), [0, 1])
     for ra, rb in zip(a.records, b.records):
         for n in ra["references"]:
             assert ra["references"][n]["test_acc"] == pytest.approx(
-                rb["references"][n]["test_acc"], abs=0.01), n
+                rb["references"][n]["test_acc"], abs=0.01
+            ), n
         for ua, ub in zip(ra["units"], rb["units"]):
             for n in ua["strategies"]:
                 assert ua["strategies"][n]["test_acc"] == pytest.approx(
-                    ub["strategies"][n]["test_acc"], abs=0.01), (ua["provider"], n)
+                    ub["strategies"][n]["test_acc"], abs=0.01
+                ), (ua["provider"], n)
 
 
 @pytest.mark.slow
@@ -334,10 +390,19 @@ def test_default_budget_is_converged_on_the_engine_design():
     from qumos.search.evaluator import EvalConfig, train_victims
 
     data = load_task("digits", 4, seed=0)
-    (spec,), _ = train_victims(parse_short_design("rzz_ry:4-u3cu3:2R-rxyz_cnot:5R"), [data],
-                               EvalConfig(seeds=(0,)))
+    (spec,), _ = train_victims(
+        parse_short_design("rzz_ry:4-u3cu3:2R-rxyz_cnot:5R"), [data], EvalConfig(seeds=(0,))
+    )
     base = AttackConfig(strategies=("logreg", "substitute", "finetune", "head_only"))
-    reps = [evaluate_victims([(0, spec, data)], c)
-            for c in (base, AttackConfig(**{**base.__dict__, "restarts": 2 * base.restarts}))]
+    reps = [
+        evaluate_victims([(0, spec, data)], c)
+        for c in (base, AttackConfig(**{**base.__dict__, "restarts": 2 * base.restarts}))
+    ]
     for p, q in zip(reps[0].providers, reps[1].providers):
         assert abs(p.A[0] - q.A[0]) <= 0.02, (p.provider, p.A[0], q.A[0])
+
+
+def test_strip_keeps_only_the_architecture(victim):
+    a = strip(victim)
+    assert victim.is_trained() and not a.is_trained()
+    assert design_of(a) == design_of(victim)

@@ -13,14 +13,22 @@ import pytest
 def qumos(*args, env=None):
     import os
 
-    return subprocess.run([sys.executable, "-m", "qumos.cli", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "qumos.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("name, text, where", [
-    ("bad.yaml", "dataset: digits\nfragments: [\n  - depth: 2\n", "line 3, column 3"),
-    ("bad.json", '{"dataset": "digits",\n "fragments": [}\n', "line 2, column 16"),
-])
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("bad.yaml", "dataset: digits\nfragments: [\n  - depth: 2\n", "line 3, column 3"),
+        ("bad.json", '{"dataset": "digits",\n "fragments": [}\n', "line 2, column 16"),
+    ],
+)
 def test_malformed_design_file_exit_2_with_line_and_column(tmp_path, name, text, where):
     path = tmp_path / name
     path.write_text(text)

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
-
 from qumos.chain import preprocess
 from qumos.datasets import load_task
 from qumos.errors import DatasetError
 
 
-@pytest.mark.parametrize("dataset,task,classes", [
-    ("digits", 4, 4), ("digits", 2, 2), ("mnist-small", 2, 2), ("mnist-small", 4, 4)])
+@pytest.mark.parametrize(
+    "dataset,task,classes",
+    [("digits", 4, 4), ("digits", 2, 2), ("mnist-small", 2, 2), ("mnist-small", 4, 4)],
+)
 def test_tasks_load_with_seeded_splits(dataset, task, classes):
     a = load_task(dataset, task, seed=0)
     b = load_task(dataset, task, seed=0)

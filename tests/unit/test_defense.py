@@ -21,8 +21,9 @@ def test_policies():
     np.testing.assert_array_equal(apply_policy(P, OutputPolicy(kind="label")), [1, 2])
     top = apply_policy(P, OutputPolicy(kind="top_k", k=2))
     np.testing.assert_array_equal(top, [[0, 0.6, 0.2, 0], [0.25, 0, 0.3, 0]])
-    np.testing.assert_array_equal(apply_policy(P, parse_policy("probabilities:0")),
-                                  [[0, 1, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        apply_policy(P, parse_policy("probabilities:0")), [[0, 1, 0, 0], [0, 0, 0, 0]]
+    )
     assert parse_policy("top_k:2:3") == OutputPolicy(kind="top_k", k=2, decimals=3)
     for bad in ("top_k", "label:2", "nope", "top_k:x", "probabilities:1:2"):
         with pytest.raises(ValueError):
@@ -40,8 +41,9 @@ def test_in_process_oracle_uses_the_same_policy(small_artifact):
     raw = load_task("digits", 4, seed=0).test.raw[:8]
     full = InProcessOracle(spec).answer(raw)
     top = InProcessOracle(spec, "top_k", decimals=2, k=1).answer(raw)
-    np.testing.assert_array_equal(top, apply_policy(full, OutputPolicy(kind="top_k", k=1,
-                                                                       decimals=2)))
+    np.testing.assert_array_equal(
+        top, apply_policy(full, OutputPolicy(kind="top_k", k=1, decimals=2))
+    )
     np.testing.assert_array_equal(InProcessOracle(spec, "label").answer(raw), full.argmax(1))
 
 
@@ -52,8 +54,12 @@ def test_keys_store_hashes_and_verify(tmp_path):
     again = KeyStore(tmp_path / "keys.json")
     again.load()
     assert again.verify(f"Bearer {key}").name == "alice"
-    for auth, status in ((None, 401), ("Basic x", 401), ("Bearer nope", 401),
-                         (f"Bearer {key[:-2]}zz", 401)):
+    for auth, status in (
+        (None, 401),
+        ("Basic x", 401),
+        ("Bearer nope", 401),
+        (f"Bearer {key[:-2]}zz", 401),
+    ):
         with pytest.raises(KeyProblem) as e:
             again.verify(auth)
         assert e.value.status == status and key[16:] not in e.value.message
@@ -150,8 +156,9 @@ def test_batcher_row_cap_and_errors():
 
     async def main():
         b = Batcher(boom, window_s=0.01, max_rows=3)
-        res = await asyncio.gather(*(b.submit("m", np.zeros((2, 1))) for _ in range(3)),
-                                   return_exceptions=True)
+        res = await asyncio.gather(
+            *(b.submit("m", np.zeros((2, 1))) for _ in range(3)), return_exceptions=True
+        )
         return b, res
 
     b, res = asyncio.run(main())
@@ -177,15 +184,20 @@ def test_input_hiding_in_the_model_chain_and_canaries():
     assert a0.shape == x.shape and not np.allclose(a0, x)
     net = DistributedQNN(spec, dtype=torch.float64)
     sims = [FragmentSim(f, dtype=torch.float64) for f in spec.fragments]
-    out = run_chain(spec, x, lambda k, a: sims[k](torch.tensor(a), torch.tensor(
-        spec.fragments[k].params)).numpy())
+    out = run_chain(
+        spec,
+        x,
+        lambda k, a: sims[k](torch.tensor(a), torch.tensor(spec.fragments[k].params)).numpy(),
+    )
     ref = torch.softmax(net(torch.tensor(x)), 1).detach().numpy()
     np.testing.assert_allclose(out, ref, atol=1e-9)
     can = make_canaries(spec, np.full((2, 64), 8.0))
     from qumos.chain import preprocess
-    np.testing.assert_allclose(can.fragments[0].inputs,
-                               encode_inputs(spec, preprocess(np.full((2, 64), 8.0),
-                                                              spec.preprocess)))
+
+    np.testing.assert_allclose(
+        can.fragments[0].inputs,
+        encode_inputs(spec, preprocess(np.full((2, 64), 8.0), spec.preprocess)),
+    )
     # without hiding, a spec dumps exactly as before the defences existed
     plain = build_spec(parse_short_design("rxyz_cnot:1-1"))
     assert "input_transform" not in plain.model_dump() and "output_policy" not in plain.model_dump()

@@ -11,12 +11,21 @@ from qumos import kernels
 from qumos.spec import BLOCK_TYPES, FragmentSpec
 from qumos.torchsim import FragmentSim
 
-needs_cc = pytest.mark.skipif(shutil.which(kernels.COMPILER[0]) is None,
-                              reason=f"no C compiler ({kernels.COMPILER[0]})")
+needs_cc = pytest.mark.skipif(
+    shutil.which(kernels.COMPILER[0]) is None, reason=f"no C compiler ({kernels.COMPILER[0]})"
+)
 
 
-def step(f: FragmentSpec, mode: str, x, w, unitary: bool, dtype=torch.float32,
-         grad_x: bool = True, grad_w: bool = True):
+def step(
+    f: FragmentSpec,
+    mode: str,
+    x,
+    w,
+    unitary: bool,
+    dtype=torch.float32,
+    grad_x: bool = True,
+    grad_w: bool = True,
+):
     """Output and gradients of a random-weighted loss, with the kernels in `mode`."""
     kernels.set_mode(mode)
     try:
@@ -200,7 +209,9 @@ def test_per_model_segments(unitary, shared):
             sim.use_unitary = lambda batch: unitary
             xm, wm = x.clone().requires_grad_(), w.clone().requires_grad_()
             out = sim(xm, wm)
-            (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+            (
+                out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)
+            ).sum().backward()
             got[mode] = (out.detach(), xm.grad, wm.grad)
         finally:
             kernels.set_mode(None)

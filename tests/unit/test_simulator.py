@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qumos.chain import run_chain
 from qumos.model import DistributedQNN, predict_proba
 from qumos.quantum import AerRunner, build_circuit, statevector_expectations
@@ -14,15 +13,25 @@ from qumos.torchsim import FragmentSim
 
 
 def random_fragment(rng, n, block, entanglement, depth):
-    f = FragmentSpec(n_qubits=n, n_inputs=int(rng.integers(1, 4 * n + 1)), block=block,
-                     depth=depth, entanglement=entanglement)
+    f = FragmentSpec(
+        n_qubits=n,
+        n_inputs=int(rng.integers(1, 4 * n + 1)),
+        block=block,
+        depth=depth,
+        entanglement=entanglement,
+    )
     return f.with_params(rng.uniform(-np.pi, np.pi, f.n_params).tolist())
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([2, 3, 4, 5, 8]),
-       block=st.sampled_from(BLOCK_TYPES), ent=st.sampled_from(ENTANGLEMENTS),
-       depth=st.integers(1, 3), batch=st.sampled_from([1, 3, 40]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.sampled_from([2, 3, 4, 5, 8]),
+    block=st.sampled_from(BLOCK_TYPES),
+    ent=st.sampled_from(ENTANGLEMENTS),
+    depth=st.integers(1, 3),
+    batch=st.sampled_from([1, 3, 40]),
+)
 def test_torch_matches_statevector(seed, n, block, ent, depth, batch):
     rng = np.random.default_rng(seed)
     f = random_fragment(rng, n, block, ent, depth)
@@ -111,8 +120,7 @@ def test_folded_unitary_matches_steps_on_identity(block, entanglement, n):
     """`FragmentSim.unitary` (signed permutations folded into the local steps' gathers)
     equals running the compiled steps on the identity."""
     rng = np.random.default_rng(7)
-    f = FragmentSpec(n_qubits=n, n_inputs=2 * n, block=block, depth=3,
-                     entanglement=entanglement)
+    f = FragmentSpec(n_qubits=n, n_inputs=2 * n, block=block, depth=3, entanglement=entanglement)
     sim = FragmentSim(f, dtype=torch.float64)
     w = torch.tensor(rng.uniform(-np.pi, np.pi, f.n_params))
     assert sim.steps  # depth 3: every block has steps after the leading local one

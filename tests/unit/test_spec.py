@@ -2,10 +2,16 @@ import json
 import math
 
 import pytest
-
 from qumos.errors import DesignError
-from qumos.spec import (BLOCK_TYPES, Design, FragmentSpec, ModelSpec, build_spec,
-                        design_from_flags, validate_design)
+from qumos.spec import (
+    BLOCK_TYPES,
+    Design,
+    FragmentSpec,
+    ModelSpec,
+    build_spec,
+    design_from_flags,
+    validate_design,
+)
 
 
 def test_fragment_json_round_trip():
@@ -41,17 +47,20 @@ def test_model_spec_round_trip_and_default_placement():
     assert again == spec
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(block="nope"), "fragments[0].block: is 'nope'; allowed: "),
-    (dict(fragments="2-0-2"), "fragments[1].depth: is 0; allowed: 1 to 12"),
-    (dict(n_qubits=11), "fragments[0].n_qubits: is 11; allowed: 2 to 10"),
-    (dict(n_qubits=1), "fragments[0].n_qubits: is 1; allowed: 2 to 10"),
-    # 16 features do not fit the encoder on 2 qubits: named by what the user set
-    (dict(n_qubits=2), "fragments[0].n_qubits: is 2; the first fragment takes the 16 "),
-    (dict(fragments="two"), "fragments: 'two' is not"),
-    (dict(task=3), "task: 3 is not a task"),
-    (dict(dataset="cifar"), "dataset: unknown 'cifar'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(block="nope"), "fragments[0].block: is 'nope'; allowed: "),
+        (dict(fragments="2-0-2"), "fragments[1].depth: is 0; allowed: 1 to 12"),
+        (dict(n_qubits=11), "fragments[0].n_qubits: is 11; allowed: 2 to 10"),
+        (dict(n_qubits=1), "fragments[0].n_qubits: is 1; allowed: 2 to 10"),
+        # 16 features do not fit the encoder on 2 qubits: named by what the user set
+        (dict(n_qubits=2), "fragments[0].n_qubits: is 2; the first fragment takes the 16 "),
+        (dict(fragments="two"), "fragments: 'two' is not"),
+        (dict(task=3), "task: 3 is not a task"),
+        (dict(dataset="cifar"), "dataset: unknown 'cifar'"),
+    ],
+)
 def test_invalid_designs_name_the_field(kwargs, field):
     """One style (`fragments[0].depth: ...`), no doubled prefix, only fields the user set."""
     with pytest.raises(DesignError) as e:
@@ -63,11 +72,14 @@ def test_invalid_designs_name_the_field(kwargs, field):
 def test_design_file_errors_one_style():
     from qumos.spec import validate_design
 
-    for data, want in [({"fragments": []}, "fragments: at least one fragment"),
-                       ({"fragments": [{"depth": 2}, {"entanglement": "star"}]},
-                        "fragments[1].entanglement: is 'star'; allowed: "),
-                       ({"fragments": [{"depth": 2, "colour": 1}]},
-                        "fragments[0].colour: unknown field")]:
+    for data, want in [
+        ({"fragments": []}, "fragments: at least one fragment"),
+        (
+            {"fragments": [{"depth": 2}, {"entanglement": "star"}]},
+            "fragments[1].entanglement: is 'star'; allowed: ",
+        ),
+        ({"fragments": [{"depth": 2, "colour": 1}]}, "fragments[0].colour: unknown field"),
+    ]:
         with pytest.raises(DesignError) as e:
             validate_design(data)
         assert str(e.value).startswith(want), str(e.value)
@@ -78,7 +90,8 @@ def test_nan_params_rejected():
     f = FragmentSpec(n_qubits=4, n_inputs=16, depth=1)
     with pytest.raises(ValueError, match=r"params\[3\]"):
         f.with_params([0.0] * 3 + [math.nan] + [0.0] * (f.n_params - 4)).model_validate(
-            f.with_params([0.0] * 3 + [math.nan] + [0.0] * (f.n_params - 4)).model_dump())
+            f.with_params([0.0] * 3 + [math.nan] + [0.0] * (f.n_params - 4)).model_dump()
+        )
 
 
 def test_wrong_param_count_rejected():

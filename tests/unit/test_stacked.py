@@ -30,8 +30,11 @@ def _one_thread():
 
 
 def make_spec(block="u3cu3", n=4, fragments="1-1", reupload=False, head="readout"):
-    return build_spec(design_from_flags(fragments=fragments, block=block, n_qubits=n,
-                                        reupload=reupload, head=head))
+    return build_spec(
+        design_from_flags(
+            fragments=fragments, block=block, n_qubits=n, reupload=reupload, head=head
+        )
+    )
 
 
 def make_models(spec, m=3, frozen: int | None = None, seed0=0):
@@ -117,8 +120,7 @@ def test_torch_fallback_path_equals_one_by_one():
                 ref = m(x[i])
                 torch.testing.assert_close(out[i], ref, atol=1e-12, rtol=0)
                 ref.square().sum().backward()
-                torch.testing.assert_close(stack.w0.grad[i], m.weights[0].grad, atol=1e-11,
-                                           rtol=0)
+                torch.testing.assert_close(stack.w0.grad[i], m.weights[0].grad, atol=1e-11, rtol=0)
     finally:
         kernels.set_mode(None)
 
@@ -127,9 +129,14 @@ def test_torch_fallback_path_equals_one_by_one():
 def run_both(models, xs, ys, xv, yv, cfgs, **kw):
     ref = copy.deepcopy(models)
     got = fit_many(models, xs, ys, xv, yv, cfgs, **kw)
-    per = lambda v, i: v[i] if isinstance(v, list) else v
-    want = [fit(r, per(xs, i), per(ys, i), per(xv, i), per(yv, i), per(cfgs, i))
-            for i, r in enumerate(ref)]
+
+    def per(v, i):
+        return v[i] if isinstance(v, list) else v
+
+    want = [
+        fit(r, per(xs, i), per(ys, i), per(xv, i), per(yv, i), per(cfgs, i))
+        for i, r in enumerate(ref)
+    ]
     return got, want, ref
 
 
@@ -154,8 +161,10 @@ def test_fit_many_equals_fit(block, n, reupload, head, frozen):
     models = make_models(spec, 3, frozen)
     sets = [data(rng, k) for k in (9, 14, 6)]
     xs, ys = [s[0] for s in sets], [s[1] for s in sets]
-    cfgs = [TrainConfig(epochs=e, lr=lr, batch_size=b, seed=s)
-            for e, lr, b, s in ((4, 0.05, 4, 1), (3, 0.1, 32, 2), (5, 0.02, 6, 3))]
+    cfgs = [
+        TrainConfig(epochs=e, lr=lr, batch_size=b, seed=s)
+        for e, lr, b, s in ((4, 0.05, 4, 1), (3, 0.1, 32, 2), (5, 0.02, 6, 3))
+    ]
     got, want, ref = run_both(models, xs, ys, xs, ys, cfgs)
     assert_results_equal(got, want)
     assert_models_close(models, ref, atol=1e-5)
@@ -236,8 +245,9 @@ def test_chunking_equals_one_chunk():
     for max_rows in (None, 5):
         models = make_models(spec, 4)
         xs, ys = data(np.random.default_rng(9), 11)
-        res = fit_many(models, xs, ys, xs, ys, TrainConfig(epochs=3, batch_size=8, seed=1),
-                       max_rows=max_rows)
+        res = fit_many(
+            models, xs, ys, xs, ys, TrainConfig(epochs=3, batch_size=8, seed=1), max_rows=max_rows
+        )
         trained.append((models, [r.best_epoch for r in res]))
     assert trained[0][1] == trained[1][1]
     # not bit-equal: u3cu3's last phases do not change <Z>, so their gradients are rounding
@@ -264,7 +274,9 @@ def test_architecture_mismatch_is_an_error():
         "fragments: 2 vs 3": make_spec("u3cu3", 4, "1-1-1"),
     }
     for where, b in cases.items():
-        with pytest.raises(ArchitectureMismatch, match=where.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(
+            ArchitectureMismatch, match=where.replace("[", r"\[").replace("]", r"\]")
+        ):
             StackedQNN([DistributedQNN(a), DistributedQNN(b)])
     frozen = DistributedQNN(a)
     frozen.freeze_fragment(0)
@@ -275,15 +287,27 @@ def test_architecture_mismatch_is_an_error():
     with pytest.raises(ArchitectureMismatch, match="only DistributedQNN"):
         StackedQNN([torch.nn.Linear(2, 2)])
     with pytest.raises(ValueError, match="3 entries for 2 models"):
-        fit_many([DistributedQNN(a), DistributedQNN(a)], [np.zeros((2, 16))] * 3,
-                 [np.zeros(2, int)] * 3, np.zeros((2, 16)), np.zeros(2, int), TrainConfig())
+        fit_many(
+            [DistributedQNN(a), DistributedQNN(a)],
+            [np.zeros((2, 16))] * 3,
+            [np.zeros(2, int)] * 3,
+            np.zeros((2, 16)),
+            np.zeros(2, int),
+            TrainConfig(),
+        )
 
 
 def test_design_syntax_specs_stack():
     """Designs with mixed blocks and re-uploading (the bench's) stack and match."""
-    d = validate_design({"fragments": [
-        {"block": "rzz_ry", "depth": 1}, {"block": "u3cu3", "depth": 1, "reupload": True},
-        {"block": "rxyz_cnot", "depth": 1, "reupload": True}]})
+    d = validate_design(
+        {
+            "fragments": [
+                {"block": "rzz_ry", "depth": 1},
+                {"block": "u3cu3", "depth": 1, "reupload": True},
+                {"block": "rxyz_cnot", "depth": 1, "reupload": True},
+            ]
+        }
+    )
     spec = build_spec(d)
     models = make_models(spec, 2)
     x = torch.tensor(np.random.default_rng(10).uniform(0, np.pi, (2, 5, 16)))
@@ -323,7 +347,7 @@ def _fit_acc_loss(model, x, y, cfg):
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -357,8 +381,11 @@ def test_acc_loss_selection():
     assert_models_close(models, ref, atol=1e-5)
     # the loss decided somewhere: a selected epoch later than the first one reaching its
     # accuracy (with select "acc" fit keeps that first one)
-    assert any(r.best_epoch > min([h["epoch"] for h in r.history if h["val_acc"] == r.val_acc]
-                                  + [r.best_epoch]) for r in got)
+    assert any(
+        r.best_epoch
+        > min([h["epoch"] for h in r.history if h["val_acc"] == r.val_acc] + [r.best_epoch])
+        for r in got
+    )
 
 
 @pytest.mark.parametrize("frozen", [None, 0])
@@ -371,8 +398,9 @@ def test_attacker_scale_full_batch_self_selection(block, frozen, monkeypatch):
 
     calls = []
     orig = st._Eval.__call__
-    monkeypatch.setattr(st._Eval, "__call__", lambda self, *a, **k: calls.append(1) or
-                        orig(self, *a, **k))
+    monkeypatch.setattr(
+        st._Eval, "__call__", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    )
     spec = make_spec(block, 4, "1-1", True, "linear")
     rng = np.random.default_rng(13)
     sets = [data(rng, k) for k in (7, 11, 9, 11)]

@@ -36,8 +36,24 @@ from qumos.attack.strategies import ALL as STRATEGIES
 from qumos.attack.strategies import references_of, strategies_of, thefts_of
 
 __all__ = [
-    "PROFILES", "STRATEGIES", "AttackConfig", "AttackReport", "AttackerData", "Holdings",
-    "InProcessOracle", "Oracle", "Victim", "attacker_data", "breach", "evaluate_in_process",
-    "in_process_holdings", "leak_value", "references_of", "report_table", "run_attack",
-    "strategies_of", "summary_json", "thefts_of",
+    "PROFILES",
+    "STRATEGIES",
+    "AttackConfig",
+    "AttackReport",
+    "AttackerData",
+    "Holdings",
+    "InProcessOracle",
+    "Oracle",
+    "Victim",
+    "attacker_data",
+    "breach",
+    "evaluate_in_process",
+    "in_process_holdings",
+    "leak_value",
+    "references_of",
+    "report_table",
+    "run_attack",
+    "strategies_of",
+    "summary_json",
+    "thefts_of",
 ]

@@ -77,12 +77,14 @@ class AttackConfig:
     strategies: tuple[str, ...] = ()  # restrict to these strategies (default: all of the profile)
     batched: bool = True  # train models of one architecture together (qumos.stacked)
 
-    def validate(self, n_providers: int | None = None,
-                 providers: list[str] | None = None) -> AttackConfig:
+    def validate(
+        self, n_providers: int | None = None, providers: list[str] | None = None
+    ) -> AttackConfig:
         """Raise AttackError naming the field; returns self."""
         if self.profile not in PROFILES:
-            raise AttackError(f"profile: unknown profile {self.profile!r}; allowed: "
-                              f"{list(PROFILES)}")
+            raise AttackError(
+                f"profile: unknown profile {self.profile!r}; allowed: {list(PROFILES)}"
+            )
         if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1):
             raise AttackError(f"fraction: is {self.fraction}; allowed: (0, 1]")
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -92,8 +94,10 @@ class AttackConfig:
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise AttackError(f"lrs: is {list(self.lrs)}; allowed: one or more numbers > 0")
         if self.profile in QUERY_PROFILES and not 1 <= self.queries <= MAX_QUERIES:
-            raise AttackError(f"queries: is {self.queries}; profile {self.profile} sends 1 to "
-                              f"{MAX_QUERIES} queries")
+            raise AttackError(
+                f"queries: is {self.queries}; profile {self.profile} sends 1 to "
+                f"{MAX_QUERIES} queries"
+            )
         if self.queries < 0:
             raise AttackError(f"queries: is {self.queries}; allowed: >= 0")
         if self.batch_size < 1 or self.full_batch_max < 1:
@@ -102,27 +106,35 @@ class AttackConfig:
             raise AttackError(f"traffic: is {self.traffic}; allowed: >= 0")
         if self.profile == "coalition":
             if not self.coalition:
-                raise AttackError("coalition: profile coalition needs the breached providers, "
-                                  "e.g. provider-a,provider-c")
+                raise AttackError(
+                    "coalition: profile coalition needs the breached providers, "
+                    "e.g. provider-a,provider-c"
+                )
             if len(set(self.coalition)) != len(self.coalition):
                 raise AttackError(f"coalition: names a provider twice: {list(self.coalition)}")
             if providers is not None:
                 unknown = [p for p in self.coalition if p not in providers]
                 if unknown:
-                    raise AttackError(f"coalition: {unknown} not in the design; its providers "
-                                      f"are {providers}")
+                    raise AttackError(
+                        f"coalition: {unknown} not in the design; its providers are {providers}"
+                    )
             if n_providers is not None and len(self.coalition) >= n_providers:
-                raise AttackError(f"coalition: breaches {len(self.coalition)} of "
-                                  f"{n_providers} providers; a coalition holds fewer than all "
-                                  "(all of them hold the whole model)")
+                raise AttackError(
+                    f"coalition: breaches {len(self.coalition)} of "
+                    f"{n_providers} providers; a coalition holds fewer than all "
+                    "(all of them hold the whole model)"
+                )
         elif self.coalition:
-            raise AttackError(f"coalition: only profile coalition takes a coalition (profile "
-                              f"is {self.profile})")
+            raise AttackError(
+                f"coalition: only profile coalition takes a coalition (profile is {self.profile})"
+            )
         allowed = strategies_of(self.profile)
         for s in self.strategies:
             if s not in allowed:
-                raise AttackError(f"strategies: unknown strategy {s!r} for profile "
-                                  f"{self.profile}; allowed: {list(allowed)}")
+                raise AttackError(
+                    f"strategies: unknown strategy {s!r} for profile "
+                    f"{self.profile}; allowed: {list(allowed)}"
+                )
         return self
 
     def lr(self, restart: int) -> float:

@@ -84,13 +84,17 @@ def guessed_arch(stolen: FragmentFile, data: TaskData) -> ModelSpec:
     from qumos.spec import Design, FragmentDesign
 
     f = stolen.fragment
-    fd = FragmentDesign(n_qubits=max(f.n_qubits, 4), block=f.block, depth=f.depth,
-                        entanglement=f.entanglement)
+    fd = FragmentDesign(
+        n_qubits=max(f.n_qubits, 4), block=f.block, depth=f.depth, entanglement=f.entanglement
+    )
     frags = [fd.model_copy() for _ in range(stolen.index + 2)]
-    frags[stolen.index] = FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=f.depth,
-                                         entanglement=f.entanglement)
-    return build_spec(Design(dataset=data.dataset, task=data.task, fragments=frags,
-                             glue="tanh", head="linear"), name="attacker")
+    frags[stolen.index] = FragmentDesign(
+        n_qubits=f.n_qubits, block=f.block, depth=f.depth, entanglement=f.entanglement
+    )
+    return build_spec(
+        Design(dataset=data.dataset, task=data.task, fragments=frags, glue="tanh", head="linear"),
+        name="attacker",
+    )
 
 
 def inputs_to(net: DistributedQNN, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +119,9 @@ def suffix_from(net: DistributedQNN, j: int, a: torch.Tensor, x: torch.Tensor) -
 
 
 def prefix_params(net: DistributedQNN, j: int) -> list[nn.Parameter]:
-    ps = [net.weights[k] for k in range(j)] + [p for g in list(net.glue)[:j]
-                                               for p in g.parameters()]
+    ps = [net.weights[k] for k in range(j)] + [
+        p for g in list(net.glue)[:j] for p in g.parameters()
+    ]
     if net.transform is not None:
         ps += list(net.transform.parameters())
     return [p for p in ps if p.requires_grad]

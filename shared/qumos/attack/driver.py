@@ -54,8 +54,13 @@ class InProcessOracle(Oracle):
     orchestrator's own function); exact provider rows. policy "probabilities" (rounded to
     `decimals` if given), "top_k" (with `k`), "label", or an OutputPolicy."""
 
-    def __init__(self, victim: ModelSpec, policy="probabilities",
-                 decimals: int | None = None, k: int | None = None):
+    def __init__(
+        self,
+        victim: ModelSpec,
+        policy="probabilities",
+        decimals: int | None = None,
+        k: int | None = None,
+    ):
         from pydantic import ValidationError
         from qumos.defense.policy import OutputPolicy
         from qumos.model import DistributedQNN
@@ -99,17 +104,29 @@ class Victim:
     oracle: Oracle | None = None
 
     @classmethod
-    def in_process(cls, spec: ModelSpec, data: TaskData, know_architecture: bool = True,
-                   policy: str = "probabilities", decimals: int | None = None) -> Victim:
+    def in_process(
+        cls,
+        spec: ModelSpec,
+        data: TaskData,
+        know_architecture: bool = True,
+        policy: str = "probabilities",
+        decimals: int | None = None,
+    ) -> Victim:
         oracle = InProcessOracle(spec, policy, decimals)
         labels = predict_proba(oracle.net, data.test.x).argmax(1)
-        return cls(model=spec.name, providers=list(spec.placement),
-                   acc=float((labels == data.test.y).mean()), test_labels=labels,
-                   arch=strip(spec) if know_architecture else None, oracle=oracle)
+        return cls(
+            model=spec.name,
+            providers=list(spec.placement),
+            acc=float((labels == data.test.y).mean()),
+            test_labels=labels,
+            arch=strip(spec) if know_architecture else None,
+            oracle=oracle,
+        )
 
 
-def in_process_holdings(spec: ModelSpec, data: TaskData, cfg: AttackConfig,
-                        seed: int) -> list[Holdings]:
+def in_process_holdings(
+    spec: ModelSpec, data: TaskData, cfg: AttackConfig, seed: int
+) -> list[Holdings]:
     """Every provider's holdings had the victim served `cfg.traffic` users' images (the
     back of the attacker's unlabelled pool for `seed`, disjoint from its queries)."""
     from qumos.attack.holdings import holdings_in_process
@@ -141,10 +158,14 @@ def _score(name: str, fitted, data: TaskData, victim: Victim, seconds: float) ->
         pred = fitted.predict(data.test.x, data.test.raw)
     known = np.asarray(victim.test_labels) >= 0  # -1: the harness does not know the answer
     fid = float((pred[known] == victim.test_labels[known]).mean()) if known.any() else np.nan
-    return StrategyScore(strategy=name, test_acc=float((pred == data.test.y).mean()),
-                         fidelity=fid,
-                         own_acc=float(fitted.own_acc), seconds=seconds,
-                         note=getattr(fitted, "note", "") or "")
+    return StrategyScore(
+        strategy=name,
+        test_acc=float((pred == data.test.y).mean()),
+        fidelity=fid,
+        own_acc=float(fitted.own_acc),
+        seconds=seconds,
+        note=getattr(fitted, "note", "") or "",
+    )
 
 
 @dataclass
@@ -168,16 +189,18 @@ class _Run:
     scores: dict = field(default_factory=dict)
 
 
-def _case_contexts(cfg: AttackConfig, case: Case, thefts: list[str],
-                   progress: Progress | None) -> list[_Run]:
+def _case_contexts(
+    cfg: AttackConfig, case: Case, thefts: list[str], progress: Progress | None
+) -> list[_Run]:
     data, victim, seed = case.data, case.victim, case.seed
     own = attacker_data(data, cfg.fraction, seed)
-    base = Context(data=data, arch=victim.arch, cfg=cfg, seed=seed, own=own,
-                   progress=progress)
+    base = Context(data=data, arch=victim.arch, cfg=cfg, seed=seed, own=own, progress=progress)
     if cfg.profile in QUERY_PROFILES:
         if victim.oracle is None:
-            raise AttackError(f"profile {cfg.profile}: needs the victim's public API (an "
-                              "orchestrator URL or an artifact)")
+            raise AttackError(
+                f"profile {cfg.profile}: needs the victim's public API (an "
+                "orchestrator URL or an artifact)"
+            )
         qidx = own.queries(data, cfg.queries)
         base.qraw, base.qx = data.train.raw[qidx], data.train.x[qidx]
         base.qt = as_soft(victim.oracle.answer(base.qraw), len(data.classes))
@@ -188,19 +211,31 @@ def _case_contexts(cfg: AttackConfig, case: Case, thefts: list[str],
         stolen = [h.fragment(victim.model) for h in unit]
         for h in unit:
             check_log_model(h, victim.model)
-        ctx = Context(data=data, arch=victim.arch, cfg=cfg, seed=seed, own=own,
-                      stolen=stolen, logs={f.index: h.rows(f) for f, h in zip(stolen, unit)},
-                      qx=base.qx, qraw=base.qraw, qt=base.qt, progress=progress,
-                      provider="+".join(h.provider for h in unit))
+        ctx = Context(
+            data=data,
+            arch=victim.arch,
+            cfg=cfg,
+            seed=seed,
+            own=own,
+            stolen=stolen,
+            logs={f.index: h.rows(f) for f, h in zip(stolen, unit)},
+            qx=base.qx,
+            qraw=base.qraw,
+            qt=base.qt,
+            progress=progress,
+            provider="+".join(h.provider for h in unit),
+        )
         if base.qx is not None and "insider" in thefts:
+            assert victim.oracle is not None and base.qraw is not None
             for f in stolen:
                 ctx.qrows[f.index] = victim.oracle.rows(f.index, base.qraw, base.qx)
         runs.append(_Run(case, ctx, unit))
     return runs
 
 
-def _run_phase(names: list[str], runs: list[_Run], cfg: AttackConfig,
-               progress: Progress | None) -> None:
+def _run_phase(
+    names: list[str], runs: list[_Run], cfg: AttackConfig, progress: Progress | None
+) -> None:
     """Every strategy of `names` for every run, in lockstep: the trainable ones' jobs
     all go to one `run_jobs` call (models of one architecture train together)."""
     jobs: list[tuple[_Run, str, Job, float]] = []
@@ -229,8 +264,9 @@ def _record(run: _Run, name: str, fitted, seconds: float) -> None:
     run.scores[name] = _score(name, fitted, run.case.data, run.case.victim, seconds)
 
 
-def attack_cases(cfg: AttackConfig, cases: Sequence[Case],
-                 progress: Progress | None = None) -> list[SeedRecord]:
+def attack_cases(
+    cfg: AttackConfig, cases: Sequence[Case], progress: Progress | None = None
+) -> list[SeedRecord]:
     """Every case (seed): the references, then every theft against every breach unit,
     the strategies run in lockstep over all cases and units so that their trainings
     batch (`qumos.attack.training.run_jobs`)."""
@@ -241,8 +277,9 @@ def attack_cases(cfg: AttackConfig, cases: Sequence[Case],
         return _attack_cases(cfg, cases, progress)
 
 
-def _attack_cases(cfg: AttackConfig, cases: Sequence[Case],
-                  progress: Progress | None = None) -> list[SeedRecord]:
+def _attack_cases(
+    cfg: AttackConfig, cases: Sequence[Case], progress: Progress | None = None
+) -> list[SeedRecord]:
     from qumos.attack.logbased import ROUNDS
 
     wanted = set(cfg.strategies) if cfg.strategies else None
@@ -265,21 +302,31 @@ def _attack_cases(cfg: AttackConfig, cases: Sequence[Case],
         s_name = max(ref_scores, key=lambda k: ref_scores[k].test_acc)
         s_acc = ref_scores[s_name].test_acc
         victim = case.victim
-        rec = SeedRecord(seed=case.seed, victim_acc=victim.acc, references=ref_scores,
-                         S=s_acc, S_reference=s_name)
+        rec = SeedRecord(
+            seed=case.seed,
+            victim_acc=victim.acc,
+            references=ref_scores,
+            S=s_acc,
+            S_reference=s_name,
+        )
         for run in (r for r in units if r.case is case):
             scores = run.scores
             best = max(scores.values(), key=lambda s: s.test_acc) if scores else None
             a = best.test_acc if best else float("nan")
             stolen = run.ctx.stolen
-            rec.units.append({
-                "provider": run.ctx.provider, "index": [f.index for f in stolen],
-                "strategies": scores, "A": a, "A_strategy": best.strategy if best else "",
-                "leak": leak_value(a, s_acc, victim.acc) if best else float("nan"),
-                "theft_ratio": a / victim.acc if best and victim.acc > 0 else float("nan"),
-                "fidelity": best.fidelity if best else float("nan"),
-                "log_rows": {f.index: len(run.ctx.logs[f.index]) for f in stolen},
-            })
+            rec.units.append(
+                {
+                    "provider": run.ctx.provider,
+                    "index": [f.index for f in stolen],
+                    "strategies": scores,
+                    "A": a,
+                    "A_strategy": best.strategy if best else "",
+                    "leak": leak_value(a, s_acc, victim.acc) if best else float("nan"),
+                    "theft_ratio": a / victim.acc if best and victim.acc > 0 else float("nan"),
+                    "fidelity": best.fidelity if best else float("nan"),
+                    "log_rows": {f.index: len(run.ctx.logs[f.index]) for f in stolen},
+                }
+            )
         records.append(rec)
     return records
 
@@ -294,15 +341,22 @@ def _check(cfg: AttackConfig, cases: Sequence[Case]) -> None:
         cfg.validate(len(c.victim.providers), c.victim.providers)
         if cfg.profile in QUERY_PROFILES:
             if c.victim.oracle is None:
-                raise AttackError(f"profile: {cfg.profile} needs the victim's public API; "
-                                  "give an orchestrator URL or an artifact")
+                raise AttackError(
+                    f"profile: {cfg.profile} needs the victim's public API; "
+                    "give an orchestrator URL or an artifact"
+                )
             attacker_data(c.data, cfg.fraction, c.seed).queries(c.data, cfg.queries)
 
 
-def run_attack(cfg: AttackConfig, data: TaskData, victim: Victim, holdings: Sequence[Holdings],
-               seeds: Sequence[int], progress: Progress | None = None,
-               holdings_for_seed: Callable[[int], Sequence[Holdings]] | None = None
-               ) -> AttackReport:
+def run_attack(
+    cfg: AttackConfig,
+    data: TaskData,
+    victim: Victim,
+    holdings: Sequence[Holdings],
+    seeds: Sequence[int],
+    progress: Progress | None = None,
+    holdings_for_seed: Callable[[int], Sequence[Holdings]] | None = None,
+) -> AttackReport:
     """Run the profile `cfg` for every seed against one victim and aggregate (module
     docstring).
 
@@ -314,25 +368,36 @@ def run_attack(cfg: AttackConfig, data: TaskData, victim: Victim, holdings: Sequ
     cfg.validate(len(victim.providers), victim.providers)
     if not seeds:
         raise AttackError("seeds: give at least one seed")
-    cases = [Case(s, data, victim, holdings_for_seed(s) if holdings_for_seed else holdings)
-             for s in seeds]
+    cases = [
+        Case(s, data, victim, holdings_for_seed(s) if holdings_for_seed else holdings)
+        for s in seeds
+    ]
     _check(cfg, cases)
     records = attack_cases(cfg, cases, progress)
-    return AttackReport.from_records(cfg, records, model=victim.model,
-                                     seconds=time.perf_counter() - t0)
+    return AttackReport.from_records(
+        cfg, records, model=victim.model, seconds=time.perf_counter() - t0
+    )
 
 
-def evaluate_in_process(spec: ModelSpec, data: TaskData, cfg: AttackConfig,
-                        seeds: Sequence[int], progress: Progress | None = None,
-                        policy: str = "probabilities") -> AttackReport:
+def evaluate_in_process(
+    spec: ModelSpec,
+    data: TaskData,
+    cfg: AttackConfig,
+    seeds: Sequence[int],
+    progress: Progress | None = None,
+    policy: str = "probabilities",
+) -> AttackReport:
     """The library path: the victim in process, every provider's holdings computed for
     simulated users' traffic (see `in_process_holdings`)."""
     return evaluate_victims([(s, spec, data) for s in seeds], cfg, progress, policy)
 
 
-def evaluate_victims(cases: Sequence[tuple[int, ModelSpec, TaskData]], cfg: AttackConfig,
-                     progress: Progress | None = None, policy: str = "probabilities"
-                     ) -> AttackReport:
+def evaluate_victims(
+    cases: Sequence[tuple[int, ModelSpec, TaskData]],
+    cfg: AttackConfig,
+    progress: Progress | None = None,
+    policy: str = "probabilities",
+) -> AttackReport:
     """In process, one victim per seed (the security engine trains a victim per seed):
     `cases` = [(seed, trained spec, its task data)]. All seeds' trainings batch."""
     from qumos.spec import design_of
@@ -347,10 +412,24 @@ def evaluate_victims(cases: Sequence[tuple[int, ModelSpec, TaskData]], cfg: Atta
     _check(cfg, built)
     records = attack_cases(cfg, built, progress)
     spec0 = cases[0][1]
-    return AttackReport.from_records(cfg, records, model=spec0.name,
-                                     design=design_of(spec0).short(),
-                                     seconds=time.perf_counter() - t0)
+    return AttackReport.from_records(
+        cfg,
+        records,
+        model=spec0.name,
+        design=design_of(spec0).short(),
+        seconds=time.perf_counter() - t0,
+    )
 
 
-__all__ = ["Case", "InProcessOracle", "Oracle", "Victim", "attack_cases", "breach_units",
-           "evaluate_in_process", "evaluate_victims", "in_process_holdings", "run_attack"]
+__all__ = [
+    "Case",
+    "InProcessOracle",
+    "Oracle",
+    "Victim",
+    "attack_cases",
+    "breach_units",
+    "evaluate_in_process",
+    "evaluate_victims",
+    "in_process_holdings",
+    "run_attack",
+]

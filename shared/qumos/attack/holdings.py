@@ -36,14 +36,16 @@ class AttackerData:
     def queries(self, data: TaskData, n: int) -> np.ndarray:
         """Indices of the attacker's own `n` query images (front of the pool)."""
         if n > len(self.pool):
-            raise AttackError(f"queries: {n} is more than the {len(self.pool)} unlabelled "
-                              f"images of the {data.dataset}-{data.task} training split")
+            raise AttackError(
+                f"queries: {n} is more than the {len(self.pool)} unlabelled "
+                f"images of the {data.dataset}-{data.task} training split"
+            )
         return self.pool[:n]
 
     def traffic(self, n: int, queries: int = 0) -> np.ndarray:
         """Indices of `n` users' images (back of the pool, disjoint from the queries)."""
         n = max(0, min(n, len(self.pool) - queries))
-        return self.pool[len(self.pool) - n:]
+        return self.pool[len(self.pool) - n :]
 
 
 def attacker_data(data: TaskData, fraction: float, seed: int) -> AttackerData:
@@ -60,8 +62,12 @@ def attacker_data(data: TaskData, fraction: float, seed: int) -> AttackerData:
         chosen.extend(idx[:k].tolist())
     chosen_arr = rng.permutation(np.array(sorted(chosen)))
     rest = np.setdiff1d(np.arange(n_total), chosen_arr)
-    return AttackerData(x=data.train.x[chosen_arr], y=y[chosen_arr],
-                        raw=data.train.raw[chosen_arr], pool=rng.permutation(rest))
+    return AttackerData(
+        x=data.train.x[chosen_arr],
+        y=y[chosen_arr],
+        raw=data.train.raw[chosen_arr],
+        pool=rng.permutation(rest),
+    )
 
 
 # ----- a breached provider --------------------------------------------------------------------
@@ -92,19 +98,24 @@ class Holdings:
         cands = [f for f in self.fragments if model is None or f.model == model]
         if not cands:
             have = sorted({f.model for f in self.fragments})
-            raise AttackError(f"model: provider {self.provider!r} holds no fragment of "
-                              f"{model!r}; it holds fragments of {have}")
+            raise AttackError(
+                f"model: provider {self.provider!r} holds no fragment of "
+                f"{model!r}; it holds fragments of {have}"
+            )
         if len(cands) > 1:
             have = [f.fragment_id for f in cands]
-            raise AttackError(f"model: provider {self.provider!r} holds several fragments "
-                              f"({have}); name the model")
+            raise AttackError(
+                f"model: provider {self.provider!r} holds several fragments "
+                f"({have}); name the model"
+            )
         return cands[0]
 
     def rows(self, stolen: FragmentFile) -> LogRows:
         """The log rows of `stolen`'s fragment. Entries of another fragment are ignored;
         an entry whose arrays are missing or of the wrong width counts as torn."""
         f = stolen.fragment
-        ins, outs, ent, times, torn = [], [], [], [], 0
+        ins, outs, ent, torn = [], [], [], 0
+        times: list[float] = []
         for e in self.access_log:
             if e.get("fragment_id") != stolen.fragment_id:
                 continue
@@ -114,8 +125,13 @@ class Holdings:
             except (KeyError, TypeError, ValueError):
                 torn += 1
                 continue
-            if (a.ndim != 2 or b.ndim != 2 or len(a) != len(b) or a.shape[1] != f.n_inputs
-                    or b.shape[1] != f.n_qubits):
+            if (
+                a.ndim != 2
+                or b.ndim != 2
+                or len(a) != len(b)
+                or a.shape[1] != f.n_inputs
+                or b.shape[1] != f.n_qubits
+            ):
                 torn += 1
                 continue
             ins.append(a)
@@ -123,10 +139,16 @@ class Holdings:
             ent.append(np.full(len(a), len(times)))
             times.append(float(e.get("time", np.nan)))
         if not ins:
-            return LogRows(np.zeros((0, f.n_inputs)), np.zeros((0, f.n_qubits)),
-                           np.zeros(0, int), np.zeros(0), torn)
-        return LogRows(np.concatenate(ins), np.concatenate(outs), np.concatenate(ent),
-                       np.asarray(times), torn)
+            return LogRows(
+                np.zeros((0, f.n_inputs)),
+                np.zeros((0, f.n_qubits)),
+                np.zeros(0, int),
+                np.zeros(0),
+                torn,
+            )
+        return LogRows(
+            np.concatenate(ins), np.concatenate(outs), np.concatenate(ent), np.asarray(times), torn
+        )
 
 
 def check_log_model(h: Holdings, model: str) -> None:
@@ -135,9 +157,11 @@ def check_log_model(h: Holdings, model: str) -> None:
     ids = {e.get("fragment_id") for e in h.access_log if isinstance(e, dict)}
     ours = {f.fragment_id for f in h.fragments if f.model == model}
     if ids and not ids & ours:
-        raise AttackError(f"access_log: provider {h.provider!r}'s log holds rows of "
-                          f"{sorted(i for i in ids if i)[:3]}, none of model {model!r} "
-                          f"(fragments {sorted(ours)}); it is the log of another model")
+        raise AttackError(
+            f"access_log: provider {h.provider!r}'s log holds rows of "
+            f"{sorted(i for i in ids if i)[:3]}, none of model {model!r} "
+            f"(fragments {sorted(ours)}); it is the log of another model"
+        )
 
 
 def breach(provider_dir: Path | str) -> Holdings:
@@ -147,16 +171,21 @@ def breach(provider_dir: Path | str) -> Holdings:
     try:
         store = ProviderStore.open_existing(provider_dir)
     except StoreError as e:
-        raise AttackError(f"breach: {e}; give the data directory of one provider "
-                          "(it holds provider.json, fragments/ and access.jsonl)") from None
+        raise AttackError(
+            f"breach: {e}; give the data directory of one provider "
+            "(it holds provider.json, fragments/ and access.jsonl)"
+        ) from None
     frags, problems = store.load_all()
     if not frags:
         extra = f" (unreadable: {'; '.join(problems)})" if problems else ""
-        raise AttackError(f"breach: provider {store.name!r} at {provider_dir} holds no "
-                          f"fragment{extra}")
-    return Holdings(provider=store.name,
-                    fragments=sorted(frags.values(), key=lambda f: (f.model, f.index)),
-                    access_log=store.read_log())
+        raise AttackError(
+            f"breach: provider {store.name!r} at {provider_dir} holds no fragment{extra}"
+        )
+    return Holdings(
+        provider=store.name,
+        fragments=sorted(frags.values(), key=lambda f: (f.model, f.index)),
+        access_log=store.read_log(),
+    )
 
 
 # ----- the providers' view, in process ----------------------------------------------------------
@@ -179,20 +208,29 @@ def fragment_rows(victim: ModelSpec, features: np.ndarray) -> list[tuple[np.ndar
     return rows
 
 
-def holdings_in_process(victim: ModelSpec, j: int, traffic_features: np.ndarray,
-                        batch: int = 32) -> Holdings:
+def holdings_in_process(
+    victim: ModelSpec, j: int, traffic_features: np.ndarray, batch: int = 32
+) -> Holdings:
     """What provider j would hold had `victim` served `traffic_features` (in batches)."""
     if not 0 <= j < victim.n_fragments:
-        raise AttackError(f"provider: index {j} out of range; the model has "
-                          f"{victim.n_fragments} fragments")
+        raise AttackError(
+            f"provider: index {j} out of range; the model has {victim.n_fragments} fragments"
+        )
     if victim.fragments[j].params is None:
         raise AttackError(f"fragments[{j}]: untrained; nothing to steal")
-    ff = FragmentFile(model=victim.name, index=j, provider=victim.placement[j],
-                      fragment=victim.fragments[j])
+    ff = FragmentFile(
+        model=victim.name, index=j, provider=victim.placement[j], fragment=victim.fragments[j]
+    )
     log: list[dict] = []
     if len(traffic_features):
         ins, outs = fragment_rows(victim, traffic_features)[j]
         for i in range(0, len(ins), batch):
-            log.append({"fragment_id": ff.fragment_id, "provider": ff.provider,
-                        "inputs": ins[i:i + batch], "outputs": outs[i:i + batch]})
+            log.append(
+                {
+                    "fragment_id": ff.fragment_id,
+                    "provider": ff.provider,
+                    "inputs": ins[i : i + batch],
+                    "outputs": outs[i : i + batch],
+                }
+            )
     return Holdings(provider=ff.provider, fragments=[ff], access_log=log)

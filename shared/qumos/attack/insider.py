@@ -45,6 +45,7 @@ def insider(ctx: Context) -> Job | None:
             ctx.progress({**ctx.info("insider"), "note": "no query row attributed"})
         return None
     f = rows.found
+    assert ctx.qx is not None and ctx.qt is not None  # has_queries
     xq = torch.as_tensor(ctx.qx[f], dtype=torch.float32)
     aq = torch.as_tensor(rows.inputs[f], dtype=torch.float32)
     tq = torch.as_tensor(ctx.qt[f], dtype=torch.float32)
@@ -58,16 +59,30 @@ def insider(ctx: Context) -> Job | None:
             # the hiding transform) onto the logged angles
             pp = prefix_params(net, j)
             if pp:
-                adam_steps(pp, lambda: nn.functional.mse_loss(inputs_to(net, j, xq), aq),
-                           cfg.epochs, lr)
+                adam_steps(
+                    pp, lambda: nn.functional.mse_loss(inputs_to(net, j, xq), aq), cfg.epochs, lr
+                )
         sp = suffix_params(net, j)  # 2. suffix distilled from the logged angles
         if sp:
-            adam_steps(sp, lambda: nn.functional.cross_entropy(suffix_from(net, j, aq, xq), tq),
-                       cfg.epochs, lr)
+            adam_steps(
+                sp,
+                lambda: nn.functional.cross_entropy(suffix_from(net, j, aq, xq), tq),
+                cfg.epochs,
+                lr,
+            )
         return net
 
-    return Job(make, x_all, t_all, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("insider"),
-               lr_scale=1 / 3, note=f"{int(f.sum())} of {len(f)} query rows attributed")
+    return Job(
+        make,
+        x_all,
+        t_all,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("insider"),
+        lr_scale=1 / 3,
+        note=f"{int(f.sum())} of {len(f)} query rows attributed",
+    )
 
 
 def provider_rows_in_process(victim, j: int, features: np.ndarray):

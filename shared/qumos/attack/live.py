@@ -37,9 +37,16 @@ class HttpOracle(Oracle):
     """`answer` sends each image as its own predict request to the public API;
     `rows(j, ...)` attributes them in provider j's log (`provider_dirs[j]`)."""
 
-    def __init__(self, url: str, model: str, provider_dirs: dict[int, Path] | None = None,
-                 api_key: str | None = None, timeout: float = 60.0, repeat: int = 2,
-                 hidden_inputs: bool = False):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        provider_dirs: dict[int, Path] | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        repeat: int = 2,
+        hidden_inputs: bool = False,
+    ):
         if repeat not in (1, 2):
             raise AttackError(f"repeat: {repeat}; allowed: 1 or 2")
         self.url, self.model = url.rstrip("/"), model
@@ -63,8 +70,9 @@ class HttpOracle(Oracle):
             client.headers.update(self._headers())
             for i in range(len(raw)):
                 t0 = time.time()
-                resp = predict(client, self.url, self.model,
-                               np.repeat(raw[i:i + 1], self.repeat, axis=0))
+                resp = predict(
+                    client, self.url, self.model, np.repeat(raw[i : i + 1], self.repeat, axis=0)
+                )
                 t1 = time.time()
                 if resp.probabilities is None:  # a label-only output policy
                     out.append(np.asarray(resp.predictions[:1]))
@@ -79,18 +87,32 @@ class HttpOracle(Oracle):
         from qumos.attack.holdings import breach
 
         if j not in self.provider_dirs:
-            raise AttackError(f"provider: no data directory of fragment {j}'s provider; the "
-                              f"insider reads its own rows there (have {sorted(self.provider_dirs)})")
+            raise AttackError(
+                f"provider: no data directory of fragment {j}'s provider; the "
+                f"insider reads its own rows there (have {sorted(self.provider_dirs)})"
+            )
         if self.sent is None or len(self.sent) != len(raw):
             raise AttackError("queries: rows() before answer() for the same queries")
         h = breach(self.provider_dirs[j])
-        return attribute(h.access_log, f"{self.model}.{j}", self.windows, features,
-                         position0=(j == 0 and not self.hidden_inputs), repeat=self.repeat)
+        return attribute(
+            h.access_log,
+            f"{self.model}.{j}",
+            self.windows,
+            features,
+            position0=(j == 0 and not self.hidden_inputs),
+            repeat=self.repeat,
+        )
 
 
-def attribute(log: list[dict], fragment_id: str, windows: list[tuple[float, float]],
-              features: np.ndarray, position0: bool, slack: float = 0.0,
-              repeat: int = 1) -> QueryRows:
+def attribute(
+    log: list[dict],
+    fragment_id: str,
+    windows: list[tuple[float, float]],
+    features: np.ndarray,
+    position0: bool,
+    slack: float = 0.0,
+    repeat: int = 1,
+) -> QueryRows:
     """The insider's rows for its queries (module docstring). The provider logs a call
     after executing it, on the same clock: a query's entries lie inside its window
     (`slack` widens it for clocks that differ)."""

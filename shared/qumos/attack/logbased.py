@@ -51,24 +51,29 @@ def selftrain(ctx: Context) -> Job | None:
     trains on them and the labelled images. The driver runs ROUNDS rounds. None (with a
     note through progress) when the log holds nothing usable."""
     if not any(f.index == 0 for f in ctx.stolen):
-        return _nothing(ctx, "the breached log holds intermediate angles, not inputs")
+        _nothing(ctx, "the breached log holds intermediate angles, not inputs")
+        return None
     if ctx.arch is not None and ctx.arch.input_transform is not None:
-        return _nothing(ctx, "input hiding: the position-0 log holds transformed angles, "
-                        "not features")
+        _nothing(ctx, "input hiding: the position-0 log holds transformed angles, not features")
+        return None
     u = log_inputs(ctx)
     if len(u) == 0:
-        return _nothing(ctx, "the breached log holds no rows")
-    teachers = {k: v for k, v in ctx.teachers.items()
-                if k in ("substitute", "finetune", "head_only")}
+        _nothing(ctx, "the breached log holds no rows")
+        return None
+    teachers = {
+        k: v for k, v in ctx.teachers.items() if k in ("substitute", "finetune", "head_only")
+    }
     if not teachers:
-        return _nothing(ctx, "no white-box teacher ran")
+        _nothing(ctx, "no white-box teacher ran")
+        return None
     kind = max(teachers, key=lambda k: (teachers[k].own_acc, -teachers[k].own_loss))
     teacher = ctx.teachers.get("selftrain") or teachers[kind]
 
     def make(s: int):
         if kind == "head_only":
-            return HeadOnly(max(ctx.stolen, key=lambda f: f.index), ctx.own.x.shape[1],
-                            ctx.n_classes, s)
+            return HeadOnly(
+                max(ctx.stolen, key=lambda f: f.index), ctx.own.x.shape[1], ctx.n_classes, s
+            )
         return ctx.qnn(s, stolen=True, frozen=(kind == "substitute"))
 
     pseudo = one_hot(predict_proba(teacher.model, u).argmax(1), ctx.n_classes)
@@ -77,8 +82,16 @@ def selftrain(ctx: Context) -> Job | None:
         x_more = np.concatenate([ctx.qx, u])
         t_more = np.concatenate([ctx.qt, pseudo])
     x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, x_more, t_more)
-    return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("selftrain"),
-               note=f"{len(u)} log rows, teacher {kind}")
+    return Job(
+        make,
+        x,
+        t,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("selftrain"),
+        note=f"{len(u)} log rows, teacher {kind}",
+    )
 
 
 class _FeatureModel:
@@ -99,12 +112,15 @@ def logspread(ctx: Context) -> _FeatureModel | None:
     from sklearn.semi_supervised import LabelSpreading
 
     if not any(f.index == 0 for f in ctx.stolen):
-        return _nothing(ctx, "the breached log holds intermediate angles, not inputs", "logspread")
+        _nothing(ctx, "the breached log holds intermediate angles, not inputs", "logspread")
+        return None
     u = log_inputs(ctx)
     if len(u) == 0:
-        return _nothing(ctx, "the breached log holds no rows", "logspread")
+        _nothing(ctx, "the breached log holds no rows", "logspread")
+        return None
     xl, yl = ctx.own.x, ctx.own.y
     if ctx.has_queries:
+        assert ctx.qx is not None and ctx.qt is not None
         xl = np.concatenate([xl, ctx.qx])
         yl = np.concatenate([yl, ctx.qt.argmax(1)])
     x = np.concatenate([xl, u])
@@ -114,7 +130,12 @@ def logspread(ctx: Context) -> _FeatureModel | None:
         k = int(min(7, max(2, len(xl) - 1)))
         spread = LabelSpreading(kernel="knn", n_neighbors=k, max_iter=200).fit(x, y)
         pseudo = spread.transduction_
-        mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-2, solver="lbfgs",
-                            max_iter=500, random_state=ctx.seed).fit(x, pseudo)
+        mlp = MLPClassifier(
+            hidden_layer_sizes=(64,),
+            alpha=1e-2,
+            solver="lbfgs",
+            max_iter=500,
+            random_state=ctx.seed,
+        ).fit(x, pseudo)
     own_acc = float((mlp.predict(ctx.own.x) == ctx.own.y).mean())
     return _FeatureModel(mlp, own_acc, f"{len(u)} log rows")

@@ -73,8 +73,13 @@ def logreg(ctx: Context) -> Classical:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    est, acc = _fit_cv(lambda c: make_pipeline(StandardScaler(), LogisticRegression(
-        C=c, max_iter=500)), [0.01, 0.1, 1.0, 10.0, 100.0], ctx.own.raw, ctx.own.y, ctx.seed)
+    est, acc = _fit_cv(
+        lambda c: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500)),
+        [0.01, 0.1, 1.0, 10.0, 100.0],
+        ctx.own.raw,
+        ctx.own.y,
+        ctx.seed,
+    )
     return Classical(est, acc)
 
 
@@ -83,9 +88,22 @@ def mlp(ctx: Context) -> Classical:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    est, acc = _fit_cv(lambda a: make_pipeline(StandardScaler(), MLPClassifier(
-        hidden_layer_sizes=(64,), alpha=a, solver="lbfgs", max_iter=300,
-        random_state=ctx.seed)), [1e-2, 1.0, 10.0], ctx.own.raw, ctx.own.y, ctx.seed)
+    est, acc = _fit_cv(
+        lambda a: make_pipeline(
+            StandardScaler(),
+            MLPClassifier(
+                hidden_layer_sizes=(64,),
+                alpha=a,
+                solver="lbfgs",
+                max_iter=300,
+                random_state=ctx.seed,
+            ),
+        ),
+        [1e-2, 1.0, 10.0],
+        ctx.own.raw,
+        ctx.own.y,
+        ctx.seed,
+    )
     return Classical(est, acc)
 
 
@@ -95,22 +113,41 @@ def knn(ctx: Context) -> Classical:
     from sklearn.preprocessing import StandardScaler
 
     ks = [k for k in (1, 3, 5, 7) if k < len(ctx.own.y)] or [1]
-    est, acc = _fit_cv(lambda k: make_pipeline(StandardScaler(), KNeighborsClassifier(
-        n_neighbors=k)), ks, ctx.own.raw, ctx.own.y, ctx.seed)
+    est, acc = _fit_cv(
+        lambda k: make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k)),
+        ks,
+        ctx.own.raw,
+        ctx.own.y,
+        ctx.seed,
+    )
     return Classical(est, acc)
 
 
 def scratch(ctx: Context) -> Job:
     arch = strip(ctx.arch) if ctx.arch is not None else ctx.model_arch()
-    return Job(lambda s: DistributedQNN(arch, seed=s), ctx.own.x, ctx.own.y, ctx.own.x,
-               ctx.own.y, ctx.seed, ctx.info("scratch"))
+    return Job(
+        lambda s: DistributedQNN(arch, seed=s),
+        ctx.own.x,
+        ctx.own.y,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("scratch"),
+    )
 
 
 def distill_qnn(ctx: Context) -> Job:
     arch = strip(ctx.arch) if ctx.arch is not None else ctx.model_arch()
     x, t = join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx, ctx.qt)
-    return Job(lambda s: DistributedQNN(arch, seed=s), x, t, ctx.own.x, ctx.own.y, ctx.seed,
-               ctx.info("distill_qnn"))
+    return Job(
+        lambda s: DistributedQNN(arch, seed=s),
+        x,
+        t,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("distill_qnn"),
+    )
 
 
 class _Scaled(nn.Module):
@@ -142,7 +179,15 @@ class RawModel:
 def distill_mlp(ctx: Context) -> RawModel:
     xr, t = join(ctx.own.raw, ctx.own.y, ctx.n_classes, ctx.qraw, ctx.qt)
     mean, std = xr.mean(0), xr.std(0) + 1e-3
-    tr = train_restarts(lambda s: _Scaled(mean, std, xr.shape[1], ctx.n_classes, s), xr, t,
-                        ctx.own.raw, ctx.own.y, ctx.cfg, ctx.seed, ctx.progress,
-                        ctx.info("distill_mlp"))
+    tr = train_restarts(
+        lambda s: _Scaled(mean, std, xr.shape[1], ctx.n_classes, s),
+        xr,
+        t,
+        ctx.own.raw,
+        ctx.own.y,
+        ctx.cfg,
+        ctx.seed,
+        ctx.progress,
+        ctx.info("distill_mlp"),
+    )
     return RawModel(tr)

@@ -28,11 +28,17 @@ from qumos.attack.config import (  # noqa: F401  (the tables live with the profi
 )
 
 FUNCS = {
-    "scratch": references.scratch, "logreg": references.logreg, "mlp": references.mlp,
-    "knn": references.knn, "distill_qnn": references.distill_qnn,
-    "distill_mlp": references.distill_mlp, "substitute": whitebox.substitute,
-    "finetune": whitebox.finetune, "head_only": whitebox.head_only,
-    "selftrain": logbased.selftrain, "logspread": logbased.logspread,
+    "scratch": references.scratch,
+    "logreg": references.logreg,
+    "mlp": references.mlp,
+    "knn": references.knn,
+    "distill_qnn": references.distill_qnn,
+    "distill_mlp": references.distill_mlp,
+    "substitute": whitebox.substitute,
+    "finetune": whitebox.finetune,
+    "head_only": whitebox.head_only,
+    "selftrain": logbased.selftrain,
+    "logspread": logbased.logspread,
     "insider": insider.insider,
 }
 ALL = tuple(FUNCS)

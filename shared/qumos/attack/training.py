@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,14 +59,17 @@ def as_soft(answers: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(s > 0, a / np.where(s > 0, s, 1), 1.0 / n_classes)
 
 
-def join(x_lab: np.ndarray, y_lab: np.ndarray, n_classes: int,
-         x_more: np.ndarray | None = None, t_more: np.ndarray | None = None
-         ) -> tuple[np.ndarray, np.ndarray]:
+def join(
+    x_lab: np.ndarray,
+    y_lab: np.ndarray,
+    n_classes: int,
+    x_more: np.ndarray | None = None,
+    t_more: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Labelled rows (one-hot) plus extra rows with soft targets; labelled only -> hard."""
     if x_more is None or len(x_more) == 0:
         return x_lab, y_lab
-    return (np.concatenate([x_lab, x_more]),
-            np.concatenate([one_hot(y_lab, n_classes), t_more]))
+    return (np.concatenate([x_lab, x_more]), np.concatenate([one_hot(y_lab, n_classes), t_more]))
 
 
 def own_key(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -90,8 +93,9 @@ class Ensemble(nn.Module):
         return torch.log(p.clamp_min(1e-12))
 
 
-def ensemble(models: list[nn.Module], x_sel: np.ndarray, y_sel: np.ndarray,
-             accs: list[float], note: str = "") -> Trained:
+def ensemble(
+    models: list[nn.Module], x_sel: np.ndarray, y_sel: np.ndarray, accs: list[float], note: str = ""
+) -> Trained:
     model = models[0] if len(models) == 1 else Ensemble(models)
     model.eval()
     acc, loss = own_key(model, x_sel, y_sel)
@@ -124,8 +128,7 @@ def _signature(model: nn.Module, t: np.ndarray) -> str | None:
     return json.dumps([architecture_of(model), np.asarray(t).ndim], sort_keys=True)
 
 
-def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = None
-             ) -> list[Trained]:
+def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = None) -> list[Trained]:
     """Train every job's restarts. With `cfg.batched` (the default) the models of one
     architecture, frozen set and target kind -- the restarts, seeds, breaches and
     strategies of an evaluation -- train in one `qumos.stacked.fit_many` call; without,
@@ -138,8 +141,13 @@ def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = Non
         bs = n if n <= cfg.full_batch_max else cfg.batch_size
         for r in range(cfg.restarts):
             rseed = 1000 * job.seed + r
-            tc = TrainConfig(epochs=cfg.epochs, lr=job.lr_scale * cfg.lr(r),
-                             batch_size=max(bs, 1), seed=rseed, select="acc_loss")
+            tc = TrainConfig(
+                epochs=cfg.epochs,
+                lr=job.lr_scale * cfg.lr(r),
+                batch_size=max(bs, 1),
+                seed=rseed,
+                select="acc_loss",
+            )
             entries.append((i, r, job.make(rseed), tc))
     groups: dict[object, list[int]] = {}
     for e, (i, _, model, _) in enumerate(entries):
@@ -152,8 +160,10 @@ def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = Non
         i, r = entries[e][0], entries[e][1]
 
         def cb(epoch: int, total: int, val: float) -> None:
-            progress({**jobs[i].info, "restart": r, "epoch": epoch, "epochs": total,
-                      "own_acc": val})
+            progress(
+                {**jobs[i].info, "restart": r, "epoch": epoch, "epochs": total, "own_acc": val}
+            )
+
         return cb
 
     for members in groups.values():
@@ -169,9 +179,16 @@ def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = Non
         def many_cb(m: int, epoch: int, total: int, val: float, _cbs=cbs) -> None:
             if _cbs[m] is not None:
                 _cbs[m](epoch, total, val)
-        fit_many([entries[e][2] for e in members], [j.x for j in js], [j.t for j in js],
-                 [j.x_sel for j in js], [j.y_sel for j in js],
-                 [entries[e][3] for e in members], many_cb if progress else None)
+
+        fit_many(
+            [entries[e][2] for e in members],
+            [j.x for j in js],
+            [j.t for j in js],
+            [j.x_sel for j in js],
+            [j.y_sel for j in js],
+            [entries[e][3] for e in members],
+            many_cb if progress else None,
+        )
     out = []
     for i, job in enumerate(jobs):
         models = [entries[e][2] for e in range(len(entries)) if entries[e][0] == i]
@@ -180,15 +197,24 @@ def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = Non
     return out
 
 
-def train_restarts(make: Callable[[int], nn.Module], x: np.ndarray, t: np.ndarray,
-                   x_sel: np.ndarray, y_sel: np.ndarray, cfg: AttackConfig, seed: int,
-                   progress: Progress | None = None, info: dict | None = None) -> Trained:
+def train_restarts(
+    make: Callable[[int], nn.Module],
+    x: np.ndarray,
+    t: np.ndarray,
+    x_sel: np.ndarray,
+    y_sel: np.ndarray,
+    cfg: AttackConfig,
+    seed: int,
+    progress: Progress | None = None,
+    info: dict | None = None,
+) -> Trained:
     """`cfg.restarts` restarts of `make(restart_seed)` trained on (x, t), averaged."""
     return run_jobs([Job(make, x, t, x_sel, y_sel, seed, info or {})], cfg, progress)[0]
 
 
-def adam_steps(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,
-               lr: float) -> float:
+def adam_steps(
+    params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float
+) -> float:
     """Full-batch Adam on `loss_fn` for `steps` steps; returns the last loss (regression
     stages of the log and insider strategies)."""
     opt = torch.optim.Adam(params, lr=lr)
@@ -205,5 +231,5 @@ def adam_steps(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], 
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: np.ndarray, batch: int = 2048) -> np.ndarray:
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    outs = [torch.softmax(model(xt[i:i + batch]), dim=1) for i in range(0, len(xt), batch)]
+    outs = [torch.softmax(model(xt[i : i + batch]), dim=1) for i in range(0, len(xt), batch)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0))

@@ -39,8 +39,10 @@ class HeadOnly(nn.Module):
         self.register_buffer("w", torch.tensor(f.params, dtype=torch.float32))
         self.pre = nn.Linear(n_features, f.n_inputs) if stolen.index > 0 else None
         if self.pre is None and f.n_inputs != n_features:
-            raise AttackError(f"fragment at position 0 takes {f.n_inputs} inputs; the task "
-                              f"has {n_features} features")
+            raise AttackError(
+                f"fragment at position 0 takes {f.n_inputs} inputs; the task "
+                f"has {n_features} features"
+            )
         self.head = nn.Linear(f.n_qubits, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,7 @@ class HeadOnly(nn.Module):
 
 
 def _data(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    return join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx if ctx.has_queries else None,
-                ctx.qt)
+    return join(ctx.own.x, ctx.own.y, ctx.n_classes, ctx.qx if ctx.has_queries else None, ctx.qt)
 
 
 def _fit_glue_from_logs(ctx: Context, net: DistributedQNN) -> None:
@@ -111,24 +112,43 @@ def head_only(ctx: Context) -> Job:
         # a one-fragment QNN, so it batches: features -> Q -> linear head at position 0;
         # later, the classical layer before Q is an input transform (pi*tanh(W x + b))
         hidden = ctx.arch is not None and ctx.arch.input_transform is not None
-        arch = _one_fragment(stolen, ctx.data.dataset, ctx.data.task,
-                             hide=stolen.index > 0 or hidden)
+        arch = _one_fragment(
+            stolen, ctx.data.dataset, ctx.data.task, hide=stolen.index > 0 or hidden
+        )
 
         def make(s: int) -> nn.Module:
             net = DistributedQNN(arch, seed=s)
             net.set_fragment(0, stolen.fragment)
             net.freeze_fragment(0)
             return net
+
         return Job(make, x, t, ctx.own.x, ctx.own.y, ctx.seed, ctx.info("head_only"))
-    return Job(lambda s: HeadOnly(stolen, ctx.own.x.shape[1], ctx.n_classes, s), x, t,
-               ctx.own.x, ctx.own.y, ctx.seed, ctx.info("head_only"))
+    return Job(
+        lambda s: HeadOnly(stolen, ctx.own.x.shape[1], ctx.n_classes, s),
+        x,
+        t,
+        ctx.own.x,
+        ctx.own.y,
+        ctx.seed,
+        ctx.info("head_only"),
+    )
 
 
 def _one_fragment(stolen: FragmentFile, dataset: str, task: int, hide: bool = False):
     from qumos.spec import Design, FragmentDesign, build_spec
 
     f = stolen.fragment
-    return build_spec(Design(dataset=dataset, task=task, head="linear", hide_inputs=hide,
-                             fragments=[
-        FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=f.depth,
-                       entanglement=f.entanglement)]), name="attacker")
+    return build_spec(
+        Design(
+            dataset=dataset,
+            task=task,
+            head="linear",
+            hide_inputs=hide,
+            fragments=[
+                FragmentDesign(
+                    n_qubits=f.n_qubits, block=f.block, depth=f.depth, entanglement=f.entanglement
+                )
+            ],
+        ),
+        name="attacker",
+    )

@@ -26,18 +26,24 @@ class Batcher:
     """`await submit(group, rows)` -> `run(group, all_rows)`'s answers for `rows`.
     `run` takes (group, (N, d) rows) and returns (N, ...) answers in the same order."""
 
-    def __init__(self, run: Callable[[str, np.ndarray], Awaitable[np.ndarray]],
-                 window_s: float, max_rows: int, max_inflight: int = 2,
-                 on_dispatch: Callable[[list[float], int], None] | None = None):
+    def __init__(
+        self,
+        run: Callable[[str, np.ndarray], Awaitable[np.ndarray]],
+        window_s: float,
+        max_rows: int,
+        max_inflight: int = 2,
+        on_dispatch: Callable[[list[float], int], None] | None = None,
+    ):
         if window_s < 0 or max_rows < 1 or max_inflight < 1:
-            raise ValueError(f"batching: window {window_s} s, max_rows {max_rows}, "
-                             f"max_inflight {max_inflight}")
+            raise ValueError(
+                f"batching: window {window_s} s, max_rows {max_rows}, max_inflight {max_inflight}"
+            )
         self.run, self.window_s, self.max_rows = run, window_s, max_rows
         self.max_inflight, self.on_dispatch = max_inflight, on_dispatch
         self.inflight: dict[str, int] = {}
         self.expired: set[str] = set()  # window over, waiting for a free slot
         self.waits: list[float] = []  # seconds from arrival to dispatch (last 10000)
-        self.pending: dict[str, list[tuple[np.ndarray, asyncio.Future]]] = {}
+        self.pending: dict[str, list[tuple[np.ndarray, asyncio.Future, float]]] = {}
         self.rows: dict[str, int] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.batches = 0  # dispatched batches (tests, metrics)
@@ -110,7 +116,7 @@ class Batcher:
         start = 0
         for (_, fut, _), n in zip(items, sizes):
             if not fut.done():
-                fut.set_result(back[start:start + n])
+                fut.set_result(back[start : start + n])
             start += n
 
 

@@ -39,10 +39,16 @@ class Client:
 
 
 class Guard:
-    def __init__(self, data_dir: Path, allow_anonymous: bool = False,
-                 monitor_action: str = "log", monitor: MonitorConfig | None = None,
-                 throttle_s: float = 1.0, anonymous_quota: Quota | None = None,
-                 counters: dict | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        allow_anonymous: bool = False,
+        monitor_action: str = "log",
+        monitor: MonitorConfig | None = None,
+        throttle_s: float = 1.0,
+        anonymous_quota: Quota | None = None,
+        counters: dict | None = None,
+    ):
         self.keys = KeyStore(Path(data_dir) / "keys.json")
         self.quota = QuotaBook(Path(data_dir) / "quota.json")
         self.allow_anonymous, self.monitor_action = allow_anonymous, monitor_action
@@ -69,17 +75,24 @@ class Guard:
                 rec = self.keys.verify(authorization)
             except KeyProblem as e:
                 self._count("refused", key="(invalid)", reason=e.kind)
-                raise Refusal(e.status, e.kind, e.message,
-                              {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-                              ) from None
+                raise Refusal(
+                    e.status,
+                    e.kind,
+                    e.message,
+                    {"WWW-Authenticate": "Bearer"} if e.status == 401 else None,
+                ) from None
             client = Client(f"qk_{rec.id}", rec)
             quota = rec.quota
             if rec.flagged is not None:
                 if self.monitor_action == "block":
                     self._count("refused", key=client.id, reason="blocked")
-                    raise Refusal(403, "key_blocked", f"authorization: the API key "
-                                  f"{client.id} is blocked: the extraction monitor flagged it "
-                                  f"({rec.flagged.get('reason', '')})")
+                    raise Refusal(
+                        403,
+                        "key_blocked",
+                        f"authorization: the API key "
+                        f"{client.id} is blocked: the extraction monitor flagged it "
+                        f"({rec.flagged.get('reason', '')})",
+                    )
                 if self.monitor_action == "throttle":
                     client.throttle_s = self.throttle_s
         d = self.quota.charge(client.id, quota, n_images)
@@ -96,13 +109,25 @@ class Guard:
         if not self.monitor.observe(client.id, model, raw, classes):
             return
         st = self.monitor.state(client.id, model)
-        info = {"time": time.time(), "model": model, "queries": st.flagged_at,
-                "w": round(st.w, 4),
-                "reason": f"PRADA: Shapiro-Wilk W {st.w:.3f} < {self.monitor.cfg.delta} "
-                          f"after {st.flagged_at} queries on {model}"}
-        log.warning("extraction monitor flagged key %s on model %s after %d queries "
-                    "(Shapiro-Wilk W %.3f < %.3g); action %s", client.id, model,
-                    st.flagged_at, st.w, self.monitor.cfg.delta, self.monitor_action)
+        assert st is not None and st.w is not None  # observe() just flagged it
+        info = {
+            "time": time.time(),
+            "model": model,
+            "queries": st.flagged_at,
+            "w": round(st.w, 4),
+            "reason": f"PRADA: Shapiro-Wilk W {st.w:.3f} < {self.monitor.cfg.delta} "
+            f"after {st.flagged_at} queries on {model}",
+        }
+        log.warning(
+            "extraction monitor flagged key %s on model %s after %d queries "
+            "(Shapiro-Wilk W %.3f < %.3g); action %s",
+            client.id,
+            model,
+            st.flagged_at,
+            st.w,
+            self.monitor.cfg.delta,
+            self.monitor_action,
+        )
         self._count("flagged", key=client.id)
         if client.record is not None:
             try:
@@ -110,8 +135,12 @@ class Guard:
             except OSError as e:
                 log.error("could not persist the flag of key %s: %s", client.id, e.strerror)
         if self.monitor_action == "block" and client.record is not None:
-            raise Refusal(403, "key_blocked", f"authorization: the API key {client.id} is "
-                          f"blocked: the extraction monitor flagged it ({info['reason']})")
+            raise Refusal(
+                403,
+                "key_blocked",
+                f"authorization: the API key {client.id} is "
+                f"blocked: the extraction monitor flagged it ({info['reason']})",
+            )
 
     def flagged(self) -> list[dict]:
         return [r.public() for r in self.keys.keys.values() if r.flagged is not None]

@@ -45,9 +45,14 @@ class KeyRecord(BaseModel):
 
     def public(self) -> dict:
         """What `keys list` shows: never the salt or the hash."""
-        return {"id": f"qk_{self.id}", "name": self.name, "created": self.created,
-                "revoked": self.revoked, "quota": self.quota.model_dump(),
-                "flagged": self.flagged}
+        return {
+            "id": f"qk_{self.id}",
+            "name": self.name,
+            "created": self.created,
+            "revoked": self.revoked,
+            "quota": self.quota.model_dump(),
+            "flagged": self.flagged,
+        }
 
 
 class KeyFile(BaseModel):
@@ -62,16 +67,20 @@ def key_id(text: str) -> str:
     """'qk_<id>' or '<id>' -> '<id>'; ValueError otherwise."""
     m = re.fullmatch(r"(?:qk_)?([0-9a-f]{12})", text.strip())
     if not m:
-        raise ValueError(f"key id: {text[:20]!r} is not a key id (qk_ and 12 hex digits, "
-                         "as `qumos keys list` shows)")
+        raise ValueError(
+            f"key id: {text[:20]!r} is not a key id (qk_ and 12 hex digits, "
+            "as `qumos keys list` shows)"
+        )
     return m.group(1)
 
 
 def name_problem(name: str) -> str | None:
     if isinstance(name, str) and KEY_NAME_RE.fullmatch(name):
         return None
-    return (f"{str(name)[:40]!r} is not a key name; allowed: 1 to 64 letters, digits, '_', "
-            "'.', '@' or '-', starting with a letter or digit")
+    return (
+        f"{str(name)[:40]!r} is not a key name; allowed: 1 to 64 letters, digits, '_', "
+        "'.', '@' or '-', starting with a letter or digit"
+    )
 
 
 class KeyStore:
@@ -103,8 +112,14 @@ class KeyStore:
         while kid in self.keys:
             kid = secrets.token_hex(6)
         secret, salt = secrets.token_urlsafe(32), secrets.token_hex(16)
-        rec = KeyRecord(id=kid, name=name, salt=salt, hash=_hash(salt, secret),
-                        created=time.time(), quota=quota or Quota())
+        rec = KeyRecord(
+            id=kid,
+            name=name,
+            salt=salt,
+            hash=_hash(salt, secret),
+            created=time.time(),
+            quota=quota or Quota(),
+        )
         self.keys[kid] = rec
         try:
             self.save()
@@ -141,22 +156,32 @@ class KeyStore:
         """The record of the request's key; KeyProblem (401/403) naming what is wrong.
         The key's secret part appears in no message."""
         if not authorization:
-            raise KeyProblem(401, "unauthorized", "authorization: missing; send "
-                             "'Authorization: Bearer <API key>' (the admin creates keys "
-                             "with `qumos keys create`)")
+            raise KeyProblem(
+                401,
+                "unauthorized",
+                "authorization: missing; send "
+                "'Authorization: Bearer <API key>' (the admin creates keys "
+                "with `qumos keys create`)",
+            )
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise KeyProblem(401, "unauthorized", "authorization: expected 'Bearer <API key>'")
         m = KEY_RE.fullmatch(value.strip())
         if not m:
-            raise KeyProblem(401, "unauthorized", "authorization: the bearer token is not an "
-                             "API key (qk_<id>_<secret>)")
+            raise KeyProblem(
+                401,
+                "unauthorized",
+                "authorization: the bearer token is not an API key (qk_<id>_<secret>)",
+            )
         rec = self.keys.get(m.group(1))
         if rec is None or not hmac.compare_digest(_hash(rec.salt, m.group(2)), rec.hash):
             raise KeyProblem(401, "unauthorized", "authorization: unknown API key")
         if rec.revoked is not None:
-            raise KeyProblem(403, "key_revoked", f"authorization: the API key qk_{rec.id} "
-                             f"({rec.name}) was revoked")
+            raise KeyProblem(
+                403,
+                "key_revoked",
+                f"authorization: the API key qk_{rec.id} ({rec.name}) was revoked",
+            )
         return rec
 
 

@@ -36,27 +36,48 @@ class MonitorConfig(BaseModel):
 
 def _ndtri(p: np.ndarray) -> np.ndarray:
     """Inverse standard normal CDF (Acklam's rational approximation, |err| < 1.2e-9)."""
-    a = [-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
-         1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00]
-    b = [-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
-         6.680131188771972e+01, -1.328068155288572e+01]
-    c = [-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
-         -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00]
-    d = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
-         3.754408661907416e+00]
+    a = [
+        -3.969683028665376e01,
+        2.209460984245205e02,
+        -2.759285104469687e02,
+        1.383577518672690e02,
+        -3.066479806614716e01,
+        2.506628277459239e00,
+    ]
+    b = [
+        -5.447609879822406e01,
+        1.615858368580409e02,
+        -1.556989798598866e02,
+        6.680131188771972e01,
+        -1.328068155288572e01,
+    ]
+    c = [
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e00,
+        -2.549732539343734e00,
+        4.374664141464968e00,
+        2.938163982698783e00,
+    ]
+    d = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00]
     p = np.asarray(p, dtype=float)
     out = np.empty_like(p)
     lo, hi = p < 0.02425, p > 1 - 0.02425
     mid = ~(lo | hi)
     q = p[mid] - 0.5
     r = q * q
-    out[mid] = ((((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
-                (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1))
+    out[mid] = (
+        (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5])
+        * q
+        / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+    )
     for mask, sign in ((lo, 1.0), (hi, -1.0)):
         pp = p[mask] if sign > 0 else 1 - p[mask]
         q = np.sqrt(-2 * np.log(pp))
-        out[mask] = sign * ((((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q
-                             + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1))
+        out[mask] = sign * (
+            (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5])
+            / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        )
     return out
 
 
@@ -73,11 +94,13 @@ def shapiro_w(x) -> float:
     m = _ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     mm = float(m @ m)
     u = 1 / math.sqrt(n)
-    an = m[-1] / math.sqrt(mm) + u * (0.221157 + u * (-0.147981 + u * (
-        -2.071190 + u * (4.434685 - 2.706056 * u))))
-    an1 = m[-2] / math.sqrt(mm) + u * (0.042981 + u * (-0.293762 + u * (
-        -1.752461 + u * (5.682633 - 3.582633 * u))))
-    phi = (mm - 2 * m[-1] ** 2 - 2 * m[-2] ** 2) / (1 - 2 * an ** 2 - 2 * an1 ** 2)
+    an = m[-1] / math.sqrt(mm) + u * (
+        0.221157 + u * (-0.147981 + u * (-2.071190 + u * (4.434685 - 2.706056 * u)))
+    )
+    an1 = m[-2] / math.sqrt(mm) + u * (
+        0.042981 + u * (-0.293762 + u * (-1.752461 + u * (5.682633 - 3.582633 * u)))
+    )
+    phi = (mm - 2 * m[-1] ** 2 - 2 * m[-2] ** 2) / (1 - 2 * an**2 - 2 * an1**2)
     a = m / math.sqrt(phi)
     a[-1], a[-2], a[0], a[1] = an, an1, -an, -an1
     return float(min(1.0, (a @ x) ** 2 / ss))
@@ -116,10 +139,10 @@ class PradaState:
                 s.dists.append(d)
                 s.threshold = max(s.threshold, float(np.mean(s.dists) - np.std(s.dists)))
         if len(self.distances) > 2 * cfg.window:
-            del self.distances[:-cfg.window]
+            del self.distances[: -cfg.window]
         if len(self.distances) < cfg.min_queries:
             return False
-        self.w = shapiro_w(self.distances[-cfg.window:])
+        self.w = shapiro_w(self.distances[-cfg.window :])
         if self.w < cfg.delta and self.flagged_at is None:
             self.flagged_at = self.queries
             return True
@@ -142,17 +165,24 @@ class Monitor:
         return self.states.get((key, model))
 
 
-def queries_until_flagged(x: np.ndarray, classes: np.ndarray, cfg: MonitorConfig | None = None,
-                          batch: int = 1) -> int | None:
+def queries_until_flagged(
+    x: np.ndarray, classes: np.ndarray, cfg: MonitorConfig | None = None, batch: int = 1
+) -> int | None:
     """How many of the queries x (in order, `batch` per request) one key sends before
     the monitor flags it (None: never). The benchmarks' and tests' detector."""
     cfg = cfg or MonitorConfig()
     st = PradaState()
     for i in range(0, len(x), batch):
-        if st.observe(x[i:i + batch], classes[i:i + batch], cfg):
+        if st.observe(x[i : i + batch], classes[i : i + batch], cfg):
             return st.queries
     return None
 
 
-__all__ = ["ACTIONS", "Monitor", "MonitorConfig", "PradaState", "queries_until_flagged",
-           "shapiro_w"]
+__all__ = [
+    "ACTIONS",
+    "Monitor",
+    "MonitorConfig",
+    "PradaState",
+    "queries_until_flagged",
+    "shapiro_w",
+]

@@ -24,10 +24,14 @@ class OutputPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["probabilities", "top_k", "label"] = Field(
-        "probabilities", description="probabilities (default), top_k or label")
+        "probabilities", description="probabilities (default), top_k or label"
+    )
     k: int | None = Field(None, description="top_k: how many probabilities are shown")
-    decimals: int | None = Field(None, description="round shown probabilities to this many "
-                                 f"decimals (0 to {MAX_DECIMALS}); none: full precision")
+    decimals: int | None = Field(
+        None,
+        description="round shown probabilities to this many "
+        f"decimals (0 to {MAX_DECIMALS}); none: full precision",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OutputPolicy:
@@ -61,8 +65,10 @@ def parse_policy(text: str) -> OutputPolicy:
     parts = text.strip().split(":")
     kind = parts[0]
     if kind not in POLICY_KINDS:
-        raise ValueError(f"policy: {text!r}; allowed: {', '.join(POLICY_KINDS)} "
-                         "(probabilities[:decimals], top_k:k[:decimals], label)")
+        raise ValueError(
+            f"policy: {text!r}; allowed: {', '.join(POLICY_KINDS)} "
+            "(probabilities[:decimals], top_k:k[:decimals], label)"
+        )
     try:
         nums = [int(p) for p in parts[1:]]
     except ValueError:
@@ -88,7 +94,7 @@ def apply_policy(probs: np.ndarray, policy: OutputPolicy | None) -> np.ndarray:
     if policy.kind == "label":
         return p.argmax(axis=1)
     if policy.kind == "top_k" and policy.k < p.shape[1]:
-        keep = np.argsort(-p, axis=1, kind="stable")[:, :policy.k]
+        keep = np.argsort(-p, axis=1, kind="stable")[:, : policy.k]
         out = np.zeros_like(p)
         np.put_along_axis(out, keep, np.take_along_axis(p, keep, axis=1), axis=1)
         p = out

@@ -83,8 +83,9 @@ class QuotaBook:
             u.window_start, u.in_window = now, 0
         reset = max(0.0, u.window_start + quota.window_s - now)
         inf = float("inf")
-        win_left = (quota.images_per_window - u.in_window
-                    if quota.images_per_window is not None else inf)
+        win_left = (
+            quota.images_per_window - u.in_window if quota.images_per_window is not None else inf
+        )
         tot_left = quota.images_total - u.total if quota.images_total is not None else inf
         allowed = n <= win_left and n <= tot_left
         if allowed:
@@ -96,24 +97,32 @@ class QuotaBook:
         if quota.images_per_window is not None or quota.images_total is not None:
             by_window = win_left <= tot_left
             headers = {
-                "RateLimit-Limit": str(quota.images_per_window if by_window
-                                       else quota.images_total),
+                "RateLimit-Limit": str(
+                    quota.images_per_window if by_window else quota.images_total
+                ),
                 "RateLimit-Remaining": str(int(max(0, min(win_left, tot_left)))),
-                "RateLimit-Reset": str(math.ceil(reset) if by_window else 0)}
+                "RateLimit-Reset": str(math.ceil(reset) if by_window else 0),
+            }
             if quota.images_per_window is not None:
                 headers["RateLimit-Policy"] = f"{quota.images_per_window};w={quota.window_s:g}"
         if allowed:
             return Decision(True, headers)
         if n > tot_left:
-            msg = (f"quota: the key's total of {quota.images_total} images is used up "
-                   f"({u.total} used; this request has {n}); ask the admin for a new quota")
+            msg = (
+                f"quota: the key's total of {quota.images_total} images is used up "
+                f"({u.total} used; this request has {n}); ask the admin for a new quota"
+            )
         elif n > (quota.images_per_window or 0):
-            msg = (f"quota: {n} images in one request; this key may send at most "
-                   f"{quota.images_per_window} per {quota.window_s:g} s window")
+            msg = (
+                f"quota: {n} images in one request; this key may send at most "
+                f"{quota.images_per_window} per {quota.window_s:g} s window"
+            )
         else:
-            msg = (f"quota: {u.in_window} of {quota.images_per_window} images used in this "
-                   f"{quota.window_s:g} s window; this request has {n}; retry in "
-                   f"{math.ceil(reset)} s")
+            msg = (
+                f"quota: {u.in_window} of {quota.images_per_window} images used in this "
+                f"{quota.window_s:g} s window; this request has {n}; retry in "
+                f"{math.ceil(reset)} s"
+            )
             headers["Retry-After"] = str(max(1, math.ceil(reset)))
         return Decision(False, headers, msg)
 

@@ -11,12 +11,15 @@ import socket
 
 import httpx
 import pytest
-
 from qumos.http11 import AsyncTransport, SyncTransport
 
 BODY = b'{"ok": true}'
-OK = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-      + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+OK = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY
+)
 
 
 class Server:
@@ -46,8 +49,10 @@ class Server:
             self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
             ready.set()
 
-        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()),
-                                                       self.loop.run_forever()), daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+            daemon=True,
+        )
         self.thread.start()
         ready.wait(10)
 
@@ -117,14 +122,20 @@ def test_request_and_response_pass_through(kind, serve):
 
     async def handler(reader, writer):
         seen["line"], seen["headers"], seen["body"] = await read_request(reader)
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
-                     b"X-Extra: 1\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n"
-                     + BODY)
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+            b"X-Extra: 1\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+        )
         await writer.drain()
 
     s = serve(handler)
-    [r] = request(kind, s.url + "/v1/x?y=1", "POST", content=b'{"inputs": [[1.0]]}',
-                  headers={"Authorization": "Bearer t0ken"})
+    [r] = request(
+        kind,
+        s.url + "/v1/x?y=1",
+        "POST",
+        content=b'{"inputs": [[1.0]]}',
+        headers={"Authorization": "Bearer t0ken"},
+    )
     assert r.status_code == 201 and r.json() == {"ok": True}
     assert r.headers["x-extra"] == "1"
     assert seen["line"] == "POST /v1/x?y=1 HTTP/1.1"
@@ -161,6 +172,7 @@ def test_stale_kept_alive_connection_is_replaced_once(kind, serve):
     """The server answers, keeps the connection open a moment, then closes it while idle
     (as uvicorn does after its keep-alive timeout): the next call goes through on a new
     connection instead of failing."""
+
     async def handler(reader, writer):
         await read_request(reader)
         writer.write(OK)
@@ -176,6 +188,7 @@ def test_stale_kept_alive_connection_is_replaced_once(kind, serve):
             time.sleep(0.3)
             second = c.get(s.url)
     else:
+
         async def main():
             async with httpx.AsyncClient(transport=AsyncTransport(), timeout=5) as c:
                 first = await c.get(s.url)
@@ -191,8 +204,10 @@ def test_stale_kept_alive_connection_is_replaced_once(kind, serve):
 def test_chunked_and_read_until_close_answers(kind, serve):
     async def chunked(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
         await writer.drain()
         await keep_alive(reader, writer)
 
@@ -249,9 +264,13 @@ def test_silent_server_is_read_timeout(kind, serve):
         request(kind, s.url, timeout=httpx.Timeout(0.3))
 
 
-@pytest.mark.parametrize("answer", [
-    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",  # cut off, then closed
-    b"NOT HTTP AT ALL\r\n\r\n"])  # garbled
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",  # cut off, then closed
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)  # garbled
 @pytest.mark.parametrize("kind", KINDS)
 def test_broken_answer_is_protocol_error(kind, answer, serve):
     async def handler(reader, writer):
@@ -274,6 +293,7 @@ def test_unsupported_scheme(kind):
 def test_pool_limit_waits_then_times_out(serve):
     """max_per_host=1: a second concurrent call waits for the first's connection, and
     gives PoolTimeout if it stays busy longer than the pool timeout."""
+
     async def slow(reader, writer):
         await read_request(reader)
         await asyncio.sleep(0.5)
@@ -284,8 +304,9 @@ def test_pool_limit_waits_then_times_out(serve):
     s = serve(slow)
 
     async def main(pool_timeout):
-        async with httpx.AsyncClient(transport=AsyncTransport(max_per_host=1),
-                                     timeout=httpx.Timeout(5, pool=pool_timeout)) as c:
+        async with httpx.AsyncClient(
+            transport=AsyncTransport(max_per_host=1), timeout=httpx.Timeout(5, pool=pool_timeout)
+        ) as c:
             return await asyncio.gather(c.get(s.url), c.get(s.url), return_exceptions=True)
 
     ok = asyncio.run(main(5))
@@ -299,6 +320,7 @@ def test_pool_limit_waits_then_times_out(serve):
 def test_oversized_answer_is_refused(kind, serve):
     """A server that streams more than max_answer_bytes gets RemoteProtocolError, not our
     memory."""
+
     async def flood(reader, writer):
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
@@ -310,8 +332,10 @@ def test_oversized_answer_is_refused(kind, serve):
     make = SyncTransport if kind == "sync" else AsyncTransport
     transport = make(max_answer_bytes=100_000)
     if kind == "sync":
-        with httpx.Client(transport=transport, timeout=5) as c, \
-                pytest.raises(httpx.RemoteProtocolError, match="larger than 100000"):
+        with (
+            httpx.Client(transport=transport, timeout=5) as c,
+            pytest.raises(httpx.RemoteProtocolError, match="larger than 100000"),
+        ):
             c.get(s.url)
         return
 

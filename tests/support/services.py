@@ -29,14 +29,14 @@ def provider_settings(tmp_path, name: str, **kw):
 async def running(app):
     """Run an app's lifespan and give an httpx client talking to it in-process."""
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             yield client
 
 
 @asynccontextmanager
-async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw=None,
-                        **orch_kw):
+async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw=None, **orch_kw):
     """Three real provider apps and the orchestrator, wired in-process with ASGITransport.
 
     provider_overrides: {name: httpx transport} replacing a provider (down, misbehaving),
@@ -62,9 +62,12 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw
             mounts[f"http://{name}"] = ov or httpx.ASGITransport(app=app)
         admin = write_token(tmp_path / "admin_token")
         settings = OrchestratorSettings(
-            data_dir=tmp_path / "orchestrator", tokens_dir=tmp_path / "tokens",
+            data_dir=tmp_path / "orchestrator",
+            tokens_dir=tmp_path / "tokens",
             admin_token_file=tmp_path / "admin_token",
-            providers=",".join(f"{n}=http://{n}" for n in providers), **orch_kw)
+            providers=",".join(f"{n}=http://{n}" for n in providers),
+            **orch_kw,
+        )
         app = orch_app(settings, mounts=mounts)
         client = await stack.enter_async_context(running(app))
         # a client API key, sent by default like any client's (admin calls pass their own)
@@ -73,8 +76,9 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw
 
 
 async def create_key(client, admin, name: str = "tests", **quota) -> str:
-    r = await client.post("/v1/keys", json={"name": name, **quota},
-                          headers={"Authorization": f"Bearer {admin}"})
+    r = await client.post(
+        "/v1/keys", json={"name": name, **quota}, headers={"Authorization": f"Bearer {admin}"}
+    )
     assert r.status_code == 201, r.text
     return r.json()["key"]
 
@@ -84,14 +88,20 @@ async def deploy_inprocess(client, admin, providers, artifact):
     for k, name in enumerate(artifact.spec.placement):
         app, token = providers[name]
         ff = artifact.fragment_file(k)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://p") as pc:
-            r = await pc.put(f"/v1/fragments/{ff.fragment_id}", content=ff.model_dump_json(),
-                             headers={"Authorization": f"Bearer {token}"})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://p"
+        ) as pc:
+            r = await pc.put(
+                f"/v1/fragments/{ff.fragment_id}",
+                content=ff.model_dump_json(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
             assert r.status_code == 201, r.text
-    r = await client.put(f"/v1/models/{artifact.spec.name}",
-                         content=artifact.company_spec().model_dump_json(),
-                         headers={"Authorization": f"Bearer {admin}"})
+    r = await client.put(
+        f"/v1/models/{artifact.spec.name}",
+        content=artifact.company_spec().model_dump_json(),
+        headers={"Authorization": f"Bearer {admin}"},
+    )
     assert r.status_code == 201, r.text
 
 
