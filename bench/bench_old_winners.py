@@ -27,8 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 
-OLD = ["digits-4-target", "digits-2-small", "digits-4-small", "digits-4-rollout4",
-       "mnist-small-small"]
+OLD = [
+    "digits-4-target",
+    "digits-2-small",
+    "digits-4-small",
+    "digits-4-rollout4",
+    "mnist-small-small",
+]
 
 
 def old_winners() -> list[dict]:
@@ -42,9 +47,16 @@ def old_winners() -> list[dict]:
                 rec = row.get("record")
                 if not rec or row["design"] == "-":
                     continue
-                out.append({"run": name, "task": res["task"], "method": row["method"],
-                            "design": rec["design"], "short": rec["short"],
-                            "reported": row["reward"]})
+                out.append(
+                    {
+                        "run": name,
+                        "task": res["task"],
+                        "method": row["method"],
+                        "design": rec["design"],
+                        "short": rec["short"],
+                        "reported": row["reward"],
+                    }
+                )
     return out
 
 
@@ -61,21 +73,30 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cfg = EvalConfig(seeds=seeds, attack_fraction=0.05)
     rows = old_winners()
-    designs = {Design.model_validate(r["design"]).key(): Design.model_validate(r["design"])
-               for r in rows}
+    designs = {
+        Design.model_validate(r["design"]).key(): Design.model_validate(r["design"]) for r in rows
+    }
     ex = make_executor(args.workers)
     try:
-        ev = Evaluator(cfg, lam=1.0, cache=EvalCache(args.out / "cache.jsonl"), executor=ex,
-                       on_record=lambda rec, fresh: print(
-                           f"  evaluated {rec['short']} ({rec['seconds']:.0f} s)", flush=True))
+        ev = Evaluator(
+            cfg,
+            lam=1.0,
+            cache=EvalCache(args.out / "cache.jsonl"),
+            executor=ex,
+            on_record=lambda rec, fresh: print(
+                f"  evaluated {rec['short']} ({rec['seconds']:.0f} s)", flush=True
+            ),
+        )
         recs = {r["key"]: r for r in ev.evaluate_many(list(designs.values()))}
     finally:
         ex.close()
-    lines = [f"Old winners under the strong `breach` profile (fraction 0.05), held-out seeds "
-             f"{list(seeds)}; `python bench/bench_old_winners.py --seeds {args.seeds}`.\n",
-             "| run | task | method | design | reported (weak, old formula) | old formula, "
-             "strong | new reward | accuracy | S (reference) | worst A_j | security |",
-             "|" + "---|" * 11]
+    lines = [
+        f"Old winners under the strong `breach` profile (fraction 0.05), held-out seeds "
+        f"{list(seeds)}; `python bench/bench_old_winners.py --seeds {args.seeds}`.\n",
+        "| run | task | method | design | reported (weak, old formula) | old formula, "
+        "strong | new reward | accuracy | S (reference) | worst A_j | security |",
+        "|" + "---|" * 11,
+    ]
     for r in rows:
         rec = recs[Design.model_validate(r["design"]).key()]
         lines.append(
@@ -84,7 +105,8 @@ def main() -> None:
             f"{rec['victim_acc'][0]:.3f} ± {rec['victim_acc'][1]:.3f} | {rec['S'][0]:.3f} "
             f"({', '.join(sorted(set(rec['S_reference'])))}) | "
             f"{rec['worst_attacker_acc'][0]:.3f} | {rec['security'][0]:.3f} ± "
-            f"{rec['security'][1]:.3f} |")
+            f"{rec['security'][1]:.3f} |"
+        )
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

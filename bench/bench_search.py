@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--attack-epochs", type=int, default=2)
     ap.add_argument("--attack-restarts", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--strong", action="store_true", help="throughput at the strong default, "
-                    "one-by-one against batched")
+    ap.add_argument(
+        "--strong",
+        action="store_true",
+        help="throughput at the strong default, one-by-one against batched",
+    )
     ap.add_argument("--eval-seeds", default="0", help="--strong: evaluation seeds")
     args = ap.parse_args()
     if args.strong:
@@ -47,12 +50,17 @@ def main() -> None:
     from qumos.search.parallel import PoolExecutor, SerialExecutor
 
     torch.set_num_threads(1)
-    space = DesignSpace("digits", 4, n_fragments=args.fragments,
-                        depths=tuple(range(1, args.max_depth + 1)))
+    space = DesignSpace(
+        "digits", 4, n_fragments=args.fragments, depths=tuple(range(1, args.max_depth + 1))
+    )
     rng = np.random.default_rng(args.seed)
     designs = [space.sample(rng) for _ in range(args.candidates)]
-    cfg = EvalConfig(seeds=(0,), victim_epochs=args.victim_epochs,
-                     attack_epochs=args.attack_epochs, attack_restarts=args.attack_restarts)
+    cfg = EvalConfig(
+        seeds=(0,),
+        victim_epochs=args.victim_epochs,
+        attack_epochs=args.attack_epochs,
+        attack_restarts=args.attack_restarts,
+    )
     jobs = [(d.model_dump(), cfg) for d in designs]
     evaluate_design(jobs[0])  # warm the data loader and imports in this process
 
@@ -68,22 +76,32 @@ def main() -> None:
     t_pool = time.perf_counter() - t0
     pool.close()
 
-    same = all(a["victim_acc"] == b["victim_acc"] and a.get("worst_leak") == b.get("worst_leak")
-               for a, b in zip(serial, par))
+    same = all(
+        a["victim_acc"] == b["victim_acc"] and a.get("worst_leak") == b.get("worst_leak")
+        for a, b in zip(serial, par)
+    )
     per = [r["seconds"] for r in serial]
-    print(f"# bench_search: {args.candidates} candidates, digits-4, K={args.fragments}, depths "
-          f"1-{args.max_depth}, victim {args.victim_epochs} epochs, attacks {args.attack_epochs} "
-          f"epochs x {args.attack_restarts} restart(s), 1 seed; cpus={os.cpu_count()} "
-          f"loadavg={os.getloadavg()[0]:.1f}")
+    print(
+        f"# bench_search: {args.candidates} candidates, digits-4, K={args.fragments}, depths "
+        f"1-{args.max_depth}, victim {args.victim_epochs} epochs, attacks {args.attack_epochs} "
+        f"epochs x {args.attack_restarts} restart(s), 1 seed; cpus={os.cpu_count()} "
+        f"loadavg={os.getloadavg()[0]:.1f}"
+    )
     print("| executor | wall (s) | per candidate (s) | speed-up vs 1 worker |")
     print("|---|---|---|---|")
     print(f"| 1 worker (serial) | {t_serial:.1f} | {t_serial / len(jobs):.1f} | 1.00 |")
-    print(f"| 2 workers (pool, incl. {t_start:.1f}s start-up) | {t_pool:.1f} | "
-          f"{t_pool / len(jobs):.1f} | {t_serial / t_pool:.2f} |")
-    print(f"| 2 workers (pool, excl. start-up) | {t_pool - t_start:.1f} | "
-          f"{(t_pool - t_start) / len(jobs):.1f} | {t_serial / (t_pool - t_start):.2f} |")
-    print(f"\nper-candidate evaluation time (serial): min {min(per):.1f}s, median "
-          f"{float(np.median(per)):.1f}s, max {max(per):.1f}s; identical results: {same}")
+    print(
+        f"| 2 workers (pool, incl. {t_start:.1f}s start-up) | {t_pool:.1f} | "
+        f"{t_pool / len(jobs):.1f} | {t_serial / t_pool:.2f} |"
+    )
+    print(
+        f"| 2 workers (pool, excl. start-up) | {t_pool - t_start:.1f} | "
+        f"{(t_pool - t_start) / len(jobs):.1f} | {t_serial / (t_pool - t_start):.2f} |"
+    )
+    print(
+        f"\nper-candidate evaluation time (serial): min {min(per):.1f}s, median "
+        f"{float(np.median(per)):.1f}s, max {max(per):.1f}s; identical results: {same}"
+    )
 
 
 def strong(args) -> None:
@@ -110,21 +128,25 @@ def strong(args) -> None:
                 times[name].append(time.process_time() - c0)
                 print(f"  {d.short()} {name}: {times[name][-1]:.1f} s CPU", flush=True)
             a, b = recs["one-by-one"], recs["batched"]
-            diff = max(diff, abs(a["victim_acc"][0] - b["victim_acc"][0]),
-                       *(abs(x[0] - y[0]) for x, y in zip(a["attacker_acc"], b["attacker_acc"])),
-                       abs(a["security"][0] - b["security"][0]))
-    print(f"# bench_search --strong: {len(designs)} random 3-fragment digits-4 designs, "
-          f"evaluation seeds {list(cfg.seeds)}, profile {cfg.attack_profile}, "
-          f"{cfg.attack_epochs} steps x {cfg.attack_restarts} restarts, victim "
-          f"{cfg.victim_epochs} epochs; one core; loadavg={os.getloadavg()[0]:.1f}")
+            diff = max(
+                diff,
+                abs(a["victim_acc"][0] - b["victim_acc"][0]),
+                *(abs(x[0] - y[0]) for x, y in zip(a["attacker_acc"], b["attacker_acc"])),
+                abs(a["security"][0] - b["security"][0]),
+            )
+    print(
+        f"# bench_search --strong: {len(designs)} random 3-fragment digits-4 designs, "
+        f"evaluation seeds {list(cfg.seeds)}, profile {cfg.attack_profile}, "
+        f"{cfg.attack_epochs} steps x {cfg.attack_restarts} restarts, victim "
+        f"{cfg.victim_epochs} epochs; one core; loadavg={os.getloadavg()[0]:.1f}"
+    )
     print("| evaluator | CPU s per design (mean) | designs per hour per core | ratio |")
     print("|---|---|---|---|")
     base = float(np.mean(times["one-by-one"]))
     for name, ts in times.items():
         m = float(np.mean(ts))
         print(f"| {name} | {m:.1f} | {3600 / m:.1f} | {base / m:.2f} |")
-    print(f"\nlargest difference between the paths' figures (accuracy, A_j, security): "
-          f"{diff:.4f}")
+    print(f"\nlargest difference between the paths' figures (accuracy, A_j, security): {diff:.4f}")
 
 
 def _warm(job):

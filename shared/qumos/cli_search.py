@@ -36,16 +36,30 @@ def _check_data(tasks: list[tuple[str, int]], data_dir: Path) -> None:
             raise QumosError(f"--tasks: {ds}-{t}: {e}") from None
 
 
-def _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts, attack_fraction,
-                 data_dir, attack_profile="breach", attack_queries=100):
+def _eval_config(
+    seeds,
+    victim_epochs,
+    attack_epochs,
+    attack_restarts,
+    attack_fraction,
+    data_dir,
+    attack_profile="breach",
+    attack_queries=100,
+):
     from qumos.search.evaluator import EvalConfig, attack_config
 
     if victim_epochs < 1:
         raise QumosError(f"--victim-epochs: {victim_epochs}; allowed: 1 or more")
-    cfg = EvalConfig(seeds=_seeds(seeds, "--seeds"), victim_epochs=victim_epochs,
-                     attack_epochs=attack_epochs, attack_restarts=attack_restarts,
-                     attack_fraction=attack_fraction, attack_profile=attack_profile,
-                     attack_queries=attack_queries, data_dir=str(data_dir))
+    cfg = EvalConfig(
+        seeds=_seeds(seeds, "--seeds"),
+        victim_epochs=victim_epochs,
+        attack_epochs=attack_epochs,
+        attack_restarts=attack_restarts,
+        attack_fraction=attack_fraction,
+        attack_profile=attack_profile,
+        attack_queries=attack_queries,
+        data_dir=str(data_dir),
+    )
     try:
         attack_config(cfg)
     except QumosError as e:
@@ -59,22 +73,27 @@ def _fragments(text: str) -> int | None:
         return None
     if text.isdigit() and 1 <= int(text) <= 4:
         return int(text)
-    raise QumosError(f"--fragments: {text!r}; allowed: 1 to 4, or 'open' (the engine "
-                     "chooses 2 to 4)")
+    raise QumosError(
+        f"--fragments: {text!r}; allowed: 1 to 4, or 'open' (the engine chooses 2 to 4)"
+    )
 
 
 # Shared option definitions.
 SEEDS = typer.Option("0", help="evaluation seeds, comma-separated (split, victim, attacker)")
 VICTIM_EPOCHS = typer.Option(10, help="victim training epochs per evaluation")
-ATTACK_EPOCHS = typer.Option(75, help="attacker training steps per strategy and restart "
-                             "(the converged default)")
-ATTACK_RESTARTS = typer.Option(24, help="attacker restarts per strategy (learning rates "
-                               "cycled; their probabilities averaged)")
+ATTACK_EPOCHS = typer.Option(
+    75, help="attacker training steps per strategy and restart (the converged default)"
+)
+ATTACK_RESTARTS = typer.Option(
+    24, help="attacker restarts per strategy (learning rates cycled; their probabilities averaged)"
+)
 ATTACK_FRACTION = typer.Option(0.05, help="attacker's share of the labelled training data")
 WORKERS = typer.Option(1, help="parallel evaluations (local process pool)")
 ROLLOUT = typer.Option(8, help="PPO: designs per policy update")
-PROFILE = typer.Option("breach", help="attacker profile: breach, breach+queries, queries, "
-                       "coalition (see docs/threat-model.md)")
+PROFILE = typer.Option(
+    "breach",
+    help="attacker profile: breach, breach+queries, queries, coalition (see docs/threat-model.md)",
+)
 QUERIES = typer.Option(100, help="query profiles: queries the attacker sends")
 RAY = typer.Option(None, help="run evaluations on this Ray cluster (e.g. auto, ray://h:10001)")
 
@@ -85,26 +104,34 @@ def search(
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("3", help="number of fragments 1-4, or 'open' (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
-    hiding: str = typer.Option("off", help="input hiding: off, on, or choose (the engine "
-                               "decides)"),
+    hiding: str = typer.Option("off", help="input hiding: off, on, or choose (the engine decides)"),
     budget_minutes: float | None = typer.Option(None, help="wall-clock budget"),
     max_evals: int | None = typer.Option(None, help="budget in fresh evaluations"),
     lam: float = typer.Option(1.0, "--lambda", help="reward = acc - lambda * max_j (A_j - S)"),
-    method: str = typer.Option("ppo", help="ppo (the engine), ppo-seq (PPO, one fragment per "
-                               "step), evolution (regularized evolution) or random"),
+    method: str = typer.Option(
+        "ppo",
+        help="ppo (the engine), ppo-seq (PPO, one fragment per "
+        "step), evolution (regularized evolution) or random",
+    ),
     seed: int = typer.Option(0, help="search seed (policy init / random sampling)"),
-    seeds: str = SEEDS, victim_epochs: int = VICTIM_EPOCHS, attack_epochs: int = ATTACK_EPOCHS,
-    attack_restarts: int = ATTACK_RESTARTS, attack_fraction: float = ATTACK_FRACTION,
-    attack_profile: str = PROFILE, attack_queries: int = QUERIES,
-    workers: int = WORKERS, ray_address: str | None = RAY, rollout: int = ROLLOUT,
+    seeds: str = SEEDS,
+    victim_epochs: int = VICTIM_EPOCHS,
+    attack_epochs: int = ATTACK_EPOCHS,
+    attack_restarts: int = ATTACK_RESTARTS,
+    attack_fraction: float = ATTACK_FRACTION,
+    attack_profile: str = PROFILE,
+    attack_queries: int = QUERIES,
+    workers: int = WORKERS,
+    ray_address: str | None = RAY,
+    rollout: int = ROLLOUT,
     data_dir: Path = typer.Option(Path("data")),
     out: Path = typer.Option(Path("runs/search"), help="output directory (resumes its cache)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Search the distributed design with PPO (or a baseline) under a budget."""
     from qumos.search.env import DesignSpace
-    from qumos.search.experiment import METHODS, ExperimentConfig, run_method
     from qumos.search.evaluator import EvalCache, Evaluator
+    from qumos.search.experiment import METHODS, ExperimentConfig, run_method
     from qumos.search.parallel import make_executor
     from qumos.search.search import Budget, write_search_outputs
 
@@ -122,14 +149,25 @@ def search(
         hide = {"off": (False,), "on": (True,), "choose": (False, True)}.get(hiding)
         if hide is None:
             raise QumosError(f"--hiding: {hiding!r}; allowed: off, on, choose")
-        space = (DesignSpace.centralized(dataset, task, depths=depths) if k == 1
-                 else DesignSpace(dataset, task, n_fragments=k, depths=depths))
+        space = (
+            DesignSpace.centralized(dataset, task, depths=depths)
+            if k == 1
+            else DesignSpace(dataset, task, n_fragments=k, depths=depths)
+        )
         if hide != (False,):
             from dataclasses import replace
 
             space = replace(space, hiding=hide)
-        ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
-                            attack_fraction, data_dir, attack_profile, attack_queries)
+        ecfg = _eval_config(
+            seeds,
+            victim_epochs,
+            attack_epochs,
+            attack_restarts,
+            attack_fraction,
+            data_dir,
+            attack_profile,
+            attack_queries,
+        )
         if lam == 0 and space.n_fragments == 1:
             ecfg = ecfg.with_(attacks=False)
         if method == "ppo-seq" and space.n_fragments is None:
@@ -142,7 +180,7 @@ def search(
     try:
         with progress_bar(transient=False) as bar:
             tid = bar.add_task(f"{method} {dataset}-{task}", total=max_evals, info="")
-            best = [float("-inf"), ""]
+            best: list = [float("-inf"), ""]
 
             def on_record(rec: dict, fresh: bool) -> None:
                 from qumos.search.evaluator import reward
@@ -152,57 +190,91 @@ def search(
                     best[:] = [r, rec["short"]]
                 bar.update(tid, advance=1, info=f"best {best[0]:.3f} {best[1]}")
 
-            ev = Evaluator(ecfg, lam=lam, cache=EvalCache(out / "cache.jsonl"),
-                           executor=executor, on_record=on_record)
-            res = run_method(method, space, ev, budget, seed,
-                             ExperimentConfig(rollout=rollout), tb_dir=out / "tb")
+            ev = Evaluator(
+                ecfg,
+                lam=lam,
+                cache=EvalCache(out / "cache.jsonl"),
+                executor=executor,
+                on_record=on_record,
+            )
+            res = run_method(
+                method,
+                space,
+                ev,
+                budget,
+                seed,
+                ExperimentConfig(rollout=rollout),
+                tb_dir=out / "tb",
+            )
     except QumosError as e:
         fail(e)
     finally:
         executor.close()
     summary = write_search_outputs(res, out, f"{dataset}-{task}, {method}, lambda={lam}")
     b = res.best
-    result = {"out": str(out), "method": method, "best_design": str(out / "best_design.yaml"),
-              "best": b["short"], "reward": b["reward"], "victim_acc": b["victim_acc"][0],
-              "worst_leak": (b.get("worst_leak") or [None])[0],
-              "evaluations": len(res.records), "fresh_evaluations": res.evaluations,
-              "steps": res.steps, "seconds": time.perf_counter() - t0,
-              "policy_mode": summary.get("policy_mode")}
-    emit(result, as_json,
-         f"best of {len(res.records)} designs: {b['short']} reward {b['reward']:.3f} "
-         f"(accuracy {b['victim_acc'][0]:.3f}"
-         + (f", worst leak {b['worst_leak'][0]:.3f}" if b.get("worst_leak") else "")
-         + f")\nwritten: {out}/best_design.yaml, designs.jsonl, designs.csv, pareto.png, tb/")
+    result = {
+        "out": str(out),
+        "method": method,
+        "best_design": str(out / "best_design.yaml"),
+        "best": b["short"],
+        "reward": b["reward"],
+        "victim_acc": b["victim_acc"][0],
+        "worst_leak": (b.get("worst_leak") or [None])[0],
+        "evaluations": len(res.records),
+        "fresh_evaluations": res.evaluations,
+        "steps": res.steps,
+        "seconds": time.perf_counter() - t0,
+        "policy_mode": summary.get("policy_mode"),
+    }
+    emit(
+        result,
+        as_json,
+        f"best of {len(res.records)} designs: {b['short']} reward {b['reward']:.3f} "
+        f"(accuracy {b['victim_acc'][0]:.3f}"
+        + (f", worst leak {b['worst_leak'][0]:.3f}" if b.get("worst_leak") else "")
+        + f")\nwritten: {out}/best_design.yaml, designs.jsonl, designs.csv, pareto.png, tb/",
+    )
 
 
 @app.command()
 def experiment(
-    tasks: str = typer.Option("digits-4",
-                              help="comma-separated DATASET-TASK: digits-2, digits-4, "
-                                   "mnist-small-2, mnist-small-4 (mnist-4, fashion-mnist-4 "
-                                   "when their files are in --data-dir)"),
-    fractions: str = typer.Option("0.01", help="attacker budgets: labelled fractions, "
-                                  "comma-separated (e.g. 0.01,0.05)"),
-    gap_fractions: str = typer.Option("", help="attacker budgets measured for the value "
-                                      "gap only (no searches), e.g. 0.05"),
-    methods: str = typer.Option("random,evolution,ppo",
-                                help="searches: random, evolution, ppo, ppo-seq, ppo-warm"),
-    warm_start: Path | None = typer.Option(None, help="ppo-warm: another task's output "
-                                           "directory whose ppo policies start the search"),
-    search_seeds: str = typer.Option("0,1,2", help="search seeds, one search per method "
-                                     "and seed"),
-    heldout_seeds: str = typer.Option("100,101,102", help="evaluation seeds of the final "
-                                      "designs; disjoint from --seeds"),
+    tasks: str = typer.Option(
+        "digits-4",
+        help="comma-separated DATASET-TASK: digits-2, digits-4, "
+        "mnist-small-2, mnist-small-4 (mnist-4, fashion-mnist-4 "
+        "when their files are in --data-dir)",
+    ),
+    fractions: str = typer.Option(
+        "0.01", help="attacker budgets: labelled fractions, comma-separated (e.g. 0.01,0.05)"
+    ),
+    gap_fractions: str = typer.Option(
+        "", help="attacker budgets measured for the value gap only (no searches), e.g. 0.05"
+    ),
+    methods: str = typer.Option(
+        "random,evolution,ppo", help="searches: random, evolution, ppo, ppo-seq, ppo-warm"
+    ),
+    warm_start: Path | None = typer.Option(
+        None, help="ppo-warm: another task's output directory whose ppo policies start the search"
+    ),
+    search_seeds: str = typer.Option("0,1,2", help="search seeds, one search per method and seed"),
+    heldout_seeds: str = typer.Option(
+        "100,101,102", help="evaluation seeds of the final designs; disjoint from --seeds"
+    ),
     fragments: int = typer.Option(3, help="fragments of the distributed designs (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
     max_evals: int = typer.Option(16, help="distinct designs per search"),
     centralized_evals: int = typer.Option(16, help="distinct designs per centralized search"),
     budget_minutes: float | None = typer.Option(None, help="optional wall clock per search"),
     lam: float = typer.Option(1.0, "--lambda"),
-    seeds: str = SEEDS, victim_epochs: int = VICTIM_EPOCHS, attack_epochs: int = ATTACK_EPOCHS,
-    attack_restarts: int = ATTACK_RESTARTS, attack_profile: str = PROFILE,
+    seeds: str = SEEDS,
+    victim_epochs: int = VICTIM_EPOCHS,
+    attack_epochs: int = ATTACK_EPOCHS,
+    attack_restarts: int = ATTACK_RESTARTS,
+    attack_profile: str = PROFILE,
     attack_queries: int = QUERIES,
-    workers: int = WORKERS, ray_address: str | None = RAY, rollout: int = ROLLOUT,
+    workers: int = WORKERS,
+    ray_address: str | None = RAY,
+    rollout: int = ROLLOUT,
     data_dir: Path = typer.Option(Path("data")),
     out: Path = typer.Option(Path("results/engine"), help="output directory (resumes)"),
     as_json: bool = typer.Option(False, "--json"),
@@ -218,20 +290,40 @@ def experiment(
             fracs = tuple(float(f) for f in fractions.split(",") if f.strip())
             gaps = tuple(float(f) for f in gap_fractions.split(",") if f.strip())
         except ValueError:
-            raise QumosError(f"--fractions/--gap-fractions: {fractions!r}/{gap_fractions!r} "
-                             "is not a comma-separated list of numbers") from None
+            raise QumosError(
+                f"--fractions/--gap-fractions: {fractions!r}/{gap_fractions!r} "
+                "is not a comma-separated list of numbers"
+            ) from None
         if not fracs or any(not 0 < f <= 1 for f in fracs):
             raise QumosError(f"--fractions: {fractions!r}; allowed: numbers in (0, 1]")
         cfg = ExperimentConfig(
-            tasks=tuple(names), fractions=fracs, gap_fractions=gaps,
+            tasks=tuple(names),
+            fractions=fracs,
+            gap_fractions=gaps,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             search_seeds=_seeds(search_seeds, "--search-seeds"),
-            heldout_seeds=_seeds(heldout_seeds, "--heldout-seeds"), n_fragments=fragments,
-            lam=lam, max_evals=max_evals, centralized_evals=centralized_evals,
-            budget_minutes=budget_minutes, workers=workers, ray_address=ray_address,
-            max_depth=max_depth, rollout=rollout, warm_start=warm_start)
-        ecfg = _eval_config(seeds, victim_epochs, attack_epochs, attack_restarts,
-                            fracs[0], data_dir, attack_profile, attack_queries)
+            heldout_seeds=_seeds(heldout_seeds, "--heldout-seeds"),
+            n_fragments=fragments,
+            lam=lam,
+            max_evals=max_evals,
+            centralized_evals=centralized_evals,
+            budget_minutes=budget_minutes,
+            workers=workers,
+            ray_address=ray_address,
+            max_depth=max_depth,
+            rollout=rollout,
+            warm_start=warm_start,
+        )
+        ecfg = _eval_config(
+            seeds,
+            victim_epochs,
+            attack_epochs,
+            attack_restarts,
+            fracs[0],
+            data_dir,
+            attack_profile,
+            attack_queries,
+        )
         cfg.validate(ecfg)
         _check_data([parse_task(n) for n in names], data_dir)
     except QumosError as e:
@@ -245,25 +337,57 @@ def experiment(
             tid = bar.add_task("experiment", total=None, info="")
 
             def on_record(rec: dict, fresh: bool) -> None:
-                bar.update(tid, advance=1, info=f"{rec['short']} acc {rec['victim_acc'][0]:.3f}"
-                           f" ({rec['seconds']:.0f} s)")
+                bar.update(
+                    tid,
+                    advance=1,
+                    info=f"{rec['short']} acc {rec['victim_acc'][0]:.3f} ({rec['seconds']:.0f} s)",
+                )
 
             for n in names:
-                results.append(run_task(n, cfg, ecfg, out / n, executor,
-                                        log=lambda m: console.print(m), on_record=on_record))
+                results.append(
+                    run_task(
+                        n,
+                        cfg,
+                        ecfg,
+                        out / n,
+                        executor,
+                        log=lambda m: console.print(m),
+                        on_record=on_record,
+                    )
+                )
     except QumosError as e:
         fail(e)
     finally:
         executor.close()
     path = write_report(out, command)
-    emit({"report": str(path), "seconds": time.perf_counter() - t0,
-          "tasks": {r["task"]: {"designs_per_hour_per_core": r["designs_per_hour_per_core"],
-                                "settings": [{"fraction": st["fraction"],
-                                              "value_gap": st["value_gap"],
-                                              "checks": st["checks"],
-                                              "rows": st["rows"]} for st in r["settings"]]}
-                    for r in results}},
-         as_json, f"report: {path}\n" + "\n".join(
-             f"{r['task']}: {r['designs_per_hour_per_core'] or 0:.0f} designs/hour/core; "
-             + "; ".join(f"fraction {st['fraction']:g} value gap {st['value_gap']:.3f}"
-                         for st in r["settings"]) for r in results))
+    emit(
+        {
+            "report": str(path),
+            "seconds": time.perf_counter() - t0,
+            "tasks": {
+                r["task"]: {
+                    "designs_per_hour_per_core": r["designs_per_hour_per_core"],
+                    "settings": [
+                        {
+                            "fraction": st["fraction"],
+                            "value_gap": st["value_gap"],
+                            "checks": st["checks"],
+                            "rows": st["rows"],
+                        }
+                        for st in r["settings"]
+                    ],
+                }
+                for r in results
+            },
+        },
+        as_json,
+        f"report: {path}\n"
+        + "\n".join(
+            f"{r['task']}: {r['designs_per_hour_per_core'] or 0:.0f} designs/hour/core; "
+            + "; ".join(
+                f"fraction {st['fraction']:g} value gap {st['value_gap']:.3f}"
+                for st in r["settings"]
+            )
+            for r in results
+        ),
+    )

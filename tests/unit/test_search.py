@@ -24,7 +24,6 @@ from qumos.search.evaluator import (
 )
 from qumos.search.evolution import evolution_search, mutate
 from qumos.search.experiment import (
-    ExperimentConfig,
     even_split,
     markdown_table,
     table_row,
@@ -41,9 +40,15 @@ def _const_reward(design: Design):
     return float(sum(f.depth for f in design.fragments)), {}
 
 
-@pytest.mark.parametrize("space", [DesignSpace(n_fragments=3), DesignSpace(n_fragments=None),
-                                   DesignSpace.centralized(),
-                                   DesignSpace("mnist-small", 2, n_fragments=2)])
+@pytest.mark.parametrize(
+    "space",
+    [
+        DesignSpace(n_fragments=3),
+        DesignSpace(n_fragments=None),
+        DesignSpace.centralized(),
+        DesignSpace("mnist-small", 2, n_fragments=2),
+    ],
+)
 def test_env_passes_check_env_without_warnings(space):
     from stable_baselines3.common.env_checker import check_env
 
@@ -52,10 +57,15 @@ def test_env_passes_check_env_without_warnings(space):
         check_env(DesignEnv(space, _const_reward), warn=True)
 
 
-@pytest.mark.parametrize("space", [DesignSpace(n_fragments=3), DesignSpace(n_fragments=2),
-                                   DesignSpace.centralized(),
-                                   DesignSpace("mnist-small", 4, n_fragments=4,
-                                               hiding=(False, True))])
+@pytest.mark.parametrize(
+    "space",
+    [
+        DesignSpace(n_fragments=3),
+        DesignSpace(n_fragments=2),
+        DesignSpace.centralized(),
+        DesignSpace("mnist-small", 4, n_fragments=4, hiding=(False, True)),
+    ],
+)
 def test_sequential_env_passes_check_env_and_builds_the_design(space):
     from stable_baselines3.common.env_checker import check_env
 
@@ -70,9 +80,9 @@ def test_sequential_env_passes_check_env_and_builds_the_design(space):
         flat = space.encode(want)
         obs, _ = env.reset()
         k = space.n_fragments
-        tail = flat[4 * k:]
+        tail = flat[4 * k :]
         for f in range(k):
-            action = np.concatenate([flat[4 * f:4 * f + 4], tail])
+            action = np.concatenate([flat[4 * f : 4 * f + 4], tail])
             assert env.observation_space.contains(obs)
             obs, r, term, trunc, info = env.step(action)
             assert term == (f == k - 1) and not trunc
@@ -187,8 +197,9 @@ def test_ppo_search_updates_policy_and_respects_budget(tmp_path):
 def test_random_search_is_seeded(tmp_path):
     space = DesignSpace(n_fragments=2, **SMALL)
     cfg = CHEAP.with_(attacks=False)
-    runs = [random_search(space, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=3)
-            for _ in range(2)]
+    runs = [
+        random_search(space, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=3) for _ in range(2)
+    ]
     assert [r["key"] for r in runs[0].records] == [r["key"] for r in runs[1].records]
     assert [r["victim_acc"] for r in runs[0].records] == [r["victim_acc"] for r in runs[1].records]
 
@@ -198,8 +209,9 @@ def test_process_pool_matches_serial():
     from qumos.search.parallel import PoolExecutor, SerialExecutor, make_executor
 
     cfg = CHEAP.with_(attacks=False)
-    jobs = [(design_from_flags(fragments=f, block="ry_cz").model_dump(), cfg)
-            for f in ("1-1", "2-1")]
+    jobs = [
+        (design_from_flags(fragments=f, block="ry_cz").model_dump(), cfg) for f in ("1-1", "2-1")
+    ]
     pool = make_executor(2)
     assert isinstance(pool, PoolExecutor)
     try:
@@ -233,12 +245,20 @@ def test_ray_local_cluster_matches_serial():
 
 def _rec(acc, attackers, S, scratch, seeds=(100,)):
     leak = [min(1.0, max(0.0, (a - S) / (acc - S))) for a in attackers]
-    return {"short": "x", "key": f"k{acc}{attackers}", "attacked": True, "seeds": list(seeds),
-            "victim_acc": [acc, 0.0], "S": [S, 0.0], "scratch_acc": [scratch, 0.0],
-            "worst_attacker_acc": [max(attackers), 0.0],
-            "worst_gain": [max(0.0, max(attackers) - S), 0.0],
-            "old_gain": [max(attackers) - scratch, 0.0], "security": [1 - max(leak), 0.01],
-            "theft_ratio": [max(attackers) / acc, 0.0]}
+    return {
+        "short": "x",
+        "key": f"k{acc}{attackers}",
+        "attacked": True,
+        "seeds": list(seeds),
+        "victim_acc": [acc, 0.0],
+        "S": [S, 0.0],
+        "scratch_acc": [scratch, 0.0],
+        "worst_attacker_acc": [max(attackers), 0.0],
+        "worst_gain": [max(0.0, max(attackers) - S), 0.0],
+        "old_gain": [max(attackers) - scratch, 0.0],
+        "security": [1 - max(leak), 0.01],
+        "theft_ratio": [max(attackers) / acc, 0.0],
+    }
 
 
 def test_reward_is_clipped_and_old_reward_kept():
@@ -256,9 +276,13 @@ def test_report_table_and_target_checks():
         held = {s: _rec(acc + 0.01 * s, attackers, S, 0.5) for s in (0, 1, 2)}
         return table_row(method, held, {0: 0.9, 1: 0.8, 2: 0.85}, 1.0)
 
-    rows = [row("centralized search (K=1, lambda=0)", 0.90, [0.92]),
-            row("even split into 3", 0.85, [0.8]), row("engine (PPO)", 0.88, [0.62]),
-            row("random (best by reward)", 0.8, [0.7]), row("random (median design)", 0.7, [0.69])]
+    rows = [
+        row("centralized search (K=1, lambda=0)", 0.90, [0.92]),
+        row("even split into 3", 0.85, [0.8]),
+        row("engine (PPO)", 0.88, [0.62]),
+        row("random (best by reward)", 0.8, [0.7]),
+        row("random (median design)", 0.7, [0.69]),
+    ]
     assert rows[2]["accuracy"][0] == pytest.approx(0.89)
     assert rows[2]["in_search_reward"] == pytest.approx([0.85, statistics.pstdev([0.9, 0.8, 0.85])])
     checks = target_checks(rows, value_gap=0.3)
@@ -283,14 +307,19 @@ def test_evolution_respects_budget_and_seeds_differ(tmp_path):
     runs = {}
     for seed in (0, 1):
         ev = Evaluator(cfg, lam=0.0, cache=cache)
-        res = evolution_search(space, ev, Budget(max_evals=5), seed=seed, population=3,
-                               sample=2)
+        res = evolution_search(space, ev, Budget(max_evals=5), seed=seed, population=3, sample=2)
         assert len(res.records) == 5 and len(ev.seen) == 5  # exactly the budget
         assert len({r["key"] for r in res.records}) == 5
         runs[seed] = [r["key"] for r in res.records]
     assert runs[0] != runs[1]  # several search seeds give distinct runs
-    again = evolution_search(space, Evaluator(cfg, lam=0.0, cache=cache), Budget(max_evals=5),
-                             seed=0, population=3, sample=2)
+    again = evolution_search(
+        space,
+        Evaluator(cfg, lam=0.0, cache=cache),
+        Budget(max_evals=5),
+        seed=0,
+        population=3,
+        sample=2,
+    )
     assert [r["key"] for r in again.records] == runs[0] and again.evaluations == 0
     rng = np.random.default_rng(0)
     a = space.encode(space.sample(rng))
@@ -298,19 +327,32 @@ def test_evolution_respects_budget_and_seeds_differ(tmp_path):
         c = mutate(space, a, rng)
         assert (c != a).sum() == 1 and all(0 <= v < n for v, n in zip(c, space.nvec))
     with pytest.raises(ValueError, match="sample"):
-        evolution_search(space, Evaluator(cfg, lam=0.0), Budget(max_evals=2), population=3,
-                         sample=5)
+        evolution_search(
+            space, Evaluator(cfg, lam=0.0), Budget(max_evals=2), population=3, sample=5
+        )
 
 
 def test_ppo_policy_saved_on_one_task_warm_starts_another(tmp_path):
     cfg = CHEAP.with_(attacks=False)
     src = DesignSpace("digits", 2, n_fragments=2, **SMALL)
-    ppo_search(src, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
-               save_policy=tmp_path / "p.zip")
+    ppo_search(
+        src,
+        Evaluator(cfg, lam=0.0),
+        Budget(max_evals=2),
+        seed=0,
+        rollout=2,
+        save_policy=tmp_path / "p.zip",
+    )
     assert (tmp_path / "p.zip").stat().st_size > 1000
     dst = DesignSpace("digits", 4, n_fragments=2, **SMALL)
-    res = ppo_search(dst, Evaluator(cfg, lam=0.0), Budget(max_evals=2), seed=0, rollout=2,
-                     init_policy=tmp_path / "p.zip")
+    res = ppo_search(
+        dst,
+        Evaluator(cfg, lam=0.0),
+        Budget(max_evals=2),
+        seed=0,
+        rollout=2,
+        init_policy=tmp_path / "p.zip",
+    )
     assert len(res.records) == 2 and all(r["design"]["task"] == 4 for r in res.records)
 
 
@@ -329,9 +371,29 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "run"
-    r = runner.invoke(app, ["search", "--fragments", "2", "--max-depth", "1", "--max-evals", "2",
-                            "--victim-epochs", "1", "--attack-epochs", "1", "--attack-restarts",
-                            "1", "--method", "random", "--out", str(out), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "search",
+            "--fragments",
+            "2",
+            "--max-depth",
+            "1",
+            "--max-evals",
+            "2",
+            "--victim-epochs",
+            "1",
+            "--attack-epochs",
+            "1",
+            "--attack-restarts",
+            "1",
+            "--method",
+            "random",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["evaluations"] == 2 and res["fresh_evaluations"] == 2
@@ -339,17 +401,30 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
     assert len((out / "designs.csv").read_text().splitlines()) == 3
     assert (out / "pareto.png").stat().st_size > 1000
     best = json.loads((out / "best.json").read_text())["best"]
-    assert best["reward"] == max(json.loads(l)["reward"]
-                                 for l in (out / "designs.jsonl").read_text().splitlines())
-    t = runner.invoke(app, ["train", str(out / "best_design.yaml"), "--epochs", "1",
-                            "--out", str(tmp_path / "art"), "--json"])
+    assert best["reward"] == max(
+        json.loads(line)["reward"] for line in (out / "designs.jsonl").read_text().splitlines()
+    )
+    t = runner.invoke(
+        app,
+        [
+            "train",
+            str(out / "best_design.yaml"),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "art"),
+            "--json",
+        ],
+    )
     assert t.exit_code == 0, t.output
     assert json.loads(t.stdout.strip().splitlines()[-1])["design"] == res["best"]
-    bad = runner.invoke(app, ["search", "--fragments", "7", "--max-evals", "1", "--out",
-                              str(tmp_path / "bad")])
+    bad = runner.invoke(
+        app, ["search", "--fragments", "7", "--max-evals", "1", "--out", str(tmp_path / "bad")]
+    )
     assert bad.exit_code == 2 and "--fragments" in bad.output
-    bad = runner.invoke(app, ["search", "--rollout", "1", "--max-evals", "1", "--out",
-                              str(tmp_path / "bad")])
+    bad = runner.invoke(
+        app, ["search", "--rollout", "1", "--max-evals", "1", "--out", str(tmp_path / "bad")]
+    )
     assert bad.exit_code == 2 and "--rollout" in bad.output
 
 
@@ -367,12 +442,23 @@ def test_victims_of_all_seeds_train_together_as_one_by_one():
     for s, data, spec, acc in zip(cfg.seeds, datas, specs, accs):
         one, _, want = train_design(design, data, TrainConfig(epochs=2, seed=s))
         assert acc == pytest.approx(want, abs=1 / len(data.test.y))
-        np.testing.assert_allclose(spec.fragments[0].params, one.fragments[0].params,
-                                   atol=2e-3)
+        np.testing.assert_allclose(spec.fragments[0].params, one.fragments[0].params, atol=2e-3)
 
 
-TINY = ["--fragments", "2", "--max-depth", "1", "--victim-epochs", "1", "--attack-epochs", "1",
-        "--attack-restarts", "1", "--rollout", "2"]
+TINY = [
+    "--fragments",
+    "2",
+    "--max-depth",
+    "1",
+    "--victim-epochs",
+    "1",
+    "--attack-epochs",
+    "1",
+    "--attack-restarts",
+    "1",
+    "--rollout",
+    "2",
+]
 
 
 def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
@@ -382,29 +468,59 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     from typer.testing import CliRunner
 
     out = tmp_path / "exp"
-    args = ["experiment", "--tasks", "digits-2", "--fractions", "0.05", "--methods",
-            "random,evolution,ppo,ppo-seq", "--search-seeds", "0,1", "--heldout-seeds", "100",
-            "--gap-fractions", "0.5", "--max-evals", "3", "--centralized-evals", "2",
-            "--out", str(out), "--json", *TINY]
+    args = [
+        "experiment",
+        "--tasks",
+        "digits-2",
+        "--fractions",
+        "0.05",
+        "--methods",
+        "random,evolution,ppo,ppo-seq",
+        "--search-seeds",
+        "0,1",
+        "--heldout-seeds",
+        "100",
+        "--gap-fractions",
+        "0.5",
+        "--max-evals",
+        "3",
+        "--centralized-evals",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+        *TINY,
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "digits-2" / "result.json").read_text())
     st = res["settings"][0]
     methods = [row["method"] for row in st["rows"]]
-    assert methods == ["centralized search (K=1, lambda=0)", "even split into 2",
-                       "random (best by reward)", "random (median design)",
-                       "regularized evolution", "engine (PPO)", "engine (PPO, sequential)"]
+    assert methods == [
+        "centralized search (K=1, lambda=0)",
+        "even split into 2",
+        "random (best by reward)",
+        "random (median design)",
+        "regularized evolution",
+        "engine (PPO)",
+        "engine (PPO, sequential)",
+    ]
     assert all(row["search_seeds"] == [0, 1] for row in st["rows"])
     # the searches: 2 centralized + 4 methods x 2 seeds, each within its budget
-    searches = [json.loads(l) for l in (out / "digits-2" / "searches.jsonl").read_text()
-                .splitlines()]
+    searches = [
+        json.loads(line) for line in (out / "digits-2" / "searches.jsonl").read_text().splitlines()
+    ]
     assert len(searches) == 10
-    assert all(s["evaluations"] <= (2 if "centralized" in s["id"] or "n=2" in s["id"] else 3)
-               for s in searches)
+    assert all(
+        s["evaluations"] <= (2 if "centralized" in s["id"] or "n=2" in s["id"] else 3)
+        for s in searches
+    )
     by = {(s["method"], s["seed"]): s["keys"] for s in searches if "n=3" in s["id"]}
     assert by[("random", 0)] != by[("random", 1)]
     # held-out records: evaluated on the held-out seed only, never on the search's seed
-    cache = [json.loads(l) for l in (out / "digits-2" / "cache.jsonl").read_text().splitlines()]
+    cache = [
+        json.loads(line) for line in (out / "digits-2" / "cache.jsonl").read_text().splitlines()
+    ]
     held = [c for c in cache if c["seeds"] == [100]]
     finals = {d for row in st["rows"] for d in row["designs"].values()}
     assert finals <= {c["short"] for c in held} and all(c["attacked"] for c in held)
@@ -415,8 +531,7 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     assert res["designs_per_hour_per_core"] > 0
     gap_only = res["settings"][1]  # --gap-fractions: the value gap, no searches
     assert gap_only["fraction"] == 0.5 and len(gap_only["rows"]) == 2
-    assert gap_only["value_gap"] == pytest.approx(
-        st["rows"][0]["accuracy"][0] - gap_only["S"][0])
+    assert gap_only["value_gap"] == pytest.approx(st["rows"][0]["accuracy"][0] - gap_only["S"][0])
     # resume: nothing evaluated or searched again
     n_cache = len(cache)
     r = CliRunner().invoke(app, args)
@@ -425,24 +540,28 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     assert len((out / "digits-2" / "searches.jsonl").read_text().splitlines()) == 10
 
 
-@pytest.mark.parametrize("extra,flag", [
-    (["--seeds", "0,100"], "--heldout-seeds"),
-    (["--attack-profile", "queries", "--attack-queries", "0"], "--attack-queries"),
-    (["--tasks", "mnist-4"], "--tasks"),
-    (["--tasks", "digits-3"], "--tasks"),
-    (["--methods", "random,annealing"], "--methods"),
-    (["--search-seeds", "1,1"], "--search-seeds"),
-    (["--fractions", "0"], "--fractions"),
-    (["--gap-fractions", "0.01"], "--gap-fractions"),
-    (["--methods", "ppo-warm"], "--warm-start"),
-    (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),
-])
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--seeds", "0,100"], "--heldout-seeds"),
+        (["--attack-profile", "queries", "--attack-queries", "0"], "--attack-queries"),
+        (["--tasks", "mnist-4"], "--tasks"),
+        (["--tasks", "digits-3"], "--tasks"),
+        (["--methods", "random,annealing"], "--methods"),
+        (["--search-seeds", "1,1"], "--search-seeds"),
+        (["--fractions", "0"], "--fractions"),
+        (["--gap-fractions", "0.01"], "--gap-fractions"),
+        (["--methods", "ppo-warm"], "--warm-start"),
+        (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),
+    ],
+)
 def test_experiment_rejects_inconsistent_flags_before_work(tmp_path, extra, flag):
     from qumos.cli import app
     from typer.testing import CliRunner
 
     out = tmp_path / "bad"
-    r = CliRunner().invoke(app, ["experiment", "--out", str(out), "--data-dir",
-                                 str(tmp_path / "nodata"), *extra])
+    r = CliRunner().invoke(
+        app, ["experiment", "--out", str(out), "--data-dir", str(tmp_path / "nodata"), *extra]
+    )
     assert r.exit_code == 2 and flag in r.output, r.output
     assert not out.exists()  # failed before any work

@@ -72,20 +72,23 @@ class DesignSpace:
         if not self.heads or not set(self.heads) <= set(HEADS):
             raise DesignError(f"heads: {self.heads}; allowed: a non-empty subset of {HEADS}")
         if not self.hiding or not set(self.hiding) <= {False, True}:
-            raise DesignError(f"hiding: {self.hiding}; allowed: (False,), (True,) or "
-                              "(False, True)")
+            raise DesignError(f"hiding: {self.hiding}; allowed: (False,), (True,) or (False, True)")
         if self.dataset not in DATASET_IMAGES:
-            raise DesignError(f"dataset: unknown {self.dataset!r}; allowed: {sorted(DATASET_IMAGES)}")
+            raise DesignError(
+                f"dataset: unknown {self.dataset!r}; allowed: {sorted(DATASET_IMAGES)}"
+            )
         if self.n_fragments is not None and not 1 <= self.n_fragments <= 4:
-            raise DesignError(f"fragments: {self.n_fragments} fragments; allowed: 1 to 4 "
-                              "(or leave it open for 2 to 4)")
+            raise DesignError(
+                f"fragments: {self.n_fragments} fragments; allowed: 1 to 4 "
+                "(or leave it open for 2 to 4)"
+            )
 
     @classmethod
-    def centralized(cls, dataset: str = "digits", task: int = 4,
-                    depths: tuple[int, ...] = DEPTHS) -> DesignSpace:
+    def centralized(
+        cls, dataset: str = "digits", task: int = 4, depths: tuple[int, ...] = DEPTHS
+    ) -> DesignSpace:
         """One fragment with the fixed readout: the model keeps nothing at the company."""
-        return cls(dataset, task, n_fragments=1, depths=depths, glues=("tanh",),
-                   heads=("readout",))
+        return cls(dataset, task, n_fragments=1, depths=depths, glues=("tanh",), heads=("readout",))
 
     @property
     def max_fragments(self) -> int:
@@ -96,8 +99,7 @@ class DesignSpace:
         head = [len(OPEN_FRAGMENTS)] if self.n_fragments is None else []
         per = [len(BLOCK_TYPES), len(self.depths), len(ENTANGLEMENTS), 2] * self.max_fragments
         hide = [len(self.hiding)] if len(self.hiding) > 1 else []
-        return np.array(head + per + [len(self.glues), len(self.heads)] + hide,
-                        dtype=np.int64)
+        return np.array(head + per + [len(self.glues), len(self.heads)] + hide, dtype=np.int64)
 
     def size(self) -> int:
         """Number of actions (an upper bound on distinct designs)."""
@@ -114,17 +116,28 @@ class DesignSpace:
             k = self.n_fragments
         frags = []
         for f in range(self.max_fragments):
-            b, d, e, r = a[i:i + FIELDS_PER_FRAGMENT]
+            b, d, e, r = a[i : i + FIELDS_PER_FRAGMENT]
             i += FIELDS_PER_FRAGMENT
             if f < k:
-                frags.append(FragmentDesign(n_qubits=self.n_qubits, block=BLOCK_TYPES[b],
-                                            depth=self.depths[d], entanglement=ENTANGLEMENTS[e],
-                                            reupload=bool(r) and f > 0))
-        return validate_design({"dataset": self.dataset, "task": self.task,
-                                    "fragments": [f.model_dump() for f in frags],
-                                    "glue": self.glues[a[i]], "head": self.heads[a[i + 1]],
-                                    "hide_inputs": self.hiding[a[i + 2]] if len(self.hiding) > 1
-                                    else self.hiding[0]})
+                frags.append(
+                    FragmentDesign(
+                        n_qubits=self.n_qubits,
+                        block=BLOCK_TYPES[b],
+                        depth=self.depths[d],
+                        entanglement=ENTANGLEMENTS[e],
+                        reupload=bool(r) and f > 0,
+                    )
+                )
+        return validate_design(
+            {
+                "dataset": self.dataset,
+                "task": self.task,
+                "fragments": [f.model_dump() for f in frags],
+                "glue": self.glues[a[i]],
+                "head": self.heads[a[i + 1]],
+                "hide_inputs": self.hiding[a[i + 2]] if len(self.hiding) > 1 else self.hiding[0],
+            }
+        )
 
     def encode(self, design: Design) -> np.ndarray:
         """An action that decodes to `design` (unused fragment slots are 0)."""
@@ -135,14 +148,17 @@ class DesignSpace:
         for f in range(self.max_fragments):
             if f < k:
                 fd = design.fragments[f]
-                a += [BLOCK_TYPES.index(fd.block), self.depths.index(fd.depth),
-                      ENTANGLEMENTS.index(fd.entanglement), int(fd.reupload and f > 0)]
+                a += [
+                    BLOCK_TYPES.index(fd.block),
+                    self.depths.index(fd.depth),
+                    ENTANGLEMENTS.index(fd.entanglement),
+                    int(fd.reupload and f > 0),
+                ]
             else:
                 a += [0, 0, 0, 0]
         a += [self.glues.index(design.glue), self.heads.index(design.head)]
         if design.hide_inputs not in self.hiding:
-            raise DesignError(f"hide_inputs: {design.hide_inputs}; this space allows "
-                              f"{self.hiding}")
+            raise DesignError(f"hide_inputs: {design.hide_inputs}; this space allows {self.hiding}")
         if len(self.hiding) > 1:
             a.append(self.hiding.index(design.hide_inputs))
         return np.array(a, dtype=np.int64)
@@ -205,19 +221,21 @@ class SequentialDesignEnv(gym.Env):
     def __init__(self, space: DesignSpace, reward_fn: RewardFn):
         super().__init__()
         if space.n_fragments is None:
-            raise DesignError("fragments: the sequential environment needs a fixed number "
-                              "of fragments (1 to 4); 'open' is for DesignEnv")
+            raise DesignError(
+                "fragments: the sequential environment needs a fixed number "
+                "of fragments (1 to 4); 'open' is for DesignEnv"
+            )
         self.design_space = space
         self.reward_fn = reward_fn
         self.k = space.n_fragments
         nv = space.nvec
-        self._tail = nv[FIELDS_PER_FRAGMENT * self.k:]  # glue, head(, hiding)
+        self._tail = nv[FIELDS_PER_FRAGMENT * self.k :]  # glue, head(, hiding)
         self.action_space = spaces.MultiDiscrete(
-            np.concatenate([nv[:FIELDS_PER_FRAGMENT], self._tail]).astype(np.int64))
+            np.concatenate([nv[:FIELDS_PER_FRAGMENT], self._tail]).astype(np.int64)
+        )
         self._per = [len(BLOCK_TYPES), len(space.depths), len(ENTANGLEMENTS), 1]
         n_obs = len(space.observation()) + self.MAX_FRAGMENTS * (1 + sum(self._per))
-        self.observation_space = spaces.Box(low=0.0, high=1.0, shape=(n_obs,),
-                                            dtype=np.float32)
+        self.observation_space = spaces.Box(low=0.0, high=1.0, shape=(n_obs,), dtype=np.float32)
         self._chosen: list[np.ndarray] = []
 
     def _obs(self) -> np.ndarray:

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from qumos.spec import Design
 
@@ -74,17 +75,26 @@ def _task_data(dataset: str, task: int, seed: int, data_dir: str):
 
 
 def _ms(values: list[float]) -> list[float]:
-    return [float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0]
+    return [
+        float(statistics.fmean(values)),
+        float(statistics.pstdev(values)) if len(values) > 1 else 0.0,
+    ]
 
 
 def attack_config(cfg: EvalConfig):
     """The AttackConfig an EvalConfig evaluates with."""
     from qumos.attack import AttackConfig
 
-    return AttackConfig(profile=cfg.attack_profile, fraction=cfg.attack_fraction,
-                        epochs=cfg.attack_epochs, restarts=cfg.attack_restarts,
-                        queries=cfg.attack_queries, traffic=cfg.attack_traffic,
-                        strategies=tuple(cfg.strategies), batched=cfg.batched).validate()
+    return AttackConfig(
+        profile=cfg.attack_profile,
+        fraction=cfg.attack_fraction,
+        epochs=cfg.attack_epochs,
+        restarts=cfg.attack_restarts,
+        queries=cfg.attack_queries,
+        traffic=cfg.attack_traffic,
+        strategies=tuple(cfg.strategies),
+        batched=cfg.batched,
+    ).validate()
 
 
 def train_victims(design: Design, datas: list, cfg: EvalConfig) -> tuple[list, list[float]]:
@@ -98,12 +108,23 @@ def train_victims(design: Design, datas: list, cfg: EvalConfig) -> tuple[list, l
 
     spec = build_spec(design, name="qumos-model")
     nets = [DistributedQNN(spec, seed=s) for s in cfg.seeds]
-    fit_many(nets, [d.train.x for d in datas], [d.train.y for d in datas],
-             [d.val.x for d in datas], [d.val.y for d in datas],
-             [TrainConfig(epochs=cfg.victim_epochs, lr=cfg.victim_lr,
-                          batch_size=cfg.victim_batch_size, seed=s) for s in cfg.seeds])
-    return ([n.to_spec() for n in nets],
-            [float(accuracy(n, d.test.x, d.test.y)) for n, d in zip(nets, datas)])
+    fit_many(
+        nets,
+        [d.train.x for d in datas],
+        [d.train.y for d in datas],
+        [d.val.x for d in datas],
+        [d.val.y for d in datas],
+        [
+            TrainConfig(
+                epochs=cfg.victim_epochs, lr=cfg.victim_lr, batch_size=cfg.victim_batch_size, seed=s
+            )
+            for s in cfg.seeds
+        ],
+    )
+    return (
+        [n.to_spec() for n in nets],
+        [float(accuracy(n, d.test.x, d.test.y)) for n, d in zip(nets, datas)],
+    )
 
 
 def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
@@ -124,16 +145,26 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
             attackers = [float(u["A"]) for u in r["units"]]
             leaks = [float(u["leak"]) for u in r["units"]]
             scratch = float(r["references"]["scratch"]["test_acc"])
-            row.update(scratch=scratch, S=s_acc, S_reference=r["S_reference"],
-                       attacker_acc=attackers, leak=leaks, security=1.0 - max(leaks),
-                       gain=max(0.0, max(a - s_acc for a in attackers)),
-                       gain_unclipped=max(a - s_acc for a in attackers),
-                       gain_scratch=max(a - scratch for a in attackers),
-                       theft_ratio=max(attackers) / max(row["victim_acc"], 1e-9))
+            row.update(
+                scratch=scratch,
+                S=s_acc,
+                S_reference=r["S_reference"],
+                attacker_acc=attackers,
+                leak=leaks,
+                security=1.0 - max(leaks),
+                gain=max(0.0, max(a - s_acc for a in attackers)),
+                gain_unclipped=max(a - s_acc for a in attackers),
+                gain_scratch=max(a - scratch for a in attackers),
+                theft_ratio=max(attackers) / max(row["victim_acc"], 1e-9),
+            )
     rec: dict = {
-        "design": design.model_dump(), "short": design.short(), "key": design.key(),
-        "n_fragments": len(design.fragments), "seeds": list(cfg.seeds),
-        "fingerprint": cfg.fingerprint(), "attacked": cfg.attacks,
+        "design": design.model_dump(),
+        "short": design.short(),
+        "key": design.key(),
+        "n_fragments": len(design.fragments),
+        "seeds": list(cfg.seeds),
+        "fingerprint": cfg.fingerprint(),
+        "attacked": cfg.attacks,
         "victim_acc": _ms([r["victim_acc"] for r in per_seed]),
     }
     if cfg.attacks:
@@ -159,8 +190,10 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
 
 def _attacked(rec: dict, lam: float) -> None:
     if not rec.get("attacked"):
-        raise ValueError(f"design {rec['short']} was evaluated without attacks; lambda {lam} "
-                         "needs attack figures")
+        raise ValueError(
+            f"design {rec['short']} was evaluated without attacks; lambda {lam} "
+            "needs attack figures"
+        )
 
 
 def reward(rec: dict, lam: float) -> float:
@@ -218,8 +251,8 @@ class Evaluator:
     cfg: EvalConfig
     lam: float = 1.0
     cache: EvalCache = field(default_factory=lambda: EvalCache(None))
-    executor: object = None  # qumos.search.parallel executor; None = serial
-    on_record: object = None  # callback(rec, fresh: bool) after each result
+    executor: Any = None  # qumos.search.parallel executor; None = serial
+    on_record: Any = None  # callback(rec, fresh: bool) after each result
     fresh: int = 0  # evaluations run (cache misses)
     seen: set = field(default_factory=set)  # distinct designs asked for (the budget's unit)
     log: list = field(default_factory=list)  # every record returned, in order, with "reward"
@@ -247,7 +280,9 @@ class Evaluator:
             ex.map(evaluate_design, [(d.model_dump(), self.cfg) for d in todo], done)
         out = []
         for d in designs:
-            rec = dict(self.cache.get(d, self.cfg))
+            cached = self.cache.get(d, self.cfg)
+            assert cached is not None, "evaluated above"
+            rec = dict(cached)
             rec["reward"] = reward(rec, self.lam)
             out.append(rec)
             if log:
@@ -257,5 +292,7 @@ class Evaluator:
     def __call__(self, design: Design) -> tuple[float, dict]:
         """The environment's reward function."""
         rec = self.evaluate_many([design])[0]
-        return rec["reward"], {"victim_acc": rec["victim_acc"][0],
-                               "worst_gain": (rec.get("worst_gain") or [None])[0]}
+        return rec["reward"], {
+            "victim_acc": rec["victim_acc"][0],
+            "worst_gain": (rec.get("worst_gain") or [None])[0],
+        }

@@ -37,13 +37,21 @@ def mutate(space: DesignSpace, action: np.ndarray, rng: np.random.Generator) -> 
     return child
 
 
-def evolution_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
-                     population: int = 8, sample: int = 3,
-                     max_steps: int | None = None) -> SearchResult:
+def evolution_search(
+    space: DesignSpace,
+    ev: Evaluator,
+    budget: Budget,
+    seed: int = 0,
+    population: int = 8,
+    sample: int = 3,
+    max_steps: int | None = None,
+) -> SearchResult:
     """Regularized evolution until the budget is spent (see the module docstring)."""
     if population < 2 or not 2 <= sample <= population:
-        raise ValueError(f"population {population}, sample {sample}: need population >= 2 "
-                         "and 2 <= sample <= population")
+        raise ValueError(
+            f"population {population}, sample {sample}: need population >= 2 "
+            "and 2 <= sample <= population"
+        )
     rng = np.random.default_rng(seed)
     workers = getattr(ev.executor, "workers", 1)
     max_steps = max_steps or 20 * (budget.max_evals or 1000)
@@ -80,6 +88,12 @@ def evolution_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: in
             if len(pop) > population:
                 pop.popleft()
         steps += len(children)
-    return SearchResult("evolution", ev.lam, unique_records(ev.log[log_start:]),
-                        ev.fresh - start_fresh, steps, budget.elapsed(),
-                        extra={"population": population, "sample": sample})
+    return SearchResult(
+        "evolution",
+        ev.lam,
+        unique_records(ev.log[log_start:]),
+        ev.fresh - start_fresh,
+        steps,
+        budget.elapsed(),
+        extra={"population": population, "sample": sample},
+    )

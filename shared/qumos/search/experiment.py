@@ -58,8 +58,7 @@ VALUE_GAP_MIN = 0.15
 def parse_task(name: str) -> tuple[str, int]:
     ds, _, t = name.rpartition("-")
     if not ds or t not in ("2", "4"):
-        raise QumosError(f"--tasks: {name!r} is not DATASET-TASK such as digits-4 "
-                         "(task 2 or 4)")
+        raise QumosError(f"--tasks: {name!r} is not DATASET-TASK such as digits-4 (task 2 or 4)")
     return ds, int(t)
 
 
@@ -72,10 +71,21 @@ def even_split(design: Design, k: int) -> Design:
     f = design.fragments[0]
     depths = [f.depth // k + (1 if i < f.depth % k else 0) for i in range(k)]
     depths = [max(1, d) for d in depths]
-    frags = [FragmentDesign(n_qubits=f.n_qubits, block=f.block, depth=d,
-                            entanglement=f.entanglement).model_dump() for d in depths]
-    return validate_design({"dataset": design.dataset, "task": design.task, "fragments": frags,
-                            "glue": "tanh", "head": design.head})
+    frags = [
+        FragmentDesign(
+            n_qubits=f.n_qubits, block=f.block, depth=d, entanglement=f.entanglement
+        ).model_dump()
+        for d in depths
+    ]
+    return validate_design(
+        {
+            "dataset": design.dataset,
+            "task": design.task,
+            "fragments": frags,
+            "glue": "tanh",
+            "head": design.head,
+        }
+    )
 
 
 @dataclass
@@ -108,42 +118,59 @@ class ExperimentConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise QumosError(f"--methods: {bad or 'none'}; allowed: {', '.join(METHODS)}")
-        for name, seeds in (("--search-seeds", self.search_seeds),
-                            ("--heldout-seeds", self.heldout_seeds)):
+        for name, seeds in (
+            ("--search-seeds", self.search_seeds),
+            ("--heldout-seeds", self.heldout_seeds),
+        ):
             if not seeds or len(set(seeds)) != len(seeds):
                 raise QumosError(f"{name}: {list(seeds)}; give distinct integers")
         overlap = sorted(set(self.heldout_seeds) & set(ecfg.seeds))
         if overlap:
-            raise QumosError(f"--heldout-seeds: {overlap} also evaluate designs during the "
-                             f"search (--seeds {','.join(map(str, ecfg.seeds))}); held-out "
-                             "seeds must be new")
+            raise QumosError(
+                f"--heldout-seeds: {overlap} also evaluate designs during the "
+                f"search (--seeds {','.join(map(str, ecfg.seeds))}); held-out "
+                "seeds must be new"
+            )
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise QumosError(f"--fractions: {list(self.fractions)}; allowed: numbers in (0, 1]")
-        if any(not 0 < f <= 1 for f in self.gap_fractions) or \
-                set(self.gap_fractions) & set(self.fractions):
-            raise QumosError(f"--gap-fractions: {list(self.gap_fractions)}; allowed: numbers "
-                             "in (0, 1] not already in --fractions")
+        if any(not 0 < f <= 1 for f in self.gap_fractions) or set(self.gap_fractions) & set(
+            self.fractions
+        ):
+            raise QumosError(
+                f"--gap-fractions: {list(self.gap_fractions)}; allowed: numbers "
+                "in (0, 1] not already in --fractions"
+            )
         if not 2 <= self.n_fragments <= 4:
             raise QumosError(f"--fragments: {self.n_fragments}; allowed: 2 to 4")
         if not 1 <= self.max_depth <= 6:
             raise QumosError(f"--max-depth: {self.max_depth}; allowed: 1 to 6")
         if self.max_evals < 1 or self.centralized_evals < 1:
-            raise QumosError(f"--max-evals: {self.max_evals}, --centralized-evals: "
-                             f"{self.centralized_evals}; allowed: 1 or more")
+            raise QumosError(
+                f"--max-evals: {self.max_evals}, --centralized-evals: "
+                f"{self.centralized_evals}; allowed: 1 or more"
+            )
         if self.rollout < 2:
             raise QumosError(f"--rollout: {self.rollout}; allowed: 2 or more")
         if "ppo-warm" in self.methods:
             if self.warm_start is None:
-                raise QumosError("--warm-start: method ppo-warm needs another task's output "
-                                 "directory, e.g. results/engine/digits-2")
-            missing = [str(warm_policy(self.warm_start, s)) for s in self.search_seeds
-                       if not warm_policy(self.warm_start, s).is_file()]
+                raise QumosError(
+                    "--warm-start: method ppo-warm needs another task's output "
+                    "directory, e.g. results/engine/digits-2"
+                )
+            missing = [
+                str(warm_policy(self.warm_start, s))
+                for s in self.search_seeds
+                if not warm_policy(self.warm_start, s).is_file()
+            ]
             if missing:
-                raise QumosError(f"--warm-start: no saved policy {missing[0]}; run the ppo "
-                                 "method on that task first with the same search seeds")
+                raise QumosError(
+                    f"--warm-start: no saved policy {missing[0]}; run the ppo "
+                    "method on that task first with the same search seeds"
+                )
         if not ecfg.attacks:
-            raise QumosError("the experiment attacks every design; the evaluation config "
-                             "has attacks off")
+            raise QumosError(
+                "the experiment attacks every design; the evaluation config has attacks off"
+            )
         return self
 
 
@@ -177,32 +204,51 @@ class TaskRun:
                 self.done[s["id"]] = s
 
     def evaluator(self, ecfg: EvalConfig, lam: float) -> Evaluator:
-        return Evaluator(ecfg, lam=lam, cache=self.cache, executor=self.executor,
-                         on_record=self.on_record)
+        return Evaluator(
+            ecfg, lam=lam, cache=self.cache, executor=self.executor, on_record=self.on_record
+        )
 
     def budget(self, n: int) -> Budget:
         return Budget(minutes=self.cfg.budget_minutes, max_evals=n)
 
-    def search(self, method: str, seed: int, ecfg: EvalConfig, lam: float,
-               space: DesignSpace, n: int) -> dict:
+    def search(
+        self, method: str, seed: int, ecfg: EvalConfig, lam: float, space: DesignSpace, n: int
+    ) -> dict:
         """One search (skipped when recorded): its designs' records, in order."""
         sid = f"{method}|seed={seed}|{ecfg.fingerprint()}|lam={lam}|n={n}|{space}"
         if method == "ppo-warm":
             sid += f"|warm={self.cfg.warm_start}"
         if sid in self.done:
             s = self.done[sid]
-            recs = [self.cache.records[EvalCache.cache_key(k, ecfg.fingerprint())]
-                    for k in s["keys"]]
+            recs = [
+                self.cache.records[EvalCache.cache_key(k, ecfg.fingerprint())] for k in s["keys"]
+            ]
             return {**s, "records": [{**r, "reward": reward(r, lam)} for r in recs]}
         self.log(f"[{self.name}] {method} search, seed {seed}, {n} designs")
         ev = self.evaluator(ecfg, lam)
         kind = "centralized" if space.n_fragments == 1 else "distributed"
-        res = run_method(method, space, ev, self.budget(n), seed, self.cfg,
-                         tb_dir=self.out / "tb" / f"{method}-{seed}",
-                         save_policy=self.out / "policies" / f"{kind}-{method}-{seed}.zip")
-        s = {"id": sid, "method": method, "seed": seed, "keys": [r["key"] for r in res.records],
-             "best": res.best["key"], "evaluations": len(res.records), "fresh": res.evaluations,
-             "steps": res.steps, "seconds": res.seconds, "extra": res.extra}
+        res = run_method(
+            method,
+            space,
+            ev,
+            self.budget(n),
+            seed,
+            self.cfg,
+            tb_dir=self.out / "tb" / f"{method}-{seed}",
+            save_policy=self.out / "policies" / f"{kind}-{method}-{seed}.zip",
+        )
+        s = {
+            "id": sid,
+            "method": method,
+            "seed": seed,
+            "keys": [r["key"] for r in res.records],
+            "best": res.best["key"],
+            "evaluations": len(res.records),
+            "fresh": res.evaluations,
+            "steps": res.steps,
+            "seconds": res.seconds,
+            "extra": res.extra,
+        }
         with (self.out / "searches.jsonl").open("a") as f:
             f.write(json.dumps(s) + "\n")
             f.flush()
@@ -224,23 +270,40 @@ def warm_policy(task_out: Path, seed: int) -> Path:
     return Path(task_out) / "policies" / f"distributed-ppo-{seed}.zip"
 
 
-def run_method(method: str, space: DesignSpace, ev: Evaluator, budget: Budget, seed: int,
-               cfg: ExperimentConfig, tb_dir: Path | None = None,
-               save_policy: Path | None = None) -> SearchResult:
+def run_method(
+    method: str,
+    space: DesignSpace,
+    ev: Evaluator,
+    budget: Budget,
+    seed: int,
+    cfg: ExperimentConfig,
+    tb_dir: Path | None = None,
+    save_policy: Path | None = None,
+) -> SearchResult:
     if method == "random":
         return random_search(space, ev, budget, seed=seed)
     if method == "evolution":
         from qumos.search.evolution import evolution_search
 
-        return evolution_search(space, ev, budget, seed=seed, population=cfg.population,
-                                sample=cfg.tournament)
+        return evolution_search(
+            space, ev, budget, seed=seed, population=cfg.population, sample=cfg.tournament
+        )
     if method in ("ppo", "ppo-seq", "ppo-warm"):
         if save_policy is not None:
             save_policy.parent.mkdir(parents=True, exist_ok=True)
-        res = ppo_search(space, ev, budget, seed=seed, tb_dir=tb_dir, rollout=cfg.rollout,
-                         sequential=method == "ppo-seq", save_policy=save_policy,
-                         init_policy=warm_policy(cfg.warm_start, seed)
-                         if method == "ppo-warm" else None)
+        res = ppo_search(
+            space,
+            ev,
+            budget,
+            seed=seed,
+            tb_dir=tb_dir,
+            rollout=cfg.rollout,
+            sequential=method == "ppo-seq",
+            save_policy=save_policy,
+            init_policy=warm_policy(cfg.warm_start, seed)
+            if method == "ppo-warm" and cfg.warm_start is not None
+            else None,
+        )
         res.method = method
         return res
     raise QumosError(f"--methods: {method!r}; allowed: {', '.join(METHODS)}")
@@ -251,18 +314,29 @@ def _median_design(records: list[dict]) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path, executor,
-             log: Callable[[str], None] = print, on_record=None) -> dict:
+def run_task(
+    task_name: str,
+    cfg: ExperimentConfig,
+    ecfg: EvalConfig,
+    out: Path,
+    executor,
+    log: Callable[[str], None] = print,
+    on_record=None,
+) -> dict:
     """Every setting (attacker budget) of one task; writes and returns result.json."""
     tr = TaskRun(task_name, cfg, ecfg, out, executor, log, on_record)
     depths = tuple(range(1, cfg.max_depth + 1))
     t_start = time.perf_counter()
     # 1. centralized search (victim only): shared by every attacker budget
     cen_space = DesignSpace.centralized(tr.dataset, tr.task, depths=depths)
-    cen = {s: tr.search("ppo", s, ecfg.with_(attacks=False), 0.0, cen_space,
-                        cfg.centralized_evals) for s in cfg.search_seeds}
-    cen_best = {s: Design.model_validate(next(r for r in c["records"] if r["key"] == c["best"])
-                                         ["design"]) for s, c in cen.items()}
+    cen = {
+        s: tr.search("ppo", s, ecfg.with_(attacks=False), 0.0, cen_space, cfg.centralized_evals)
+        for s in cfg.search_seeds
+    }
+    cen_best = {
+        s: Design.model_validate(next(r for r in c["records"] if r["key"] == c["best"])["design"])
+        for s, c in cen.items()
+    }
     space = DesignSpace(tr.dataset, tr.task, n_fragments=cfg.n_fragments, depths=depths)
     settings = []
     for frac in (*cfg.fractions, *cfg.gap_fractions):
@@ -271,13 +345,16 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
         log(f"[{task_name}] attacker budget: labelled fraction {frac}")
         finals: dict[str, dict[int, Design]] = {
             "centralized search (K=1, lambda=0)": cen_best,
-            f"even split into {cfg.n_fragments}": {s: even_split(d, cfg.n_fragments)
-                                                   for s, d in cen_best.items()}}
+            f"even split into {cfg.n_fragments}": {
+                s: even_split(d, cfg.n_fragments) for s, d in cen_best.items()
+            },
+        }
         in_search: dict[str, dict[int, float]] = {}
         searches: dict[str, dict[int, dict]] = {}
         for m in methods:
-            searches[m] = {s: tr.search(m, s, e, cfg.lam, space, cfg.max_evals)
-                           for s in cfg.search_seeds}
+            searches[m] = {
+                s: tr.search(m, s, e, cfg.lam, space, cfg.max_evals) for s in cfg.search_seeds
+            }
             label = method_label(m)
             finals[label], in_search[label] = {}, {}
             for s, res in searches[m].items():
@@ -287,67 +364,93 @@ def run_task(task_name: str, cfg: ExperimentConfig, ecfg: EvalConfig, out: Path,
             if m == "random":
                 finals["random (median design)"] = {
                     s: Design.model_validate(_median_design(res["records"])["design"])
-                    for s, res in searches[m].items()}
+                    for s, res in searches[m].items()
+                }
         log(f"[{task_name}] held-out evaluation on seeds {list(cfg.heldout_seeds)}")
         unique = {d.key(): d for per in finals.values() for d in per.values()}
         held = {r["key"]: r for r in tr.heldout(list(unique.values()), e)}
-        rows = [table_row(label, {s: held[d.key()] for s, d in per.items()},
-                          in_search.get(label), cfg.lam)
-                for label, per in finals.items()]
+        rows = [
+            table_row(
+                label, {s: held[d.key()] for s, d in per.items()}, in_search.get(label), cfg.lam
+            )
+            for label, per in finals.items()
+        ]
         cen_rows = [held[d.key()] for d in cen_best.values()]
         gap = statistics.fmean(r["victim_acc"][0] - r["S"][0] for r in cen_rows)
-        all_recs = {m: [r for res in searches[m].values() for r in res["records"]]
-                    for m in methods}
+        all_recs = {m: [r for res in searches[m].values() for r in res["records"]] for m in methods}
         tag = f"fraction-{frac:g}"
-        pareto_plot({("random" if m == "random" else method_label(m)): recs
-                     for m, recs in all_recs.items()},
-                    out / f"pareto-{tag}.png",
-                    f"{task_name}, fraction {frac:g}, K={cfg.n_fragments}, "
-                    f"lambda={cfg.lam} (in-search)",
-                    highlight={f"{lab} (held-out, seed {min(per)})": held[per[min(per)].key()]
-                               for lab, per in finals.items()
-                               if lab.startswith(("centralized", "even", "engine"))})
+        pareto_plot(
+            {
+                ("random" if m == "random" else method_label(m)): recs
+                for m, recs in all_recs.items()
+            },
+            out / f"pareto-{tag}.png",
+            f"{task_name}, fraction {frac:g}, K={cfg.n_fragments}, lambda={cfg.lam} (in-search)",
+            highlight={
+                f"{lab} (held-out, seed {min(per)})": held[per[min(per)].key()]
+                for lab, per in finals.items()
+                if lab.startswith(("centralized", "even", "engine"))
+            },
+        )
         best_acc = max(r["accuracy"][0] for r in rows)
-        settings.append({
-            "fraction": frac, "value_gap": gap,
-            # what the most accurate final design is worth beyond S (the centralized search
-            # is limited to one fragment, so it can be the less accurate model)
-            "best_accuracy_minus_S": best_acc - statistics.fmean(r["S"][0] for r in cen_rows),
-            "S": _ms([r["S"][0] for r in cen_rows]),
-            "S_reference": sorted({x for r in cen_rows for x in r["S_reference"]}),
-            "rows": rows, "checks": target_checks(rows, gap),
-            "random_median_in_search": _median_in_search(all_recs.get("random", [])),
-            "searches": {method_label(m): [{k: v for k, v in res.items() if k != "records"}
-                                           for res in searches[m].values()]
-                         for m in methods},
-            "pareto": f"pareto-{tag}.png"})
+        settings.append(
+            {
+                "fraction": frac,
+                "value_gap": gap,
+                # what the most accurate final design is worth beyond S (the centralized search
+                # is limited to one fragment, so it can be the less accurate model)
+                "best_accuracy_minus_S": best_acc - statistics.fmean(r["S"][0] for r in cen_rows),
+                "S": _ms([r["S"][0] for r in cen_rows]),
+                "S_reference": sorted({x for r in cen_rows for x in r["S_reference"]}),
+                "rows": rows,
+                "checks": target_checks(rows, gap),
+                "random_median_in_search": _median_in_search(all_recs.get("random", [])),
+                "searches": {
+                    method_label(m): [
+                        {k: v for k, v in res.items() if k != "records"}
+                        for res in searches[m].values()
+                    ]
+                    for m in methods
+                },
+                "pareto": f"pareto-{tag}.png",
+            }
+        )
     fps = {ecfg.with_(attack_fraction=f).fingerprint() for f in cfg.fractions}
     secs = [r["seconds"] for r in tr.cache.records.values() if r["fingerprint"] in fps]
-    result = {"task": task_name, "config": {**asdict(cfg), "warm_start": str(cfg.warm_start)},
-              "eval_config": asdict(ecfg), "settings": settings,
-              "seconds": time.perf_counter() - t_start,
-              # at the search's fidelity (its evaluation seeds), wall time of one worker
-              "designs_per_hour_per_core": 3600 / statistics.fmean(secs) if secs else None,
-              "load_average": os.getloadavg()}
+    result = {
+        "task": task_name,
+        "config": {**asdict(cfg), "warm_start": str(cfg.warm_start)},
+        "eval_config": asdict(ecfg),
+        "settings": settings,
+        "seconds": time.perf_counter() - t_start,
+        # at the search's fidelity (its evaluation seeds), wall time of one worker
+        "designs_per_hour_per_core": 3600 / statistics.fmean(secs) if secs else None,
+        "load_average": os.getloadavg(),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def method_label(m: str) -> str:
-    return {"random": "random (best by reward)", "evolution": "regularized evolution",
-            "ppo": "engine (PPO)", "ppo-seq": "engine (PPO, sequential)",
-            "ppo-warm": "engine (PPO, warm-started)"}[m]
+    return {
+        "random": "random (best by reward)",
+        "evolution": "regularized evolution",
+        "ppo": "engine (PPO)",
+        "ppo-seq": "engine (PPO, sequential)",
+        "ppo-warm": "engine (PPO, warm-started)",
+    }[m]
 
 
-def _ms(values: list[float]) -> list[float]:
+def _ms(values: list[float]) -> list[float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return [None, None]
     return [statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0]
 
 
-def table_row(label: str, held: dict[int, dict], in_search: dict[int, float] | None,
-              lam: float) -> dict:
+def table_row(
+    label: str, held: dict[int, dict], in_search: dict[int, float] | None, lam: float
+) -> dict:
     """Mean ± std over search seeds of the held-out figures of each seed's final design."""
     recs = list(held.values())
     return {
@@ -369,9 +472,16 @@ def table_row(label: str, held: dict[int, dict], in_search: dict[int, float] | N
 def _median_in_search(recs: list[dict]) -> dict:
     if not recs:
         return {}
-    med = lambda k: statistics.median(r[k][0] for r in recs)
-    return {"designs": len(recs), "reward": statistics.median(r["reward"] for r in recs),
-            "accuracy": med("victim_acc"), "security": med("security")}
+
+    def med(k: str) -> float:
+        return statistics.median(r[k][0] for r in recs)
+
+    return {
+        "designs": len(recs),
+        "reward": statistics.median(r["reward"] for r in recs),
+        "accuracy": med("victim_acc"),
+        "security": med("security"),
+    }
 
 
 def _apart(a: list, b: list) -> bool:
@@ -388,22 +498,24 @@ def target_checks(rows: list[dict], value_gap: float) -> dict:
     out: dict = {"value_gap": value_gap, "carries_comparison": value_gap >= VALUE_GAP_MIN}
     if eng is None:
         return out
-    out.update({
-        "engine_security_ge_0.7": eng["security"][0] >= 0.7,
-        "engine_accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
-        "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
-        "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
-    })
+    out.update(
+        {
+            "engine_security_ge_0.7": eng["security"][0] >= 0.7,
+            "engine_accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
+            "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
+            "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
+        }
+    )
     med = by.get("random (median design)")
     if med:
-        out["median_random_security_lower_beyond_spread"] = _apart(eng["security"],
-                                                                    med["security"])
+        out["median_random_security_lower_beyond_spread"] = _apart(eng["security"], med["security"])
     rnd = by.get(method_label("random"))
     if rnd:
         out["engine_reward_minus_random"] = eng["reward"][0] - rnd["reward"][0]
         out["engine_reward_above_random"] = eng["reward"][0] > rnd["reward"][0]
-        out["engine_vs_random_inside_spread"] = not (_apart(eng["reward"], rnd["reward"])
-                                                     or _apart(rnd["reward"], eng["reward"]))
+        out["engine_vs_random_inside_spread"] = not (
+            _apart(eng["reward"], rnd["reward"]) or _apart(rnd["reward"], eng["reward"])
+        )
     return out
 
 
@@ -415,16 +527,30 @@ def _f(v) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | final design per search seed | held-out reward | accuracy | security "
-            "| theft ratio | worst attacker acc | in-search reward | old reward |\n|"
-            + "---|" * 9)
+    head = (
+        "| method | final design per search seed | held-out reward | accuracy | security "
+        "| theft ratio | worst attacker acc | in-search reward | old reward |\n|" + "---|" * 9
+    )
     lines = [head]
     for r in rows:
         designs = "<br>".join(f"{s}: `{d}`" for s, d in r["designs"].items())
-        lines.append("| " + " | ".join([
-            r["method"], designs, _f(r["reward"]), _f(r["accuracy"]), _f(r["security"]),
-            _f(r["theft_ratio"]), _f(r["worst_attacker_acc"]), _f(r["in_search_reward"]),
-            _f(r["old_reward"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    designs,
+                    _f(r["reward"]),
+                    _f(r["accuracy"]),
+                    _f(r["security"]),
+                    _f(r["theft_ratio"]),
+                    _f(r["worst_attacker_acc"]),
+                    _f(r["in_search_reward"]),
+                    _f(r["old_reward"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -438,28 +564,33 @@ def write_report(out: Path, command: str | None = None) -> Path:
             f.write(command + "\n")
     if cmd_file.is_file():
         commands = [c for c in cmd_file.read_text().splitlines() if c.strip()]
-    parts = ["# Security engine experiment: held-out figures over search seeds\n",
-             "Commands (from the repository root; each resumes from the caches):\n\n```bash\n"
-             + "\n".join(dict.fromkeys(commands)) + "\n```\n",
-             "Every figure is the mean ± population std over search seeds of the held-out "
-             "evaluation (seeds never used while searching) of each search seed's final "
-             "design; each held-out figure is itself a mean over the held-out evaluation "
-             "seeds. reward = acc - lambda * max(0, max_j (A_j - S)) with S the profile's "
-             "best no-theft reference; old reward = acc - lambda * max_j (A_j - scratch) "
-             "(the formula before threat model v2); security = 1 - max_j clip((A_j - S) / "
-             "(acc - S), 0, 1); theft ratio = max_j A_j / acc. In-search reward: the "
-             "winner's reward on the search's own seeds (biased upwards: it selected the "
-             "design).\n"]
+    parts = [
+        "# Security engine experiment: held-out figures over search seeds\n",
+        "Commands (from the repository root; each resumes from the caches):\n\n```bash\n"
+        + "\n".join(dict.fromkeys(commands))
+        + "\n```\n",
+        "Every figure is the mean ± population std over search seeds of the held-out "
+        "evaluation (seeds never used while searching) of each search seed's final "
+        "design; each held-out figure is itself a mean over the held-out evaluation "
+        "seeds. reward = acc - lambda * max(0, max_j (A_j - S)) with S the profile's "
+        "best no-theft reference; old reward = acc - lambda * max_j (A_j - scratch) "
+        "(the formula before threat model v2); security = 1 - max_j clip((A_j - S) / "
+        "(acc - S), 0, 1); theft ratio = max_j A_j / acc. In-search reward: the "
+        "winner's reward on the search's own seeds (biased upwards: it selected the "
+        "design).\n",
+    ]
     for res in results:
         c, e = res["config"], res["eval_config"]
-        parts.append(f"## {res['task']}\n\nSearch: {c['max_evals']} distinct designs per "
-                     f"search, search seeds {c['search_seeds']}, evaluation seeds "
-                     f"{e['seeds']} while searching, held-out seeds {c['heldout_seeds']}; "
-                     f"profile `{e['attack_profile']}`, {e['attack_restarts']} restarts x "
-                     f"{e['attack_epochs']} steps; victim {e['victim_epochs']} epochs; "
-                     f"lambda {c['lam']}; K = {c['n_fragments']}. Throughput: "
-                     f"{_num(res.get('designs_per_hour_per_core'))} designs per hour per "
-                     f"core (load average {_num(res['load_average'][0])}).\n")
+        parts.append(
+            f"## {res['task']}\n\nSearch: {c['max_evals']} distinct designs per "
+            f"search, search seeds {c['search_seeds']}, evaluation seeds "
+            f"{e['seeds']} while searching, held-out seeds {c['heldout_seeds']}; "
+            f"profile `{e['attack_profile']}`, {e['attack_restarts']} restarts x "
+            f"{e['attack_epochs']} steps; victim {e['victim_epochs']} epochs; "
+            f"lambda {c['lam']}; K = {c['n_fragments']}. Throughput: "
+            f"{_num(res.get('designs_per_hour_per_core'))} designs per hour per "
+            f"core (load average {_num(res['load_average'][0])}).\n"
+        )
         for st in res["settings"]:
             ch = st["checks"]
             parts.append(
@@ -467,17 +598,25 @@ def write_report(out: Path, command: str | None = None) -> Path:
                 f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (S = "
                 f"{_f(st['S'])}, {', '.join(st['S_reference'])}; the most accurate final "
                 f"design's accuracy - S = {st.get('best_accuracy_minus_S', float('nan')):.3f}): "
-                + ("carries the comparison.\n\n" if ch["carries_comparison"] else
-                   f"below {VALUE_GAP_MIN}, so most designs look secure here and the "
-                   "comparison says little.\n\n")
-                + markdown_table(st["rows"]) + "\n\n"
-                + (f"Median random design (in-search, {st['random_median_in_search']['designs']}"
-                   f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
-                   f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
-                   f"{st['random_median_in_search']['security']:.3f}.\n\n"
-                   if st["random_median_in_search"] else "")
+                + (
+                    "carries the comparison.\n\n"
+                    if ch["carries_comparison"]
+                    else f"below {VALUE_GAP_MIN}, so most designs look secure here and the "
+                    "comparison says little.\n\n"
+                )
+                + markdown_table(st["rows"])
+                + "\n\n"
+                + (
+                    f"Median random design (in-search, {st['random_median_in_search']['designs']}"
+                    f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
+                    f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
+                    f"{st['random_median_in_search']['security']:.3f}.\n\n"
+                    if st["random_median_in_search"]
+                    else ""
+                )
                 + f"![Pareto plot]({res['task']}/{st['pareto']})\n\n"
-                f"Target checks: `{json.dumps(ch)}`\n")
+                f"Target checks: `{json.dumps(ch)}`\n"
+            )
     path = out / "README.md"
     path.write_text("\n".join(parts))
     return path

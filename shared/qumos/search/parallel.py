@@ -47,8 +47,9 @@ class PoolExecutor:
         if workers < 1:
             raise QumosError(f"workers: {workers}; allowed: 1 or more")
         self.workers = workers
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_init_worker)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker
+        )
 
     def map(self, fn: Callable, items: Sequence, done: DoneFn | None = None) -> list:
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
@@ -74,15 +75,21 @@ class RayExecutor:
         self._ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:
-            kw = {"num_cpus": workers or 1} if address == "local" else {}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True, **kw)
+            kw: dict[str, Any] = {"num_cpus": workers or 1} if address == "local" else {}
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                **kw,
+            )
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote: dict[Callable, Any] = {}
 
     def map(self, fn: Callable, items: Sequence, done: DoneFn | None = None) -> list:
         ray = self._ray
         if fn not in self._remote:
+
             def call(item, _fn=fn):  # runs on a Ray worker
                 _init_worker()
                 return _fn(item)

@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from qumos.errors import QumosError
@@ -81,8 +82,9 @@ def unique_records(log: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def random_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
-                  max_steps: int | None = None) -> SearchResult:
+def random_search(
+    space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0, max_steps: int | None = None
+) -> SearchResult:
     """Uniformly random designs, `workers` at a time, until the budget is spent."""
     rng = np.random.default_rng(seed)
     workers = getattr(ev.executor, "workers", 1)
@@ -97,16 +99,31 @@ def random_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int =
             n = max(1, min(n, rem))
         ev.evaluate_many([space.sample(rng) for _ in range(n)])
         steps += n
-    return SearchResult("random", ev.lam, unique_records(ev.log[log_start:]), ev.fresh - start_fresh,
-                        steps, budget.elapsed())
+    return SearchResult(
+        "random",
+        ev.lam,
+        unique_records(ev.log[log_start:]),
+        ev.fresh - start_fresh,
+        steps,
+        budget.elapsed(),
+    )
 
 
-def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
-               tb_dir: Path | None = None, n_steps: int | None = None,
-               max_steps: int | None = None, learning_rate: float = 3e-3,
-               ent_coef: float = 0.01, rollout: int = 8, sequential: bool = False,
-               init_policy: Path | None = None, save_policy: Path | None = None
-               ) -> SearchResult:
+def ppo_search(
+    space: DesignSpace,
+    ev: Evaluator,
+    budget: Budget,
+    seed: int = 0,
+    tb_dir: Path | None = None,
+    n_steps: int | None = None,
+    max_steps: int | None = None,
+    learning_rate: float = 3e-3,
+    ent_coef: float = 0.01,
+    rollout: int = 8,
+    sequential: bool = False,
+    init_policy: Path | None = None,
+    save_policy: Path | None = None,
+) -> SearchResult:
     """PPO until the budget is spent, on the one-step design environment (a contextual
     bandit) or, `sequential`, on `SequentialDesignEnv` (one fragment per step, the partial
     design observed, gamma 1).
@@ -122,7 +139,7 @@ def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
     if rollout < 2:
         raise QumosError(f"--rollout: {rollout}; allowed: 2 or more designs per update")
     env_cls = SequentialDesignEnv if sequential else DesignEnv
-    per_design = space.n_fragments if sequential else 1
+    per_design = (space.n_fragments or 1) if sequential else 1
     n_steps = n_steps or max(1, rollout * per_design // workers, -(-2 // workers))
     max_steps = max_steps or 20 * (budget.max_evals or 1000)
 
@@ -153,13 +170,26 @@ def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
             return not budget.exhausted(ev) and self.steps < max_steps
 
     venv = PrefetchVecEnv([lambda: env_cls(space, ev) for _ in range(workers)])
-    kw = dict(n_steps=n_steps, batch_size=n_steps * workers, n_epochs=10,
-              learning_rate=learning_rate, ent_coef=ent_coef, gamma=1.0 if sequential else 0.0,
-              gae_lambda=1.0, seed=seed, tensorboard_log=str(tb_dir) if tb_dir else None,
-              verbose=0, device="cpu")
+    kw: dict[str, Any] = dict(
+        n_steps=n_steps,
+        batch_size=n_steps * workers,
+        n_epochs=10,
+        learning_rate=learning_rate,
+        ent_coef=ent_coef,
+        gamma=1.0 if sequential else 0.0,
+        gae_lambda=1.0,
+        seed=seed,
+        tensorboard_log=str(tb_dir) if tb_dir else None,
+        verbose=0,
+        device="cpu",
+    )
     if init_policy is not None:
-        model = PPO.load(init_policy, env=venv, custom_objects={"learning_rate": learning_rate},
-                         **{k: v for k, v in kw.items() if k not in ("learning_rate",)})
+        model = PPO.load(
+            init_policy,
+            env=venv,
+            custom_objects={"learning_rate": learning_rate},
+            **{k: v for k, v in kw.items() if k not in ("learning_rate",)},
+        )
     else:
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": [32, 32]}, **kw)
     cb = BudgetCallback()
@@ -168,11 +198,18 @@ def ppo_search(space: DesignSpace, ev: Evaluator, budget: Budget, seed: int = 0,
     model.learn(total_timesteps=10**9, callback=cb, tb_log_name="ppo")
     if save_policy is not None:
         model.save(save_policy)
-    res = SearchResult("ppo-seq" if sequential else "ppo", ev.lam,
-                       unique_records(ev.log[log_start:]), ev.fresh - start_fresh, cb.steps,
-                       budget.elapsed(),
-                       extra={"policy_mode": _policy_mode(model, venv, space, sequential),
-                              "updates": int(model._n_updates // model.n_epochs)})
+    res = SearchResult(
+        "ppo-seq" if sequential else "ppo",
+        ev.lam,
+        unique_records(ev.log[log_start:]),
+        ev.fresh - start_fresh,
+        cb.steps,
+        budget.elapsed(),
+        extra={
+            "policy_mode": _policy_mode(model, venv, space, sequential),
+            "updates": int(model._n_updates // model.n_epochs),
+        },
+    )
     venv.close()
     return res
 
@@ -182,7 +219,7 @@ def _policy_mode(model, venv, space: DesignSpace, sequential: bool) -> str:
     budget; the search's result is the best design it evaluated)."""
     env = venv.envs[0]
     obs, _ = env.reset()
-    for _ in range(space.n_fragments if sequential else 1):
+    for _ in range((space.n_fragments or 1) if sequential else 1):
         action, _ = model.predict(obs, deterministic=True)
         design = env.pending_design(action)
         if design is not None:
@@ -192,9 +229,20 @@ def _policy_mode(model, venv, space: DesignSpace, sequential: bool) -> str:
 
 
 # ----- outputs ----------------------------------------------------------------------------
-CSV_FIELDS = ["key", "short", "n_fragments", "reward", "victim_acc", "victim_acc_std",
-              "scratch_acc", "worst_attacker_acc", "worst_gain", "worst_leak", "security",
-              "seconds"]
+CSV_FIELDS = [
+    "key",
+    "short",
+    "n_fragments",
+    "reward",
+    "victim_acc",
+    "victim_acc_std",
+    "scratch_acc",
+    "worst_attacker_acc",
+    "worst_gain",
+    "worst_leak",
+    "security",
+    "seconds",
+]
 
 
 def flat(rec: dict) -> dict:
@@ -202,25 +250,34 @@ def flat(rec: dict) -> dict:
         v = rec.get(name)
         return None if v is None else v[i]
 
-    return {"key": rec["key"], "short": rec["short"], "n_fragments": rec["n_fragments"],
-            "reward": rec.get("reward"), "victim_acc": m("victim_acc"),
-            "victim_acc_std": m("victim_acc", 1), "scratch_acc": m("scratch_acc"),
-            "worst_attacker_acc": m("worst_attacker_acc"), "worst_gain": m("worst_gain"),
-            "worst_leak": m("worst_leak"), "security": m("security"),
-            "seconds": rec.get("seconds")}
+    return {
+        "key": rec["key"],
+        "short": rec["short"],
+        "n_fragments": rec["n_fragments"],
+        "reward": rec.get("reward"),
+        "victim_acc": m("victim_acc"),
+        "victim_acc_std": m("victim_acc", 1),
+        "scratch_acc": m("scratch_acc"),
+        "worst_attacker_acc": m("worst_attacker_acc"),
+        "worst_gain": m("worst_gain"),
+        "worst_leak": m("worst_leak"),
+        "security": m("security"),
+        "seconds": rec.get("seconds"),
+    }
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points (acc, leak) no other point beats (higher acc and lower leak)."""
     front = []
-    for i, (a, l) in enumerate(points):
-        if not any((a2 >= a and l2 <= l) and (a2 > a or l2 < l) for a2, l2 in points):
+    for i, (a, lk) in enumerate(points):
+        if not any((a2 >= a and l2 <= lk) and (a2 > a or l2 < lk) for a2, l2 in points):
             front.append(i)
     return front
 
 
-def pareto_plot(series: dict[str, list[dict]], path: Path, title: str,
-                highlight: dict[str, dict] | None = None) -> None:
+def pareto_plot(
+    series: dict[str, list[dict]], path: Path, title: str, highlight: dict[str, dict] | None = None
+) -> None:
     """Accuracy against worst-case leak for every evaluated (attacked) design."""
     import matplotlib
 
@@ -232,16 +289,25 @@ def pareto_plot(series: dict[str, list[dict]], path: Path, title: str,
     for i, (name, recs) in enumerate(series.items()):
         recs = [r for r in recs if r.get("attacked")]
         pts = [(r["worst_leak"][0], r["victim_acc"][0]) for r in recs]
-        allpts += [(a, l) for l, a in pts]
+        allpts += [(a, lk) for lk, a in pts]
         if pts:
-            ax.scatter(*zip(*pts), s=18, alpha=0.6, label=name, color=f"C{i}")
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, s=18, alpha=0.6, label=name, color=f"C{i}")
     if allpts:
         front = sorted((allpts[i] for i in pareto_front(allpts)), key=lambda p: p[1])
-        ax.plot([l for _, l in front], [a for a, _ in front], "k--", lw=1, label="Pareto front")
+        ax.plot([lk for _, lk in front], [a for a, _ in front], "k--", lw=1, label="Pareto front")
     for i, (name, rec) in enumerate((highlight or {}).items()):
         if rec.get("attacked"):
-            ax.scatter([rec["worst_leak"][0]], [rec["victim_acc"][0]], marker="*", s=220,
-                       edgecolor="k", color=f"C{i + len(series)}", label=name, zorder=5)
+            ax.scatter(
+                [rec["worst_leak"][0]],
+                [rec["victim_acc"][0]],
+                marker="*",
+                s=220,
+                edgecolor="k",
+                color=f"C{i + len(series)}",
+                label=name,
+                zorder=5,
+            )
     ax.set_xlabel("worst-case leak  max_j clip((A_j - S) / (acc - S), 0, 1)")
     ax.set_ylabel("victim test accuracy")
     ax.set_title(title)
@@ -260,8 +326,15 @@ def write_search_outputs(res: SearchResult, out: Path, title: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     best = res.best
     (out / "best_design.yaml").write_text(yaml.safe_dump(best["design"], sort_keys=False))
-    summary = {"method": res.method, "lambda": res.lam, "evaluations": res.evaluations,
-               "steps": res.steps, "seconds": res.seconds, "best": best, **res.extra}
+    summary = {
+        "method": res.method,
+        "lambda": res.lam,
+        "evaluations": res.evaluations,
+        "steps": res.steps,
+        "seconds": res.seconds,
+        "best": best,
+        **res.extra,
+    }
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     with (out / "designs.jsonl").open("w") as f:
         for rec in res.records:
@@ -272,6 +345,10 @@ def write_search_outputs(res: SearchResult, out: Path, title: str) -> dict:
         for rec in res.records:
             w.writerow(flat(rec))
     if any(r.get("attacked") for r in res.records):
-        pareto_plot({res.method: res.records}, out / "pareto.png", title,
-                    highlight={f"best ({res.method})": best})
+        pareto_plot(
+            {res.method: res.records},
+            out / "pareto.png",
+            title,
+            highlight={f"best ({res.method})": best},
+        )
     return summary
