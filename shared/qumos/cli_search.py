@@ -68,6 +68,13 @@ def _eval_config(
     return cfg
 
 
+def _hiding(text: str) -> tuple[bool, ...]:
+    hide = {"off": (False,), "on": (True,), "choose": (False, True)}.get(text)
+    if hide is None:
+        raise QumosError(f"--hiding: {text!r}; allowed: off, on, choose")
+    return hide
+
+
 def _fragments(text: str) -> int | None:
     if text == "open":
         return None
@@ -146,9 +153,7 @@ def search(
         if not 1 <= max_depth <= 6:
             raise QumosError(f"--max-depth: {max_depth}; allowed: 1 to 6")
         k, depths = _fragments(fragments), tuple(range(1, max_depth + 1))
-        hide = {"off": (False,), "on": (True,), "choose": (False, True)}.get(hiding)
-        if hide is None:
-            raise QumosError(f"--hiding: {hiding!r}; allowed: off, on, choose")
+        hide = _hiding(hiding)
         space = (
             DesignSpace.centralized(dataset, task, depths=depths)
             if k == 1
@@ -256,6 +261,9 @@ def experiment(
     warm_start: Path | None = typer.Option(
         None, help="ppo-warm: another task's output directory whose ppo policies start the search"
     ),
+    hiding: str = typer.Option(
+        "off", help="input hiding in the distributed designs: off, on, or choose (a design field)"
+    ),
     search_seeds: str = typer.Option("0,1,2", help="search seeds, one search per method and seed"),
     heldout_seeds: str = typer.Option(
         "100,101,102", help="evaluation seeds of the final designs; disjoint from --seeds"
@@ -313,6 +321,7 @@ def experiment(
             max_depth=max_depth,
             rollout=rollout,
             warm_start=warm_start,
+            hiding=_hiding(hiding),
         )
         ecfg = _eval_config(
             seeds,

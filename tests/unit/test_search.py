@@ -550,6 +550,7 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
         (["--methods", "random,annealing"], "--methods"),
         (["--search-seeds", "1,1"], "--search-seeds"),
         (["--fractions", "0"], "--fractions"),
+        (["--hiding", "maybe"], "--hiding"),
         (["--gap-fractions", "0.01"], "--gap-fractions"),
         (["--methods", "ppo-warm"], "--warm-start"),
         (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),

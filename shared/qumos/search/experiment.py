@@ -108,6 +108,7 @@ class ExperimentConfig:
     population: int = 8  # evolution
     tournament: int = 3  # evolution
     warm_start: Path | None = None  # ppo-warm: another task's output dir (its policies/)
+    hiding: tuple[bool, ...] = (False,)  # input hiding: off, on, or (False, True) the choice
 
     def validate(self, ecfg: EvalConfig) -> ExperimentConfig:
         """Raise QumosError naming the flag for inconsistent settings (before any work)."""
@@ -337,7 +338,9 @@ def run_task(
         s: Design.model_validate(next(r for r in c["records"] if r["key"] == c["best"])["design"])
         for s, c in cen.items()
     }
-    space = DesignSpace(tr.dataset, tr.task, n_fragments=cfg.n_fragments, depths=depths)
+    space = DesignSpace(
+        tr.dataset, tr.task, n_fragments=cfg.n_fragments, depths=depths, hiding=cfg.hiding
+    )
     settings = []
     for frac in (*cfg.fractions, *cfg.gap_fractions):
         methods = cfg.methods if frac in cfg.fractions else ()
