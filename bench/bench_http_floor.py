@@ -29,9 +29,9 @@ import time
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from qumos.localstack import HOST, free_port
 from qumos.client import make_client
-from qumos.webcommon import check_bearer, hot_route, install_common
+from qumos.localstack import HOST, free_port
+from qumos.web import check_bearer, hot_route, install_common
 
 TOKEN = "bench-token"
 ANSWER = b'{"outputs": [[0.1, 0.2, 0.3, 0.4]]}'

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
 from qumos.errors import ArtifactError
-from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec, format_validation_error
+from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec
+from qumos.wire import format_validation_error
 
 FORMAT = "qumos-artifact"
 

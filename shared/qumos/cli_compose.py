@@ -22,62 +22,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from qumos.cli import app, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
 TOLERANCE = 1e-4  # Aer (exact) vs the torch simulator, per probability
-
-
-def _parse_providers(text: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, url = part.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise QumosError(f"--providers: {part!r} is not name=http://host:port")
-        out[name.strip()] = url.strip().rstrip("/")
-    if not out:
-        raise QumosError("--providers: empty; expected name=url,name=url,...")
-    return out
-
-
-def _read_token(path: Path, what: str) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise QumosError(f"{what}: cannot read token file {path} ({e.strerror})") from None
-    if len(token) < 16:
-        raise QumosError(f"{what}: token file {path} holds no token of at least 16 characters")
-    return token
-
-
-def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, float]:
-    """Poll every service's /readyz until all answer 200; seconds each took."""
-    import httpx
-
-    t0 = time.perf_counter()
-    waiting, took, last = dict(urls), {}, {}
-    with httpx.Client(timeout=5.0) as client:
-        while waiting:
-            for name, url in list(waiting.items()):
-                try:
-                    r = client.get(f"{url}/readyz")
-                    if r.status_code == 200:
-                        took[name] = time.perf_counter() - t0
-                        del waiting[name]
-                        continue
-                    last[name] = f"HTTP {r.status_code}: {r.text[:200]}"
-                except httpx.HTTPError as e:
-                    last[name] = f"{type(e).__name__}: {e}"
-            if waiting and time.perf_counter() - t0 > timeout:
-                raise QumosError("not ready after %.0fs: %s" % (timeout, "; ".join(
-                    f"{n} ({last.get(n, 'no answer')})" for n in waiting)))
-            if waiting:
-                time.sleep(0.5)
-    return took
 
 
 def ensure_model(path: Path, epochs: int, seed: int):
@@ -166,22 +116,26 @@ def compose_demo(
     attack through the attacker service, print the report."""
     import httpx
     import numpy as np
-
     from qumos.attack import report_table
-    from qumos.client import ServiceError, create_key, deploy_artifact, predict
+    from qumos.client import create_key, predict, wait_ready
+    from qumos.config import parse_providers, read_token_file
     from qumos.datasets import load_task
+    from qumos.deploy import deploy_artifact
     from qumos.model import DistributedQNN, predict_proba
 
     t0 = time.perf_counter()
     try:
-        urls = _parse_providers(providers)
-        tokens = {n: _read_token(tokens_dir / n, f"--tokens-dir ({n})") for n in urls}
-        admin = _read_token(admin_token_file, "--admin-token-file")
-        attacker_token = _read_token(attacker_token_file, "--attacker-token-file")
+        try:
+            urls = parse_providers(providers)
+        except ValueError as e:
+            raise QumosError(f"--providers: {e}") from None
+        tokens = {n: read_token_file(tokens_dir / n, f"--tokens-dir ({n})") for n in urls}
+        admin = read_token_file(admin_token_file, "--admin-token-file")
+        attacker_token = read_token_file(attacker_token_file, "--attacker-token-file")
         seeds = [int(s) for s in attack_seeds.split(",") if s.strip()]
         console.print(f"waiting for {', '.join(urls)}, orchestrator, attacker")
         ready = wait_ready({**urls, "orchestrator": orchestrator_url.rstrip("/"),
-                            "attacker": attacker_url.rstrip("/")}, ready_timeout)
+                            "attacker": attacker_url.rstrip("/")}, ready_timeout, poll=0.5)
         art, trained = ensure_model(artifact, epochs, seed=0)
         spec = art.spec
         console.print(("trained" if trained else "found") + f" model {spec.name} "
@@ -227,7 +181,7 @@ def compose_demo(
             console.print(f"attack job: profile {profile}")
             jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout,
                                        attacker_token)
-    except (QumosError, ServiceError, ValueError) as e:
+    except (QumosError, ValueError) as e:
         fail(e)
     first = next(iter(jobs.values()))["results"] if jobs else {}
     result = {"model": spec.name, "trained": trained, "ready_seconds": ready,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from qumos.cli import app, emit, fail
@@ -27,24 +26,19 @@ JSON = typer.Option(False, "--json")
 def _call(method: str, orchestrator: str, admin_token_file: Path, path: str,
           body: dict | None = None) -> dict:
     import httpx
-    from qumos.client import ServiceError, _check, make_client, read_token
+    from qumos.client import check_response, make_client
+    from qumos.config import read_token_file
 
-    try:
-        token = read_token(admin_token_file)
-    except (OSError, ValueError) as e:
-        raise QumosError(f"--admin-token-file: cannot read {admin_token_file} "
-                         f"({getattr(e, 'strerror', None) or e})") from None
+    token = read_token_file(admin_token_file, "--admin-token-file")
     if not orchestrator.startswith(("http://", "https://")):
         raise QumosError(f"--orchestrator: {orchestrator!r} is not an http(s) URL")
     try:
         with make_client(timeout=30) as c:
-            return _check(c.request(method, f"{orchestrator.rstrip('/')}{path}", json=body,
+            return check_response(c.request(method, f"{orchestrator.rstrip('/')}{path}", json=body,
                                     headers={"Authorization": f"Bearer {token}"}))
     except httpx.TransportError as e:
         raise QumosError(f"--orchestrator: {orchestrator} is unreachable "
                          f"({type(e).__name__})") from None
-    except ServiceError as e:
-        raise QumosError(str(e)) from None
 
 
 @keys_app.command("create")

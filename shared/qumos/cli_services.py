@@ -123,30 +123,21 @@ def deploy(
 ) -> None:
     """Push fragment k to provider k and register the company part with the orchestrator."""
     from qumos.artifact import load_artifact
-    from qumos.client import ServiceError, deploy_artifact, read_token
+    from qumos.config import parse_providers, read_token_file
+    from qumos.deploy import deploy_artifact
 
     try:
         art = load_artifact(artifact)
-        urls = {}
-        for p in provider:
-            name, sep, url = p.partition("=")
-            if not sep or not url.startswith(("http://", "https://")):
-                raise QumosError(f"--provider: {p!r} is not name=http://host:port")
-            urls[name] = url
-        if not urls:
-            urls = {n: f"http://127.0.0.1:{8101 + i}" for i, n in enumerate(art.spec.placement)}
-        tokens = {}
-        for name in art.spec.placement:
-            try:
-                tokens[name] = read_token(tokens_dir / name)
-            except (OSError, ValueError) as e:
-                raise QumosError(f"--tokens-dir: no token for {name} ({e})") from None
         try:
-            admin = read_token(admin_token_file)
-        except (OSError, ValueError) as e:
-            raise QumosError(f"--admin-token-file: {e}") from None
+            urls = parse_providers(",".join(provider)) if provider else {
+                n: f"http://127.0.0.1:{8101 + i}" for i, n in enumerate(art.spec.placement)}
+        except ValueError as e:
+            raise QumosError(f"--provider: {e}") from None
+        tokens = {name: read_token_file(tokens_dir / name, f"--tokens-dir ({name})")
+                  for name in art.spec.placement}
+        admin = read_token_file(admin_token_file, "--admin-token-file")
         result = deploy_artifact(art, orchestrator, admin, urls, tokens)
-    except (QumosError, ServiceError, ValueError) as e:
+    except (QumosError, ValueError) as e:
         fail(e)
     except Exception as e:  # httpx transport errors
         fail(QumosError(f"deploy failed: {type(e).__name__}: {e}"))

@@ -11,7 +11,8 @@ import pytest
 from qumos.datasets import load_task
 from svc_helpers import company_stack, deploy_inprocess, running, torch_probs, write_token
 
-from services.orchestrator.app import OrchestratorSettings, create_app
+from services.orchestrator.app import create_app
+from services.orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -206,7 +207,7 @@ async def test_unreachable_provider_is_503_not_a_timeout(tmp_path, artifact, tes
 
 
 def test_settings_errors(tmp_path, monkeypatch):
-    from qumos.webcommon import SettingsError
+    from qumos.errors import SettingsError
 
     for v in ("DATA_DIR", "PROVIDERS", "TOKENS_DIR", "ADMIN_TOKEN_FILE"):
         monkeypatch.delenv(f"QUMOS_ORCH_{v}", raising=False)

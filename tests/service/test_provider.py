@@ -173,7 +173,7 @@ async def test_bad_input(tmp_path, artifact):
 
 
 def test_missing_settings_name_the_variable(tmp_path, monkeypatch):
-    from qumos.webcommon import SettingsError
+    from qumos.errors import SettingsError
 
     for var in ("QUMOS_PROVIDER_NAME", "QUMOS_PROVIDER_DATA_DIR", "QUMOS_PROVIDER_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)
