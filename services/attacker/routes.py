@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from qumos.web import check_bearer, document_request_bodies, error_responses, parse_body
+from qumos.web import (
+    add_health_routes,
+    check_bearer,
+    document_request_bodies,
+    error_responses,
+    parse_body,
+)
 
 from services.attacker.core import AttackerState
 from services.attacker.models import AttackRequest, Job
@@ -13,13 +19,7 @@ from services.attacker.models import AttackRequest, Job
 def add_routes(app: FastAPI, state: AttackerState) -> None:
     document_request_bodies(app, {("/v1/attacks", "post"): AttackRequest})
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses=error_responses(503))
-    async def readyz():
-        return await state.readiness()
+    add_health_routes(app, state.readiness)
 
     @app.post("/v1/attacks", status_code=202, response_model=Job,
               responses=error_responses(401, 403, 409, 413, 422, 503))

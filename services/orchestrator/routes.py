@@ -9,6 +9,7 @@ from qumos import oip
 from qumos.defense.policy import OutputPolicy
 from qumos.spec import ModelSpec
 from qumos.web import (
+    add_health_routes,
     check_bearer,
     document_request_bodies,
     error_responses,
@@ -48,13 +49,7 @@ def add_routes(app: FastAPI, orch: Orchestrator) -> None:
     def is_admin(request: Request) -> None:
         check_bearer(request, orch.admin_token)
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses=error_responses(503))
-    async def readyz():
-        return await orch.readiness()
+    add_health_routes(app, orch.readiness)
 
     # ----- models -----------------------------------------------------------------------
     @app.put("/v1/models/{name}", status_code=201, response_model=ModelInfo,

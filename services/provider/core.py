@@ -77,7 +77,7 @@ class ProviderState:
                                "fragment_id")
         return ld
 
-    def readiness(self) -> dict:
+    async def readiness(self) -> dict:
         """/readyz's body; 503 while the fragments are loading."""
         if not self.ready:
             raise ServiceError(503, "not_ready", f"{self.settings.name} is still loading its "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, Response
 from qumos.artifact import FragmentFile
 from qumos.web import (
+    add_health_routes,
     check_bearer,
     document_request_bodies,
     error_responses,
@@ -24,13 +25,7 @@ def add_routes(app: FastAPI, state: ProviderState) -> None:
                                   ("/v1/fragments/{fragment_id}/execute", "post"):
                                       ExecuteRequest})
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "provider": state.settings.name}
-
-    @app.get("/readyz")
-    async def readyz():
-        return state.readiness()
+    add_health_routes(app, state.readiness, provider=state.settings.name)
 
     @app.get("/v1/fragments", response_model=FragmentList)
     async def list_fragments():

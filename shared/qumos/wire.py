@@ -13,7 +13,7 @@ Conventions (the same everywhere on the wire):
   are refused with 422 naming the position; integers are typed strictly too.
 - Errors are `{"error": {"type": ..., "message": ..., "field": ...}}` with a 4xx/5xx status
   (under /v2, the Open Inference Protocol's `{"error": "<message>"}`).
-- A fragment id is "<model>.<index>" (see `qumos.artifact.fragment_id`).
+- A fragment id is "<model>.<index>".
 
 The services use these models for requests and responses; the orchestrator also validates
 every provider answer with `ExecuteResponse`, as untrusted input.

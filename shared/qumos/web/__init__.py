@@ -28,6 +28,7 @@ the fast path and on FastAPI's.
 """
 
 from qumos.web.app import (
+    add_health_routes,
     check_bearer,
     document_request_bodies,
     freeze_startup_heap,
@@ -38,5 +39,5 @@ from qumos.web.app import (
 from qumos.web.errors import error_responses
 from qumos.web.hot import hot_route
 
-__all__ = ["check_bearer", "document_request_bodies", "error_responses",
+__all__ = ["add_health_routes", "check_bearer", "document_request_bodies", "error_responses",
            "freeze_startup_heap", "hot_route", "install_common", "json_response", "parse_body"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from qumos.errors import ServiceError
-from qumos.web.errors import install_error_handlers
+from qumos.web.errors import error_responses, install_error_handlers
 from qumos.web.hot import HotRoutes
 from qumos.web.middleware import (
     BodyLimitMiddleware,
@@ -125,6 +126,20 @@ def install_common(app: FastAPI, max_body_bytes: int, registry=None,
     @app.get("/metrics", include_in_schema=False)
     async def _metrics():
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_health_routes(app: FastAPI, readiness: Callable[[], Awaitable[dict]],
+                      **identity) -> None:
+    """GET /healthz (the process answers: {"status": "ok", **identity}) and GET /readyz
+    (`readiness()`'s body, or its ServiceError: 503 while the service cannot serve)."""
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", **identity}
+
+    @app.get("/readyz", responses=error_responses(503))
+    async def readyz():
+        return await readiness()
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
