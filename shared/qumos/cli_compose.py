@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 import typer
-from qumos.cli import app, console, emit, fail, progress_bar
+from qumos.cli_common import console, emit, fail, progress_bar
 from qumos.errors import QumosError
+
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
 
 TOLERANCE = 1e-4  # Aer (exact) vs the torch simulator, per probability
 
@@ -82,7 +84,7 @@ def run_attack(attacker_url: str, body: dict, timeout: float, token: str) -> dic
     return job
 
 
-@app.command("compose-demo")
+@commands.command("compose-demo")
 def compose_demo(
     orchestrator_url: str = typer.Option("http://127.0.0.1:8080",
                                          envvar="QUMOS_DEMO_ORCHESTRATOR_URL"),

@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import typer
-from qumos.cli import app, emit, fail
+from qumos.cli_common import emit, fail
 from qumos.errors import QumosError
 
 DEFAULT_WORKDIR = Path("runs/local")
 keys_app = typer.Typer(no_args_is_help=True, help="Client API keys of an orchestrator "
                        "(admin token): create, list, revoke, flagged.")
-app.add_typer(keys_app, name="keys", short_help="Client API keys: create, list, revoke.")
 
 ORCH = typer.Option("http://127.0.0.1:8100", "--orchestrator", envvar="QUMOS_ORCHESTRATOR_URL",
                     help="orchestrator URL")

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from qumos.cli import DEFAULT_ARTIFACT, app, attack_progress, console, emit, fail, progress_bar
+from qumos.cli_common import DEFAULT_ARTIFACT, attack_progress, console, emit, fail, progress_bar
 from qumos.errors import QumosError
+
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
 
 DEFAULT_WORKDIR = Path("runs/local")
 
@@ -109,7 +111,7 @@ def run_security_report(stack, artifact, seeds: tuple[int, ...] = (0, 1),
     return out
 
 
-@app.command()
+@commands.command()
 def deploy(
     artifact: Path = typer.Argument(DEFAULT_ARTIFACT, help="artifact directory"),
     orchestrator: str = typer.Option("http://127.0.0.1:8100", help="orchestrator URL"),
@@ -146,7 +148,7 @@ def deploy(
          + f"\nregistered {result['model']} at {orchestrator}")
 
 
-@app.command()
+@commands.command()
 def up(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model to deploy (trained if missing)"),
     workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
@@ -224,7 +226,7 @@ def _demo(stack, art, batch: int) -> dict:
     }
 
 
-@app.command()
+@commands.command()
 def demo(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model (trained here if missing)"),
     workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
