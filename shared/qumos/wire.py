@@ -22,7 +22,7 @@ every provider answer with `ExecuteResponse`, as untrusted input.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 # Strict: a JSON number only (not "1.5", not true); an integer is a number too.
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_SHOTS = 1_000_000
+MAX_PREDICT_SEED = 2**32 - 1000  # a predict seed; fragment k gets seed + k
 
 
 class ErrorDetail(BaseModel):
@@ -104,7 +105,7 @@ class PredictRequest(BaseModel):
         "the dataset's range [0, max_value] (digits 16, MNIST 255); others get 422")
     shots: StrictInt | None = Field(None, ge=1, le=MAX_SHOTS,
                                     description="providers sample with shots; exact when absent")
-    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1000, description="sampler seed")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_PREDICT_SEED, description="sampler seed")
 
 
 class PredictResponse(BaseModel):
@@ -170,7 +171,16 @@ class CanaryRequest(BaseModel):
 
 
 # Open Inference Protocol v2 (KServe). The orchestrator parses infer requests itself
-# (`qumos.oip`: JSON and binary tensor data); these models document the JSON contract.
+# (`qumos.oip`: the binary tensor data extension puts raw bytes after the JSON, and the
+# protocol's errors name the field in its own words); these models are the JSON contract,
+# typed as strictly as that parser checks it.
+class V2InputParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary_data_size: StrictInt | None = Field(None, ge=0, description="bytes of this "
+                                               "tensor after the JSON header")
+
+
 class V2InputTensor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -178,18 +188,31 @@ class V2InputTensor(BaseModel):
     shape: list[StrictInt] = Field(min_length=2, max_length=2,
                                    description="[batch, H*W]")
     datatype: Literal["FP32", "FP64"]
-    data: list[Any] | None = Field(None, description="row-major numbers, flat or nested; "
-                                   "absent with binary tensor data")
-    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: bytes of "
-                                              "this tensor after the JSON header")
+    data: list[FiniteFloat] | list[list[FiniteFloat]] | None = Field(
+        None, description="row-major pixel values, flat or [batch][pixels]; absent with "
+        "binary tensor data")
+    parameters: V2InputParameters | None = None
+
+
+class V2OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary_data: bool | None = Field(None, description="true: binary tensor data")
 
 
 class V2RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["probabilities", "labels"]
-    parameters: dict[str, Any] | None = Field(None, description="binary_data: true for "
-                                              "binary tensor data")
+    parameters: V2OutputParameters | None = None
+
+
+class V2RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shots: StrictInt | None = Field(None, ge=1, le=MAX_SHOTS, description="as in /v1 predict")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_PREDICT_SEED, description="sampler seed")
+    binary_data_output: bool | None = Field(None, description="every output as binary data")
 
 
 class V2InferRequest(BaseModel):
@@ -199,18 +222,22 @@ class V2InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="shots, seed (as in /v1 "
-                                              "predict), binary_data_output")
+    parameters: V2RequestParameters | None = None
     inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
     outputs: list[V2RequestedOutput] | None = Field(None, description="default: both")
 
 
+class V2BinarySize(BaseModel):
+    binary_data_size: int = Field(description="bytes of this tensor after the JSON header")
+
+
 class V2OutputTensor(BaseModel):
-    name: str
+    name: Literal["probabilities", "labels"]
     shape: list[int]
-    datatype: str
-    data: list[Any] | None = Field(None, description="absent when sent as binary data")
-    parameters: dict[str, Any] | None = Field(None, description="binary_data_size")
+    datatype: Literal["FP64", "INT64"]
+    data: list[float] | list[int] | None = Field(None, description="row-major; absent "
+                                                 "when sent as binary data")
+    parameters: V2BinarySize | None = None
 
 
 class V2InferResponse(BaseModel):
