@@ -2,7 +2,7 @@
 
 Fails (never skips) when Docker is unavailable, unless QUMOS_SKIP_CONTAINERS=1 (for a
 laptop without Docker; CI never sets it). The images are built by `compose build` from
-the repository's Dockerfiles; offline (QUMOS_PIP_NO_INDEX=1, the default here) they
+the repository's Dockerfile; offline (QUMOS_PIP_NO_INDEX=1, the default here) they
 install from docker/wheelhouse/, which docker/build-offline.sh fills.
 """
 

@@ -1,5 +1,8 @@
-# QuMoS attacker image. Build from the repository root:
-#   docker build -f services/attacker/Dockerfile -t qumos-attacker .
+# The QuMoS service images, one Dockerfile for the three: SERVICE picks the service (its
+# pyproject extra and its app). Build from the repository root:
+#   docker build --build-arg SERVICE=provider -t qumos-provider .
+#   docker build --build-arg SERVICE=orchestrator -t qumos-orchestrator .
+#   docker build --build-arg SERVICE=attacker -t qumos-attacker .
 # Online this installs from PyPI. Offline (docker/build-offline.sh) it installs only
 # from the local wheelhouse: --build-arg PIP_NO_INDEX=1. The base image
 # python:3.11-slim is either the official one or the local debootstrap stand-in
@@ -7,35 +10,45 @@
 FROM python:3.11-slim AS build
 # (the label lets docker/build-offline.sh remove this project's superseded images only)
 LABEL org.qumos.project=qumos
+ARG SERVICE
 ARG PIP_NO_INDEX=0
-# torch's CPU build (an unpinned PyPI torch is a multi-GB CUDA build); unused offline
+# the attacker's torch: the CPU build (an unpinned PyPI torch is a multi-GB CUDA build);
+# unused offline, and by the services without torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_INDEX=${PIP_NO_INDEX} PIP_FIND_LINKS=/wheels PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
+    PIP_NO_CACHE_DIR=1
+RUN case "$SERVICE" in provider|orchestrator|attacker) ;; \
+      *) echo "error: --build-arg SERVICE=provider|orchestrator|attacker (got '$SERVICE')" >&2; exit 1 ;; esac
 COPY docker/wheelhouse/ /wheels/
 COPY pyproject.toml docker/requirements.py /src/
-# dependencies first (a layer that survives code changes): core + the attacker extra only
-RUN python3 /src/requirements.py --pyproject /src/pyproject.toml attacker >/src/requirements.txt \
+# dependencies first (a layer that survives code changes): core + the service's extra only
+RUN if [ "$SERVICE" = attacker ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && python3 /src/requirements.py --pyproject /src/pyproject.toml "$SERVICE" >/src/requirements.txt \
  && python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /src/requirements.txt
 COPY README.md /src/
 COPY shared/ /src/shared/
 COPY services/ /src/services/
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation "/src[attacker]" \
- && /opt/venv/bin/pip check
+# only the attacker trains (torch); the provider and the orchestrator must not carry it
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation "/src[$SERVICE]" \
+ && /opt/venv/bin/pip check \
+ && if [ "$SERVICE" != attacker ] && /opt/venv/bin/python -c "import torch" 2>/dev/null; then \
+      echo "error: torch must not be in the $SERVICE image" >&2; exit 1; fi
 
 FROM python:3.11-slim
 LABEL org.qumos.project=qumos
+ARG SERVICE
 RUN groupadd --gid 10001 qumos \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin qumos \
  && mkdir -p /data && chown 10001:10001 /data && chmod 0750 /data
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
-    MPLCONFIGDIR=/tmp
+    MPLCONFIGDIR=/tmp QUMOS_SERVICE=${SERVICE}
 USER 10001:10001
 WORKDIR /data
 EXPOSE 8000
 # python (no curl in the image); http.client and -S keep it light on a loaded machine
 HEALTHCHECK --interval=5s --timeout=15s --start-period=180s --retries=5 \
   CMD ["python3", "-S", "-c", "import http.client as h; c = h.HTTPConnection('127.0.0.1', 8000, timeout=10); c.request('GET', '/readyz'); raise SystemExit(c.getresponse().status != 200)"]
-CMD ["uvicorn", "--factory", "services.attacker.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+# the shell only names the app; exec hands the process (and its signals) to uvicorn
+CMD ["sh", "-c", "exec uvicorn --factory \"services.${QUMOS_SERVICE}.app:create_app\" --host 0.0.0.0 --port 8000"]
