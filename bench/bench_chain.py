@@ -8,7 +8,8 @@ For batch 1, 32 and 256: throughput (samples/s) of in-process Aer, of the HTTP c
 one client, and of the HTTP chain with 3 concurrent clients (the providers then work in
 parallel, as a pipeline); latency p50/p99 at batch 1. Each orchestrator variant (default:
 4 integrity canaries per provider call; no-canaries: the chain alone, as the issue's
-target defines it; 1-canary; httpcore: httpx's own transport instead of qumos.http11) is its own
+target defines it; 1-canary; httpcore: httpx's own transport instead of qumos.http11;
+no-fast-routes: FastAPI's routing for execute and predict, on every service) is its own
 stack, measured in the same interleaved rounds. Clients are `qumos.client.make_client()`
 (httpx on qumos.http11). Prints a markdown table with the ratios HTTP / in-process.
 Targets: >= 0.8 of in-process throughput at batch 256, <= 1.3x in-process latency at
@@ -44,7 +45,10 @@ VARIANTS = {
     "no-canaries": {"QUMOS_ORCH_CANARIES_PER_CALL": "0"},
     "1-canary": {"QUMOS_ORCH_CANARIES_PER_CALL": "1"},
     "httpcore": {"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"},  # httpx's own transport
+    # execute, predict and infer through FastAPI's routing (qumos.web.hot's fast path off)
+    "no-fast-routes": {"QUMOS_ORCH_FAST_ROUTES": "false"},
 }
+PROVIDER_VARIANTS = {"no-fast-routes": {"QUMOS_PROVIDER_FAST_ROUTES": "false"}}
 
 
 def main() -> int:
@@ -72,16 +76,19 @@ def main() -> int:
     samples = {b: {p: [] for p in paths} for b in CALLS}
     conc = {b: [] for b in CALLS}  # 3 concurrent clients, first variant
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stacks:
-        urls = {}
+        urls, keys = {}, {}  # predict needs a client API key (the stack makes one)
         for v in variants:
+            penv = PROVIDER_VARIANTS.get(v, {})
             stack = stacks.enter_context(stack_on_free_ports(
-                Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v]))
+                Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v],
+                provider_env={p: penv for p in spec.placement}))
             stack.deploy(art)
-            urls[v] = stack.orchestrator_url
+            urls[v], keys[v] = stack.orchestrator_url, stack.client_key
         with make_client(timeout=120) as client:
             calls = {"local": in_process}
             for v, url in urls.items():
-                calls[v] = lambda x, url=url: predict(client, url, spec.name, x)
+                calls[v] = lambda x, url=url, key=keys[v]: predict(client, url, spec.name, x,
+                                                                   api_key=key)
             # warm up every path; check they agree
             a = in_process(raw[:8])
             for v in variants:
@@ -102,10 +109,11 @@ def main() -> int:
                             calls[p](x)
                             samples[bsz][p].append(time.perf_counter() - t0)
                     xs = [raw[rng.choice(len(raw), bsz, replace=False)] for _ in range(3 * n)]
-                    url = urls[variants[0]]
+                    url, key = urls[variants[0]], keys[variants[0]]
                     with ThreadPoolExecutor(3) as pool, make_client(timeout=120) as c2:
                         t0 = time.perf_counter()
-                        list(pool.map(lambda x: predict(c2, url, spec.name, x), xs))
+                        list(pool.map(lambda x: predict(c2, url, spec.name, x, api_key=key),
+                                      xs))
                         conc[bsz].append((3 * n * bsz, time.perf_counter() - t0))
                 if time.perf_counter() - t_start > args.max_seconds:
                     print(f"time limit reached after {r + 1} rounds", file=sys.stderr)
@@ -134,7 +142,7 @@ def main() -> int:
     print("\n".join(rows))
     print(f"\n{len(samples[1]['local'])} batch-1 calls per path; model {spec.name} "
           f"({'-'.join(str(f.depth) for f in spec.fragments)} {spec.fragments[0].block}); "
-          f"variants: " + "; ".join(f"{v} = {VARIANTS[v] or 'defaults'}" for v in variants)
+          f"variants: " + "; ".join(f"{v} = {({**VARIANTS[v], **PROVIDER_VARIANTS.get(v, {})}) or 'defaults'}" for v in variants)
           + f"; loadavg {os.getloadavg()[0]:.1f}; {time.perf_counter() - t_start:.0f}s")
     return 0
 

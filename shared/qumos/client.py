@@ -8,6 +8,7 @@ benchmarks use.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +32,21 @@ def check_response(resp: httpx.Response) -> Any:
     return body
 
 
-def make_client(timeout: float = 30.0, **kwargs) -> httpx.Client:
+def make_client(timeout: float = 30.0, transport: str | None = None,
+                **kwargs) -> httpx.Client:
     """An `httpx.Client` on the lean HTTP/1.1 transport (`qumos.http11.SyncTransport`):
-    the same API, ~0.4 ms less per exchange than httpx's default transport
-    (`bench/bench_http_floor.py`). Any `httpx.Client` works with the functions here; this
-    one is what the CLI, the demo and the benchmarks use."""
+    the same API, ~0.1-0.5 ms less per exchange than httpx's default transport
+    (`bench/bench_http_floor.py`, docs/performance.md). `transport="httpcore"` (or the
+    environment's QUMOS_HTTP_TRANSPORT=httpcore) gives httpx's own transport instead.
+    Any `httpx.Client` works with the functions here; this one is what the CLI, the demo
+    and the benchmarks use."""
     import httpx
+
+    kind = transport or os.environ.get("QUMOS_HTTP_TRANSPORT", "qumos")
+    if kind == "httpcore":
+        return httpx.Client(timeout=timeout, **kwargs)
+    if kind != "qumos":
+        raise ValueError(f"transport: {kind!r}; allowed: 'qumos', 'httpcore'")
     from qumos.http11 import SyncTransport
 
     return httpx.Client(transport=SyncTransport(), timeout=timeout, **kwargs)
@@ -46,9 +56,9 @@ def create_key(orchestrator_url: str, admin_token: str, name: str, timeout: floa
                **quota) -> dict:
     """POST /v1/keys (admin): {"key": ..., "id": ..., ...}; the key is shown only here."""
     with make_client(timeout=timeout) as client:
-        return check_response(client.post(f"{orchestrator_url.rstrip('/')}/v1/keys",
-                                  json={"name": name, **quota},
-                                  headers={"Authorization": f"Bearer {admin_token}"}))
+        return check_response(client.post(
+            f"{orchestrator_url.rstrip('/')}/v1/keys", json={"name": name, **quota},
+            headers={"Authorization": f"Bearer {admin_token}"}))
 
 
 def predict(client, orchestrator_url: str, model: str, instances, shots: int | None = None,
@@ -85,10 +95,12 @@ def predict(client, orchestrator_url: str, model: str, instances, shots: int | N
 
 
 def wait_ready(urls: dict[str, str], timeout: float, check: Callable[[str], None] | None = None,
-               poll: float = 0.2) -> dict[str, float]:
+               poll: float = 0.2, detail: Callable[[list[str]], str] | None = None
+               ) -> dict[str, float]:
     """Poll every service's /readyz until all answer 200; the seconds each took.
     `check(name)` runs before each probe (e.g. raises when the service's process exited);
-    StackError naming the services still waiting, and their last answer, after `timeout`."""
+    after `timeout`, StackError naming the services still waiting, their last answer, and
+    `detail(waiting)` (e.g. a log tail)."""
     import httpx
 
     t0 = time.perf_counter()
@@ -109,7 +121,8 @@ def wait_ready(urls: dict[str, str], timeout: float, check: Callable[[str], None
                     last[name] = f"{type(e).__name__}: {e}"
             if waiting and time.perf_counter() - t0 > timeout:
                 raise StackError(f"not ready after {timeout:.0f}s: " + "; ".join(
-                    f"{n} ({last.get(n, 'no answer')})" for n in waiting))
+                    f"{n} ({last.get(n, 'no answer')})" for n in waiting)
+                    + (detail(list(waiting)) if detail else ""))
             if waiting:
                 time.sleep(poll)
     return took

@@ -239,14 +239,13 @@ class LocalStack:
                                  f"{s.proc.returncode if s.proc else '?'}); last lines "
                                  f"of {s.log_path}:\n{s.log_tail()}")
 
+        def log_tail(waiting: list[str]) -> str:
+            s = self.services[waiting[0]]
+            return f"; last lines of {s.log_path}:\n{s.log_tail()}"
+
         pending = list(names or self.services)
-        try:
-            wait_ready({n: self.services[n].url for n in pending}, timeout, check=alive)
-        except StackError as e:
-            if "exited during startup" in str(e):
-                raise
-            s = self.services[pending[0]]
-            raise StackError(f"{e}; last lines of {s.log_path}:\n{s.log_tail()}") from None
+        wait_ready({n: self.services[n].url for n in pending}, timeout, check=alive,
+                   detail=log_tail)
 
     def stop(self) -> None:
         for s in reversed(list(self.services.values())):
