@@ -8,8 +8,7 @@ For batch 1, 32 and 256: throughput (samples/s) of in-process Aer, of the HTTP c
 one client, and of the HTTP chain with 3 concurrent clients (the providers then work in
 parallel, as a pipeline); latency p50/p99 at batch 1. Each orchestrator variant (default:
 4 integrity canaries per provider call; no-canaries: the chain alone, as the issue's
-target defines it; 1-canary; httpcore: httpx's own transport instead of qumos.http11;
-no-fast-routes: FastAPI's routing for execute and predict, on every service) is its own
+target defines it; 1-canary; httpcore: httpx's own transport instead of qumos.http11) is its own
 stack, measured in the same interleaved rounds. Clients are `qumos.client.make_client()`
 (httpx on qumos.http11). Prints a markdown table with the ratios HTTP / in-process.
 Targets: >= 0.8 of in-process throughput at batch 256, <= 1.3x in-process latency at
@@ -45,10 +44,8 @@ VARIANTS = {
     "no-canaries": {"QUMOS_ORCH_CANARIES_PER_CALL": "0"},
     "1-canary": {"QUMOS_ORCH_CANARIES_PER_CALL": "1"},
     "httpcore": {"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"},  # httpx's own transport
-    # execute, predict and infer through FastAPI's routing (qumos.web.hot's fast path off)
-    "no-fast-routes": {"QUMOS_ORCH_FAST_ROUTES": "false"},
 }
-PROVIDER_VARIANTS = {"no-fast-routes": {"QUMOS_PROVIDER_FAST_ROUTES": "false"}}
+PROVIDER_VARIANTS: dict[str, dict[str, str]] = {}  # {variant: the providers' settings}
 
 
 def main() -> int:

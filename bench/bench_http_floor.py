@@ -4,17 +4,14 @@ sequential exchanges per prediction (client -> orchestrator, orchestrator -> 3 p
 
     python bench/bench_http_floor.py [--requests 1500]
 
-Three uvicorn processes on loopback answer the same POST (an execute-sized body: one row
-of 16 angles, an answer of 4 values) with a fixed answer and no work:
-- `fast path`: the route served the way the services serve execute and predict (a
-  `qumos.web.hot_route` on the fast path, behind the services' own stack from
-  `install_common`: metrics, body limit, in-flight limit, JSON errors) plus the bearer
-  check;
-- `FastAPI routing`: the same app with the fast path off (`fast_routes=False`, the
-  services' FAST_ROUTES=false): FastAPI's router and dependency solving serve the route;
+Two uvicorn processes on loopback answer the same POST (an execute-sized body: one row of
+16 angles, an answer of 4 values) with a fixed answer and no work:
+- `fastapi`: the route served the way the services serve execute and predict (a FastAPI
+  route, the bearer check as a dependency, behind the services' own stack from
+  `install_common`: metrics, body limit, in-flight limit, JSON errors);
 - `raw ASGI`: a bare ASGI callable that reads the body and answers: the least a Python
   HTTP server under uvicorn can do.
-Two clients send to all three, all six combinations alternating request by request so all see
+Two clients send to both, all four combinations alternating request by request so all see
 the same machine state: `httpx.Client()` with httpx's own transport (httpcore + h11), and
 `qumos.client.make_client()` (httpx on `qumos.http11.SyncTransport`). Prints p50/p99 per
 exchange and the ratios. Bounded: --requests per combination, after 200 warm-up requests.
@@ -31,30 +28,26 @@ import time
 
 import httpx
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from qumos.client import make_client
 from qumos.localstack import HOST, free_port
-from qumos.web import check_bearer, hot_route, install_common
+from qumos.web import bearer, install_common
 
 TOKEN = "bench-token"
 ANSWER = b'{"outputs": [[0.1, 0.2, 0.3, 0.4]]}'
 
 
-def fastapi_app(fast_routes: bool = True) -> FastAPI:
+def fastapi_app() -> FastAPI:
     app = FastAPI()
-    install_common(app, 8 * 1024 * 1024, max_inflight=64, fast_routes=fast_routes)
+    install_common(app, 8 * 1024 * 1024, max_inflight=64)
 
-    @hot_route(app, "POST", "/v1/fragments/{fragment_id}/execute")
+    @app.post("/v1/fragments/{fragment_id}/execute",
+              dependencies=[Depends(bearer(lambda: TOKEN))])
     async def execute(fragment_id: str, request: Request):
-        check_bearer(request, TOKEN)
         await request.body()
         return Response(ANSWER, media_type="application/json")
 
     return app
-
-
-def fastapi_routing_app() -> FastAPI:
-    return fastapi_app(fast_routes=False)
 
 
 async def raw_app(scope, receive, send):
@@ -72,8 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1500, help="timed requests per server")
     args = ap.parse_args()
-    servers = {"fast path": ("--factory", "bench_http_floor:fastapi_app"),
-               "FastAPI routing": ("--factory", "bench_http_floor:fastapi_routing_app"),
+    servers = {"fastapi": ("--factory", "bench_http_floor:fastapi_app"),
                "raw ASGI": ("bench_http_floor:raw_app",)}
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
@@ -92,7 +84,7 @@ def main() -> int:
         clients = {"httpx default": httpx.Client(timeout=10), "make_client": make_client(10)}
         times = {(s, c): [] for s in servers for c in clients}
         deadline = time.monotonic() + 60
-        for name, port in ports.items():  # wait until all answer
+        for name, port in ports.items():  # wait until both answer
             while True:
                 try:
                     clients["httpx default"].post(
@@ -118,9 +110,8 @@ def main() -> int:
         for p in procs:
             p.wait(10)
     ms = {k: np.array(t) * 1e3 for k, t in times.items()}
-    base = ms[("FastAPI routing", "httpx default")]
-    print("| one HTTP exchange | client | p50 (ms) | p99 (ms) | p50 / FastAPI routing + httpx "
-          "default |")
+    base = ms[("fastapi", "httpx default")]
+    print("| one HTTP exchange | client | p50 (ms) | p99 (ms) | p50 / fastapi + httpx default |")
     print("|---|---|---|---|---|")
     for (name, cname), v in ms.items():
         print(f"| {name} | {cname} | {np.percentile(v, 50):.3f} | {np.percentile(v, 99):.3f} "

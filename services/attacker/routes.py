@@ -1,12 +1,12 @@
-"""The attacker's HTTP routes: each checks the caller and the body, calls one method of
-`AttackerState`, and returns its answer."""
+"""The attacker's HTTP routes: each checks the caller (a dependency) and the body, calls
+one method of `AttackerState`, and returns its answer."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from qumos.web import (
     add_health_routes,
-    check_bearer,
+    bearer,
     document_request_bodies,
     error_responses,
     parse_body,
@@ -22,9 +22,9 @@ def add_routes(app: FastAPI, state: AttackerState) -> None:
     add_health_routes(app, state.readiness)
 
     @app.post("/v1/attacks", status_code=202, response_model=Job,
-              responses=error_responses(401, 403, 409, 413, 422, 503))
+              responses=error_responses(401, 403, 409, 413, 422, 503),
+              dependencies=[Depends(bearer(lambda: state.admin_token))])
     async def submit(request: Request):
-        check_bearer(request, state.admin_token)
         state.check_room()
         return await state.submit(await parse_body(request, AttackRequest))
 

@@ -101,8 +101,7 @@ def create_app(settings: OrchestratorSettings | None = None,
 
     app = FastAPI(title="QuMoS orchestrator", lifespan=lifespan)
     app.state.orchestrator = orch
-    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight,
-                   fast_routes=settings.fast_routes)
+    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
     add_metrics(orch, app.state.metrics_registry)
     add_routes(app, orch)
     return app

@@ -1,19 +1,18 @@
-"""The orchestrator's HTTP routes: each checks the caller and the body, calls one method
-of `Orchestrator`, and returns its answer. Predict and infer are hot routes
-(`qumos.web.hot`)."""
+"""The orchestrator's HTTP routes: each checks the caller (a dependency, for the admin
+routes; predict and infer check client API keys in `Orchestrator.serve`) and the body,
+calls one method of `Orchestrator`, and returns its answer."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from qumos import oip
 from qumos.defense.policy import OutputPolicy
 from qumos.spec import ModelSpec
 from qumos.web import (
     add_health_routes,
-    check_bearer,
+    bearer,
     document_request_bodies,
     error_responses,
-    hot_route,
     json_response,
     parse_body,
 )
@@ -44,33 +43,28 @@ def add_routes(app: FastAPI, orch: Orchestrator) -> None:
                                   ("/v2/models/{name}/versions/{version}/infer", "post"):
                                       V2InferRequest})
     serving = error_responses(401, 403, 404, 413, 422, 429, 502, 503, 504)
-    admin = error_responses(401, 403)
-
-    def is_admin(request: Request) -> None:
-        check_bearer(request, orch.admin_token)
+    admin_only = [Depends(bearer(lambda: orch.admin_token))]
 
     add_health_routes(app, orch.readiness)
 
     # ----- models -----------------------------------------------------------------------
     @app.put("/v1/models/{name}", status_code=201, response_model=ModelInfo,
-             responses=error_responses(401, 403, 413, 422, 503, 507))
+             responses=error_responses(401, 403, 413, 422, 503, 507), dependencies=admin_only)
     async def register(name: str, request: Request):
-        is_admin(request)
         return json_response(await orch.register(name, await request.body()), status=201)
 
     @app.put("/v1/models/{name}/canaries", response_model=ModelInfo,
-             responses=error_responses(401, 403, 404, 413, 422, 503, 507))
+             responses=error_responses(401, 403, 404, 413, 422, 503, 507),
+             dependencies=admin_only)
     async def register_canaries(name: str, request: Request):
-        is_admin(request)
         orch.model(name)  # 404 before the body is read
         req = await parse_body(request, CanaryRequest)
         return json_response(await orch.register_canaries(name, req))
 
     @app.put("/v1/models/{name}/policy", response_model=ModelInfo,
-             responses=error_responses(401, 403, 404, 413, 422, 507))
+             responses=error_responses(401, 403, 404, 413, 422, 507), dependencies=admin_only)
     async def set_policy(name: str, request: Request):
         """Change a model's output policy (admin); canaries and fragments stay."""
-        is_admin(request)
         orch.model(name)
         return json_response(await orch.set_policy(name, await parse_body(request,
                                                                           OutputPolicy)))
@@ -84,29 +78,26 @@ def add_routes(app: FastAPI, orch: Orchestrator) -> None:
         return json_response(orch.info(name))
 
     # ----- client API keys (admin) -----------------------------------------------------
-    @app.post("/v1/keys", status_code=201, responses=error_responses(401, 403, 422, 507))
+    @app.post("/v1/keys", status_code=201, responses=error_responses(401, 403, 422, 507),
+              dependencies=admin_only)
     async def create_key(request: Request):
-        is_admin(request)
         return await orch.create_key(await parse_body(request, KeyCreateRequest))
 
-    @app.get("/v1/keys", responses=admin)
-    async def list_keys(request: Request):
-        is_admin(request)
+    @app.get("/v1/keys", responses=error_responses(401, 403), dependencies=admin_only)
+    async def list_keys():
         return orch.list_keys()
 
-    @app.get("/v1/keys/flagged", responses=admin)
-    async def flagged_keys(request: Request):
-        is_admin(request)
+    @app.get("/v1/keys/flagged", responses=error_responses(401, 403), dependencies=admin_only)
+    async def flagged_keys():
         return orch.flagged_keys()
 
-    @app.delete("/v1/keys/{key}", responses=error_responses(401, 403, 404, 422, 507))
-    async def revoke_key(key: str, request: Request):
-        is_admin(request)
+    @app.delete("/v1/keys/{key}", responses=error_responses(401, 403, 404, 422, 507),
+                dependencies=admin_only)
+    async def revoke_key(key: str):
         return await orch.revoke_key(key)
 
     # ----- predictions -----------------------------------------------------------------
-    @hot_route(app, "POST", "/v1/models/{name}/predict", response_model=PredictResponse,
-               responses=serving)
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=serving)
     async def predict(name: str, request: Request):
         orch.model(name)  # 404 before the body is read
         req = await parse_body(request, PredictRequest)
@@ -167,13 +158,13 @@ def add_routes(app: FastAPI, orch: Orchestrator) -> None:
                                             request.headers.get("authorization"))
         return Response(body, headers=headers)
 
-    @hot_route(app, "POST", "/v2/models/{name}/infer", response_model=V2InferResponse,
-               responses={**BINARY_OUT, **oip_serving})
+    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse,
+              responses={**BINARY_OUT, **oip_serving})
     async def v2_infer(name: str, request: Request):
         return await infer(name, None, request)
 
-    @hot_route(app, "POST", "/v2/models/{name}/versions/{version}/infer",
-               response_model=V2InferResponse, responses={**BINARY_OUT, **oip_serving})
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
+              responses={**BINARY_OUT, **oip_serving})
     async def v2_infer_version(name: str, version: str, request: Request):
         return await infer(name, version, request)
 

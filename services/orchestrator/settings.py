@@ -54,8 +54,6 @@ class OrchestratorSettings(BaseSettings):
                              "its rows by repeating them)")
     quota_flush_s: float = Field(0.5, gt=0, le=60, description="quota counters are written "
                                  "at most this often (and at shutdown)")
-    fast_routes: bool = Field(True, description="serve predict and infer on the fast path "
-                              "(qumos.web.hot); false: through FastAPI's routing")
 
     @model_validator(mode="after")
     def _canary_room(self):

@@ -77,8 +77,7 @@ def create_app(settings: ProviderSettings | None = None) -> FastAPI:
 
     app = FastAPI(title=f"QuMoS provider {settings.name}", lifespan=lifespan)
     app.state.provider = state
-    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight,
-                   fast_routes=settings.fast_routes)
+    install_common(app, settings.max_body_bytes, max_inflight=settings.max_inflight)
     from prometheus_client import Counter
 
     state.log_failure_counter = Counter(

@@ -30,5 +30,3 @@ class ProviderSettings(BaseSettings):
     max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
     access_log_required: bool = Field(False, description="refuse (507) an answer whose "
                                       "access-log line cannot be written")
-    fast_routes: bool = Field(True, description="serve execute on the fast path "
-                              "(qumos.web.hot); false: through FastAPI's routing")

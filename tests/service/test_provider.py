@@ -218,7 +218,7 @@ async def test_small_exact_batches_run_on_the_loop_others_in_threads(tmp_path, a
 
 
 async def test_hot_route_errors_metrics_and_schema(tmp_path, artifact, monkeypatch):
-    """execute is served by webcommon.HotRoutes: its errors are the services' JSON errors
+    """execute's errors are the services' JSON errors
     (an unexpected exception is a logged 500 and the service stays up), its metrics carry
     the route template, and it stays in the OpenAPI schema."""
     import qumos.quantum

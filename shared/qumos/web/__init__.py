@@ -3,7 +3,6 @@
     qumos.web.app          install_common, check_bearer, parse_body, json_response, ...
     qumos.web.errors       the JSON error bodies and the exception handlers
     qumos.web.middleware   body limit, in-flight limit, request metrics
-    qumos.web.hot          the fast path of the routes on every prediction's path
 
 What a request can end in. Error bodies are `{"error": {"type", "message", "field"?}}`,
 except under /v2 (the Open Inference Protocol) where they are the protocol's
@@ -23,12 +22,13 @@ BodyTooLarge); here is how each reaches the client:
     overload                503 "overloaded" + Retry-After, never queued (in-flight limit)
     any other exception     500 "internal" (logged with its traceback, never sent)
 
-Hot routes (`qumos.web.hot`) go through the same handlers, so a route answers the same on
-the fast path and on FastAPI's.
+Every route is an ordinary FastAPI route (docs/performance.md: a hand-written fast path
+for the prediction routes gained no measurable latency and was removed).
 """
 
 from qumos.web.app import (
     add_health_routes,
+    bearer,
     check_bearer,
     document_request_bodies,
     freeze_startup_heap,
@@ -37,7 +37,7 @@ from qumos.web.app import (
     parse_body,
 )
 from qumos.web.errors import error_responses
-from qumos.web.hot import hot_route
 
-__all__ = ["add_health_routes", "check_bearer", "document_request_bodies", "error_responses",
-           "freeze_startup_heap", "hot_route", "install_common", "json_response", "parse_body"]
+__all__ = ["add_health_routes", "bearer", "check_bearer", "document_request_bodies",
+           "error_responses", "freeze_startup_heap", "install_common", "json_response",
+           "parse_body"]

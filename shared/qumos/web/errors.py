@@ -89,18 +89,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unhandled_error)
 
 
-async def handle_exception(request: Request, exc: Exception):
-    """The response the app's exception handlers give `exc` (the handler of the nearest
-    class in its MRO; 500 "internal" when none): for code that runs outside FastAPI's
-    exception middleware (`qumos.web.hot`)."""
-    handlers = request.app.exception_handlers
-    for cls in type(exc).__mro__:
-        handler = handlers.get(cls)
-        if handler is not None:
-            return await handler(request, exc)
-    return internal_error(request.scope, exc)
-
-
 # Responses every documented endpoint may give (for the OpenAPI schema).
 ERROR_DESCRIPTIONS = {
     401: "no credentials", 403: "wrong credentials", 404: "unknown model, fragment or job",

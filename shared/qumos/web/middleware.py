@@ -1,5 +1,5 @@
-"""The services' ASGI middleware: body-size limit, in-flight limit, Prometheus request
-metrics, and quiet health checks in the access log. Plain ASGI (each costs a few
+"""The services' ASGI middleware: unhandled errors, body-size limit, in-flight limit,
+Prometheus request metrics, and quiet health checks in the access log. Plain ASGI (each costs a few
 hundredths of a millisecond per request)."""
 
 from __future__ import annotations
@@ -9,7 +9,34 @@ import time
 from collections.abc import Callable
 
 from qumos.errors import BodyTooLarge
-from qumos.web.errors import error_json
+from qumos.web.errors import error_json, internal_error
+
+
+class InternalErrorMiddleware:
+    """Innermost: an exception that no handler took (a bug) becomes the 500 "internal"
+    answer here, logged with its traceback, instead of propagating to the server; the
+    service stays up and the request is counted as a 5xx like any other."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # nothing escapes unanswered
+            if started:
+                raise
+            await internal_error(scope, e)(scope, receive, send)
 
 
 class BodyLimitMiddleware:
