@@ -12,6 +12,18 @@ from qumos.errors import BodyTooLarge
 from qumos.web.errors import error_json, internal_error
 
 
+class Sent:
+    """`send`, noting the response's status once its start was sent (None before)."""
+
+    def __init__(self, send):
+        self.send, self.status = send, None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class InternalErrorMiddleware:
     """Innermost: an exception that no handler took (a bug) becomes the 500 "internal"
     answer here, logged with its traceback, instead of propagating to the server; the
@@ -23,18 +35,11 @@ class InternalErrorMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        sent = Sent(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, sent)
         except Exception as e:  # nothing escapes unanswered
-            if started:
+            if sent.status is not None:
                 raise
             await internal_error(scope, e)(scope, receive, send)
 
@@ -61,7 +66,6 @@ class BodyLimitMiddleware:
                                       path=scope.get("path"))
                     return await resp(scope, receive, send)
         received = 0
-        started = False
 
         async def limited_receive():
             nonlocal received
@@ -72,16 +76,11 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.limit)
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        sent = Sent(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, sent)
         except BodyTooLarge as e:
-            if started:
+            if sent.status is not None:
                 raise
             resp = error_json(413, e.type, e.message, e.field, path=scope.get("path"))
             await resp(scope, receive, send)
@@ -152,18 +151,12 @@ class MetricsMiddleware:
         if scope["type"] != "http" or scope.get("path") in self.excluded:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500
-
-        async def tracking_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sent = Sent(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, sent)
         finally:
             route = scope.get("route")
+            status = 500 if sent.status is None else sent.status
             key = (getattr(route, "path", "none"), scope.get("method", ""), status // 100)
             child = self._children.get(key)
             if child is None:
