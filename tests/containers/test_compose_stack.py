@@ -225,7 +225,7 @@ def test_predictions_through_published_port_match_in_process(stack, demo, small_
 def test_each_provider_volume_holds_only_its_own_fragment(stack, demo):
     for k, name in enumerate(PROVIDERS):
         out = docker("run", "--rm", "--network", "none", "-v",
-                     f"{stack.volume(name + '-data')}:/d:ro", "qumos-provider:latest",
+                     f"{stack.volume(name + '-data')}:/d:ro", f"qumos-provider:{os.environ.get('QUMOS_IMAGE_TAG', 'latest')}",
                      "python3", "-c",
                      "import json, pathlib; r = pathlib.Path('/d'); print(json.dumps({"
                      "'files': sorted(str(p.relative_to(r)) for p in r.rglob('*') "
@@ -243,7 +243,7 @@ def test_each_provider_volume_holds_only_its_own_fragment(stack, demo):
         assert frag["fragment"]["params"], "a deployed fragment holds its weights"
     # the orchestrator's volume holds no fragment weights
     out = docker("run", "--rm", "--network", "none", "-v",
-                 f"{stack.volume('orchestrator-data')}:/d:ro", "qumos-provider:latest",
+                 f"{stack.volume('orchestrator-data')}:/d:ro", f"qumos-provider:{os.environ.get('QUMOS_IMAGE_TAG', 'latest')}",
                  "python3", "-c", "import json, pathlib; print(json.dumps([json.loads("
                  "p.read_text()) for p in pathlib.Path('/d').rglob('*.json')]))").stdout
     files = json.loads(out)
