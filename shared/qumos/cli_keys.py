@@ -5,6 +5,7 @@ orchestrator keeps only a salted hash. Bad arguments and refused calls exit 2.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -69,15 +70,21 @@ def create(
     emit(res, as_json, f"{res['key']}\n(key {res['id']} for {res['name']}; shown only now)")
 
 
+def _show(orchestrator: str, admin_token_file: Path, path: str, as_json: bool,
+          human: Callable[[dict], str]) -> None:
+    """GET `path` of the admin API and print it (`human(answer)` without --json)."""
+    try:
+        res = _call("GET", orchestrator, admin_token_file, path)
+    except QumosError as e:
+        fail(e)
+    emit(res, as_json, human(res))
+
+
 @keys_app.command("list")
 def list_keys(orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
               as_json: bool = JSON) -> None:
     """List keys by id, never the keys themselves."""
-    try:
-        res = _call("GET", orchestrator, admin_token_file, "/v1/keys")
-    except QumosError as e:
-        fail(e)
-    emit(res, as_json, "\n".join(
+    _show(orchestrator, admin_token_file, "/v1/keys", as_json, lambda res: "\n".join(
         f"{k['id']}  {k['name']:20}  {'revoked' if k['revoked'] else 'active':8} "
         f"{'FLAGGED ' if k['flagged'] else ''}quota {json.dumps(k['quota'])}"
         for k in res["keys"]) or "(no keys)")
@@ -105,9 +112,6 @@ def revoke(key_id: str = typer.Argument(..., help="qk_<id> as `keys list` shows"
 def flagged(orchestrator: str = ORCH, admin_token_file: Path = ADMIN,
             as_json: bool = JSON) -> None:
     """Keys the extraction monitor flagged, and why."""
-    try:
-        res = _call("GET", orchestrator, admin_token_file, "/v1/keys/flagged")
-    except QumosError as e:
-        fail(e)
-    emit(res, as_json, "\n".join(f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}"
-                                 for k in res["flagged"]) or "(no flagged keys)")
+    _show(orchestrator, admin_token_file, "/v1/keys/flagged", as_json, lambda res: "\n".join(
+        f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}" for k in res["flagged"])
+        or "(no flagged keys)")

@@ -22,6 +22,10 @@ from qumos.errors import QumosError
 commands = typer.Typer()  # added to the `qumos` app by qumos.cli
 
 DEFAULT_WORKDIR = Path("runs/local")
+# options that `up` and `demo` share
+WORKDIR = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs")
+PORT = typer.Option(8100, help="orchestrator port; providers use the next ones")
+EPOCHS = typer.Option(30, min=1, help="training epochs if the model is missing")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -151,9 +155,7 @@ def deploy(
 @commands.command()
 def up(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model to deploy (trained if missing)"),
-    workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
-    port: int = typer.Option(8100, help="orchestrator port; providers use the next ones"),
-    epochs: int = typer.Option(30, min=1, help="training epochs if the model is missing"),
+    workdir: Path = WORKDIR, port: int = PORT, epochs: int = EPOCHS,
     no_deploy: bool = typer.Option(False, "--no-deploy", help="start the services only"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -229,9 +231,7 @@ def _demo(stack, art, batch: int) -> dict:
 @commands.command()
 def demo(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model (trained here if missing)"),
-    workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
-    port: int = typer.Option(8100, help="orchestrator port; providers use the next ones"),
-    epochs: int = typer.Option(30, min=1, help="training epochs if the model is missing"),
+    workdir: Path = WORKDIR, port: int = PORT, epochs: int = EPOCHS,
     batch: int = typer.Option(32, min=1, max=1024, help="images per predict call"),
     attack: bool = typer.Option(True, help="breach each provider in turn and report"),
     attack_seeds: str = typer.Option("0,1", help="attacker seeds, comma-separated"),
