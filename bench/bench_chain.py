@@ -45,6 +45,7 @@ VARIANTS = {
     "1-canary": {"QUMOS_ORCH_CANARIES_PER_CALL": "1"},
     "httpcore": {"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"},  # httpx's own transport
 }
+PROVIDER_VARIANTS: dict[str, dict[str, str]] = {}  # {variant: the providers' settings}
 
 
 def main() -> int:
@@ -75,25 +76,31 @@ def main() -> int:
     samples = {b: {p: [] for p in paths} for b in CALLS}
     conc = {b: [] for b in CALLS}  # 3 concurrent clients, first variant
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stacks:
-        urls = {}
+        urls, keys = {}, {}  # predict needs a client API key (the stack makes one)
         for v in variants:
+            penv = PROVIDER_VARIANTS.get(v, {})
             stack = stacks.enter_context(
                 stack_on_free_ports(
-                    Path(tmp) / v, with_attacker=False, orchestrator_env=VARIANTS[v]
+                    Path(tmp) / v,
+                    with_attacker=False,
+                    orchestrator_env=VARIANTS[v],
+                    provider_env={p: penv for p in spec.placement},
                 )
             )
             stack.deploy(art)
-            urls[v] = stack.orchestrator_url
+            urls[v], keys[v] = stack.orchestrator_url, stack.client_key
         with make_client(timeout=120) as client:
             calls = {"local": in_process}
             for v, url in urls.items():
-                calls[v] = lambda x, url=url: predict(client, url, spec.name, x)
+                calls[v] = lambda x, url=url, key=keys[v]: predict(
+                    client, url, spec.name, x, api_key=key
+                )
             # warm up every path; check they agree
             a = in_process(raw[:8])
             for v in variants:
                 b = np.array(calls[v](raw[:8]).probabilities)
                 assert np.abs(a - b).max() < 1e-6, (v, np.abs(a - b).max())
-            # The services freeze their start-up heap (webcommon.freeze_startup_heap); so
+            # The services freeze their start-up heap (qumos.web's freeze_startup_heap); so
             # does this process, which runs the in-process side and the clients: a full
             # garbage collection over qiskit's objects would otherwise land in some cell.
             gc.collect()
@@ -108,10 +115,14 @@ def main() -> int:
                             calls[p](x)
                             samples[bsz][p].append(time.perf_counter() - t0)
                     xs = [raw[rng.choice(len(raw), bsz, replace=False)] for _ in range(3 * n)]
-                    url = urls[variants[0]]
+                    url, key = urls[variants[0]], keys[variants[0]]
                     with ThreadPoolExecutor(3) as pool, make_client(timeout=120) as c2:
                         t0 = time.perf_counter()
-                        list(pool.map(lambda x, url=url: predict(c2, url, spec.name, x), xs))
+                        list(
+                            pool.map(
+                                lambda x, u=url, k=key: predict(c2, u, spec.name, x, api_key=k), xs
+                            )
+                        )
                         conc[bsz].append((3 * n * bsz, time.perf_counter() - t0))
                 if time.perf_counter() - t_start > args.max_seconds:
                     print(f"time limit reached after {r + 1} rounds", file=sys.stderr)
@@ -149,7 +160,10 @@ def main() -> int:
         f"\n{len(samples[1]['local'])} batch-1 calls per path; model {spec.name} "
         f"({'-'.join(str(f.depth) for f in spec.fragments)} {spec.fragments[0].block}); "
         f"variants: "
-        + "; ".join(f"{v} = {VARIANTS[v] or 'defaults'}" for v in variants)
+        + "; ".join(
+            f"{v} = {({**VARIANTS[v], **PROVIDER_VARIANTS.get(v, {})}) or 'defaults'}"
+            for v in variants
+        )
         + f"; loadavg {os.getloadavg()[0]:.1f}; {time.perf_counter() - t_start:.0f}s"
     )
     return 0

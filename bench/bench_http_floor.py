@@ -6,9 +6,9 @@ sequential exchanges per prediction (client -> orchestrator, orchestrator -> 3 p
 
 Two uvicorn processes on loopback answer the same POST (an execute-sized body: one row of
 16 angles, an answer of 4 values) with a fixed answer and no work:
-- `fastapi`: the route served the way the services serve execute and predict (a
-  `webcommon.hot_route` behind the services' own stack from `install_common`: metrics,
-  body limit, in-flight limit, JSON errors) plus the bearer check;
+- `fastapi`: the route served the way the services serve execute and predict (a FastAPI
+  route, the bearer check as a dependency, behind the services' own stack from
+  `install_common`: metrics, body limit, in-flight limit, JSON errors);
 - `raw ASGI`: a bare ASGI callable that reads the body and answers: the least a Python
   HTTP server under uvicorn can do.
 Two clients send to both, all four combinations alternating request by request so all see
@@ -28,10 +28,10 @@ import time
 
 import httpx
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from qumos.client import make_client
 from qumos.localstack import HOST, free_port
-from qumos.webcommon import check_bearer, hot_route, install_common
+from qumos.web import bearer, install_common
 
 TOKEN = "bench-token"
 ANSWER = b'{"outputs": [[0.1, 0.2, 0.3, 0.4]]}'
@@ -41,9 +41,8 @@ def fastapi_app() -> FastAPI:
     app = FastAPI()
     install_common(app, 8 * 1024 * 1024, max_inflight=64)
 
-    @hot_route(app, "POST", "/v1/fragments/{fragment_id}/execute")
+    @app.post("/v1/fragments/{fragment_id}/execute", dependencies=[Depends(bearer(lambda: TOKEN))])
     async def execute(fragment_id: str, request: Request):
-        check_bearer(request, TOKEN)
         await request.body()
         return Response(ANSWER, media_type="application/json")
 

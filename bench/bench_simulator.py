@@ -1,6 +1,6 @@
 """Forward+backward throughput of the torch simulator against PennyLane and the flop floor.
 
-    python bench/bench_simulator.py                  # the table in results/simulator-speed.md
+    python bench/bench_simulator.py                  # the table in the README
     python bench/bench_simulator.py --min-time 0.2   # quicker, noisier
 
 What is timed, per (fragment, batch B): one training-style step on fixed random inputs
@@ -40,7 +40,6 @@ import statistics
 import time
 
 import numpy as np
-import pennylane as qml
 import torch
 from qumos import kernels
 from qumos.spec import FragmentSpec
@@ -61,6 +60,8 @@ def _pl_gate(op, angles):
     qubit, so the outputs are the same. Two-qubit gates: in both conventions the op's
     first wire is the more significant index of the 4x4 matrix, so matrices carry over.
     """
+    import pennylane as qml
+
     g, w = op.gate, list(op.wires)
     if g == "rx":
         return qml.RX(angles[0], wires=w)
@@ -88,6 +89,8 @@ def _pl_gate(op, angles):
 
 def pennylane_sim(spec: FragmentSpec):
     """(x (B, n_inputs), w (n_params,)) -> (B, n_qubits) <Z_q>, broadcast over the batch."""
+    import pennylane as qml  # the bench extra; --skip-pennylane runs without it
+
     dev = qml.device("default.qubit", wires=spec.n_qubits)
     ops = spec.ops()
 
@@ -181,8 +184,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    qml_version = "skipped" if args.skip_pennylane else __import__("pennylane").__version__
     print(
-        f"torch {torch.__version__}, pennylane {qml.__version__}, "
+        f"torch {torch.__version__}, pennylane {qml_version}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"thread(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     )

@@ -44,8 +44,8 @@ def small_artifact(path: Path):
 
 
 async def run(args) -> list[dict]:
-    from qumos.client import make_canaries
     from qumos.datasets import load_task
+    from qumos.deploy import make_canaries
 
     from tests.support.services import company_stack, deploy_inprocess
     from tests.support.tamper import TamperingTransport

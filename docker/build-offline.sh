@@ -7,8 +7,9 @@
 #      host with the host's pip, at the versions of requirements.lock; skipped if it
 #      already holds this pyproject's requirements at those versions)
 #   3. the compose secrets (docker/make-secrets.sh; existing tokens are kept)
-#   4. the images qumos-provider, qumos-orchestrator, qumos-attacker from the same
-#      Dockerfiles an online build uses, with --build-arg PIP_NO_INDEX=1 (wheelhouse only).
+#   4. the images qumos-provider, qumos-orchestrator, qumos-attacker from the Dockerfile
+#      an online build uses (--build-arg SERVICE=...), with --build-arg PIP_NO_INDEX=1
+#      (wheelhouse only).
 #   5. removes the images those builds superseded (dangling, label org.qumos.project=qumos)
 # Afterwards `docker compose up` (or `docker-compose up`) starts the stack from them.
 #
@@ -74,9 +75,9 @@ for img in "${IMAGES[@]}"; do
     s=$(date +%s)
     # the build stage gets a tag too (a cache hit, no rebuild), so that only superseded
     # stages are left dangling for the clean-up below and the next build keeps its cache
-    if docker build --build-arg PIP_NO_INDEX=1 -f "services/$img/Dockerfile" \
-         -t "qumos-$img:$TAG" . >"/tmp/qumos-build/$img.log" 2>&1 \
-       && docker build --build-arg PIP_NO_INDEX=1 -f "services/$img/Dockerfile" --target build \
+    args=(--build-arg PIP_NO_INDEX=1 --build-arg "SERVICE=$img" -f Dockerfile)
+    if docker build "${args[@]}" -t "qumos-$img:$TAG" . >"/tmp/qumos-build/$img.log" 2>&1 \
+       && docker build "${args[@]}" --target build \
          -t "qumos-$img-build:$TAG" . >>"/tmp/qumos-build/$img.log" 2>&1; then
       log "image qumos-$img:$TAG built ($(since "$s")), $(docker image inspect -f '{{.Size}}' "qumos-$img:$TAG" | awk '{printf "%.0f MB", $1/1e6}')"
     else

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from qumos.errors import ArtifactError
-from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec, format_validation_error
+from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec
+from qumos.wire import format_validation_error
 
 FORMAT = "qumos-artifact"
 

@@ -2,15 +2,21 @@
 
 The orchestrator runs inference with these functions and never imports torch; the torch
 model (`qumos.model`) implements the same maps differentiably, and tests check that the
-two agree.
+two agree. The order of the chain (fragment, glue, fragment, ..., head) is written once,
+`chain_steps`, and driven by the in-process models, the orchestrator and the deploy's
+canaries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 from qumos.spec import GlueSpec, HeadSpec, ModelSpec, PreprocessSpec
+
+T = TypeVar("T")
 
 
 def preprocess(raw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -54,11 +60,49 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def chain_steps(encode: Callable[[T], T], glues: Sequence[Callable[[T, T], T]],
+                features: T) -> Generator[tuple[int, T], T, T]:
+    """The chain, once for every backend (numpy here, torch in `qumos.model`, the
+    orchestrator's providers over HTTP): a generator that yields (k, fragment k's input
+    angles), is sent fragment k's outputs, and returns the last fragment's outputs.
+    `encode(features)` gives fragment 0's angles, `glues[k](h, features)` fragment k+1's.
+    Drive it with `drive` (a function per fragment) or, asynchronously, `adrive`."""
+    h = yield 0, encode(features)
+    for k, g in enumerate(glues):
+        h = yield k + 1, g(h, features)
+    return h
+
+
+def drive(steps: Generator[tuple[int, T], T, T], fragment: Callable[[int, T], T]) -> T:
+    """Run `chain_steps` with `fragment(k, angles) -> outputs`; the last outputs."""
+    k, x = next(steps)
+    while True:
+        try:
+            k, x = steps.send(fragment(k, x))
+        except StopIteration as done:
+            return done.value
+
+
+async def adrive(steps: Generator[tuple[int, T], T, T],
+                 fragment: Callable[[int, T], Awaitable[T]]) -> T:
+    """`drive` with an async `fragment` (the orchestrator's provider calls)."""
+    k, x = next(steps)
+    while True:
+        try:
+            k, x = steps.send(await fragment(k, x))
+        except StopIteration as done:
+            return done.value
+
+
+def numpy_steps(spec: ModelSpec, features: np.ndarray
+                ) -> Generator[tuple[int, np.ndarray], np.ndarray, np.ndarray]:
+    """`chain_steps` with the company's numpy glue of `spec`."""
+    return chain_steps(lambda f: encode_inputs(spec, f),
+                       [partial(glue_forward, g) for g in spec.glue], features)
+
+
 def run_chain(spec: ModelSpec, features: np.ndarray,
               fragment: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
     """Class probabilities (B, C) of features (B, 16), with `fragment(k, angles)`
-    executing fragment k (on Aer, over HTTP, ...)."""
-    h = fragment(0, encode_inputs(spec, features))
-    for k, g in enumerate(spec.glue):
-        h = fragment(k + 1, glue_forward(g, h, features))
-    return softmax(head_forward(spec.head, h))
+    executing fragment k (on Aer, the torch simulator, ...)."""
+    return softmax(head_forward(spec.head, drive(numpy_steps(spec, features), fragment)))

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import typer
+from qumos.cli_common import DEFAULT_ARTIFACT, console, emit, fail, progress_bar
 from qumos.errors import QumosError
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 # Plain click help (rich_markup_mode=None): no "<bool>" placeholders on flags; each
 # command's summary is its docstring's first sentence, whole (`_summaries`).
@@ -21,125 +20,6 @@ app = typer.Typer(
     context_settings={"max_content_width": 100},
     help="QuMoS: split a QNN across quantum providers and measure its theft.",
 )
-console = Console(stderr=True)
-
-DEFAULT_ARTIFACT = Path("artifacts/default")
-
-
-def emit(result: dict, as_json: bool, human: str | None = None) -> None:
-    """Print the command's result: one JSON object with --json, else readable text."""
-    if as_json:
-        print(json.dumps(result, default=str))
-    elif human:
-        Console(soft_wrap=True).print(human, markup=False, highlight=False)
-
-
-def _json_mode() -> bool:
-    """Did the running command get --json? (Its parameter is `as_json` everywhere.)"""
-    try:  # typer >= 0.20 carries its own copy of click
-        from typer._click.globals import get_current_context
-    except ImportError:  # pragma: no cover
-        from click import get_current_context  # type: ignore[no-redef]
-    ctx = get_current_context(silent=True)
-    if ctx is not None:
-        return bool(ctx.params.get("as_json"))
-    return "--json" in sys.argv[1:]
-
-
-def fail(e: Exception) -> None:
-    """Exit 2 with the error: on stderr as text, and with --json also as one JSON object
-    on stdout, {"error": {"type", "message"}}."""
-    if _json_mode():
-        print(json.dumps({"error": {"type": type(e).__name__, "message": str(e)}}))
-    console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
-
-
-class PlainProgress:
-    """`Progress`'s API for output that is not a terminal (a log, CI, a pipe): a plain
-    line when a task advances, at most every `every` seconds (and when it finishes),
-    instead of a bar that renders as blank lines."""
-
-    def __init__(self, every: float = 5.0):
-        self.every = every
-        self.tasks: dict[int, dict] = {}
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def add_task(self, description: str, total: float | None = None, **fields) -> TaskID:
-        tid = len(self.tasks)
-        self.tasks[tid] = {
-            "description": description,
-            "total": total,
-            "completed": 0,
-            "t0": time.monotonic(),
-            "printed": 0.0,
-            "fields": fields,
-        }
-        console.print(f"{description} ...", markup=False, highlight=False, soft_wrap=True)
-        return TaskID(tid)
-
-    def update(
-        self,
-        tid: int,
-        completed: float | None = None,
-        total: float | None = None,
-        advance: float | None = None,
-        **fields,
-    ) -> None:
-        t = self.tasks[tid]
-        before = t["completed"]
-        if total is not None:
-            t["total"] = total
-        if advance is not None:
-            t["completed"] += advance
-        if completed is not None:
-            t["completed"] = completed
-        t["fields"].update(fields)
-        now = time.monotonic()
-        done = t["total"] is not None and t["completed"] >= t["total"]
-        if t["completed"] != before and (done or now - t["printed"] >= self.every):
-            t["printed"] = now
-            total_s = "?" if t["total"] is None else f"{t['total']:g}"
-            console.print(
-                f"{t['description']}: {t['completed']:g}/{total_s} "
-                f"{t['fields'].get('info', '')} ({now - t['t0']:.0f}s)".rstrip(),
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
-
-
-def progress_bar(transient: bool = True) -> Progress | PlainProgress:
-    """A progress bar on a terminal; plain progress lines otherwise."""
-    if not console.is_terminal:
-        return PlainProgress()
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=transient,
-    )
-
-
-def attack_progress(bar, tid):
-    """A qumos.attack progress callback showing seed, breach, strategy and epoch."""
-
-    def prog(i: dict) -> None:
-        bar.update(
-            tid,
-            completed=i.get("done", 0),
-            info=f"seed {i.get('seed')} {i.get('provider') or ''} "
-            f"{i.get('strategy') or ''} epoch {i.get('epoch', '-')}",
-        )
-
-    return prog
 
 
 def load_design_file(path: Path):
@@ -343,21 +223,21 @@ def main() -> None:  # pragma: no cover
 
 
 def _register_commands() -> None:
-    """Commands of the services, attacker and search engine live in their own modules."""
-    import importlib
+    """The commands of the services, the attacker and the API keys live in their own
+    modules, each a Typer of its own, added here (the security engine's first, so that
+    `search` and `experiment` follow `train` and `evaluate` in the help)."""
+    from qumos import cli_attack, cli_compose, cli_keys, cli_search, cli_services
 
-    for mod in (
-        "qumos.cli_services",
-        "qumos.cli_attack",
-        "qumos.cli_search",
-        "qumos.cli_compose",
-        "qumos.cli_keys",
+    for commands in (
+        cli_search.commands,
+        cli_services.commands,
+        cli_attack.commands,
+        cli_compose.commands,
     ):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        app.add_typer(commands)  # no name: their commands sit at the top level
+    app.add_typer(
+        cli_keys.keys_app, name="keys", short_help="Client API keys: create, list, revoke."
+    )
 
 
 def _summaries() -> None:
@@ -365,7 +245,16 @@ def _summaries() -> None:
     mid-sentence with '...' to fit a width)."""
     import re
 
-    for info in app.registered_commands:
+    infos = [
+        *app.registered_commands,
+        *(
+            c
+            for g in app.registered_groups
+            if not isinstance(g.name, str) and g.typer_instance is not None
+            for c in g.typer_instance.registered_commands
+        ),
+    ]  # groups without a name
+    for info in infos:
         doc = " ".join((info.help or (info.callback.__doc__ or "")).split())
         if info.short_help is None and doc:
             info.short_help = re.split(r"(?<=\.)\s", doc, maxsplit=1)[0]

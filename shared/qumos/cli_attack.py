@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qumos.cli import app, attack_progress, emit, fail, progress_bar
+from qumos.cli_common import attack_progress, emit, fail, progress_bar
 from qumos.errors import AttackError, QumosError
+
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -61,7 +63,7 @@ def parse_names(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ..
     return names
 
 
-@app.command()
+@commands.command()
 def attack(
     profile: str = typer.Option("breach", help="breach, breach+queries, queries or coalition"),
     queries: int = typer.Option(

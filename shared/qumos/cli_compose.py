@@ -24,58 +24,12 @@ import time
 from pathlib import Path
 
 import typer
-from qumos.cli import app, console, emit, fail, progress_bar
+from qumos.cli_common import console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
+
 TOLERANCE = 1e-4  # Aer (exact) vs the torch simulator, per probability
-
-
-def _parse_providers(text: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, url = part.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise QumosError(f"--providers: {part!r} is not name=http://host:port")
-        out[name.strip()] = url.strip().rstrip("/")
-    if not out:
-        raise QumosError("--providers: empty; expected name=url,name=url,...")
-    return out
-
-
-def _read_token(path: Path, what: str) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise QumosError(f"{what}: cannot read token file {path} ({e.strerror})") from None
-    if len(token) < 16:
-        raise QumosError(f"{what}: token file {path} holds no token of at least 16 characters")
-    return token
-
-
-def wait_ready(urls: dict[str, str], timeout: float) -> dict[str, float]:
-    """Poll every service's /readyz until all answer 200; seconds each took."""
-    import httpx
-
-    t0 = time.perf_counter()
-    waiting, took, last = dict(urls), {}, {}
-    with httpx.Client(timeout=5.0) as client:
-        while waiting:
-            for name, url in list(waiting.items()):
-                try:
-                    r = client.get(f"{url}/readyz")
-                    if r.status_code == 200:
-                        took[name] = time.perf_counter() - t0
-                        del waiting[name]
-                        continue
-                    last[name] = f"HTTP {r.status_code}: {r.text[:200]}"
-                except httpx.HTTPError as e:
-                    last[name] = f"{type(e).__name__}: {e}"
-            if waiting and time.perf_counter() - t0 > timeout:
-                raise QumosError(f"not ready after {timeout:.0f}s: " + "; ".join(
-                    f"{n} ({last.get(n, 'no answer')})" for n in waiting))
-            if waiting:
-                time.sleep(0.5)
-    return took
 
 
 def ensure_model(path: Path, epochs: int, seed: int):
@@ -130,7 +84,7 @@ def run_attack(attacker_url: str, body: dict, timeout: float, token: str) -> dic
     return job
 
 
-@app.command("compose-demo")
+@commands.command("compose-demo")
 def compose_demo(
     orchestrator_url: str = typer.Option("http://127.0.0.1:8080",
                                          envvar="QUMOS_DEMO_ORCHESTRATOR_URL"),
@@ -165,20 +119,25 @@ def compose_demo(
     import httpx
     import numpy as np
     from qumos.attack import report_table
-    from qumos.client import ServiceError, create_key, deploy_artifact, predict
+    from qumos.client import create_key, predict, wait_ready
+    from qumos.config import parse_providers, read_token_file
     from qumos.datasets import load_task
+    from qumos.deploy import deploy_artifact
     from qumos.model import DistributedQNN, predict_proba
 
     t0 = time.perf_counter()
     try:
-        urls = _parse_providers(providers)
-        tokens = {n: _read_token(tokens_dir / n, f"--tokens-dir ({n})") for n in urls}
-        admin = _read_token(admin_token_file, "--admin-token-file")
-        attacker_token = _read_token(attacker_token_file, "--attacker-token-file")
+        try:
+            urls = parse_providers(providers)
+        except ValueError as e:
+            raise QumosError(f"--providers: {e}") from None
+        tokens = {n: read_token_file(tokens_dir / n, f"--tokens-dir ({n})") for n in urls}
+        admin = read_token_file(admin_token_file, "--admin-token-file")
+        attacker_token = read_token_file(attacker_token_file, "--attacker-token-file")
         seeds = [int(s) for s in attack_seeds.split(",") if s.strip()]
         console.print(f"waiting for {', '.join(urls)}, orchestrator, attacker")
         ready = wait_ready({**urls, "orchestrator": orchestrator_url.rstrip("/"),
-                            "attacker": attacker_url.rstrip("/")}, ready_timeout)
+                            "attacker": attacker_url.rstrip("/")}, ready_timeout, poll=0.5)
         art, trained = ensure_model(artifact, epochs, seed=0)
         spec = art.spec
         console.print(("trained" if trained else "found") + f" model {spec.name} "
@@ -198,10 +157,10 @@ def compose_demo(
         attacker_key = create_key(orchestrator_url, admin, "compose-attacker")["key"]
         with httpx.Client(timeout=120.0) as client:
             for i in range(0, len(raw), 100):
-                ans = predict(client, orchestrator_url, spec.name, raw[i:i + 100],
-                              api_key=demo_key)
-                assert ans.probabilities is not None  # the demo model shows probabilities
-                probs += ans.probabilities
+                p = predict(client, orchestrator_url, spec.name, raw[i:i + 100],
+                            api_key=demo_key).probabilities
+                assert p is not None, "the demo model's policy returns probabilities"
+                probs += p
         predict_s = time.perf_counter() - t1
         remote = np.asarray(probs)
         local = predict_proba(DistributedQNN(spec), data.test.x[:limit]).detach().numpy()
@@ -226,7 +185,7 @@ def compose_demo(
             console.print(f"attack job: profile {profile}")
             jobs[profile] = run_attack(attacker_url.rstrip("/"), body, attack_timeout,
                                        attacker_token)
-    except (QumosError, ServiceError, ValueError) as e:
+    except (QumosError, ValueError) as e:
         fail(e)
     first = next(iter(jobs.values()))["results"] if jobs else {}
     result = {"model": spec.name, "trained": trained, "ready_seconds": ready,

@@ -5,10 +5,11 @@ orchestrator keeps only a salted hash. Bad arguments and refused calls exit 2.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from qumos.cli import app, emit, fail
+from qumos.cli_common import emit, fail
 from qumos.errors import QumosError
 
 DEFAULT_WORKDIR = Path("runs/local")
@@ -16,7 +17,6 @@ keys_app = typer.Typer(
     no_args_is_help=True,
     help="Client API keys of an orchestrator (admin token): create, list, revoke, flagged.",
 )
-app.add_typer(keys_app, name="keys", short_help="Client API keys: create, list, revoke.")
 
 ORCH = typer.Option(
     "http://127.0.0.1:8100",
@@ -37,20 +37,15 @@ def _call(
     method: str, orchestrator: str, admin_token_file: Path, path: str, body: dict | None = None
 ) -> dict:
     import httpx
-    from qumos.client import ServiceError, _check, make_client, read_token
+    from qumos.client import check_response, make_client
+    from qumos.config import read_token_file
 
-    try:
-        token = read_token(admin_token_file)
-    except (OSError, ValueError) as e:
-        raise QumosError(
-            f"--admin-token-file: cannot read {admin_token_file} "
-            f"({getattr(e, 'strerror', None) or e})"
-        ) from None
+    token = read_token_file(admin_token_file, "--admin-token-file")
     if not orchestrator.startswith(("http://", "https://")):
         raise QumosError(f"--orchestrator: {orchestrator!r} is not an http(s) URL")
     try:
         with make_client(timeout=30) as c:
-            return _check(
+            return check_response(
                 c.request(
                     method,
                     f"{orchestrator.rstrip('/')}{path}",
@@ -62,8 +57,6 @@ def _call(
         raise QumosError(
             f"--orchestrator: {orchestrator} is unreachable ({type(e).__name__})"
         ) from None
-    except ServiceError as e:
-        raise QumosError(str(e)) from None
 
 
 @keys_app.command("create")
@@ -98,24 +91,39 @@ def create(
     emit(res, as_json, f"{res['key']}\n(key {res['id']} for {res['name']}; shown only now)")
 
 
+def _show(
+    orchestrator: str,
+    admin_token_file: Path,
+    path: str,
+    as_json: bool,
+    human: Callable[[dict], str],
+) -> None:
+    """GET `path` of the admin API and print it (`human(answer)` without --json)."""
+    try:
+        res = _call("GET", orchestrator, admin_token_file, path)
+    except QumosError as e:
+        fail(e)
+    emit(res, as_json, human(res))
+
+
 @keys_app.command("list")
 def list_keys(
     orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON
 ) -> None:
     """List keys by id, never the keys themselves."""
-    try:
-        res = _call("GET", orchestrator, admin_token_file, "/v1/keys")
-    except QumosError as e:
-        fail(e)
-    emit(
-        res,
+    _show(
+        orchestrator,
+        admin_token_file,
+        "/v1/keys",
         as_json,
-        "\n".join(
-            f"{k['id']}  {k['name']:20}  {'revoked' if k['revoked'] else 'active':8} "
-            f"{'FLAGGED ' if k['flagged'] else ''}quota {json.dumps(k['quota'])}"
-            for k in res["keys"]
-        )
-        or "(no keys)",
+        lambda res: (
+            "\n".join(
+                f"{k['id']}  {k['name']:20}  {'revoked' if k['revoked'] else 'active':8} "
+                f"{'FLAGGED ' if k['flagged'] else ''}quota {json.dumps(k['quota'])}"
+                for k in res["keys"]
+            )
+            or "(no keys)"
+        ),
     )
 
 
@@ -143,13 +151,15 @@ def revoke(
 @keys_app.command("flagged")
 def flagged(orchestrator: str = ORCH, admin_token_file: Path = ADMIN, as_json: bool = JSON) -> None:
     """Keys the extraction monitor flagged, and why."""
-    try:
-        res = _call("GET", orchestrator, admin_token_file, "/v1/keys/flagged")
-    except QumosError as e:
-        fail(e)
-    emit(
-        res,
+    _show(
+        orchestrator,
+        admin_token_file,
+        "/v1/keys/flagged",
         as_json,
-        "\n".join(f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}" for k in res["flagged"])
-        or "(no flagged keys)",
+        lambda res: (
+            "\n".join(
+                f"{k['id']}  {k['name']}: {k['flagged'].get('reason')}" for k in res["flagged"]
+            )
+            or "(no flagged keys)"
+        ),
     )

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import typer
-from qumos.cli import app, console, emit, fail, progress_bar
+from qumos.cli_common import console, emit, fail, progress_bar
 from qumos.errors import QumosError
+
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
 
 
 def _seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
@@ -105,7 +107,7 @@ QUERIES = typer.Option(100, help="query profiles: queries the attacker sends")
 RAY = typer.Option(None, help="run evaluations on this Ray cluster (e.g. auto, ray://h:10001)")
 
 
-@app.command()
+@commands.command()
 def search(
     dataset: str = typer.Option("digits", help="digits, mnist-small, mnist, fashion-mnist"),
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
@@ -241,7 +243,7 @@ def search(
     )
 
 
-@app.command()
+@commands.command()
 def experiment(
     tasks: str = typer.Option(
         "digits-4",

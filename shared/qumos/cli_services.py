@@ -16,10 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from qumos.cli import DEFAULT_ARTIFACT, app, attack_progress, console, emit, fail, progress_bar
+from qumos.cli_common import DEFAULT_ARTIFACT, attack_progress, console, emit, fail, progress_bar
 from qumos.errors import QumosError
 
+commands = typer.Typer()  # added to the `qumos` app by qumos.cli
+
 DEFAULT_WORKDIR = Path("runs/local")
+# options that `up` and `demo` share
+WORKDIR = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs")
+PORT = typer.Option(8100, help="orchestrator port; providers use the next ones")
+EPOCHS = typer.Option(30, min=1, help="training epochs if the model is missing")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -150,7 +156,7 @@ def run_security_report(
     return out
 
 
-@app.command()
+@commands.command()
 def deploy(
     artifact: Path = typer.Argument(DEFAULT_ARTIFACT, help="artifact directory"),
     orchestrator: str = typer.Option("http://127.0.0.1:8100", help="orchestrator URL"),
@@ -167,30 +173,26 @@ def deploy(
 ) -> None:
     """Push fragment k to provider k and register the company part with the orchestrator."""
     from qumos.artifact import load_artifact
-    from qumos.client import ServiceError, deploy_artifact, read_token
+    from qumos.config import parse_providers, read_token_file
+    from qumos.deploy import deploy_artifact
 
     try:
         art = load_artifact(artifact)
-        urls = {}
-        for p in provider:
-            name, sep, url = p.partition("=")
-            if not sep or not url.startswith(("http://", "https://")):
-                raise QumosError(f"--provider: {p!r} is not name=http://host:port")
-            urls[name] = url
-        if not urls:
-            urls = {n: f"http://127.0.0.1:{8101 + i}" for i, n in enumerate(art.spec.placement)}
-        tokens = {}
-        for name in art.spec.placement:
-            try:
-                tokens[name] = read_token(tokens_dir / name)
-            except (OSError, ValueError) as e:
-                raise QumosError(f"--tokens-dir: no token for {name} ({e})") from None
         try:
-            admin = read_token(admin_token_file)
-        except (OSError, ValueError) as e:
-            raise QumosError(f"--admin-token-file: {e}") from None
+            urls = (
+                parse_providers(",".join(provider))
+                if provider
+                else {n: f"http://127.0.0.1:{8101 + i}" for i, n in enumerate(art.spec.placement)}
+            )
+        except ValueError as e:
+            raise QumosError(f"--provider: {e}") from None
+        tokens = {
+            name: read_token_file(tokens_dir / name, f"--tokens-dir ({name})")
+            for name in art.spec.placement
+        }
+        admin = read_token_file(admin_token_file, "--admin-token-file")
         result = deploy_artifact(art, orchestrator, admin, urls, tokens)
-    except (QumosError, ServiceError, ValueError) as e:
+    except (QumosError, ValueError) as e:
         fail(e)
     except Exception as e:  # httpx transport errors
         fail(QumosError(f"deploy failed: {type(e).__name__}: {e}"))
@@ -202,12 +204,12 @@ def deploy(
     )
 
 
-@app.command()
+@commands.command()
 def up(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model to deploy (trained if missing)"),
-    workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
-    port: int = typer.Option(8100, help="orchestrator port; providers use the next ones"),
-    epochs: int = typer.Option(30, min=1, help="training epochs if the model is missing"),
+    workdir: Path = WORKDIR,
+    port: int = PORT,
+    epochs: int = EPOCHS,
     no_deploy: bool = typer.Option(False, "--no-deploy", help="start the services only"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -298,12 +300,12 @@ def _demo(stack, art, batch: int) -> dict:
     }
 
 
-@app.command()
+@commands.command()
 def demo(
     artifact: Path = typer.Option(DEFAULT_ARTIFACT, help="model (trained here if missing)"),
-    workdir: Path = typer.Option(DEFAULT_WORKDIR, help="data dirs, secrets and logs"),
-    port: int = typer.Option(8100, help="orchestrator port; providers use the next ones"),
-    epochs: int = typer.Option(30, min=1, help="training epochs if the model is missing"),
+    workdir: Path = WORKDIR,
+    port: int = PORT,
+    epochs: int = EPOCHS,
     batch: int = typer.Option(32, min=1, max=1024, help="images per predict call"),
     attack: bool = typer.Option(True, help="breach each provider in turn and report"),
     attack_seeds: str = typer.Option("0,1", help="attacker seeds, comma-separated"),

@@ -5,10 +5,11 @@ to the socket is replaced. httpx's own transport (httpcore + h11, pure Python) a
 behind httpx each cost ~0.4 ms per exchange on loopback on our 2-core machine; these
 transports write the request with one `send`, keep connections alive and parse answers
 with httptools (llhttp, the parser uvicorn uses): `python bench/bench_http_floor.py`
-measured an exchange with a FastAPI hot route at 0.53 ms p50 through `SyncTransport`
-against 0.91 ms through httpx's default. A prediction makes four sequential exchanges
-(client -> orchestrator -> three providers), so this is a large part of the batch-1
-latency over in-process Aer.
+measured an exchange with a FastAPI route at 0.59 ms p50 through `SyncTransport`
+against 0.95 ms through httpx's default. A prediction makes four sequential exchanges
+(client -> orchestrator -> three providers); `bench/bench_chain.py` measured a batch-1
+prediction 4 ms (12 %) slower with the orchestrator on httpx's own transport
+(docs/performance.md), which stays one setting away (HTTP_TRANSPORT=httpcore).
 
     httpx.Client(transport=SyncTransport(), timeout=30)          # qumos.client.make_client
     httpx.AsyncClient(transport=AsyncTransport(max_per_host=32))  # the orchestrator

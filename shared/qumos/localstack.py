@@ -27,19 +27,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qumos.errors import QumosError
+from qumos.errors import StackError
 from qumos.spec import provider_name
 
 HOST = "127.0.0.1"
 ATTACKER_APP = Path(__file__).resolve().parents[2] / "services" / "attacker" / "app.py"
-
-
-class StackError(QumosError):
-    """A service that did not start (names it and shows its log tail)."""
 
 
 def free_port() -> int:
@@ -269,33 +264,25 @@ class LocalStack:
         return self
 
     def wait_ready(self, names: list[str] | None = None, timeout: float = 90.0) -> None:
-        import httpx
+        from qumos.client import wait_ready
+
+        def alive(name: str) -> None:
+            s = self.services[name]
+            if not s.alive():
+                raise StackError(
+                    f"{name} exited during startup (code "
+                    f"{s.proc.returncode if s.proc else '?'}); last lines "
+                    f"of {s.log_path}:\n{s.log_tail()}"
+                )
+
+        def log_tail(waiting: list[str]) -> str:
+            s = self.services[waiting[0]]
+            return f"; last lines of {s.log_path}:\n{s.log_tail()}"
 
         pending = list(names or self.services)
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
-            while pending:
-                for name in list(pending):
-                    s = self.services[name]
-                    if not s.alive():
-                        raise StackError(
-                            f"{name} exited during startup (code "
-                            f"{s.proc.returncode if s.proc else '?'}); last lines "
-                            f"of {s.log_path}:\n{s.log_tail()}"
-                        )
-                    try:
-                        if client.get(f"{s.url}/readyz").status_code == 200:
-                            pending.remove(name)
-                    except httpx.TransportError:
-                        pass
-                if pending and time.monotonic() > deadline:
-                    s = self.services[pending[0]]
-                    raise StackError(
-                        f"{', '.join(pending)} not ready after {timeout:.0f}s; "
-                        f"last lines of {s.log_path}:\n{s.log_tail()}"
-                    )
-                if pending:
-                    time.sleep(0.2)
+        wait_ready(
+            {n: self.services[n].url for n in pending}, timeout, check=alive, detail=log_tail
+        )
 
     def stop(self) -> None:
         for s in reversed(list(self.services.values())):
@@ -321,7 +308,7 @@ class LocalStack:
 
     # ----- deployment -----------------------------------------------------------------------
     def deploy(self, artifact) -> dict:
-        from qumos.client import deploy_artifact
+        from qumos.deploy import deploy_artifact
 
         tokens = {n: self.token(n) for n in self.provider_names}
         return deploy_artifact(

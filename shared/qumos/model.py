@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from qumos.chain import chain_steps, drive
 from qumos.spec import FragmentSpec, GlueSpec, HeadSpec, ModelSpec
 from qumos.torchsim import fragment_sim, init_params
 from torch import nn
@@ -106,9 +107,13 @@ class DistributedQNN(nn.Module):
 
     def fragment_outputs(self, features: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every fragment, in chain order: a list of (B, n_k)."""
-        outs = [self.sims[0](self.encode(features), self.weights[0])]
-        for k, g in enumerate(self.glue):
-            outs.append(self.sims[k + 1](g(outs[-1], features), self.weights[k + 1]))
+        outs: list[torch.Tensor] = []
+
+        def run(k: int, x: torch.Tensor) -> torch.Tensor:
+            outs.append(self.sims[k](x, self.weights[k]))
+            return outs[-1]
+
+        drive(chain_steps(self.encode, list(self.glue), features), run)
         return outs
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+from qumos.wire import MAX_PREDICT_SEED as MAX_SEED
+from qumos.wire import MAX_SHOTS
 
 HEADER = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -31,8 +33,6 @@ OUTPUTS = {"probabilities": "FP64", "labels": "INT64"}
 INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 FP32_MAX = float(np.finfo(np.float32).max)
 REQUEST_PARAMETERS = ("shots", "seed", "binary_data_output")
-MAX_SHOTS = 1_000_000
-MAX_SEED = 2**32 - 1000
 
 
 class OipError(ValueError):

@@ -41,6 +41,7 @@ from pydantic import (
 )
 from qumos.defense.policy import DEFAULT_POLICY, OutputPolicy
 from qumos.errors import DesignError
+from qumos.wire import format_validation_error
 
 SCHEMA_VERSION = 1
 
@@ -728,55 +729,3 @@ def design_of(spec: ModelSpec, glue_default: str = "tanh") -> Design:
         head=spec.head.kind,
         hide_inputs=spec.input_transform is not None,
     )
-
-
-def format_loc(loc) -> str:
-    """('fragments', 0, 'depth') -> 'fragments[0].depth'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out
-
-
-_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.\[\]]*) ((?:is|has) .*)$", re.DOTALL)
-
-
-def format_validation_error(e: Exception, prefix: str = "") -> str:
-    """One line per problem, in one style: `fragments[0].depth: is 0; allowed: 1 to 12`.
-    `prefix` is where the validated object sits (e.g. 'fragments[0]')."""
-    errors = getattr(e, "errors", None)
-    if errors is None:
-        return str(e)
-    lines = []
-    for err in errors():
-        loc = format_loc(err.get("loc", ()))
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        kind, value = err.get("type"), err.get("input")
-        if kind == "literal_error":
-            msg = f"is {value!r}; allowed: {err.get('ctx', {}).get('expected')}"
-        elif kind == "missing":
-            msg = "missing; this field is required"
-        elif kind == "extra_forbidden":
-            msg = "unknown field"
-        elif kind in (
-            "int_type",
-            "int_parsing",
-            "float_type",
-            "float_parsing",
-            "bool_type",
-            "bool_parsing",
-            "string_type",
-        ) and not isinstance(value, (dict, list)):
-            msg = f"is {value!r}; {msg[0].lower() + msg[1:]}"
-        # the validator's own message may name the field again: say it once
-        last = str(err["loc"][-1]) if err.get("loc") else ""
-        for dup in (f"{loc}: ", f"{last}: "):
-            if loc and msg.startswith(dup):
-                msg = msg[len(dup) :]
-        m = _FIELD_FIRST.match(msg)
-        if m and (not loc or m.group(1) == last):
-            loc, msg = (m.group(1) if not loc else loc), m.group(2)
-        loc = ".".join(p for p in (prefix, loc) if p)
-        loc = loc.replace(".[", "[")
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(lines)

@@ -21,18 +21,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from qumos.artifact import FragmentFile, atomic_write
-from qumos.client import dump_json
-from qumos.errors import QumosError
+from qumos.errors import StoreError
 from qumos.spec import FRAGMENT_ID_RE
+from qumos.wire import dump_json
 
 MARKER = "provider.json"
 MARKER_FORMAT = "qumos-provider"
 _LOG_LOCK = threading.Lock()
 _ID_RE = FRAGMENT_ID_RE  # the providers' rule; model names follow it (qumos.spec.NAME_RE)
-
-
-class StoreError(QumosError):
-    """A provider directory that cannot be used (names the path and why)."""
 
 
 class ProviderStore:

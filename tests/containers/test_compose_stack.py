@@ -2,7 +2,7 @@
 
 Fails (never skips) when Docker is unavailable, unless QUMOS_SKIP_CONTAINERS=1 (for a
 laptop without Docker; CI never sets it). The images are built by `compose build` from
-the repository's Dockerfiles; offline (QUMOS_PIP_NO_INDEX=1, the default here) they
+the repository's Dockerfile; offline (QUMOS_PIP_NO_INDEX=1, the default here) they
 install from docker/wheelhouse/, which docker/build-offline.sh fills.
 """
 
@@ -257,7 +257,7 @@ def test_each_provider_volume_holds_only_its_own_fragment(stack, demo):
             "none",
             "-v",
             f"{stack.volume(name + '-data')}:/d:ro",
-            "qumos-provider:latest",
+            f"qumos-provider:{os.environ.get('QUMOS_IMAGE_TAG', 'latest')}",
             "python3",
             "-c",
             "import json, pathlib; r = pathlib.Path('/d'); print(json.dumps({"
@@ -287,7 +287,7 @@ def test_each_provider_volume_holds_only_its_own_fragment(stack, demo):
         "none",
         "-v",
         f"{stack.volume('orchestrator-data')}:/d:ro",
-        "qumos-provider:latest",
+        f"qumos-provider:{os.environ.get('QUMOS_IMAGE_TAG', 'latest')}",
         "python3",
         "-c",
         "import json, pathlib; print(json.dumps([json.loads("

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from qumos.attack import AttackConfig, Victim, attacker_data, run_attack
 from qumos.attack.live import HttpOracle
-from qumos.client import ServiceError, make_client, predict
+from qumos.client import make_client, predict
 from qumos.datasets import load_task
+from qumos.errors import ServiceError
 from qumos.localstack import stack_on_free_ports
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,6 @@
 """Three live providers and the orchestrator as uvicorn processes: the chain equals the
-in-process model, providers are isolated, bad input is refused."""
+in-process model (on either HTTP transport), providers are isolated, bad input is
+refused."""
 
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ def test_exact_mode_equals_in_process_model(stack, live_artifact, digits_test, r
     assert probs.shape == reference_probs.shape == (len(digits_test.y), 4)
     np.testing.assert_allclose(probs, reference_probs, atol=1e-4)
     assert labels == [live_artifact.spec.classes[i] for i in reference_probs.argmax(1)]
+
+
+def test_httpx_own_transport_is_one_setting_away(
+    tmp_path, live_artifact, digits_test, reference_probs
+):
+    """The lean transport's alternative (docs/performance.md): the orchestrator with
+    HTTP_TRANSPORT=httpcore and a client on httpx's own transport give the same answers."""
+    from qumos.client import make_client
+    from qumos.localstack import stack_on_free_ports
+
+    with stack_on_free_ports(
+        tmp_path, with_attacker=False, orchestrator_env={"QUMOS_ORCH_HTTP_TRANSPORT": "httpcore"}
+    ) as s:
+        s.deploy(live_artifact)
+        with make_client(timeout=60, transport="httpcore") as c:
+            got = predict(
+                c, s.orchestrator_url, "digits4", digits_test.raw[:48], api_key=s.client_key
+            )
+    np.testing.assert_allclose(got.probabilities, reference_probs[:48], atol=1e-4)
 
 
 def test_isolation(stack, live_artifact):

@@ -250,7 +250,7 @@ async def test_405_allow_lists_every_method(tmp_path, artifact):
 def test_health_probes_leave_no_access_log_lines():
     import logging
 
-    from qumos.webcommon import QuietHealthChecks
+    from qumos.web.middleware import QuietHealthChecks
 
     def record(path, status):
         return logging.LogRecord(

@@ -17,7 +17,8 @@ from qumos.datasets import load_task
 from qumos.spec import build_spec, design_of
 from qumos.store import ProviderStore
 
-from services.attacker.app import AttackerSettings, create_app
+from services.attacker.app import create_app
+from services.attacker.settings import AttackerSettings
 
 
 @pytest.fixture()
@@ -189,7 +190,7 @@ def test_interrupted_job_is_marked_not_lost(tmp_path, breached):
 
 
 def test_submit_needs_the_admin_token_bounded_seeds_and_queue(tmp_path, breached):
-    from services.attacker.app import Job
+    from services.attacker.models import Job
 
     art, root = breached
     body = {

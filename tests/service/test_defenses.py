@@ -195,9 +195,10 @@ async def test_invalid_policy_is_422(tmp_path, artifact):
 
 
 def test_bad_monitor_setting_names_the_variable(tmp_path, monkeypatch):
-    from qumos.webcommon import SettingsError, load_settings
+    from qumos.config import load_settings
+    from qumos.errors import SettingsError
 
-    from services.orchestrator.app import OrchestratorSettings
+    from services.orchestrator.settings import OrchestratorSettings
 
     for var, value in (
         ("QUMOS_ORCH_MONITOR", "shout"),

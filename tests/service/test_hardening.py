@@ -10,8 +10,8 @@ import errno
 import httpx
 import numpy as np
 import pytest
-from qumos.client import make_canaries
 from qumos.datasets import load_task
+from qumos.deploy import make_canaries
 from qumos.quantum import statevector_expectations
 
 from tests.support.services import (
@@ -81,8 +81,8 @@ async def test_canaries_pass_honest_and_catch_tampering(tmp_path, artifact, data
         assert set(codes) <= {200, 502}
         assert codes.count(502) >= 9, codes  # expected ~15; P(< 9) < 1e-3
         # the canaries survive a restart of the orchestrator (same data dir)
-    from services.orchestrator.app import OrchestratorSettings
     from services.orchestrator.app import create_app as orch_app
+    from services.orchestrator.settings import OrchestratorSettings
 
     s = OrchestratorSettings(
         data_dir=tmp_path / "orchestrator",
@@ -299,7 +299,7 @@ async def test_storage_faults_provider(tmp_path, artifact, monkeypatch):
 
 
 async def test_storage_faults_orchestrator(tmp_path, artifact, data, monkeypatch):
-    import services.orchestrator.app as orch
+    import services.orchestrator.registry as orch
 
     async with company_stack(tmp_path, artifact) as (c, admin, prov):
         await deploy_inprocess(c, admin, prov, artifact)

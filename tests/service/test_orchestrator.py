@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from qumos.datasets import load_task
 
-from services.orchestrator.app import OrchestratorSettings, create_app
+from services.orchestrator.app import create_app
+from services.orchestrator.settings import OrchestratorSettings
 from tests.support.services import (
     company_stack,
     deploy_inprocess,
@@ -252,7 +253,7 @@ async def test_unreachable_provider_is_503_not_a_timeout(tmp_path, artifact, tes
 
 
 def test_settings_errors(tmp_path, monkeypatch):
-    from qumos.webcommon import SettingsError
+    from qumos.errors import SettingsError
 
     for v in ("DATA_DIR", "PROVIDERS", "TOKENS_DIR", "ADMIN_TOKEN_FILE"):
         monkeypatch.delenv(f"QUMOS_ORCH_{v}", raising=False)

@@ -207,7 +207,7 @@ async def test_bad_input(tmp_path, artifact):
 
 
 def test_missing_settings_name_the_variable(tmp_path, monkeypatch):
-    from qumos.webcommon import SettingsError
+    from qumos.errors import SettingsError
 
     for var in ("QUMOS_PROVIDER_NAME", "QUMOS_PROVIDER_DATA_DIR", "QUMOS_PROVIDER_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)
@@ -253,7 +253,7 @@ async def test_small_exact_batches_run_on_the_loop_others_in_threads(
 
 
 async def test_hot_route_errors_metrics_and_schema(tmp_path, artifact, monkeypatch):
-    """execute is served by webcommon.HotRoutes: its errors are the services' JSON errors
+    """execute's errors are the services' JSON errors
     (an unexpected exception is a logged 500 and the service stays up), its metrics carry
     the route template, and it stays in the OpenAPI schema."""
     import qumos.quantum

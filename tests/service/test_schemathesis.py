@@ -78,10 +78,11 @@ def provider_schema(tmp_path_factory, artifact):
 @pytest.fixture(scope="module")
 def orchestrator_schema(tmp_path_factory, artifact):
     from qumos.artifact import atomic_write
-    from qumos.client import make_canaries
     from qumos.datasets import load_task
+    from qumos.deploy import make_canaries
 
-    from services.orchestrator.app import OrchestratorSettings, create_app
+    from services.orchestrator.app import create_app
+    from services.orchestrator.settings import OrchestratorSettings
 
     tmp = tmp_path_factory.mktemp("st-orch")
     mounts = {}
@@ -116,7 +117,8 @@ def attacker_schema(tmp_path_factory, artifact):
 
     from qumos.store import ProviderStore
 
-    from services.attacker.app import AttackerSettings, create_app
+    from services.attacker.app import create_app
+    from services.attacker.settings import AttackerSettings
 
     tmp = tmp_path_factory.mktemp("st-attacker")
     ProviderStore.create(tmp / "provider-b", "provider-b").put(artifact.fragment_file(1))

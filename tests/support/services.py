@@ -17,7 +17,7 @@ def write_token(path) -> str:
 
 
 def provider_settings(tmp_path, name: str, **kw):
-    from services.provider.app import ProviderSettings
+    from services.provider.settings import ProviderSettings
 
     token_file = tmp_path / "tokens" / name
     token = write_token(token_file)
@@ -43,8 +43,8 @@ async def company_stack(tmp_path, artifact, provider_overrides=None, provider_kw
     or {name: callable(app) -> transport} wrapping the real provider app.
     provider_kw: settings for every provider (e.g. inline_rows=0).
     Yields (orchestrator client, admin token, {name: (app, token)})."""
-    from services.orchestrator.app import OrchestratorSettings
     from services.orchestrator.app import create_app as orch_app
+    from services.orchestrator.settings import OrchestratorSettings
     from services.provider.app import create_app as provider_app
 
     async with AsyncExitStack() as stack:

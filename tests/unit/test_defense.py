@@ -169,7 +169,7 @@ def test_batcher_row_cap_and_errors():
 def test_input_hiding_in_the_model_chain_and_canaries():
     import torch
     from qumos.chain import encode_inputs, run_chain
-    from qumos.client import make_canaries
+    from qumos.deploy import make_canaries
     from qumos.model import DistributedQNN
     from qumos.spec import build_spec, design_of, parse_short_design
     from qumos.torchsim import FragmentSim

@@ -166,7 +166,8 @@ def check_log_model(h: Holdings, model: str) -> None:
 
 def breach(provider_dir: Path | str) -> Holdings:
     """Read what one provider holds from its data directory, and nothing else."""
-    from qumos.store import ProviderStore, StoreError
+    from qumos.errors import StoreError
+    from qumos.store import ProviderStore
 
     try:
         store = ProviderStore.open_existing(provider_dir)
