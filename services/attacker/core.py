@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-from qumos.artifact import atomic_write
 from qumos.config import read_token_file
 from qumos.errors import QumosError, ServiceError
+from qumos.files import atomic_write
 
 from services.attacker.models import AttackRequest, Job
 from services.attacker.settings import AttackerSettings

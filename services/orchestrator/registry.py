@@ -11,8 +11,8 @@ from pathlib import Path
 
 import anyio
 from pydantic import ValidationError
-from qumos.artifact import atomic_write
 from qumos.errors import ServiceError
+from qumos.files import atomic_write
 from qumos.spec import ModelSpec
 from qumos.wire import CanaryRequest
 

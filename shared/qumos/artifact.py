@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from qumos.errors import ArtifactError
+from qumos.files import atomic_write
 from qumos.spec import SCHEMA_VERSION, FragmentSpec, ModelSpec
 from qumos.wire import format_validation_error
 
@@ -74,22 +73,6 @@ def company_spec(spec: ModelSpec) -> ModelSpec:
     return spec.model_copy(
         update={"fragments": [f.model_copy(update={"params": None}) for f in spec.fragments]}
     )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, rename: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _dump(obj) -> bytes:

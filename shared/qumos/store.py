@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from pydantic import ValidationError
-from qumos.artifact import FragmentFile, atomic_write
+from qumos.artifact import FragmentFile
 from qumos.errors import StoreError
+from qumos.files import atomic_write
 from qumos.spec import FRAGMENT_ID_RE
 from qumos.wire import dump_json
 

@@ -77,9 +77,9 @@ def provider_schema(tmp_path_factory, artifact):
 
 @pytest.fixture(scope="module")
 def orchestrator_schema(tmp_path_factory, artifact):
-    from qumos.artifact import atomic_write
     from qumos.datasets import load_task
     from qumos.deploy import make_canaries
+    from qumos.files import atomic_write
 
     from services.orchestrator.app import create_app
     from services.orchestrator.settings import OrchestratorSettings

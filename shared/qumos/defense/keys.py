@@ -98,7 +98,7 @@ class KeyStore:
             raise ValueError(f"{self.path}: not a key store ({str(e).splitlines()[0]})") from None
 
     def save(self) -> None:
-        from qumos.artifact import atomic_write
+        from qumos.files import atomic_write
 
         atomic_write(self.path, KeyFile(keys=self.keys).model_dump_json(indent=1).encode())
         self.path.chmod(0o600)

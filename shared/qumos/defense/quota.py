@@ -63,7 +63,7 @@ class QuotaBook:
             raise ValueError(f"{self.path}: not a quota file ({str(e).splitlines()[0]})") from None
 
     def flush(self) -> None:
-        from qumos.artifact import atomic_write
+        from qumos.files import atomic_write
 
         if not self.dirty:
             return
