@@ -354,6 +354,7 @@ def test_ppo_policy_saved_on_one_task_warm_starts_another(tmp_path):
         init_policy=tmp_path / "p.zip",
     )
     assert len(res.records) == 2 and all(r["design"]["task"] == 4 for r in res.records)
+    assert res.method == "ppo-warm"
 
 
 def test_sequential_ppo_respects_budget(tmp_path):
@@ -538,6 +539,7 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     assert r.exit_code == 0, r.output
     assert len((out / "digits-2" / "cache.jsonl").read_text().splitlines()) == n_cache
     assert len((out / "digits-2" / "searches.jsonl").read_text().splitlines()) == 10
+    assert len((out / "commands.txt").read_text().splitlines()) == 1  # not twice
 
 
 @pytest.mark.parametrize(

@@ -289,10 +289,10 @@ def run_method(
         return evolution_search(
             space, ev, budget, seed=seed, population=cfg.population, sample=cfg.tournament
         )
-    if method in ("ppo", "ppo-seq", "ppo-warm"):
+    if method in ("ppo", "ppo-seq", "ppo-warm"):  # ppo_search names its result the same
         if save_policy is not None:
             save_policy.parent.mkdir(parents=True, exist_ok=True)
-        res = ppo_search(
+        return ppo_search(
             space,
             ev,
             budget,
@@ -305,8 +305,6 @@ def run_method(
             if method == "ppo-warm" and cfg.warm_start is not None
             else None,
         )
-        res.method = method
-        return res
     raise QumosError(f"--methods: {method!r}; allowed: {', '.join(METHODS)}")
 
 
@@ -562,7 +560,8 @@ def write_report(out: Path, command: str | None = None) -> Path:
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     commands = []
     cmd_file = out / "commands.txt"
-    if command:
+    known = cmd_file.read_text().splitlines() if cmd_file.is_file() else []
+    if command and command not in known:  # a resumed run adds no second copy
         with cmd_file.open("a") as f:
             f.write(command + "\n")
     if cmd_file.is_file():

@@ -199,7 +199,7 @@ def ppo_search(
     if save_policy is not None:
         model.save(save_policy)
     res = SearchResult(
-        "ppo-seq" if sequential else "ppo",
+        "ppo-seq" if sequential else "ppo-warm" if init_policy is not None else "ppo",
         ev.lam,
         unique_records(ev.log[log_start:]),
         ev.fresh - start_fresh,
