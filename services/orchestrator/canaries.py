@@ -101,10 +101,13 @@ class Integrity:
                 parts.append(await execute(spec, k, part, shots, seed))
                 continue
             rnd = self._random(spec.name, k, c, seed if shots is not None else None)
-            pick = rnd.sample(range(len(can.inputs[k])), n_can)  # which canaries
-            n = len(part) + n_can
+            # never a canary equal to a row of the call: the row would appear twice in the
+            # provider's log, and an insider takes a call's repeated row for its own query
+            pool = [i for i in range(len(can.inputs[k])) if not _in_rows(can.inputs[k][i], part)]
+            pick = rnd.sample(pool, min(n_can, len(pool)))  # which canaries
+            n = len(part) + len(pick)
             is_canary = np.zeros(n, dtype=bool)
-            is_canary[rnd.sample(range(n), n_can)] = True  # where they go in the batch
+            is_canary[rnd.sample(range(n), len(pick))] = True  # where they go in the batch
             batch = np.empty((n, part.shape[1]))
             batch[~is_canary] = part
             batch[is_canary] = can.inputs[k][pick]
@@ -163,3 +166,8 @@ class Integrity:
                 "prediction is returned",
                 "provider",
             )
+
+
+def _in_rows(row: np.ndarray, rows: np.ndarray) -> bool:
+    """Is `row` one of `rows` (to 1e-6, the precision an insider matches at)?"""
+    return bool(np.any(np.all(np.abs(rows - row) <= 1e-6, axis=1)))
