@@ -76,7 +76,9 @@ class DistributedQNN(nn.Module):
         super().__init__()
         self.spec = spec
         gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # nn.Linear initialisation
+        # nn.Linear initialisation draws from the global CPU generator (torch.manual_seed
+        # without its ~1 ms of seeding every other device: the same CPU stream)
+        torch.default_generator.manual_seed(seed)
         self.sims = [fragment_sim(f, dtype=dtype) for f in spec.fragments]  # compiled once
         self.weights = nn.ParameterList(
             [

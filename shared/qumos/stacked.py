@@ -553,16 +553,18 @@ def fit_many(
         if any_loss:
             improved |= use_loss & (acc == best_acc) & (loss < best_loss)
         improved &= torch.tensor(live)
+        # one conversion per tensor, not one per model (this runs every epoch)
+        total_l, acc_l, improved_l = total.tolist(), acc.tolist(), improved.tolist()
         for i in range(m_all):
             if live[i]:
                 histories[i].append(
                     {
                         "epoch": epoch,
-                        "loss": float(total[i]) / max(n_train[i], 1),
-                        "val_acc": float(acc[i]),
+                        "loss": total_l[i] / max(n_train[i], 1),
+                        "val_acc": float(acc_l[i]),
                     }
                 )
-                if improved[i]:
+                if improved_l[i]:
                     best_epoch[i] = epoch
         best_acc = torch.where(improved, acc, best_acc)
         if any_loss:
@@ -571,7 +573,7 @@ def fit_many(
         if progress:
             for i in range(m_all):
                 if live[i]:
-                    progress(i, epoch, cfgs[i].epochs, float(acc[i]))
+                    progress(i, epoch, cfgs[i].epochs, float(acc_l[i]))
 
     pending = None  # fused: (epoch, total, live) awaiting the next forward's figures
     for epoch in range(1, max((c.epochs for c in cfgs), default=0) + 1):

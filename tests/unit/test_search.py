@@ -271,6 +271,25 @@ def test_reward_is_clipped_and_old_reward_kept():
     assert reward(_rec(0.9, [0.85], S=0.8, scratch=0.7), 2.0) == pytest.approx(0.8)
 
 
+def test_all_in_one_is_a_full_theft_measured_against_s():
+    from qumos.search.experiment import all_in_one
+
+    seeds = [
+        {"seed": 100, "victim_acc": 0.9, "S": 0.7, "scratch": 0.6, "attacker_acc": [0.5, 0.6]},
+        {"seed": 101, "victim_acc": 0.8, "S": 0.85, "scratch": 0.6, "attacker_acc": [0.5, 0.6]},
+    ]
+    rec = {**_rec(0.85, [0.6], S=0.775, scratch=0.6), "per_seed": seeds}
+    out = all_in_one(rec)
+    # seed 100: the thief holds the 0.9 model (leak 1); seed 101: the model is below S
+    # (leak_value's rule: A = acc_victim >= acc_victim -> 1)
+    assert [r["leak"] for r in out["per_seed"]] == [[1.0], [1.0]]
+    assert out["security"] == [0.0, 0.0] and out["theft_ratio"] == [1.0, 0.0]
+    assert out["worst_attacker_acc"] == pytest.approx([0.85, 0.05])
+    assert out["worst_gain"] == pytest.approx([0.1, 0.1])  # max(0, acc - S) per seed
+    assert reward(out, 1.0) == pytest.approx(0.85 - 0.1)
+    assert out["victim_acc"] == rec["victim_acc"] and rec["security"] != out["security"]
+
+
 def test_report_table_and_target_checks():
     def row(method, acc, attackers, S=0.6):
         held = {s: _rec(acc + 0.01 * s, attackers, S, 0.5) for s in (0, 1, 2)}
@@ -293,6 +312,13 @@ def test_report_table_and_target_checks():
     assert checks["median_random_security_lower_beyond_spread"]
     assert checks["engine_reward_above_random"]
     assert not target_checks(rows, value_gap=0.1)["carries_comparison"]
+    # the more accurate centralized row is the one the engine is compared with
+    more = [
+        *rows,
+        row("centralized, 3-fragment architectures on one provider (lambda=0)", 0.95, [0.95]),
+    ]
+    assert target_checks(more, 0.3)["engine_accuracy_gap_to_centralized"] == pytest.approx(0.07)
+    assert not target_checks(more, 0.3)["engine_within_0.03_of_centralized"]
     rows[2] = row("engine (PPO)", 0.85, [0.8])  # as leaky as the even split
     assert not target_checks(rows, 0.3)["even_split_security_lower_beyond_spread"]
     table = markdown_table(rows)
@@ -499,6 +525,7 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     methods = [row["method"] for row in st["rows"]]
     assert methods == [
         "centralized search (K=1, lambda=0)",
+        "centralized, 2-fragment architectures on one provider (lambda=0)",
         "even split into 2",
         "random (best by reward)",
         "random (median design)",
@@ -507,11 +534,16 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
         "engine (PPO, sequential)",
     ]
     assert all(row["search_seeds"] == [0, 1] for row in st["rows"])
-    # the searches: 2 centralized + 4 methods x 2 seeds, each within its budget
+    # the all-in-one row: 2-fragment designs, a breach of the one provider is a full theft
+    aio = st["rows"][1]
+    assert all(d.count("-") == 1 for d in aio["designs"].values())
+    assert aio["theft_ratio"][0] == 1.0 and aio["worst_attacker_acc"] == aio["accuracy"]
+    assert st["centralized_compared"] in methods[:2]
+    # the searches: 2 x 2 centralized + 4 methods x 2 seeds, each within its budget
     searches = [
         json.loads(line) for line in (out / "digits-2" / "searches.jsonl").read_text().splitlines()
     ]
-    assert len(searches) == 10
+    assert len(searches) == 12
     assert all(
         s["evaluations"] <= (2 if "centralized" in s["id"] or "n=2" in s["id"] else 3)
         for s in searches
@@ -531,14 +563,16 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
     assert "Value gap" in report and "engine (PPO, sequential)" in report
     assert res["designs_per_hour_per_core"] > 0
     gap_only = res["settings"][1]  # --gap-fractions: the value gap, no searches
-    assert gap_only["fraction"] == 0.5 and len(gap_only["rows"]) == 2
-    assert gap_only["value_gap"] == pytest.approx(st["rows"][0]["accuracy"][0] - gap_only["S"][0])
+    assert gap_only["fraction"] == 0.5 and len(gap_only["rows"]) == 3
+    cen = next(row for row in gap_only["rows"] if row["method"] == gap_only["centralized_compared"])
+    assert cen["accuracy"][0] == max(row["accuracy"][0] for row in gap_only["rows"][:2])
+    assert gap_only["value_gap"] == pytest.approx(cen["accuracy"][0] - gap_only["S"][0])
     # resume: nothing evaluated or searched again
     n_cache = len(cache)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert len((out / "digits-2" / "cache.jsonl").read_text().splitlines()) == n_cache
-    assert len((out / "digits-2" / "searches.jsonl").read_text().splitlines()) == 10
+    assert len((out / "digits-2" / "searches.jsonl").read_text().splitlines()) == 12
     assert len((out / "commands.txt").read_text().splitlines()) == 1  # not twice
 
 

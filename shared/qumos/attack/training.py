@@ -82,24 +82,70 @@ def own_key(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, floa
 
 
 class Ensemble(nn.Module):
-    """The average of several models' probabilities; forward returns its log (logits)."""
+    """The average of several models' probabilities; forward returns its log (logits).
 
-    def __init__(self, models: list[nn.Module]):
+    With `stacked` and members that are `DistributedQNN`s of one architecture, forward
+    runs them as one `qumos.stacked.StackedQNN` (one simulator call per fragment for all
+    members; the same figures to float rounding). That stack is a snapshot of the
+    members' values when the ensemble is made: an ensemble is for predicting, not for
+    training its members further."""
+
+    def __init__(self, models: list[nn.Module], stacked: bool = False):
         super().__init__()
         self.members = nn.ModuleList(models)
+        # kept out of the module tree: a frozen copy of the members, not more parameters
+        self.__dict__["_stack"] = _stack_of(models) if stacked else None
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, B, C): every member's logits on the same rows."""
+        stack = self.__dict__["_stack"]
+        if stack is not None:
+            with torch.no_grad():
+                return stack(x.unsqueeze(0).expand(stack.n_models, *x.shape))
+        return torch.stack([m(x) for m in self.members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        p = torch.softmax(self.member_logits(x), dim=2).mean(0)
         return torch.log(p.clamp_min(1e-12))
 
 
+def _stack_of(models: list[nn.Module]):
+    from qumos.stacked import ArchitectureMismatch, StackedQNN
+
+    try:
+        return StackedQNN(models)
+    except ArchitectureMismatch:
+        return None
+
+
+def _key(logits: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+    yt = torch.as_tensor(y, dtype=torch.long)
+    acc = float((logits.argmax(-1) == yt).double().mean())
+    return acc, float(nn.functional.cross_entropy(logits, yt))
+
+
 def ensemble(
-    models: list[nn.Module], x_sel: np.ndarray, y_sel: np.ndarray, accs: list[float], note: str = ""
+    models: list[nn.Module],
+    x_sel: np.ndarray,
+    y_sel: np.ndarray,
+    note: str = "",
+    stacked: bool = False,
 ) -> Trained:
-    model = models[0] if len(models) == 1 else Ensemble(models)
-    model.eval()
-    acc, loss = own_key(model, x_sel, y_sel)
-    return Trained(model=model, own_acc=acc, own_loss=loss, restart_accs=accs, note=note)
+    """The restarts' average, with its own (acc, loss) and every restart's own accuracy
+    on the selection rows. `stacked`: evaluate the restarts as one stacked model."""
+    if len(models) == 1:
+        model = models[0]
+        model.eval()
+        acc, loss = own_key(model, x_sel, y_sel)
+        return Trained(model=model, own_acc=acc, own_loss=loss, restart_accs=[acc], note=note)
+    ens = Ensemble(models, stacked=stacked)
+    ens.eval()
+    with torch.no_grad():
+        logits = ens.member_logits(torch.as_tensor(x_sel, dtype=torch.float32))
+        accs = [_key(logits[m], y_sel)[0] for m in range(len(models))]
+        p = torch.softmax(logits, dim=2).mean(0)
+        acc, loss = _key(torch.log(p.clamp_min(1e-12)), y_sel)
+    return Trained(model=ens, own_acc=acc, own_loss=loss, restart_accs=accs, note=note)
 
 
 @dataclass
@@ -192,8 +238,7 @@ def run_jobs(jobs: list[Job], cfg: AttackConfig, progress: Progress | None = Non
     out = []
     for i, job in enumerate(jobs):
         models = [entries[e][2] for e in range(len(entries)) if entries[e][0] == i]
-        accs = [own_key(m, job.x_sel, job.y_sel)[0] for m in models]
-        out.append(ensemble(models, job.x_sel, job.y_sel, accs, note=job.note))
+        out.append(ensemble(models, job.x_sel, job.y_sel, note=job.note, stacked=cfg.batched))
     return out
 
 

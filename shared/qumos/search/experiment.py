@@ -7,7 +7,13 @@ evaluation config for every design of every method:
    (`DesignSpace.centralized`: nothing is company-held) with lambda 0 (victim accuracy
    only, no attacks while searching), once per search seed; the accuracy ceiling, and a
    breach of its only provider is a full theft. Shared by every attacker budget.
-2. even split: each centralized winner cut into K fragments (`even_split`).
+   The same accuracy-only search is also run over the K-fragment space itself
+   (`random`, lambda 0, no attacks while searching): the most accurate model of the
+   searched architectures, deployed all on one provider (`all_in_one`: a breach of that
+   provider is a full theft). One-fragment designs have no glue, so no re-uploading, and
+   can be less accurate than the distributed ones; the more accurate of the two
+   centralized rows is the accuracy the value gap and the engine's targets compare with.
+2. even split: each one-fragment centralized winner cut into K fragments (`even_split`).
 3. the searches over K-fragment designs, each method once per search seed, every one on
    the same budget of distinct designs: `random` (uniform), `evolution` (regularized
    evolution), `ppo` (the engine: PPO on the one-step environment), `ppo-seq` (PPO on the
@@ -19,7 +25,8 @@ evaluation config for every design of every method:
    seeds the searches never used (`heldout_seeds`, disjoint from the search's seeds,
    asserted). The tables report these figures as mean ± std over search seeds, next to
    the in-search reward.
-5. the value gap: acc_centralized - S on the held-out seeds (S: the best no-theft
+5. the value gap: acc_centralized - S on the held-out seeds (acc_centralized: the more
+   accurate centralized row; S: the best no-theft
    reference of the profile). Where it is small, every design looks secure and the
    comparison says little; the report says which settings carry it (gap >= 0.15).
    `gap_fractions` are attacker budgets measured for the gap only (the centralized and
@@ -308,6 +315,51 @@ def run_method(
     raise QumosError(f"--methods: {method!r}; allowed: {', '.join(METHODS)}")
 
 
+CENTRALIZED_K1 = "centralized search (K=1, lambda=0)"
+ALL_IN_ONE = "centralized, {k}-fragment architectures on one provider (lambda=0)"
+
+
+def _best_design(search: dict) -> Design:
+    return Design.model_validate(
+        next(r for r in search["records"] if r["key"] == search["best"])["design"]
+    )
+
+
+def all_in_one(rec: dict) -> dict:
+    """A held-out record of a K-fragment design, as deployed all on one provider: a
+    breach of it is a full theft (the thief's model is the victim's: A = acc_victim per
+    seed), so its leak is 1 wherever acc_victim > S and the security 0; S is the measured
+    best no-theft reference. Accuracy and S are the measured ones."""
+    from qumos.attack.report import leak_value
+
+    per_seed = []
+    for r in rec["per_seed"]:
+        a = r["victim_acc"]
+        leak = leak_value(a, r["S"], a)
+        per_seed.append(
+            {
+                **r,
+                "attacker_acc": [a],
+                "leak": [leak],
+                "security": 1.0 - leak,
+                "gain": max(0.0, a - r["S"]),
+                "gain_scratch": a - r["scratch"],
+                "theft_ratio": 1.0,
+            }
+        )
+    out = dict(rec, per_seed=per_seed, deployment="one provider")
+    for k, f in (
+        ("worst_attacker_acc", "victim_acc"),
+        ("worst_gain", "gain"),
+        ("old_gain", "gain_scratch"),
+        ("theft_ratio", "theft_ratio"),
+        ("security", "security"),
+    ):
+        out[k] = _ms([r[f] for r in per_seed])
+    out["attacker_acc"] = [out["worst_attacker_acc"]]
+    return out
+
+
 def _median_design(records: list[dict]) -> dict:
     ranked = sorted(records, key=lambda r: r["reward"])
     return ranked[(len(ranked) - 1) // 2]
@@ -332,20 +384,23 @@ def run_task(
         s: tr.search("ppo", s, ecfg.with_(attacks=False), 0.0, cen_space, cfg.centralized_evals)
         for s in cfg.search_seeds
     }
-    cen_best = {
-        s: Design.model_validate(next(r for r in c["records"] if r["key"] == c["best"])["design"])
-        for s, c in cen.items()
-    }
+    cen_best = {s: _best_design(c) for s, c in cen.items()}
     space = DesignSpace(
         tr.dataset, tr.task, n_fragments=cfg.n_fragments, depths=depths, hiding=cfg.hiding
     )
+    # 1b. the same over the K-fragment architectures, deployed all on one provider
+    ceil = {
+        s: tr.search("random", s, ecfg.with_(attacks=False), 0.0, space, cfg.centralized_evals)
+        for s in cfg.search_seeds
+    }
+    ceil_best = {s: _best_design(c) for s, c in ceil.items()}
     settings = []
     for frac in (*cfg.fractions, *cfg.gap_fractions):
         methods = cfg.methods if frac in cfg.fractions else ()
         e = ecfg.with_(attack_fraction=frac)
         log(f"[{task_name}] attacker budget: labelled fraction {frac}")
         finals: dict[str, dict[int, Design]] = {
-            "centralized search (K=1, lambda=0)": cen_best,
+            CENTRALIZED_K1: cen_best,
             f"even split into {cfg.n_fragments}": {
                 s: even_split(d, cfg.n_fragments) for s, d in cen_best.items()
             },
@@ -368,7 +423,7 @@ def run_task(
                     for s, res in searches[m].items()
                 }
         log(f"[{task_name}] held-out evaluation on seeds {list(cfg.heldout_seeds)}")
-        unique = {d.key(): d for per in finals.values() for d in per.values()}
+        unique = {d.key(): d for per in (*finals.values(), ceil_best) for d in per.values()}
         held = {r["key"]: r for r in tr.heldout(list(unique.values()), e)}
         rows = [
             table_row(
@@ -376,7 +431,17 @@ def run_task(
             )
             for label, per in finals.items()
         ]
-        cen_rows = [held[d.key()] for d in cen_best.values()]
+        ceil_label = ALL_IN_ONE.format(k=cfg.n_fragments)
+        ceil_held = {s: all_in_one(held[d.key()]) for s, d in ceil_best.items()}
+        rows.insert(1, table_row(ceil_label, ceil_held, None, cfg.lam))
+        # the more accurate centralized row is the one compared with
+        cen_label, cen_rows = max(
+            (
+                (CENTRALIZED_K1, [held[d.key()] for d in cen_best.values()]),
+                (ceil_label, list(ceil_held.values())),
+            ),
+            key=lambda lr: statistics.fmean(r["victim_acc"][0] for r in lr[1]),
+        )
         gap = statistics.fmean(r["victim_acc"][0] - r["S"][0] for r in cen_rows)
         all_recs = {m: [r for res in searches[m].values() for r in res["records"]] for m in methods}
         tag = f"fraction-{frac:g}"
@@ -398,13 +463,13 @@ def run_task(
             {
                 "fraction": frac,
                 "value_gap": gap,
-                # what the most accurate final design is worth beyond S (the centralized search
-                # is limited to one fragment, so it can be the less accurate model)
+                # what the most accurate final design of any row is worth beyond S
                 "best_accuracy_minus_S": best_acc - statistics.fmean(r["S"][0] for r in cen_rows),
                 "S": _ms([r["S"][0] for r in cen_rows]),
                 "S_reference": sorted({x for r in cen_rows for x in r["S_reference"]}),
                 "rows": rows,
                 "checks": target_checks(rows, gap),
+                "centralized_compared": cen_label,
                 "random_median_in_search": _median_in_search(all_recs.get("random", [])),
                 "searches": {
                     method_label(m): [
@@ -493,7 +558,9 @@ def _apart(a: list, b: list) -> bool:
 def target_checks(rows: list[dict], value_gap: float) -> dict:
     """The issue's targets for the engine (PPO) on held-out seeds."""
     by = {r["method"]: r for r in rows}
-    cen = next(r for r in rows if r["method"].startswith("centralized"))
+    cen = max(
+        (r for r in rows if r["method"].startswith("centralized")), key=lambda r: r["accuracy"][0]
+    )
     split = next(r for r in rows if r["method"].startswith("even split"))
     eng = by.get(method_label(ENGINE))
     out: dict = {"value_gap": value_gap, "carries_comparison": value_gap >= VALUE_GAP_MIN}
@@ -597,7 +664,8 @@ def write_report(out: Path, command: str | None = None) -> Path:
             ch = st["checks"]
             parts.append(
                 f"### attacker's labelled fraction {st['fraction']:g}\n\n"
-                f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (S = "
+                f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (acc_centralized: "
+                f"{st.get('centralized_compared', CENTRALIZED_K1)}; S = "
                 f"{_f(st['S'])}, {', '.join(st['S_reference'])}; the most accurate final "
                 f"design's accuracy - S = {st.get('best_accuracy_minus_S', float('nan')):.3f}): "
                 + (
