@@ -291,8 +291,9 @@ def experiment(
 ) -> None:
     """The engine against its baselines: several search seeds, held-out figures, per task
     and attacker budget; a markdown report and Pareto plots. Resumes from its caches."""
-    from qumos.search.experiment import ExperimentConfig, parse_task, run_task, write_report
+    from qumos.search.experiment import ExperimentConfig, parse_task, run_task
     from qumos.search.parallel import make_executor
+    from qumos.search.report import write_report
 
     try:
         names = [t.strip() for t in tasks.split(",") if t.strip()]

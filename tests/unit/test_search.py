@@ -23,12 +23,8 @@ from qumos.search.evaluator import (
     reward,
 )
 from qumos.search.evolution import evolution_search, mutate
-from qumos.search.experiment import (
-    even_split,
-    markdown_table,
-    table_row,
-    target_checks,
-)
+from qumos.search.experiment import even_split
+from qumos.search.report import markdown_table, table_row, target_checks
 from qumos.search.search import Budget, pareto_front, ppo_search, random_search
 from qumos.spec import Design, design_from_flags
 
@@ -272,7 +268,7 @@ def test_reward_is_clipped_and_old_reward_kept():
 
 
 def test_all_in_one_is_a_full_theft_measured_against_s():
-    from qumos.search.experiment import all_in_one
+    from qumos.search.report import all_in_one
 
     seeds = [
         {"seed": 100, "victim_acc": 0.9, "S": 0.7, "scratch": 0.6, "attacker_acc": [0.5, 0.6]},

@@ -1,0 +1,248 @@
+"""The experiment's tables: one row per method from held-out records, the issue's target
+checks, the all-in-one centralized deployment, and `results/…/README.md`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from qumos.search.evaluator import old_reward, reward
+
+ENGINE = "ppo"  # the method the targets are checked for
+VALUE_GAP_MIN = 0.15
+CENTRALIZED_K1 = "centralized search (K=1, lambda=0)"
+ALL_IN_ONE = "centralized, {k}-fragment architectures on one provider (lambda=0)"
+
+
+def all_in_one(rec: dict) -> dict:
+    """A held-out record of a K-fragment design, as deployed all on one provider: a
+    breach of it is a full theft (the thief's model is the victim's: A = acc_victim per
+    seed), so its leak is 1 wherever acc_victim > S and the security 0; S is the measured
+    best no-theft reference. Accuracy and S are the measured ones."""
+    from qumos.attack.report import leak_value
+
+    per_seed = []
+    for r in rec["per_seed"]:
+        a = r["victim_acc"]
+        leak = leak_value(a, r["S"], a)
+        per_seed.append(
+            {
+                **r,
+                "attacker_acc": [a],
+                "leak": [leak],
+                "security": 1.0 - leak,
+                "gain": max(0.0, a - r["S"]),
+                "gain_scratch": a - r["scratch"],
+                "theft_ratio": 1.0,
+            }
+        )
+    out = dict(rec, per_seed=per_seed, deployment="one provider")
+    for k, f in (
+        ("worst_attacker_acc", "victim_acc"),
+        ("worst_gain", "gain"),
+        ("old_gain", "gain_scratch"),
+        ("theft_ratio", "theft_ratio"),
+        ("security", "security"),
+    ):
+        out[k] = mean_std([r[f] for r in per_seed])
+    out["attacker_acc"] = [out["worst_attacker_acc"]]
+    return out
+
+
+def method_label(m: str) -> str:
+    return {
+        "random": "random (best by reward)",
+        "evolution": "regularized evolution",
+        "ppo": "engine (PPO)",
+        "ppo-seq": "engine (PPO, sequential)",
+        "ppo-warm": "engine (PPO, warm-started)",
+    }[m]
+
+
+def mean_std(values: list[float]) -> list[float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return [None, None]
+    return [statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0]
+
+
+def table_row(
+    label: str, held: dict[int, dict], in_search: dict[int, float] | None, lam: float
+) -> dict:
+    """Mean ± std over search seeds of the held-out figures of each seed's final design."""
+    recs = list(held.values())
+    return {
+        "method": label,
+        "designs": {str(s): r["short"] for s, r in held.items()},
+        "reward": mean_std([reward(r, lam) for r in recs]),
+        "old_reward": mean_std([old_reward(r, lam) for r in recs]),
+        "accuracy": mean_std([r["victim_acc"][0] for r in recs]),
+        "security": mean_std([r["security"][0] for r in recs]),
+        "theft_ratio": mean_std([r["theft_ratio"][0] for r in recs]),
+        "worst_attacker_acc": mean_std([r["worst_attacker_acc"][0] for r in recs]),
+        "S": mean_std([r["S"][0] for r in recs]),
+        "eval_seed_std_security": mean_std([r["security"][1] for r in recs])[0],
+        "in_search_reward": mean_std(list(in_search.values())) if in_search else [None, None],
+        "search_seeds": sorted(held),
+    }
+
+
+def median_in_search(recs: list[dict]) -> dict:
+    if not recs:
+        return {}
+
+    def med(k: str) -> float:
+        return statistics.median(r[k][0] for r in recs)
+
+    return {
+        "designs": len(recs),
+        "reward": statistics.median(r["reward"] for r in recs),
+        "accuracy": med("victim_acc"),
+        "security": med("security"),
+    }
+
+
+def _apart(a: list, b: list) -> bool:
+    """a's mean above b's by more than the spread (the sum of the two stds)."""
+    return a[0] - b[0] > (a[1] or 0.0) + (b[1] or 0.0)
+
+
+def target_checks(rows: list[dict], value_gap: float) -> dict:
+    """The issue's targets for the engine (PPO) on held-out seeds."""
+    by = {r["method"]: r for r in rows}
+    cen = max(
+        (r for r in rows if r["method"].startswith("centralized")), key=lambda r: r["accuracy"][0]
+    )
+    split = next(r for r in rows if r["method"].startswith("even split"))
+    eng = by.get(method_label(ENGINE))
+    out: dict = {"value_gap": value_gap, "carries_comparison": value_gap >= VALUE_GAP_MIN}
+    if eng is None:
+        return out
+    out.update(
+        {
+            "engine_security_ge_0.7": eng["security"][0] >= 0.7,
+            "engine_accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
+            "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
+            "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
+        }
+    )
+    med = by.get("random (median design)")
+    if med:
+        out["median_random_security_lower_beyond_spread"] = _apart(eng["security"], med["security"])
+    rnd = by.get(method_label("random"))
+    if rnd:
+        out["engine_reward_minus_random"] = eng["reward"][0] - rnd["reward"][0]
+        out["engine_reward_above_random"] = eng["reward"][0] > rnd["reward"][0]
+        out["engine_vs_random_inside_spread"] = not (
+            _apart(eng["reward"], rnd["reward"]) or _apart(rnd["reward"], eng["reward"])
+        )
+    return out
+
+
+def _f(v) -> str:
+    if v is None or v[0] is None:
+        return "-"
+    return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| method | final design per search seed | held-out reward | accuracy | security "
+        "| theft ratio | worst attacker acc | in-search reward | old reward |\n|" + "---|" * 9
+    )
+    lines = [head]
+    for r in rows:
+        designs = "<br>".join(f"{s}: `{d}`" for s, d in r["designs"].items())
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    designs,
+                    _f(r["reward"]),
+                    _f(r["accuracy"]),
+                    _f(r["security"]),
+                    _f(r["theft_ratio"]),
+                    _f(r["worst_attacker_acc"]),
+                    _f(r["in_search_reward"]),
+                    _f(r["old_reward"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, command: str | None = None) -> Path:
+    """results/…/README.md from every `<task>/result.json` under `out`."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    commands = []
+    cmd_file = out / "commands.txt"
+    known = cmd_file.read_text().splitlines() if cmd_file.is_file() else []
+    if command and command not in known:  # a resumed run adds no second copy
+        with cmd_file.open("a") as f:
+            f.write(command + "\n")
+    if cmd_file.is_file():
+        commands = [c for c in cmd_file.read_text().splitlines() if c.strip()]
+    parts = [
+        "# Security engine experiment: held-out figures over search seeds\n",
+        "Commands (from the repository root; each resumes from the caches):\n\n```bash\n"
+        + "\n".join(dict.fromkeys(commands))
+        + "\n```\n",
+        "Every figure is the mean ± population std over search seeds of the held-out "
+        "evaluation (seeds never used while searching) of each search seed's final "
+        "design; each held-out figure is itself a mean over the held-out evaluation "
+        "seeds. reward = acc - lambda * max(0, max_j (A_j - S)) with S the profile's "
+        "best no-theft reference; old reward = acc - lambda * max_j (A_j - scratch) "
+        "(the formula before threat model v2); security = 1 - max_j clip((A_j - S) / "
+        "(acc - S), 0, 1); theft ratio = max_j A_j / acc. In-search reward: the "
+        "winner's reward on the search's own seeds (biased upwards: it selected the "
+        "design).\n",
+    ]
+    for res in results:
+        c, e = res["config"], res["eval_config"]
+        parts.append(
+            f"## {res['task']}\n\nSearch: {c['max_evals']} distinct designs per "
+            f"search, search seeds {c['search_seeds']}, evaluation seeds "
+            f"{e['seeds']} while searching, held-out seeds {c['heldout_seeds']}; "
+            f"profile `{e['attack_profile']}`, {e['attack_restarts']} restarts x "
+            f"{e['attack_epochs']} steps; victim {e['victim_epochs']} epochs; "
+            f"lambda {c['lam']}; K = {c['n_fragments']}. Throughput: "
+            f"{_num(res.get('designs_per_hour_per_core'))} designs per hour per "
+            f"core (load average {_num(res['load_average'][0])}).\n"
+        )
+        for st in res["settings"]:
+            ch = st["checks"]
+            parts.append(
+                f"### attacker's labelled fraction {st['fraction']:g}\n\n"
+                f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (acc_centralized: "
+                f"{st.get('centralized_compared', CENTRALIZED_K1)}; S = "
+                f"{_f(st['S'])}, {', '.join(st['S_reference'])}; the most accurate final "
+                f"design's accuracy - S = {st.get('best_accuracy_minus_S', float('nan')):.3f}): "
+                + (
+                    "carries the comparison.\n\n"
+                    if ch["carries_comparison"]
+                    else f"below {VALUE_GAP_MIN}, so most designs look secure here and the "
+                    "comparison says little.\n\n"
+                )
+                + markdown_table(st["rows"])
+                + "\n\n"
+                + (
+                    f"Median random design (in-search, {st['random_median_in_search']['designs']}"
+                    f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
+                    f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
+                    f"{st['random_median_in_search']['security']:.3f}.\n\n"
+                    if st["random_median_in_search"]
+                    else ""
+                )
+                + f"![Pareto plot]({res['task']}/{st['pareto']})\n\n"
+                f"Target checks: `{json.dumps(ch)}`\n"
+            )
+    path = out / "README.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
