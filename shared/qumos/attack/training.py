@@ -74,11 +74,7 @@ def join(
 
 def own_key(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     with torch.no_grad():
-        logits = model(torch.as_tensor(x, dtype=torch.float32))
-        yt = torch.as_tensor(y, dtype=torch.long)
-        acc = float((logits.argmax(1) == yt).double().mean())
-        loss = float(nn.functional.cross_entropy(logits, yt))
-    return acc, loss
+        return _key(model(torch.as_tensor(x, dtype=torch.float32)), y)
 
 
 class Ensemble(nn.Module):
@@ -104,9 +100,14 @@ class Ensemble(nn.Module):
                 return stack(x.unsqueeze(0).expand(stack.n_models, *x.shape))
         return torch.stack([m(x) for m in self.members])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.member_logits(x), dim=2).mean(0)
+    @staticmethod
+    def combine(member_logits: torch.Tensor) -> torch.Tensor:
+        """(M, B, C) members' logits -> (B, C) log of their mean probabilities."""
+        p = torch.softmax(member_logits, dim=2).mean(0)
         return torch.log(p.clamp_min(1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_logits(x))
 
 
 def _stack_of(models: list[nn.Module]):
@@ -143,8 +144,7 @@ def ensemble(
     with torch.no_grad():
         logits = ens.member_logits(torch.as_tensor(x_sel, dtype=torch.float32))
         accs = [_key(logits[m], y_sel)[0] for m in range(len(models))]
-        p = torch.softmax(logits, dim=2).mean(0)
-        acc, loss = _key(torch.log(p.clamp_min(1e-12)), y_sel)
+        acc, loss = _key(Ensemble.combine(logits), y_sel)
     return Trained(model=ens, own_acc=acc, own_loss=loss, restart_accs=accs, note=note)
 
 
