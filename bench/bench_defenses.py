@@ -50,7 +50,9 @@ def _load() -> list[float]:
 def _save(name: str, rec: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rec = {"section": name, "load_end": _load(), **rec}
-    (OUT / f"{name}.json").write_text(json.dumps(rec, indent=1, default=float) + "\n")
+    from qumos.files import atomic_write  # a resumed section never finds half a file
+
+    atomic_write(OUT / f"{name}.json", (json.dumps(rec, indent=1, default=float) + "\n").encode())
 
 
 def _victim(design: str, seed: int, epochs: int = 10):
@@ -220,7 +222,13 @@ def section_clone(args) -> dict:
     from qumos.defense.policy import parse_policy
 
     path = OUT / "clone.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    prev = json.loads(path.read_text()) if path.is_file() else {"runs": [], "attack": ATTACK}
+    if prev.get("attack") != ATTACK:  # resume only runs of the same attacker budget
+        sys.exit(
+            f"{path}: holds runs at attacker budget {prev.get('attack')}, this run is at "
+            f"{ATTACK}; move the file away (or pass the same --attack-epochs/"
+            "--attack-restarts) to resume"
+        )
     done = {(r["defence"], r["profile"], r["N"], r["seed"]) for r in prev["runs"]}
     runs = prev["runs"]
     names = [d for d in DEFENCES if not args.defences or d.split(" ")[0] in args.defences]

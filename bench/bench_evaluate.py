@@ -1,6 +1,6 @@
 """What one design evaluation costs: batched training against one-by-one, side by side.
 
-    python bench/bench_evaluate.py [--seeds 0,1,2] [--designs ...] [--repeats 1]
+    python bench/bench_evaluate.py [--seeds 0,1,2] [--designs ...] [--modes one-by-one,batched,search]
 
 For each reference design (digits-4) the security engine's evaluation -- the victims of
 every seed trained together, then the default `breach` profile against every provider
@@ -8,7 +8,9 @@ every seed trained together, then the default `breach` profile against every pro
 trainings batched (`AttackConfig.batched`, the default: models of one architecture train
 in one `fit_many` call) and one by one (`fit` per model). Prints wall and CPU seconds per
 design for both, the ratio, and the largest difference between the two paths' figures
-(victim accuracy, S, every A_j, security). One torch thread, one BLAS thread.
+(victim accuracy, S, every A_j, security). A third path, `search`, is the batched one with
+the design-independent classical references already fitted (as every design after a
+search's first sees them). One torch thread, one BLAS thread.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ def _figures(rec: dict) -> list[float]:
     return out + [a[0] for a in rec["attacker_acc"]]
 
 
+MODES = ("one-by-one", "batched", "search")
+
+
 def main() -> None:
     import torch
+    from qumos.attack import references
     from qumos.search.evaluator import EvalConfig, evaluate_design
     from qumos.spec import parse_short_design
     from threadpoolctl import threadpool_limits
@@ -39,8 +45,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--designs", default=",".join(REFERENCE_DESIGNS))
+    ap.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="which paths to time: one-by-one, batched (both with no fitted reference "
+        "kept), search (batched, the classical references already fitted, as every "
+        "design after a search's first)",
+    )
     ap.add_argument("--out", default=str(ROOT / "results" / "evaluate-speed.md"))
     args = ap.parse_args()
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    bad = set(args.modes.split(",")) - set(MODES)
+    if bad or not modes:
+        ap.error(f"--modes: {sorted(bad) or 'none'} not allowed; allowed: {', '.join(MODES)}")
     torch.set_num_threads(1)
     cfg = EvalConfig(seeds=tuple(int(s) for s in args.seeds.split(",")))
     load = os.getloadavg()
@@ -50,52 +67,65 @@ def main() -> None:
         for short in args.designs.split(","):
             design = parse_short_design(short)
             res = {}
-            for mode in ("one-by-one", "batched"):
+            for mode in modes:
+                if mode != "search":
+                    references.classical_cache.clear()
+                elif not references.classical_cache:  # the search's first design fits them
+                    evaluate_design((design.model_dump(), cfg))
                 t0, c0 = time.perf_counter(), time.process_time()
-                rec = evaluate_design((design.model_dump(), cfg.with_(batched=mode == "batched")))
+                rec = evaluate_design(
+                    (design.model_dump(), cfg.with_(batched=mode != "one-by-one"))
+                )
                 res[mode] = (time.perf_counter() - t0, time.process_time() - c0, rec)
-            diff = max(
-                abs(a - b)
-                for a, b in zip(_figures(res["one-by-one"][2]), _figures(res["batched"][2]))
-            )
+            figs = [_figures(r[2]) for r in res.values()]
+            diff = max((abs(a - b) for f in figs[1:] for a, b in zip(figs[0], f)), default=0.0)
             rows.append((short, res, diff))
             print(
-                f"{short}: one-by-one {res['one-by-one'][1]:.1f} s cpu, batched "
-                f"{res['batched'][1]:.1f} s cpu, figures differ by at most {diff:.3f}",
+                f"{short}: "
+                + ", ".join(f"{m} {res[m][1]:.1f} s cpu" for m in modes)
+                + f"; figures differ by at most {diff:.3f}",
                 flush=True,
             )
     end = os.getloadavg()
+    base = modes[0]
+    head = "| design | " + " | ".join(f"{m} wall s | {m} cpu s" for m in modes)
+    head += "".join(f" | cpu {base} / {m}" for m in modes[1:]) + " | largest figure difference |"
     lines = [
         f"load average {load[0]:.2f} at start, {end[0]:.2f} at end; seeds {args.seeds}; "
         "victim 10 epochs; default breach profile",
         "",
-        "| design | one-by-one wall s | one-by-one cpu s | batched wall s | batched cpu s "
-        "| cpu ratio | wall ratio | largest figure difference |",
-        "|---|---|---|---|---|---|---|---|",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
     ]
-    tot = {"one-by-one": [0.0, 0.0], "batched": [0.0, 0.0]}
+    tot = {m: [0.0, 0.0] for m in modes}
     for short, res, diff in rows:
-        (w1, c1, _), (w2, c2, _) = res["one-by-one"], res["batched"]
-        for k, (w, c) in (("one-by-one", (w1, c1)), ("batched", (w2, c2))):
-            tot[k][0] += w
-            tot[k][1] += c
-        lines.append(
-            f"| {short} | {w1:.1f} | {c1:.1f} | {w2:.1f} | {c2:.1f} | "
-            f"{c1 / c2:.1f}x | {w1 / w2:.1f}x | {diff:.3f} |"
-        )
+        cells = []
+        for m in modes:
+            w, c, _ = res[m]
+            tot[m][0] += w
+            tot[m][1] += c
+            cells += [f"{w:.1f}", f"{c:.1f}"]
+        cells += [f"{res[base][1] / res[m][1]:.1f}x" for m in modes[1:]]
+        lines.append(f"| {short} | " + " | ".join(cells) + f" | {diff:.3f} |")
     n = len(rows)
-    lines.append(
-        f"| mean per design | {tot['one-by-one'][0] / n:.1f} | "
-        f"{tot['one-by-one'][1] / n:.1f} | {tot['batched'][0] / n:.1f} | "
-        f"{tot['batched'][1] / n:.1f} | "
-        f"{tot['one-by-one'][1] / tot['batched'][1]:.1f}x | "
-        f"{tot['one-by-one'][0] / tot['batched'][0]:.1f}x | |"
-    )
+    cells = [f"{tot[m][k] / n:.1f}" for m in modes for k in (0, 1)]
+    cells += [f"{tot[base][1] / tot[m][1]:.1f}x" for m in modes[1:]]
+    lines.append("| mean per design | " + " | ".join(cells) + " | |")
     table = "\n".join(lines)
     print(table)
+    cmd = f"python bench/bench_evaluate.py --seeds {args.seeds}"
+    if args.designs != ",".join(REFERENCE_DESIGNS):
+        cmd += f" --designs {args.designs}"
+    if modes != list(MODES):
+        cmd += f" --modes {','.join(modes)}"
+    if Path(args.out).resolve() != (ROOT / "results" / "evaluate-speed.md").resolve():
+        cmd += f" --out {args.out}"
     Path(args.out).write_text(
         "# Cost of one design evaluation: batched vs one-by-one\n\n"
-        f"Command: `python bench/bench_evaluate.py --seeds {args.seeds}`"
+        f"Command: `{cmd}`\n\n"
+        "one-by-one and batched fit every reference afresh; search is the batched path "
+        "with the design-independent classical references (logistic regression, MLP, "
+        "kNN) already fitted for these seeds, as for every design after a search's first."
         "\n\n" + table + "\n"
     )
 

@@ -94,7 +94,8 @@ class DistributedQNN(nn.Module):
         # input hiding: the company-held transform before fragment 0 (None: off)
         self.transform = Glue(spec.input_transform) if spec.input_transform else None
         self.head = Head(spec.head)
-        self.to(dtype)
+        if dtype != torch.get_default_dtype():  # nn.Linear made the glue and head in that
+            self.to(dtype)
 
     @property
     def n_fragments(self) -> int:

@@ -431,6 +431,30 @@ def _pad(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _epoch_batches(
+    perms: list[torch.Tensor | None], batch_sizes: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch's minibatches of every model as padded index tensors: model i's
+    permutation `perms[i]` (None: the model sits this epoch out) cut into consecutive
+    batches of `batch_sizes[i]`. Returns idx (M, steps, width) long, mask (M, steps, width)
+    1 where idx is a real row, count (M, steps) float64 rows per batch."""
+    m = len(perms)
+    lens = torch.tensor([len(p) if p is not None else 0 for p in perms], dtype=torch.long)
+    steps = (lens + batch_sizes - 1) // batch_sizes
+    n_steps = int(steps.max()) if m else 0
+    width = int(torch.minimum(lens, batch_sizes).max()) if m else 0
+    idx = torch.zeros(m, n_steps, width, dtype=torch.long)
+    mask = torch.zeros(m, n_steps, width, dtype=dtype)
+    if int(lens.sum()):
+        flat = torch.cat([p for p in perms if p is not None and len(p)])
+        model = torch.repeat_interleave(torch.arange(m), lens)
+        pos = torch.arange(len(flat)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        b = batch_sizes[model]
+        idx[model, pos // b, pos % b] = flat
+        mask[model, pos // b, pos % b] = 1
+    return idx, mask, mask.sum(-1, dtype=torch.float64)
+
+
 class _Eval:
     """Per-model accuracy (and cross-entropy) of the stacked models on per-model data,
     computed as `qumos.model.accuracy` does (argmax of the softmax)."""
@@ -575,28 +599,21 @@ def fit_many(
                 if live[i]:
                     progress(i, epoch, cfgs[i].epochs, float(acc_l[i]))
 
+    batch_sizes = torch.tensor([c.batch_size for c in cfgs], dtype=torch.long)
     pending = None  # fused: (epoch, total, live) awaiting the next forward's figures
     for epoch in range(1, max((c.epochs for c in cfgs), default=0) + 1):
         if not stack.has_trainable:
             break
         live = [epoch <= c.epochs for c in cfgs]
-        batches: list[list[torch.Tensor]] = []
-        for i, c in enumerate(cfgs):
-            if not live[i]:
-                batches.append([])
-                continue
-            perm = torch.randperm(n_train[i], generator=gens[i])
-            batches.append([perm[j : j + c.batch_size] for j in range(0, n_train[i], c.batch_size)])
-        n_steps = max(len(b) for b in batches)
-        width = max((len(ix) for b in batches for ix in b), default=0)
-        idx = torch.zeros(m_all, n_steps, width, dtype=torch.long)
-        mask = torch.zeros(m_all, n_steps, width, dtype=dtype)
-        count = torch.zeros(m_all, n_steps, dtype=torch.float64)
-        for i, b in enumerate(batches):
-            for s, ix in enumerate(b):
-                idx[i, s, : len(ix)] = ix
-                mask[i, s, : len(ix)] = 1
-                count[i, s] = len(ix)
+        idx, mask, count = _epoch_batches(
+            [
+                torch.randperm(n, generator=g) if ok else None
+                for n, g, ok in zip(n_train, gens, live)
+            ],
+            batch_sizes,
+            dtype,
+        )
+        n_steps = idx.shape[1]
         total = torch.zeros(m_all, dtype=torch.float64)
         for s in range(n_steps):
             active = count[:, s] > 0
@@ -607,7 +624,7 @@ def fit_many(
                 logits.reshape(-1, logits.shape[-1]),
                 target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1),
                 reduction="none",
-            ).view(m_all, width)
+            ).view(m_all, idx.shape[2])
             if fused:  # the figures of the values before this step, as _Eval computes them
                 with torch.no_grad():
                     valid = mask[:, s] > 0

@@ -406,3 +406,33 @@ def test_strip_keeps_only_the_architecture(victim):
     a = strip(victim)
     assert victim.is_trained() and not a.is_trained()
     assert design_of(a) == design_of(victim)
+
+
+def test_classical_references_are_fitted_once_per_seed_and_labelled_set(data, monkeypatch):
+    """A search reuses the design-independent references: the second call with the same
+    seed and labelled images returns the cached estimator, whose predictions equal a fresh
+    fit's; another seed or another labelled set fits anew."""
+    from qumos.attack import references
+
+    monkeypatch.setattr(references, "classical_cache", references.OrderedDict())
+    cfg = AttackConfig(**TINY)
+
+    def ctx(seed, fraction=0.05):
+        return Context(
+            data=data, arch=None, cfg=cfg, seed=seed, own=attacker_data(data, fraction, seed)
+        )
+
+    for name in ("logreg", "mlp", "knn"):
+        fn = FUNCS[name]
+        first = fn(ctx(0))
+        assert fn(ctx(0)) is first
+        assert fn(ctx(1)) is not first
+        assert fn(ctx(0, 0.1)) is not first
+        fresh = getattr(references, "_" + name)(ctx(0))
+        raw = data.test.raw
+        assert (first.predict(None, raw) == fresh.predict(None, raw)).all()
+        assert first.own_acc == fresh.own_acc
+    assert len(references.classical_cache) == 9
+    monkeypatch.setattr(references, "CACHE_SIZE", 2)
+    FUNCS["logreg"](ctx(2))
+    assert len(references.classical_cache) == 2
