@@ -598,3 +598,19 @@ def test_experiment_rejects_inconsistent_flags_before_work(tmp_path, extra, flag
     )
     assert r.exit_code == 2 and flag in r.output, r.output
     assert not out.exists()  # failed before any work
+
+
+def test_report_lists_a_run_once_whatever_its_workers(tmp_path):
+    """commands.txt keeps one line per run: re-running with another --workers (same
+    figures) adds nothing; the README shows each run once."""
+    from qumos.search.report import write_report
+
+    a = "qumos experiment --tasks digits-2 --fractions 0.01 --workers 1 --out x"
+    write_report(tmp_path, a)
+    write_report(tmp_path, a.replace("--workers 1", "--workers 2"))
+    write_report(tmp_path, a.replace("--workers 1", "--workers=2"))
+    b = a.replace("0.01", "0.05")
+    write_report(tmp_path, b)
+    assert (tmp_path / "commands.txt").read_text().splitlines() == [a, b]
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("--tasks digits-2") == 2

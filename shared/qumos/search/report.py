@@ -4,6 +4,7 @@ checks, the all-in-one centralized deployment, and `results/…/README.md`."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -174,21 +175,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_of(command: str) -> str:
+    """A command without its --workers (how many processes share the work: the figures
+    do not depend on it)."""
+    return " ".join(re.sub(r"\s--workers(=|\s+)\S+", "", " " + command).split())
+
+
 def write_report(out: Path, command: str | None = None) -> Path:
     """results/…/README.md from every `<task>/result.json` under `out`."""
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     commands = []
     cmd_file = out / "commands.txt"
     known = cmd_file.read_text().splitlines() if cmd_file.is_file() else []
-    if command and command not in known:  # a resumed run adds no second copy
+    # a resumed run (perhaps with another --workers: same figures) adds no second copy
+    if command and _run_of(command) not in {_run_of(c) for c in known}:
         with cmd_file.open("a") as f:
             f.write(command + "\n")
     if cmd_file.is_file():
-        commands = [c for c in cmd_file.read_text().splitlines() if c.strip()]
+        runs = {_run_of(c): c for c in cmd_file.read_text().splitlines() if c.strip()}
+        commands = list(runs.values())  # the latest spelling of each run
     parts = [
         "# Security engine experiment: held-out figures over search seeds\n",
         "Commands (from the repository root; each resumes from the caches):\n\n```bash\n"
-        + "\n".join(dict.fromkeys(commands))
+        + "\n".join(commands)
         + "\n```\n",
         "Every figure is the mean ± population std over search seeds of the held-out "
         "evaluation (seeds never used while searching) of each search seed's final "
