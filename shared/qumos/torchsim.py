@@ -16,18 +16,22 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
     perm   a run of fixed gates (cx, cz) is a signed permutation of basis states: one
            index operation;
     diag   a run of rzz gates is diagonal: one phase vector;
-    gates2q other parameterized two-qubit gates: up to 5 qubits the run's gates gathered
-           into full (d, d) matrices and multiplied into one (`_embed_2q`), else one
-           einsum each.
+    gates2q other parameterized two-qubit gates (rxx, rzx, cu3): up to 5 qubits every
+           gate's full (d, d) matrix from one batched real matmul of its features with
+           constant embedded coefficients, multiplied into one (`_Gates2q.embedded`);
+           else one einsum each.
 - The ansatz does not depend on the data. When it pays off (by an estimated operation
   count, `FragmentSim.use_unitary`), its unitary is built once per call by running the
   steps on the identity, and applied to the whole batch with one matmul.
-- Rotation matrices are linear in (cos t/2, sin t/2): c * I + s * (-i P). So a product
-  of L rotations is multilinear in their (cos, sin) pairs: sum_k coef[k] f[k], f the
-  Kronecker product of the pairs (2**L reals), coef constant (`_run_coefficients`). A
-  fused run's matrices, and the encoded per-wire vectors of the whole batch, are each one
-  *real* matmul with a constant, instead of chains of tiny complex ops (whose autograd
-  overhead, not their arithmetic, dominated the old simulator's time).
+- Rotation matrices are linear in (cos t/2, sin t/2): c * I + s * (-i P); the phase
+  gate P(t) is linear in (1, cos t, sin t), and U3(th, ph, la) = P(ph) RY(th) P(la)
+  exactly. So every gate, and a product of gates, is multilinear in such small feature
+  vectors: C0 + sum_k coef[k] f[k], f the Kronecker product of the factors' features,
+  coef and C0 constant (`_gate_terms`, `_run_coefficients`). A fused run's matrices, a
+  run of two-qubit gates, and the encoded per-wire vectors of the whole batch are each
+  one *real* matmul with a constant, instead of chains of tiny complex ops (whose
+  autograd overhead, not their arithmetic, dominated: u3cu3 fragments built U3/CU3
+  matrices gate by gate until this; see docs/performance-batched-training.md).
 
 - The data-dependent part (encoder, psi @ U, readout) is one `torch.autograd.Function`
   with a hand-written backward (`_EncodeUnitaryReadout`; on the per-state path `_Encode`
@@ -150,13 +154,21 @@ def _gather_kron(mats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _prod0(mats.reshape(*mats.shape[:-3], -1)[..., index], dim=-3)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; for two (M, p, q) stacks one bmm: matmul would record broadcasting views
+    (expand, reshape) around it, three more autograd nodes per product."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return a @ b
+
+
 def _chain(mats: torch.Tensor) -> torch.Tensor:
     """mats[L-1] @ ... @ mats[0] over the leading axis of (L, ..., 2, 2) (or a list)."""
     if isinstance(mats, torch.Tensor):
         mats = mats.unbind(0)
     out = mats[0]
     for m in mats[1:]:
-        out = m @ out
+        out = _mm(m, out)
     return out
 
 
@@ -165,12 +177,107 @@ def _chain(mats: torch.Tensor) -> torch.Tensor:
 DENSE_LOCAL_QUBITS = 5
 
 
+# ---- gates as linear maps of trigonometric features --------------------------------------
+# Every parameterized gate is C0 + sum_k coef[k] f[k]: f the Kronecker product of small
+# per-angle feature vectors ("factors"), coef and C0 constant. Two kinds of factor, read
+# from one table per weight (`FragmentSim._angles`, columns TABLE_COLUMNS):
+#   half   (cos t/2, sin t/2): a rotation R_P(t) = cos(t/2) I + sin(t/2) (-i P);
+#   phase  (1, cos t, sin t):  the phase gate P(t) = diag(1, e^{it}) = E00 + cos t E11
+#                              + sin t (i E11).
+# U3(th, ph, la) = P(ph) RY(th) P(la) exactly (no global phase dropped), so a u3 is three
+# factors, 3 * 2 * 3 = 18 features, and CU3 = |0><0| (x) I + |1><1| (x) U3 the same with
+# a constant. A fused run of gates is multilinear in the Kronecker product of all its
+# factors: one gather + one product give every feature, one real matmul every matrix --
+# a handful of autograd nodes per step instead of a dozen small complex ops per gate.
+TABLE_COLUMNS = {"half": (0, 1), "phase": (2, 3, 4)}
+_E00 = torch.tensor([[1, 0], [0, 0]], dtype=torch.complex128)
+_E11 = torch.tensor([[0, 0], [0, 1]], dtype=torch.complex128)
+_PHASE_BASIS = torch.stack([_E00, _E11, 1j * _E11])
+# gate -> (factors as (kind, angle slot, basis (size, D, D)), in the order they act)
+_FACTORS = {
+    **{g: [("half", 0, _ROT_BASIS[g].reshape(2, 2, 2))] for g in ("rx", "ry", "rz")},
+    "u3": [
+        ("phase", 2, _PHASE_BASIS),
+        ("half", 0, _ROT_BASIS["ry"].reshape(2, 2, 2)),
+        ("phase", 1, _PHASE_BASIS),
+    ],
+    **{
+        g: [("half", 0, torch.stack([torch.eye(4, dtype=torch.complex128), -1j * p]))]
+        for g, p in (("rzz", _ZZ), ("rxx", _XX), ("rzx", _ZX))
+    },
+}
+_FACTORS["cu3"] = _FACTORS["u3"]  # controlled: see _gate_terms
+
+
+@functools.cache
+def _gate_terms(gate: str) -> tuple[list[tuple[str, int]], torch.Tensor, torch.Tensor | None]:
+    """(factors [(kind, angle slot)], coef (K, D, D), C0 (D, D) or None) with
+    gate = C0 + sum_k coef[k] f[k], f the Kronecker product of the factors' feature
+    vectors, factor 0 the least significant digit of k."""
+    factors = _FACTORS[gate]
+    coef = _product_terms([basis for _, _, basis in factors])
+    const = None
+    if gate == "cu3":  # control = the op's first wire, the more significant bit
+        coef = torch.stack([torch.kron(_E11, m) for m in coef])
+        const = torch.kron(_E00, torch.eye(2, dtype=torch.complex128))
+    return [(kind, slot) for kind, slot, _ in factors], coef, const
+
+
+def _product_terms(bases: list[torch.Tensor]) -> torch.Tensor:
+    """(prod sizes, D, D): entry k = B_{L-1}[k_{L-1}] @ ... @ B_0[k_0], k in mixed radix
+    (digit 0 least significant): the coefficients of a product of factors linear in
+    their feature vectors."""
+    out = torch.eye(bases[0].shape[-1], dtype=torch.complex128)[None]
+    for basis in bases:  # new digit more significant: index = digit * len(out) + old
+        out = (basis[:, None] @ out[None]).reshape(-1, *out.shape[1:])
+    return out
+
+
+def _feature_index(factors: list[tuple[str, torch.Tensor]], width: int) -> torch.Tensor:
+    """(F, *shape, K): position in the flattened angle table (..., P+1, width) of factor
+    f's value for feature k, where each factor is (kind, weight index (*shape), -1 = no
+    gate: the padding angle 0 in the table's last row, i.e. the identity)."""
+    sizes = [len(TABLE_COLUMNS[kind]) for kind, _ in factors]
+    k = torch.arange(math.prod(sizes))
+    out, radix = [], 1
+    for (kind, widx), size in zip(factors, sizes):
+        digit = (k // radix) % size  # (K,)
+        radix *= size
+        col = torch.tensor(TABLE_COLUMNS[kind])[digit]  # (K,)
+        base = torch.where(widx >= 0, widx * width, -width)[..., None]  # (*shape, 1)
+        out.append(base + col)
+    return torch.stack(out)
+
+
+def _features(tab: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """prod over factors of the table entries at `index` (F, *shape, K): (..., *shape, K)
+    real, the leading axes of tab (..., P+1, width) one per model. One gather, one
+    product chain."""
+    if tab.dim() == 2:
+        return _prod0(tab.reshape(-1)[index])
+    return _prod0(tab.reshape(*tab.shape[:-2], -1)[..., index], dim=-index.dim())
+
+
+def _as_real_columns(coef: torch.Tensor, cdtype: torch.dtype, cache: dict) -> torch.Tensor:
+    """(K, D, D) complex -> (K, D * D * 2) real of cdtype's precision, kept in `cache`:
+    f @ it is the matrices' (re, im) entries."""
+    if cdtype not in cache:
+        dtype = torch.float32 if cdtype == torch.complex64 else torch.float64
+        cache[cdtype] = torch.view_as_real(coef).reshape(coef.shape[0], -1).to(dtype)
+    return cache[cdtype]
+
+
+def _uses_phase(gates) -> bool:
+    return any(kind == "phase" for g in gates for kind, _ in _gate_terms(g)[0])
+
+
 class _Local:
     """A run of single-qubit parameterized gates, fused per wire. Layer l applies one gate
     type to every wire that has an l-th gate in the run; `idx[l, wire, k]` is the weight
-    index of the k-th angle (-1 = no gate there: angle 0, the identity)."""
+    index of the k-th angle (-1 = no gate there: angle 0, the identity). A wire's fused
+    matrix is sum_k coef[k] f[k] (see _gate_terms), coef shared by all wires."""
 
-    def __init__(self, ops: list[Op], n: int):
+    def __init__(self, ops: list[Op], n: int, width: int):
         by_wire: list[list[Op]] = [[] for _ in range(n)]
         for op in ops:
             by_wire[op.wires[0]].append(op)
@@ -185,46 +292,83 @@ class _Local:
                 if len(v) > layer:
                     idx[layer, wire, : len(v[layer].index)] = torch.tensor(v[layer].index)
         self.idx = idx
-        # feature_index[l, wire, k]: position in cs.reshape(-1) of the cos (bit l of k = 0)
-        # or sin (bit 1) of the wire's l-th half-angle, (L, n, 2**L); no gate (-1): the
-        # padding angle 0 at the end of cs, i.e. flat positions -2 (cos) and -1 (sin)
-        bits = (torch.arange(2**depth)[None, :] >> torch.arange(depth)[:, None]) & 1  # (L, 2**L)
-        first = idx[:, :, 0, None]  # (L, n, 1)
-        self.feature_index = torch.where(first >= 0, first * 2, -2) + bits[:, None, :]
-        self.all_rotations = all(t in ROTATIONS for t in self.types)
-        if self.all_rotations:
-            # A wire's fused matrix is multilinear in the (cos, sin) of its L half-angles:
-            # G = sum_k coef[k] f[k], f = their Kronecker product (see _encoder_columns).
-            self.coef = _run_coefficients(self.types)  # (2**L, 2, 2) complex128
-
-    def features(self, cs: torch.Tensor) -> torch.Tensor:
-        """f (..., n, 2**L) real: per wire the products of cos / sin of the run's
-        half-angles, index k = sum_l bit_l 2**l (bit 1 = sin). cs (..., P+1, 2) real (cos,
-        sin) of w/2 (leading axes: one per model). One gather and one product (two
-        autograd nodes, not 2L)."""
-        if cs.dim() == 2:
-            return _prod0(cs.reshape(-1)[self.feature_index])  # (L, n, 2**L) -> (n, 2**L)
-        return _prod0(cs.reshape(*cs.shape[:-2], -1)[..., self.feature_index], dim=-3)
-
-    def matrices(self, wz: torch.Tensor, cs: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-        """Per wire the fused 2x2 matrix, (..., n, 2, 2) complex. wz (..., P+1) weights
-        padded with a 0 at index -1 (= no gate); cs (..., P+1, 2) real (cos, sin) of their
-        halves. Leading axes: one per model."""
-        lead = wz.shape[:-1]
-        if self.all_rotations:
-            # one real matmul: (n, 2**L) @ (2**L, 8 = 2x2 entries x (re, im))
-            coef = torch.view_as_real(self.coef.to(cdtype)).reshape(self.coef.shape[0], 8)
-            g = self.features(cs) @ coef  # (..., n, 8)
-            return torch.view_as_complex(g.reshape(*lead, -1, 2, 2, 2))
-        mats = []
+        factors, bases = [], []
         for layer, gate in enumerate(self.types):
-            if gate in ROTATIONS:
-                g = cs[..., self.idx[layer, :, 0], :].to(cdtype) @ _ROT_BASIS[gate].to(cdtype)
-                mats.append(g.reshape(*lead, -1, 2, 2))  # (..., n, 2, 2)
-            else:  # u3
-                angles = [wz[..., self.idx[layer, :, a]] for a in range(3)]
-                mats.append(gate_matrix(gate, angles, cdtype))
-        return _chain(mats)
+            for (kind, slot), (_, _, basis) in zip(_gate_terms(gate)[0], _FACTORS[gate]):
+                factors.append((kind, idx[layer, :, slot]))
+                bases.append(basis)
+        # the product's feature count grows as 2**L (rotations) or 18**L (u3); runs here
+        # are at most three layers (blocks put an entangling layer between their runs)
+        assert len(factors) <= 9, "local run too long to fuse into one feature product"
+        self.feature_index = _feature_index(factors, width)  # (F, n, K)
+        self.coef = _product_terms(bases)  # (K, 2, 2) complex128
+        self._columns: dict = {}  # cdtype -> _as_real_columns(coef)
+
+    def features(self, tab: torch.Tensor) -> torch.Tensor:
+        """f (..., n, K) real: per wire the products of the run's factors' features. tab
+        (..., P+1, width) the angle table (`FragmentSim._angles`)."""
+        return _features(tab, self.feature_index)
+
+    def matrices(self, tab: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        """Per wire the fused 2x2 matrix, (..., n, 2, 2) complex: one real matmul
+        (..., n, K) @ (K, 8 = 2x2 entries x (re, im))."""
+        g = self.features(tab) @ _as_real_columns(self.coef, cdtype, self._columns)  # (.., n, 8)
+        return torch.view_as_complex(g.reshape(*g.shape[:-1], 2, 2, 2))
+
+
+class _Gates2q:
+    """A run of one type of parameterized two-qubit gate (rxx, rzx, cu3; rzz runs are
+    `diag` steps): gate j on wires[j] with weight indices idx[j]. Its matrices
+    (..., m, 4, 4) are C0 + f @ coef, f (..., m, K) its features."""
+
+    def __init__(self, gate: str, wires: list[tuple[int, int]], idx: torch.Tensor, width: int):
+        self.gate, self.wires, self.idx = gate, wires, idx
+        factors, self.coef, self.const = _gate_terms(gate)
+        self.feature_index = _feature_index(
+            [(kind, idx[:, slot]) for kind, slot in factors], width
+        )  # (F, m, K)
+        self._columns: dict = {}  # cdtype -> _as_real_columns(coef)
+        self._embedded: dict = {}  # (cdtype, n) -> embedded coefficients (`embedded`)
+
+    def embedded(self, tab: torch.Tensor, cdtype: torch.dtype, n: int) -> torch.Tensor:
+        """The run as one (..., d, d) matrix E = E_1 @ ... @ E_m, states @ E applying the
+        gates in order (row convention), E_k gate k embedded on its wires among n qubits:
+        E_k[i, j] = g_k[p(j), p(i)] if the other bits of i and j agree, else 0 (p = the
+        two bits of the gate's wires).
+
+        Each E_k is linear in gate k's features (and 1, for the constant): all m of them
+        come from one batched real matmul (m, rows, K + 1) @ (m, K + 1, 2 d**2) with
+        constant embedded coefficients -- no gather, mask or scatter of (d, d) entries,
+        whose memory traffic cost more than this matmul's arithmetic (measured)."""
+        key = (cdtype, n)
+        if key not in self._embedded:
+            d = 2**n
+            i = torch.arange(d)
+            terms = torch.cat(
+                [self.coef, (torch.zeros(4, 4) if self.const is None else self.const)[None]]
+            ).to(torch.complex128)  # (K + 1, 4, 4)
+            cols = []
+            for a, b in self.wires:
+                p = 2 * ((i >> a) & 1) + ((i >> b) & 1)  # the gate's basis index of i
+                rest = ~((1 << a) | (1 << b))
+                mask = ((i[:, None] ^ i[None, :]) & rest) == 0
+                emb = terms[:, p[None, :], p[:, None]] * mask  # (K + 1, d, d)
+                cols.append(torch.view_as_real(emb).reshape(emb.shape[0], -1))
+            dtype = torch.float32 if cdtype == torch.complex64 else torch.float64
+            self._embedded[key] = torch.stack(cols).to(dtype)  # (m, K + 1, 2 d**2)
+        cols = self._embedded[key]
+        m, d = len(self.wires), 2**n
+        f = _features(tab, self.feature_index)  # (..., m, K)
+        lead = f.shape[:-2]
+        f = torch.cat([f, f.new_ones(*f.shape[:-1], 1)], dim=-1)  # the constant's feature
+        f = f.reshape(-1, m, f.shape[-1]).transpose(0, 1)  # (m, rows, K + 1)
+        e = torch.view_as_complex(torch.bmm(f, cols).reshape(m, -1, d, d, 2))
+        return _chain(e.reshape(m, *lead, d, d).unbind(0)[::-1])  # E_1 @ ... @ E_m
+
+    def matrices(self, tab: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        g = _features(tab, self.feature_index) @ _as_real_columns(self.coef, cdtype, self._columns)
+        g = torch.view_as_complex(g.reshape(*g.shape[:-1], 4, 4, 2))  # (..., m, 4, 4)
+        return g if self.const is None else g + self.const.to(cdtype)
 
 
 def _run_coefficients(gates: list[str]) -> torch.Tensor:
@@ -271,6 +415,9 @@ class FragmentSim:
         # Ansatz: compile the op list into steps (kind, payload).
         self.steps: list[tuple[str, object]] = []
         ops = spec.ansatz_ops()
+        # the angle table's columns: (cos, sin) of w/2, and (1, cos, sin) of w if a gate
+        # needs the phase factor (u3, cu3); see TABLE_COLUMNS
+        self.table_width = 5 if _uses_phase({op.gate for op in ops if op.source == "param"}) else 2
         i = 0
         while i < len(ops):
             j = i
@@ -289,22 +436,23 @@ class FragmentSim:
                     self.steps.append(("diag", (idx[:, 0], zz.to(dtype))))
                 else:
                     wires = [op.wires for op in ops[i:j]]
-                    self.steps.append(("gates2q", (ops[i].gate, wires, idx)))
+                    gates = _Gates2q(ops[i].gate, wires, idx, self.table_width)
+                    self.steps.append(("gates2q", gates))
             else:
                 while j < len(ops) and ops[j].gate not in TWO_QUBIT_GATES:
                     j += 1
-                self.steps.append(("local", _Local(ops[i:j], n)))
+                self.steps.append(("local", _Local(ops[i:j], n, self.table_width)))
             i = j
         # A leading local step acts on the encoder's product state, wire by wire.
         self.first_local = (
             self.steps.pop(0)[1] if self.steps and self.steps[0][0] == "local" else None
         )
         # The encoder's per-wire T = G @ C (see encode); with G = sum_k coef[k] f_g[k] it is
-        # one real matmul f_g (n, 2**Lg) @ D (2**Lg, 2**L * 4), D[k] = coef[k] @ C laid out
-        # as T's (re, im) columns.
+        # one real matmul f_g (n, K) @ D (K, 2**L * 4), D[k] = coef[k] @ C laid out as T's
+        # (re, im) columns.
         self.first_enc = None
-        if self.first_local is not None and self.first_local.all_rotations:
-            d_k = self.first_local.coef @ self.enc_c  # (2**Lg, 2, 2**L)
+        if self.first_local is not None:
+            d_k = self.first_local.coef @ self.enc_c  # (K, 2, 2**L)
             self.first_enc = (
                 torch.view_as_real(d_k.transpose(1, 2)).reshape(d_k.shape[0], -1).to(dtype)
             )
@@ -320,7 +468,6 @@ class FragmentSim:
             4 * torch.arange(n)[:, None, None] + 2 * bit[:, :, None] + bit[:, None, :]
         )  # (n, d, d)
         self.state_cost = sum(self._step_cost(k, p) for k, p in self.steps)
-        self._embed_index: dict = {}  # gate wires -> gather index and mask (_embed_2q)
         # For building R = U^T (the unitary path): up to DENSE_LOCAL_QUBITS a local step's
         # matrix is gathered from the per-wire 2x2s, and the signed permutations next to
         # it fold into that gather's index (and a sign): one gather + product per local
@@ -381,7 +528,7 @@ class FragmentSim:
             out.append(("dense", (payload, index, sign)))
         return out
 
-    def unitary(self, w: torch.Tensor, wz: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    def unitary(self, w: torch.Tensor, wz: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
         """R = U^T (d, d) of the steps after the leading local one (psi_out = psi_in @ R),
         through `r_steps`; differentiable in w (autograd). w (M, P): (M, d, d), one per
         model, in one batched operation per step."""
@@ -389,16 +536,16 @@ class FragmentSim:
         for kind, payload in self.r_steps:
             if kind == "dense":
                 local, index, sign = payload
-                m = _gather_kron(local.matrices(wz, cs, self.cdtype), index)
+                m = _gather_kron(local.matrices(tab, self.cdtype), index)
                 if sign is not None:
                     m = m * sign
-                r = m if r is None else r @ m
+                r = m if r is None else _mm(r, m)
             else:
                 if r is None:
                     r = torch.eye(self.d, dtype=self.cdtype)
                     if w.dim() > 1:
                         r = r.expand(*w.shape[:-1], self.d, self.d)
-                r = self.apply_steps(r, w, {"angles": (wz, cs)}, [(kind, payload)])
+                r = self.apply_steps(r, w, {"angles": (wz, tab)}, [(kind, payload)])
         return r
 
     def _step_cost(self, kind: str, payload) -> int:
@@ -408,8 +555,8 @@ class FragmentSim:
             if self.n <= DENSE_LOCAL_QUBITS:
                 return d * d
             return d * (2 ** (self.n - self.lo) + 2**self.lo)
-        if kind == "gates2q":  # dense up to DENSE_LOCAL_QUBITS (_embed_2q), else sparse
-            return d * d if self.n <= DENSE_LOCAL_QUBITS else 4 * d * len(payload[1])
+        if kind == "gates2q":  # dense up to DENSE_LOCAL_QUBITS (_Gates2q.embedded), else 4 d each
+            return d * d if self.n <= DENSE_LOCAL_QUBITS else 4 * d * len(payload.wires)
         return d  # perm, diag
 
     def use_unitary(self, batch: int) -> bool:
@@ -478,10 +625,10 @@ class FragmentSim:
     ) -> torch.Tensor:
         """Apply the ansatz steps (all but a leading local step; or `steps`) to states
         (B, d); or per model: w (M, P), states (M, B, d)."""
-        wz, cs = self._angles(w) if cache is None else cache["angles"]
+        wz, tab = self._angles(w) if cache is None else cache["angles"]
         for kind, step in self.steps if steps is None else steps:
             if kind == "local":
-                state = self._apply_local(state, step.matrices(wz, cs, self.cdtype))
+                state = self._apply_local(state, step.matrices(tab, self.cdtype))
             elif kind == "perm":
                 perm, sign = step
                 state = state[..., perm] if sign is None else state[..., perm] * sign
@@ -492,83 +639,49 @@ class FragmentSim:
                     phase = phase.unsqueeze(-2)  # per model: over its batch
                 state = state * torch.polar(torch.ones_like(phase), phase)
             else:
-                gate, wires, idx = step
-                mats = gate_matrix(
-                    gate, [w[..., idx[:, a]] for a in range(idx.shape[1])], self.cdtype
-                )  # (..., m, 4, 4)
                 if self.n <= DENSE_LOCAL_QUBITS:
-                    state = state @ self._embed_2q(mats, wires)
+                    state = _mm(state, step.embedded(tab, self.cdtype, self.n))
                     continue
-                for m, (w0, w1) in zip(mats.unbind(-3), wires):  # one autograd node
+                mats = step.matrices(tab, self.cdtype)  # (..., m, 4, 4)
+                for m, (w0, w1) in zip(mats.unbind(-3), step.wires):  # one autograd node
                     state = self._apply_2q(state, m, w0, w1)
         return state
 
-    def _embed_2q(self, mats: torch.Tensor, wires: list[tuple[int, int]]) -> torch.Tensor:
-        """The run of two-qubit gates mats (..., m, 4, 4) on `wires` as one (..., d, d)
-        matrix E (per model, with a leading model axis), states @ E applying them in order
-        (row convention).
-
-        An einsum per gate on (B, d) states is a tiny batched matmul with K = 4 plus
-        permuting copies, and their overhead dominated (more so with M models). Here: one
-        gather of every gate's full matrix E_k[i, j] = g_k[p(j), p(i)] (p = the two bits
-        of the gate's wires; 0 unless the other bits agree), a mask, and m - 1 (d, d)
-        products: ~1.7x faster at 4 qubits (fwd + bwd, measured). Only up to
-        DENSE_LOCAL_QUBITS (a (d, d) matrix per gate)."""
-        key = tuple(wires)
-        if key not in self._embed_index:
-            i = torch.arange(self.d)
-            index, masks = [], []
-            for k, (a, b) in enumerate(wires):
-                p = 2 * ((i >> a) & 1) + ((i >> b) & 1)  # the gate's basis index of i
-                rest = ~((1 << a) | (1 << b))
-                masks.append(((i[:, None] ^ i[None, :]) & rest) == 0)
-                index.append(16 * k + 4 * p[None, :] + p[:, None])  # E[i, j] = g[p(j), p(i)]
-            self._embed_index[key] = (
-                torch.stack(index).reshape(-1),
-                torch.stack(masks).to(self.cdtype),
-            )
-        index, mask = self._embed_index[key]
-        lead = mats.shape[:-3]
-        full = mats.reshape(*lead, -1).index_select(-1, index)  # (..., m * d * d)
-        full = full.reshape(*lead, len(wires), self.d, self.d) * mask
-        return _chain(full.unbind(-3)[::-1])  # E_1 @ E_2 @ ... @ E_m
-
     def _angles(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """w padded with a 0 (index -1 = no gate), and (cos, sin) of the halves, real:
-        (..., P+1) and (..., P+1, 2)."""
+        """w padded with a 0 (index -1 = no gate), and its table of trigonometric features
+        (TABLE_COLUMNS): (..., P+1) and (..., P+1, width) real, width 2 (cos, sin of w/2)
+        or 5 (and 1, cos w, sin w)."""
         pad = w.new_zeros(1) if w.dim() == 1 else w.new_zeros(*w.shape[:-1], 1)
         wz = torch.cat([w, pad], dim=-1)  # (..., P+1)
         half = wz / 2
-        return wz, torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (..., P+1, 2)
+        cols = [torch.cos(half), torch.sin(half)]
+        if self.table_width == 5:
+            cols += [torch.ones_like(wz), torch.cos(wz), torch.sin(wz)]
+        return wz, torch.stack(cols, dim=-1)
 
-    def _encoder_t(self, wz: torch.Tensor, cs: torch.Tensor) -> torch.Tensor | None:
+    def _encoder_t(self, wz: torch.Tensor, tab: torch.Tensor) -> torch.Tensor | None:
         """T = G @ C of `encode`, (..., n, 2**L, 4) real, or None without a leading local
         step."""
         if self.first_local is None:
             return None
-        lead = wz.shape[:-1]
-        if self.first_enc is not None:
-            t = self.first_local.features(cs) @ self.first_enc  # (..., n, 2**L * 4)
-            return t.reshape(*lead, self.n, -1, 4)
-        g = self.first_local.matrices(wz, cs, self.cdtype)  # (..., n, 2, 2)
-        t = g @ self.enc_c.to(self.cdtype)  # (..., n, 2, 2**L)
-        return torch.view_as_real(t.transpose(-1, -2)).reshape(*lead, self.n, -1, 4)
+        t = self.first_local.features(tab) @ self.first_enc  # (..., n, 2**L * 4)
+        return t.reshape(*wz.shape[:-1], self.n, -1, 4)
 
     def unitary_rows(self, w: torch.Tensor) -> torch.Tensor:
         """R = U^T, (d, d), for the steps after the leading local one: row j is U|j>, so
         psi_out = psi_in @ R."""
-        wz, cs = self._angles(w)
-        return self.unitary(w, wz, cs)
+        wz, tab = self._angles(w)
+        return self.unitary(w, wz, tab)
 
     def statevector(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(B, d) final states."""
-        wz, cs = self._angles(w)
-        psi = self.encode(x, self._encoder_t(wz, cs))
+        wz, tab = self._angles(w)
+        psi = self.encode(x, self._encoder_t(wz, tab))
         if not self.steps:
             return psi
-        cache = {"angles": (wz, cs)}
+        cache = {"angles": (wz, tab)}
         if self.use_unitary(x.shape[0]):
-            return psi @ self.unitary(w, wz, cs)
+            return psi @ self.unitary(w, wz, tab)
         return self.apply_steps(psi, w, cache)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -579,17 +692,17 @@ class FragmentSim:
                 f"per-model weights {tuple(w.shape)} need inputs (M, B, n_inputs) "
                 f"with M = {w.shape[0]}; got {tuple(x.shape)}"
             )
-        wz, cs = self._angles(w)
-        t_ri = self._encoder_t(wz, cs)
+        wz, tab = self._angles(w)
+        t_ri = self._encoder_t(wz, tab)
         if t_ri is None:
             t_ri = self._encoder_default_t()
         if not self.steps or self.use_unitary(x.shape[-2]):
             # data-independent part (t_ri, R) through autograd; the batch part in one
             # hand-differentiated function
-            r = self.unitary(w, wz, cs) if self.steps else None
+            r = self.unitary(w, wz, tab) if self.steps else None
             return _EncodeUnitaryReadout.apply(x, t_ri, r, self)
         psi = _Encode.apply(x, t_ri, self)
-        return _Readout.apply(self.apply_steps(psi, w, {"angles": (wz, cs)}), self)
+        return _Readout.apply(self.apply_steps(psi, w, {"angles": (wz, tab)}), self)
 
     __call__ = forward
 
