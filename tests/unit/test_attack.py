@@ -384,8 +384,12 @@ def test_batched_training_gives_the_figures_of_one_by_one_training(victim, data)
 
 @pytest.mark.slow
 def test_default_budget_is_converged_on_the_engine_design():
-    """Doubling the default restarts moves no provider's A_j by more than 0.02 on one seed
-    (bench/bench_attack_convergence.py measures the mean over 3 seeds and 4 designs)."""
+    """Doubling the default restarts moves no provider's A_j by more than three test
+    images (0.021 of digits-4's 146) on one seed: a single seed's figure moves by a few
+    images whenever float rounding changes a training path (it did when the simulator
+    built its matrices differently), so this is the resolution of one seed, not of the
+    mean; bench/bench_attack_convergence.py measures the mean over 3 seeds and 4 designs
+    (every provider's A_j within 0.007 on this design)."""
     from qumos.attack.driver import evaluate_victims
     from qumos.search.evaluator import EvalConfig, train_victims
 
@@ -398,8 +402,9 @@ def test_default_budget_is_converged_on_the_engine_design():
         evaluate_victims([(0, spec, data)], c)
         for c in (base, AttackConfig(**{**base.__dict__, "restarts": 2 * base.restarts}))
     ]
+    n_test = len(data.test.y)
     for p, q in zip(reps[0].providers, reps[1].providers):
-        assert abs(p.A[0] - q.A[0]) <= 0.02, (p.provider, p.A[0], q.A[0])
+        assert abs(p.A[0] - q.A[0]) <= 3 / n_test + 1e-9, (p.provider, p.A[0], q.A[0])
 
 
 def test_strip_keeps_only_the_architecture(victim):
