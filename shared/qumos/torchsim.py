@@ -27,7 +27,7 @@ What makes it fast (see bench/bench_simulator.py): few, large torch operations p
   gate P(t) is linear in (1, cos t, sin t), and U3(th, ph, la) = P(ph) RY(th) P(la)
   exactly. So every gate, and a product of gates, is multilinear in such small feature
   vectors: C0 + sum_k coef[k] f[k], f the Kronecker product of the factors' features,
-  coef and C0 constant (`_gate_terms`, `_run_coefficients`). A fused run's matrices, a
+  coef and C0 constant (`_gate_terms`, `_product_terms`). A fused run's matrices, a
   run of two-qubit gates, and the encoded per-wire vectors of the whole batch are each
   one *real* matmul with a constant, instead of chains of tiny complex ops (whose
   autograd overhead, not their arithmetic, dominated: u3cu3 fragments built U3/CU3
@@ -118,7 +118,6 @@ _ROT_BASIS = {
     g: torch.stack([_I.flatten(), (-1j * p).flatten()])
     for g, p in (("rx", _X), ("ry", _Y), ("rz", _Z))
 }
-ROTATIONS = frozenset(_ROT_BASIS)
 
 
 def _kron_all(mats: torch.Tensor) -> torch.Tensor:
@@ -371,23 +370,12 @@ class _Gates2q:
         return g if self.const is None else g + self.const.to(cdtype)
 
 
-def _run_coefficients(gates: list[str]) -> torch.Tensor:
-    """(2**L, 2, 2): entry k is B_{L-1} ... B_0 with B_l = I if bit l of k is 0 (the
-    cos(t_l/2) term of R_l) else -i P_l (the sin(t_l/2) term)."""
-    out = []
-    for k in range(2 ** len(gates)):
-        m = torch.eye(2, dtype=torch.complex128)
-        for layer, g in enumerate(gates):
-            m = _ROT_BASIS[g][(k >> layer) & 1].reshape(2, 2) @ m
-        out.append(m)
-    return torch.stack(out)
-
-
 def _encoder_columns(gates: list[str]) -> torch.Tensor:
-    """C (2, 2**L): column k is B_{L-1} ... B_0 |0> (see `_run_coefficients`), so for the
-    rotations R_l(t_l) on |0>: v = sum_k C[:, k] f[k] = C @ f, f the Kronecker product of
-    the (cos, sin)(t_l/2) pairs."""
-    return _run_coefficients(gates)[:, :, 0].T
+    """C (2, 2**L): column k is B_{L-1} ... B_0 |0> with B_l = I (bit l of k 0, the
+    cos(t_l/2) term of R_l) or -i P_l (the sin term), so for the rotations R_l(t_l) on
+    |0>: v = sum_k C[:, k] f[k] = C @ f, f the Kronecker product of the (cos, sin)(t_l/2)
+    pairs (the same terms as a fused run's, `_product_terms`)."""
+    return _product_terms([_FACTORS[g][0][2] for g in gates])[:, :, 0].T
 
 
 class FragmentSim:
