@@ -38,6 +38,12 @@
 #define W 16
 #define LANES _Pragma("omp simd") for (int j = 0; j < W; j++)
 
+/* Entry (q, p) of an op's k x k gate is its entry e[k q + p]: one-qubit gates and two-qubit
+ * gates row-major; a controlled gate (kind 4) reads the |1><1| block of its 4x4 matrix,
+ * the rest being the identity (its entries are not read, their gradient is 0). */
+static const int E1Q[4] = {0, 1, 2, 3}, ECTRL[4] = {10, 11, 14, 15};
+static const int E2Q[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 /* cos and sin of W floats. Round-to-nearest quadrant, x - k pi/2 in three parts (Cody &
  * Waite) and the cephes single-precision polynomials on [-pi/4, pi/4]: within ~1 ulp of
  * libm, and vectorisable. |x| > 8192 (where the reduction loses accuracy) or NaN: libm. */
@@ -379,6 +385,232 @@ void FN(qk_readout_bwd)(long B, int n, const REAL *phi, const REAL *g_out, REAL 
     }
     free(zg);
 }
+
+/* ---- the ansatz unitary, gate by gate ----------------------------------------------------
+ * R = U^T (d, d) per model: row j is U|j>, the basis state e_j run through a program of
+ * ops, each an int[4] (kind, a, b, off) on the model's gate entries g (G complex numbers,
+ * model m's at g + 2 G m; a shared set: M = 1):
+ *   kind 0  a one-qubit gate on wire a, the 2x2 matrix g[off .. off + 3] (row-major);
+ *   kind 1  a two-qubit gate on wires a, b, the 4x4 matrix g[off .. off + 15] in the
+ *           basis |a b> (bit of wire a the more significant: p = 2 bit_a + bit_b);
+ *   kind 2  diagonal: amplitude i times g[off + i];
+ *   kind 3  a constant signed permutation, table b: out[k] = sign[b d + k] in[perm[b d + k]];
+ *   kind 4  a controlled two-qubit gate, control a, target b: |0><0| (x) I + |1><1| (x) V,
+ *           g[off .. off + 15] its 4x4 matrix as kind 1, of which only V is read.
+ * The rows of one block (W of them, one model) are the lanes, so every op is a few
+ * scalar-times-lanes products: a 2-qubit gate costs 16 complex multiply-adds per 4
+ * amplitudes instead of a dense (d, d) product, and there is no graph of small ops.
+ * The forward keeps each op's input state in `tape` (M, blocks, n_ops, 2d, W) for the
+ * backward. */
+
+/* lanes y (re, im rows) = c * x, c a complex scalar; acc: y += c * x */
+#define CMUL_SET(yr, yi, cr, ci, xr, xi) LANES { yr[j] = cr * xr[j] - ci * xi[j]; yi[j] = cr * xi[j] + ci * xr[j]; }
+#define CMUL_ADD(yr, yi, cr, ci, xr, xi) LANES { yr[j] += cr * xr[j] - ci * xi[j]; yi[j] += cr * xi[j] + ci * xr[j]; }
+
+static void FN(op_fwd)(const int *op, int n, const REAL *g, const int *perm, const REAL *sign,
+                       REAL *S, REAL *tmp)
+{
+    const int d = 1 << n, kind = op[0], a = op[1], b = op[2];
+    const REAL *c = g + 2 * (size_t)op[3];
+    if (kind == 0 || kind == 4) {
+        /* the 2x2 on wire t, where bit a is set (kind 4) or everywhere (kind 0) */
+        const int t = kind == 0 ? a : b, on = kind == 0 ? 0 : 1 << a;
+        const int *e = kind == 0 ? E1Q : ECTRL;
+        for (int i = 0; i < d; i++) {
+            if (((i >> t) & 1) || (i & on) != on)
+                continue;
+            const int i1 = i | (1 << t);
+            REAL *x0r = ROW(S, 2 * i), *x0i = ROW(S, 2 * i + 1);
+            REAL *x1r = ROW(S, 2 * i1), *x1i = ROW(S, 2 * i1 + 1);
+            REAL *t0r = ROW(tmp, 0), *t0i = ROW(tmp, 1), *t1r = ROW(tmp, 2), *t1i = ROW(tmp, 3);
+            CMUL_SET(t0r, t0i, c[2 * e[0]], c[2 * e[0] + 1], x0r, x0i);
+            CMUL_ADD(t0r, t0i, c[2 * e[1]], c[2 * e[1] + 1], x1r, x1i);
+            CMUL_SET(t1r, t1i, c[2 * e[2]], c[2 * e[2] + 1], x0r, x0i);
+            CMUL_ADD(t1r, t1i, c[2 * e[3]], c[2 * e[3] + 1], x1r, x1i);
+            memcpy(x0r, t0r, sizeof(REAL) * 2 * W);  /* re, im rows are adjacent */
+            memcpy(x1r, t1r, sizeof(REAL) * 2 * W);
+        }
+    } else if (kind == 1) {
+        for (int i = 0; i < d; i++) {
+            if (((i >> a) & 1) || ((i >> b) & 1))
+                continue;
+            int idx[4];
+            for (int p = 0; p < 4; p++)
+                idx[p] = i | (((p >> 1) & 1) << a) | ((p & 1) << b);
+            for (int q = 0; q < 4; q++) {
+                REAL *tr = ROW(tmp, 2 * q), *ti = ROW(tmp, 2 * q + 1);
+                LANES tr[j] = ti[j] = 0;
+                for (int p = 0; p < 4; p++) {
+                    const REAL *xr = ROW(S, 2 * idx[p]), *xi = ROW(S, 2 * idx[p] + 1);
+                    const REAL cr = c[2 * (4 * q + p)], ci = c[2 * (4 * q + p) + 1];
+                    CMUL_ADD(tr, ti, cr, ci, xr, xi);
+                }
+            }
+            for (int q = 0; q < 4; q++)
+                memcpy(ROW(S, 2 * idx[q]), ROW(tmp, 2 * q), sizeof(REAL) * 2 * W);
+        }
+    } else if (kind == 2) {
+        for (int i = 0; i < d; i++) {
+            REAL *xr = ROW(S, 2 * i), *xi = ROW(S, 2 * i + 1);
+            const REAL cr = c[2 * i], ci = c[2 * i + 1];
+            LANES {
+                const REAL re = cr * xr[j] - ci * xi[j];
+                xi[j] = cr * xi[j] + ci * xr[j];
+                xr[j] = re;
+            }
+        }
+    } else {
+        memcpy(tmp, S, sizeof(REAL) * 2 * d * W);
+        const int *pk = perm + (size_t)b * d;
+        const REAL *sk = sign + (size_t)b * d;
+        for (int k = 0; k < d; k++) {
+            const REAL *xr = ROW(tmp, 2 * pk[k]), *xi = ROW(tmp, 2 * pk[k] + 1);
+            REAL *yr = ROW(S, 2 * k), *yi = ROW(S, 2 * k + 1);
+            const REAL sg = sk[k];
+            LANES {
+                yr[j] = sg * xr[j];
+                yi[j] = sg * xi[j];
+            }
+        }
+    }
+}
+
+/* Backward of one op: X its input state (from the tape), G the grad of its output,
+ * replaced by the grad of its input; acc (2 G_total rows) += the grad of its entries,
+ * per lane. Complex gradients as torch: for y = c x, grad c = grad y conj(x) and
+ * grad x = conj(c) grad y. */
+static void FN(op_bwd)(const int *op, int n, const REAL *g, const int *perm, const REAL *sign,
+                       const REAL *X, REAL *G, REAL *acc, REAL *tmp)
+{
+    const int d = 1 << n, kind = op[0], a = op[1], b = op[2];
+    const REAL *c = g + 2 * (size_t)op[3];
+    REAL *ac = ROW(acc, 2 * (size_t)op[3]);
+    if (kind == 0 || kind == 1 || kind == 4) {
+        /* k x k gate on the amplitudes idx; entry (q, p) is c[e[k q + p]] */
+        const int k = kind == 1 ? 4 : 2, t = kind == 4 ? b : a, on = kind == 4 ? 1 << a : 0;
+        const int *e = kind == 0 ? E1Q : kind == 4 ? ECTRL : E2Q;
+        for (int i = 0; i < d; i++) {
+            if (((i >> t) & 1) || (kind == 1 && ((i >> b) & 1)) || (i & on) != on)
+                continue;
+            int idx[4];
+            if (kind != 1) {
+                idx[0] = i;
+                idx[1] = i | (1 << t);
+            } else {
+                for (int p = 0; p < 4; p++)
+                    idx[p] = i | (((p >> 1) & 1) << a) | ((p & 1) << b);
+            }
+            for (int q = 0; q < k; q++) {  /* grad c[q][p] += grad y[q] conj(x[p]) */
+                const REAL *gr = ROW(G, 2 * idx[q]), *gi = ROW(G, 2 * idx[q] + 1);
+                for (int p = 0; p < k; p++) {
+                    const REAL *xr = ROW(X, 2 * idx[p]), *xi = ROW(X, 2 * idx[p] + 1);
+                    REAL *ar = ROW(ac, 2 * e[k * q + p]), *ai = ROW(ac, 2 * e[k * q + p] + 1);
+                    LANES {
+                        ar[j] += gr[j] * xr[j] + gi[j] * xi[j];
+                        ai[j] += gi[j] * xr[j] - gr[j] * xi[j];
+                    }
+                }
+            }
+            for (int p = 0; p < k; p++) {  /* grad x[p] = sum_q conj(c[q][p]) grad y[q] */
+                REAL *tr = ROW(tmp, 2 * p), *ti = ROW(tmp, 2 * p + 1);
+                LANES tr[j] = ti[j] = 0;
+                for (int q = 0; q < k; q++) {
+                    const REAL *gr = ROW(G, 2 * idx[q]), *gi = ROW(G, 2 * idx[q] + 1);
+                    const REAL cr = c[2 * e[k * q + p]], ci = -c[2 * e[k * q + p] + 1];
+                    CMUL_ADD(tr, ti, cr, ci, gr, gi);
+                }
+            }
+            for (int p = 0; p < k; p++)
+                memcpy(ROW(G, 2 * idx[p]), ROW(tmp, 2 * p), sizeof(REAL) * 2 * W);
+        }
+    } else if (kind == 2) {
+        for (int i = 0; i < d; i++) {
+            const REAL *xr = ROW(X, 2 * i), *xi = ROW(X, 2 * i + 1);
+            REAL *gr = ROW(G, 2 * i), *gi = ROW(G, 2 * i + 1);
+            REAL *ar = ROW(ac, 2 * i), *ai = ROW(ac, 2 * i + 1);
+            const REAL cr = c[2 * i], ci = c[2 * i + 1];
+            LANES {
+                ar[j] += gr[j] * xr[j] + gi[j] * xi[j];
+                ai[j] += gi[j] * xr[j] - gr[j] * xi[j];
+                const REAL re = cr * gr[j] + ci * gi[j];
+                gi[j] = cr * gi[j] - ci * gr[j];
+                gr[j] = re;
+            }
+        }
+    } else {  /* out[k] = sign[k] in[perm[k]]: grad in[perm[k]] = sign[k] grad out[k] */
+        memcpy(tmp, G, sizeof(REAL) * 2 * d * W);
+        const int *pk = perm + (size_t)b * d;
+        const REAL *sk = sign + (size_t)b * d;
+        for (int k = 0; k < d; k++) {
+            const REAL *xr = ROW(tmp, 2 * k), *xi = ROW(tmp, 2 * k + 1);
+            REAL *yr = ROW(G, 2 * pk[k]), *yi = ROW(G, 2 * pk[k] + 1);
+            const REAL sg = sk[k];
+            LANES {
+                yr[j] = sg * xr[j];
+                yi[j] = sg * xi[j];
+            }
+        }
+    }
+}
+
+/* R (M, d, d) complex of the program (see above); tape (M, blocks, n_ops, 2d, W) real,
+ * blocks = ceil(d / W). */
+void FN(qk_unitary_fwd)(long M, int n, int n_ops, const int *ops, long G_total, const REAL *g,
+                        const int *perm, const REAL *sign, REAL *tape, REAL *r)
+{
+    const int d = 1 << n, blocks = (d + W - 1) / W;
+    const size_t state = (size_t)2 * d * W;
+    REAL *S = malloc(sizeof(REAL) * (state + 2 * (size_t)d * W));
+    REAL *tmp = S + state;
+    for (long m = 0; m < M; m++) {
+        const REAL *gm = g + 2 * (size_t)G_total * m;
+        for (int blk = 0; blk < blocks; blk++) {
+            const int j0 = blk * W, nb = d - j0 < W ? d - j0 : W;
+            memset(S, 0, sizeof(REAL) * state);
+            for (int j = 0; j < nb; j++)
+                ROW(S, 2 * (j0 + j))[j] = 1;  /* lane j: the basis state e_{j0 + j} */
+            REAL *tp = tape + ((size_t)m * blocks + blk) * n_ops * state;
+            for (int o = 0; o < n_ops; o++) {
+                memcpy(tp + o * state, S, sizeof(REAL) * state);
+                FN(op_fwd)(ops + 4 * o, n, gm, perm, sign, S, tmp);
+            }
+            FN(store_rows)(r + 2 * (size_t)d * d * m, S, j0, nb, 2 * d);
+        }
+    }
+    free(S);
+}
+
+/* grad g (M, G_total) complex from grad R (M, d, d), the tape of qk_unitary_fwd. */
+void FN(qk_unitary_bwd)(long M, int n, int n_ops, const int *ops, long G_total, const REAL *g,
+                        const int *perm, const REAL *sign, const REAL *tape, const REAL *g_r,
+                        REAL *g_g)
+{
+    const int d = 1 << n, blocks = (d + W - 1) / W;
+    const size_t state = (size_t)2 * d * W;
+    REAL *G = malloc(sizeof(REAL) * (2 * state + 2 * (size_t)G_total * W));
+    REAL *tmp = G + state, *acc = tmp + state;
+    for (long m = 0; m < M; m++) {
+        const REAL *gm = g + 2 * (size_t)G_total * m;
+        memset(acc, 0, sizeof(REAL) * 2 * G_total * W);
+        for (int blk = 0; blk < blocks; blk++) {
+            const int j0 = blk * W, nb = d - j0 < W ? d - j0 : W;
+            FN(load_rows)(G, g_r + 2 * (size_t)d * d * m, j0, nb, 2 * d);
+            const REAL *tp = tape + ((size_t)m * blocks + blk) * n_ops * state;
+            for (int o = n_ops - 1; o >= 0; o--)
+                FN(op_bwd)(ops + 4 * o, n, gm, perm, sign, tp + o * state, G, acc, tmp);
+        }
+        for (long e = 0; e < 2 * G_total; e++) {  /* the sum over the lanes */
+            double sum = 0;
+            for (int j = 0; j < W; j++)
+                sum += ROW(acc, e)[j];
+            g_g[2 * (size_t)G_total * m + e] = (REAL)sum;
+        }
+    }
+    free(G);
+}
+
+#undef CMUL_SET
+#undef CMUL_ADD
 
 #undef ROW
 #endif

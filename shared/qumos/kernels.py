@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Kernels", "get", "set_mode"]
+__all__ = ["Kernels", "UnitaryProgram", "get", "set_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ class Kernels:
                 ("qk_encode_bwd", [long, long, i, i, i, p, p, p, i, i, p, p]),
                 ("qk_readout_fwd", [long, i, p, p]),
                 ("qk_readout_bwd", [long, i, p, p, p]),
+                ("qk_unitary_fwd", [long, i, i, p, long, p, p, p, p, p]),
+                ("qk_unitary_bwd", [long, i, i, p, long, p, p, p, p, p, p]),
             ):
                 fn = getattr(lib, f"{name}_{sfx}")
                 fn.argtypes, fn.restype = args, None
@@ -244,3 +246,97 @@ class Kernels:
             b, n, phi.data_ptr(), g_out.data_ptr(), g_phi.data_ptr()
         )
         return g_phi
+
+    # Lanes per block of kernels.c (W): the tape of unitary_fwd holds W rows per block.
+    LANES = 16
+
+    def unitary_fwd(self, n: int, program: UnitaryProgram, g: torch.Tensor):
+        """R = U^T (M, d, d) complex of `program` with gate entries g (M, G) complex (one
+        model per row), and the tape unitary_bwd needs."""
+        m, size = self._program_args(n, program, g)
+        real = _REAL[g.dtype]
+        g = _arg(g, g.dtype, (m, size))
+        d, blocks = 2**n, -(-(2**n) // self.LANES)
+        tape = torch.empty(m * blocks * len(program.ops) * 2 * d * self.LANES, dtype=real)
+        r = torch.empty(m, d, d, dtype=g.dtype)
+        sign = program.sign_as(real)
+        self._fn["qk_unitary_fwd", real](
+            m, n, len(program.ops), program.ops.data_ptr(), size, g.data_ptr(),
+            program.perm.data_ptr(), sign.data_ptr(), tape.data_ptr(), r.data_ptr(),
+        )  # fmt: skip
+        return r, tape
+
+    def unitary_bwd(
+        self, n: int, program: UnitaryProgram, g: torch.Tensor, tape: torch.Tensor,
+        g_r: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """grad g (M, G) complex from grad R (M, d, d), with unitary_fwd's tape."""
+        m, size = self._program_args(n, program, g)
+        real = _REAL[g.dtype]
+        g = _arg(g, g.dtype, (m, size))
+        g_r = _arg(g_r, g.dtype, (m, 2**n, 2**n))
+        g_g = torch.empty(m, size, dtype=g.dtype)
+        sign = program.sign_as(real)
+        self._fn["qk_unitary_bwd", real](
+            m, n, len(program.ops), program.ops.data_ptr(), size, g.data_ptr(),
+            program.perm.data_ptr(), sign.data_ptr(), tape.data_ptr(), g_r.data_ptr(),
+            g_g.data_ptr(),
+        )  # fmt: skip
+        return g_g
+
+    @staticmethod
+    def _program_args(n: int, program: UnitaryProgram, g: torch.Tensor) -> tuple[int, int]:
+        if g.dim() != 2 or g.dtype not in _REAL or g.shape[1] != program.size:
+            raise ValueError(
+                f"kernel argument g {tuple(g.shape)} {g.dtype}; expected (M, {program.size}) "
+                "complex64 or complex128"
+            )
+        return g.shape[0], program.size
+
+
+class UnitaryProgram:
+    """The ops of `qk_unitary_fwd` (kernels.c) for n qubits: `ops` (n_ops, 4) int32 rows
+    (kind, a, b, off): kind 0 a one-qubit gate on wire a (entries off .. off + 3), 1 a
+    two-qubit gate on wires a, b (off .. off + 15), 2 diagonal phases (off .. off + d - 1),
+    3 the signed permutation b of `perms` [(perm (d,), sign (d,) real)], 4 a controlled
+    gate (control a, target b; its 4x4 at off .. off + 15, only the |1><1| block read,
+    the rest taken as the identity); `size` gate
+    entries per model. Checked here: the C code trusts it (a bad index would corrupt
+    memory, not raise)."""
+
+    def __init__(self, n: int, ops: list[tuple[int, int, int, int]], perms: list, size: int):
+        d = 2**n
+        span = {0: 4, 1: 16, 2: d, 3: 0, 4: 16}
+        for kind, a, b, off in ops:
+            ok = kind in span and 0 <= off and off + span[kind] <= size
+            if kind in (0, 1):
+                ok = ok and 0 <= a < n
+            if kind in (1, 4):
+                ok = ok and 0 <= b < n and a != b
+            if kind == 3:
+                ok = ok and 0 <= b < len(perms)
+            if not ok:
+                raise ValueError(
+                    f"unitary program op {(kind, a, b, off)} invalid for {n} qubits, {size} entries"
+                )
+        for perm, sign in perms:
+            if sorted(perm.tolist()) != list(range(d)) or sign.shape != (d,) or sign.is_complex():
+                raise ValueError(
+                    "unitary program: each permutation needs perm (d,) and a real sign (d,)"
+                )
+        if not ops:
+            raise ValueError("a unitary program needs at least one op")
+        self.n, self.size = n, size
+        self.ops = torch.tensor(ops, dtype=torch.int32).reshape(-1, 4)
+        self.perm = (
+            torch.stack([p for p, _ in perms]).to(torch.int32) if perms
+            else torch.zeros(1, d, dtype=torch.int32)
+        )  # fmt: skip
+        self.sign = torch.stack([s for _, s in perms]).double() if perms else torch.ones(1, d)
+        self._signs: dict = {}
+
+    def sign_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The permutations' signs as dtype, converted once."""
+        if dtype not in self._signs:
+            self._signs[dtype] = self.sign.to(dtype).contiguous()
+        return self._signs[dtype]

@@ -470,6 +470,9 @@ class FragmentSim:
         ):
             costs = costs[1:]  # the first dense / two-qubit-run matrix is R itself
         self.build_cost = sum(costs)
+        # With the C kernels, up to DENSE_LOCAL_QUBITS: R built gate by gate on the d basis
+        # states (`_UnitaryC`), one call forward and one backward, no dense products.
+        self.program = self._unitary_program() if self.n <= DENSE_LOCAL_QUBITS else None
 
     # ---- compilation helpers -------------------------------------------------------
     def _z(self, q: int) -> torch.Tensor:
@@ -525,10 +528,57 @@ class FragmentSim:
             out.append(("dense", (payload, index, sign)))
         return out
 
+    def _unitary_program(self) -> kernels.UnitaryProgram | None:
+        """The steps as a program of the C kernel `qk_unitary_fwd` (kernels.c): per local
+        step one 2x2 per wire, per two-qubit run one 4x4 per gate, per diag step d phases
+        (their entries from `_gate_entries`, in this order), perm steps as constant
+        tables; None without parameterized steps."""
+        ops: list[tuple[int, int, int, int]] = []
+        perms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        off = 0
+        for kind, payload in self.steps:
+            if kind == "local":
+                ops += [(0, wire, 0, off + 4 * wire) for wire in range(self.n)]
+                off += 4 * self.n
+            elif kind == "gates2q":
+                kind = 4 if payload.gate == "cu3" else 1  # cu3: only its |1><1| block
+                ops += [(kind, a, b, off + 16 * j) for j, (a, b) in enumerate(payload.wires)]
+                off += 16 * len(payload.wires)
+            elif kind == "diag":
+                ops.append((2, 0, 0, off))
+                off += self.d
+            else:
+                perm, sign = payload
+                ops.append((3, 0, len(perms), 0))
+                assert sign is None or bool((sign.imag == 0).all()), "cx/cz signs are real"
+                perms.append((perm, torch.ones(self.d) if sign is None else sign.real.double()))
+        return kernels.UnitaryProgram(self.n, ops, perms, off) if off else None
+
+    def _gate_entries(self, w: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """The program's gate entries, (..., G) complex: every step's small matrices (or
+        phases) through autograd, concatenated."""
+        parts = []
+        lead = tab.shape[:-2]
+        for kind, payload in self.steps:
+            if kind in ("local", "gates2q"):
+                parts.append(payload.matrices(tab, self.cdtype).reshape(*lead, -1))
+            elif kind == "diag":
+                idx, zz = payload
+                phase = (w[..., idx] @ zz) * -0.5
+                parts.append(torch.polar(torch.ones_like(phase), phase))
+        return torch.cat(parts, dim=-1)
+
+    def _unitary_kernel(self, t: torch.Tensor) -> kernels.Kernels | None:
+        return None if self.program is None else _c_kernels(t)
+
     def unitary(self, w: torch.Tensor, wz: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
-        """R = U^T (d, d) of the steps after the leading local one (psi_out = psi_in @ R),
-        through `r_steps`; differentiable in w (autograd). w (M, P): (M, d, d), one per
-        model, in one batched operation per step."""
+        """R = U^T (d, d) of the steps after the leading local one (psi_out = psi_in @ R);
+        differentiable in w (autograd). w (M, P): (M, d, d), one per model. With the C
+        kernels up to DENSE_LOCAL_QUBITS gate by gate (`_UnitaryC`); else through
+        `r_steps`, in one batched torch operation per step."""
+        kern = self._unitary_kernel(tab)
+        if kern is not None:
+            return _UnitaryC.apply(self._gate_entries(w, tab), self, kern)
         r = None
         for kind, payload in self.r_steps:
             if kind == "dense":
@@ -566,6 +616,8 @@ class FragmentSim:
         signed permutations are folded away: building R then costs a product per further
         step. (Counting every step made 4-qubit fragments at the attacker's ~22 images
         run the state path, 0-35% slower per training step than this one, measured.)"""
+        if self.program is not None and _c_kernels(torch.empty(0, dtype=self.dtype)) is not None:
+            return True  # R in one C call: cheaper than the steps on any batch
         return self.d * self.build_cost + batch * self.d**2 < batch * self.state_cost
 
     # ---- state preparation ---------------------------------------------------------
@@ -968,6 +1020,29 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
             None if not need_r else _join(list(g_r), r.dim() == 2, batched),
             None,
         )
+
+
+class _UnitaryC(torch.autograd.Function):
+    """R (M, d, d) complex from the gate entries g (M, G) of `FragmentSim.program` (or
+    (d, d) from (G,)): the C kernels run the program on the d basis states, keeping each
+    op's input state for the backward (`qk_unitary_fwd` / `qk_unitary_bwd`)."""
+
+    @staticmethod
+    def forward(ctx, g, sim, kern):
+        single = g.dim() == 1
+        g2 = g.reshape(1, -1) if single else g
+        r, tape = kern.unitary_fwd(sim.n, sim.program, g2)
+        ctx.save_for_backward(g2, tape)
+        ctx.sim, ctx.kern, ctx.single = sim, kern, single
+        return r[0] if single else r
+
+    @staticmethod
+    def backward(ctx, g_r):
+        g2, tape = ctx.saved_tensors
+        sim = ctx.sim
+        g_r = g_r.reshape(1, sim.d, sim.d) if ctx.single else g_r
+        g_g = ctx.kern.unitary_bwd(sim.n, sim.program, g2, tape, g_r)
+        return (g_g[0] if ctx.single else g_g), None, None
 
 
 def flops_per_sample(spec: FragmentSpec, batch: int) -> float:

@@ -217,3 +217,77 @@ def test_per_model_segments(unitary, shared):
             kernels.set_mode(None)
     for a, b in zip(got["c"], got["torch"]):
         assert_close(a, b, rtol=1e-12)
+
+
+def _unitary_and_grad(f: FragmentSpec, w: torch.Tensor, mode: str, dtype=torch.float64):
+    """R = U^T and the gradient of a fixed complex projection of it, kernels in `mode`."""
+    kernels.set_mode(mode)
+    try:
+        sim = FragmentSim(f, dtype=dtype)
+        wm = w.clone().to(dtype).requires_grad_()
+        wz, tab = sim._angles(wm)
+        r = sim.unitary(wm, wz, tab)
+        coef = torch.linspace(-1, 2, r.numel(), dtype=dtype).reshape(r.shape)
+        (r.real * coef + r.imag * coef.flip(-1)).sum().backward()
+    finally:
+        kernels.set_mode(None)
+    return sim, r.detach(), wm.grad
+
+
+@needs_cc
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("entanglement", ["ring", "linear", "full"])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("shared", [False, True])
+def test_unitary_program_equals_torch_path(block, entanglement, n, shared):
+    """R built gate by gate by the C kernels (`qk_unitary_fwd`, every op kind: one- and
+    two-qubit, controlled, diagonal, signed permutation) and its backward, against the
+    torch path's dense products: per model (M, P) and one shared (P,) set of weights,
+    2 to 5 qubits (part of a block of rows to 2 blocks), float64."""
+    rng = np.random.default_rng(n)
+    f = FragmentSpec(n_qubits=n, n_inputs=n, block=block, depth=3, entanglement=entanglement)
+    w = torch.tensor(rng.uniform(-np.pi, np.pi, (f.n_params,) if shared else (3, f.n_params)))
+    sim, r_c, g_c = _unitary_and_grad(f, w, "c")
+    assert sim.program is not None  # depth 3: parameterized steps in every block type
+    _, r_t, g_t = _unitary_and_grad(f, w, "torch")
+    assert r_c.shape == r_t.shape == (*w.shape[:-1], 2**n, 2**n)
+    torch.testing.assert_close(r_c, r_t, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_c, g_t, atol=1e-11, rtol=0)
+
+
+@needs_cc
+def test_unitary_program_float32_and_cu3_block():
+    """float32 (the training dtype) within float32 rounding of the float64 result; the
+    controlled kind is what cu3 compiles to."""
+    rng = np.random.default_rng(3)
+    f = FragmentSpec(n_qubits=4, n_inputs=4, block="u3cu3", depth=2, entanglement="ring")
+    w = torch.tensor(rng.uniform(-np.pi, np.pi, (5, f.n_params)))
+    sim, r32, g32 = _unitary_and_grad(f, w, "c", torch.float32)
+    assert 4 in sim.program.ops[:, 0].tolist()
+    _, r64, g64 = _unitary_and_grad(f, w, "c")
+    torch.testing.assert_close(r32.to(r64.dtype), r64, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g32.double(), g64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "op,problem",
+    [
+        ((0, 4, 0, 0), "wire past n"),
+        ((1, 0, 0, 0), "two-qubit gate on one wire"),
+        ((0, 0, 0, 30), "entries past the end"),
+        ((2, 0, 0, 30), "phases past the end"),
+        ((3, 0, 1, 0), "unknown permutation table"),
+        ((7, 0, 0, 0), "unknown kind"),
+    ],
+)
+def test_unitary_program_rejects_bad_ops(op, problem):
+    """The C code trusts its program, so a bad one fails when it is built, naming the op."""
+    with pytest.raises(ValueError, match=r"unitary program op \("):
+        kernels.UnitaryProgram(2, [op], [(torch.arange(4), torch.ones(4))], 32)
+
+
+def test_unitary_program_rejects_bad_permutations():
+    with pytest.raises(ValueError, match="permutation"):
+        kernels.UnitaryProgram(2, [(3, 0, 0, 0)], [(torch.tensor([0, 0, 1, 2]), torch.ones(4))], 0)
+    with pytest.raises(ValueError, match="at least one op"):
+        kernels.UnitaryProgram(2, [], [], 0)

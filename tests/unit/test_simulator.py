@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qumos import kernels
 from qumos.chain import run_chain
 from qumos.model import DistributedQNN, predict_proba
 from qumos.quantum import AerRunner, build_circuit, statevector_expectations
@@ -117,8 +118,9 @@ def test_gradients_match_finite_differences(block, n, unitary):
 @pytest.mark.parametrize("entanglement", ["ring", "linear", "full"])
 @pytest.mark.parametrize("n", [3, 4])
 def test_folded_unitary_matches_steps_on_identity(block, entanglement, n):
-    """`FragmentSim.unitary` (signed permutations folded into the local steps' gathers)
-    equals running the compiled steps on the identity."""
+    """`FragmentSim.unitary` equals running the compiled steps on the identity: on the
+    torch path (signed permutations folded into the local steps' gathers) and with the C
+    kernels (gate by gate, `qk_unitary_fwd`)."""
     rng = np.random.default_rng(7)
     f = FragmentSpec(n_qubits=n, n_inputs=2 * n, block=block, depth=3, entanglement=entanglement)
     sim = FragmentSim(f, dtype=torch.float64)
@@ -127,9 +129,14 @@ def test_folded_unitary_matches_steps_on_identity(block, entanglement, n):
     # (rzx_rxx has no single-qubit layer, so nothing folds; the others all do)
     assert any(k == "dense" for k, _ in sim.r_steps) == (block != "rzx_rxx")
     wz, cs = sim._angles(w)
-    folded = sim.unitary(w, wz, cs)
     plain = sim.apply_steps(torch.eye(sim.d, dtype=sim.cdtype), w)
-    torch.testing.assert_close(folded, plain, atol=1e-12, rtol=0)
+    for mode in ("torch", "auto"):
+        kernels.set_mode(mode)
+        try:
+            built = sim.unitary(w, wz, cs)
+        finally:
+            kernels.set_mode(None)
+        torch.testing.assert_close(built, plain, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("gate", ["rx", "ry", "rz", "u3", "cu3", "rzz", "rxx", "rzx"])
