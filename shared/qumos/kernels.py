@@ -5,9 +5,12 @@
 `QUMOS_SIM_KERNEL=torch`, or (the default, `auto`) when compiling or loading failed — then
 one warning is logged and torch is used. With `QUMOS_SIM_KERNEL=c` a failure raises.
 
-The shared library is cached in `$QUMOS_CACHE_DIR` (default `~/.cache/qumos`) under a name
-keyed by a hash of the source, the compiler command and flags, the compiler's version and
-the machine, so a changed source or compiler recompiles. It is written to a temporary name
+It is compiled for this CPU (`-march=native`) when the compiler takes it, else portably;
+`QUMOS_KERNEL_NATIVE=0` asks for the portable build only. The shared library is cached in
+`$QUMOS_CACHE_DIR` (default `~/.cache/qumos`) under a name keyed by a hash of the source,
+the compiler command and flags, the compiler's version and the machine (for the native
+build also the CPU's model and feature flags), so a changed source, compiler or CPU
+recompiles. It is written to a temporary name
 and renamed into place, so processes compiling at the same time do not see partial files.
 
 The C source is plain C99 (no Python or torch headers); see it for the maths and layout.
@@ -34,9 +37,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 COMPILER = shlex.split(os.environ.get("CC", "cc"))
-# -fopenmp-simd: honour kernels.c's "omp simd" loops (no OpenMP runtime). No -march=native:
-# measured 5-10% faster kernels here, not worth a library tied to the CPU that built it.
+# -fopenmp-simd: honour kernels.c's "omp simd" loops (no OpenMP runtime).
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99"]
+# Tried first: the CPU's own vector width (16 lanes of a block in one AVX-512 register
+# instead of four SSE ones; a 4-qubit training step 1.4-1.6x faster with the unitary
+# kernel, bench/bench_kernels_native.py). The library is then tied to this CPU, so the
+# cache key includes the CPU's identity (`_cpu_id`); QUMOS_KERNEL_NATIVE=0 leaves it out.
+NATIVE = ["-march=native"]
 LIBS = ["-lm"]
 MODES = ("auto", "c", "torch")
 
@@ -100,23 +107,56 @@ def _cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "qumos"
 
 
+def _cpu_id() -> bytes:
+    """What a -march=native library depends on: the CPU's model and feature flags (Linux's
+    /proc/cpuinfo), else the platform's processor string."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        info = []
+    keep = [line for line in info if line.split(":")[0].strip() in ("model name", "flags")]
+    return "\n".join(dict.fromkeys(keep)).encode() or platform.processor().encode()
+
+
+def _variants() -> list[list[str]]:
+    """Flag sets to try in order: native first unless QUMOS_KERNEL_NATIVE=0."""
+    native = os.environ.get("QUMOS_KERNEL_NATIVE", "1").strip() != "0"
+    return [FLAGS + NATIVE, FLAGS] if native else [FLAGS]
+
+
 def _compile() -> Path:
-    """Path of the shared library, compiled if it is not in the cache yet."""
+    """Path of the shared library, compiled if it is not in the cache yet: with NATIVE
+    (keyed by this CPU) if the compiler takes it, else with the portable FLAGS."""
     source = SOURCE.read_bytes()
     version = subprocess.run(
         [*COMPILER, "--version"], capture_output=True, check=True, timeout=60
     ).stdout
-    command = " ".join([*COMPILER, *FLAGS, *LIBS]).encode()
-    key = hashlib.sha256(b"\0".join([source, command, version, platform.machine().encode()]))
-    lib = _cache_dir() / f"qumos_kernels_{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
+    error: Exception | None = None
+    for flags in _variants():
+        command = " ".join([*COMPILER, *flags, *LIBS]).encode()
+        parts = [source, command, version, platform.machine().encode()]
+        if NATIVE[0] in flags:
+            parts.append(_cpu_id())
+        key = hashlib.sha256(b"\0".join(parts))
+        lib = _cache_dir() / f"qumos_kernels_{key.hexdigest()[:16]}.so"
+        if lib.exists():
+            return lib
+        try:
+            _build(flags, lib)
+            return lib
+        except RuntimeError as e:  # e.g. a compiler without -march=native: the next set
+            error = e
+    assert error is not None
+    raise error
+
+
+def _build(flags: list[str], lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=lib.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
         res = subprocess.run(
-            [*COMPILER, *FLAGS, "-o", tmp, str(SOURCE), *LIBS],
+            [*COMPILER, *flags, "-o", tmp, str(SOURCE), *LIBS],
             check=False,
             capture_output=True,
             text=True,
@@ -128,8 +168,7 @@ def _compile() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.debug("compiled %s", lib)
-    return lib
+    log.debug("compiled %s with %s", lib, " ".join(flags))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -291,3 +291,19 @@ def test_unitary_program_rejects_bad_permutations():
         kernels.UnitaryProgram(2, [(3, 0, 0, 0)], [(torch.tensor([0, 0, 1, 2]), torch.ones(4))], 0)
     with pytest.raises(ValueError, match="at least one op"):
         kernels.UnitaryProgram(2, [], [], 0)
+
+
+@needs_cc
+def test_native_build_first_portable_apart_and_as_fallback(fresh_load, monkeypatch):
+    """The library for this CPU (NATIVE flags, keyed by the CPU's identity) is built
+    first; QUMOS_KERNEL_NATIVE=0 builds and caches the portable one apart; a compiler that
+    refuses the native flags gets the portable build."""
+    native = kernels._compile()
+    monkeypatch.setenv("QUMOS_KERNEL_NATIVE", "0")
+    portable = kernels._compile()
+    assert native != portable and native.exists() and portable.exists()
+    assert kernels._cpu_id()  # the native key has something of the CPU in it
+    monkeypatch.delenv("QUMOS_KERNEL_NATIVE")
+    monkeypatch.setattr(kernels, "NATIVE", ["-mno-such-option-for-qumos"])
+    assert kernels._compile() == portable  # the refused native build falls back
+    assert not list(fresh_load.glob("*.tmp"))
