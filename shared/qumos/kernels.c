@@ -217,6 +217,91 @@ void FN(qk_encode_fwd)(long B, long M, int n, int n_inputs, int L, const REAL *x
     free(w.h);
 }
 
+/* Encoder backward of one block whose forward is in w: G (2d rows) holds the grad of psi
+ * and is overwritten; gx (n_inputs rows) gets the grad of x (need_x), acc (n K 4 rows)
+ * += the per-lane grad of t (need_t). gv, gf, g_c, g_s: work rows (4n, K, 1, 1). */
+static void FN(encode_block_bwd)(const FN(block) *wp, REAL *G, REAL *gv, REAL *gf, REAL *g_c,
+                                 REAL *g_s, REAL *gx, REAL *acc, int n, int n_inputs, int L,
+                                 const REAL *t, int need_x, int need_t)
+{
+    const int K = 1 << L, FW = 2 * K - 2;
+    const FN(block) w = *wp;
+    /* grad of each wire's v, from the last wire down: prefix_k = v[k] (x) prefix_{k-1} */
+    for (int k = n - 1; k >= 1; k--) {
+        const int m = 1 << k;
+        const REAL *a_re = ROW(w.v, 4 * k), *a_im = ROW(w.v, 4 * k + 1);
+        const REAL *b_re = ROW(w.v, 4 * k + 2), *b_im = ROW(w.v, 4 * k + 3);
+        REAL *g0_re = ROW(gv, 4 * k), *g0_im = ROW(gv, 4 * k + 1);
+        REAL *g1_re = ROW(gv, 4 * k + 2), *g1_im = ROW(gv, 4 * k + 3);
+        LANES g0_re[j] = g0_im[j] = g1_re[j] = g1_im[j] = 0;
+        for (int e = 0; e < m; e++) {
+            const REAL *p_re = ROW(w.P, 2 * (m - 2 + e)), *p_im = p_re + W;
+            REAL *h0_re = ROW(G, 2 * e), *h0_im = h0_re + W;
+            const REAL *h1_re = ROW(G, 2 * (m + e)), *h1_im = h1_re + W;
+            LANES {
+                /* g_v[k][bit] += G[bit, e] * conj(prefix_{k-1}[e]) */
+                g0_re[j] += h0_re[j] * p_re[j] + h0_im[j] * p_im[j];
+                g0_im[j] += h0_im[j] * p_re[j] - h0_re[j] * p_im[j];
+                g1_re[j] += h1_re[j] * p_re[j] + h1_im[j] * p_im[j];
+                g1_im[j] += h1_im[j] * p_re[j] - h1_re[j] * p_im[j];
+                /* grad prefix_{k-1}[e] = sum over the bit of G[bit, e] * conj(v[k][bit]) */
+                const REAL re = h0_re[j] * a_re[j] + h0_im[j] * a_im[j]
+                                + h1_re[j] * b_re[j] + h1_im[j] * b_im[j];
+                h0_im[j] = h0_im[j] * a_re[j] - h0_re[j] * a_im[j]
+                           + h1_im[j] * b_re[j] - h1_re[j] * b_im[j];
+                h0_re[j] = re;
+            }
+        }
+    }
+    memcpy(gv, G, sizeof(REAL) * W * 4);
+    /* v[w] = T^T f, real: gv's 4 rows are the grad of T's columns */
+    for (int wire = 0; wire < n; wire++) {
+        const REAL *Fw = ROW(w.F, wire * FW), *f = ROW(Fw, K - 2), *gw = ROW(gv, 4 * wire);
+        const REAL *tw = t + (size_t)wire * K * 4;
+        if (need_t)
+            for (int k = 0; k < K; k++)
+                for (int q = 0; q < 4; q++) {
+                    REAL *a = ROW(acc, (wire * K + k) * 4 + q);
+                    const REAL *fk = ROW(f, k), *gq = ROW(gw, q);
+                    LANES a[j] += fk[j] * gq[j];
+                }
+        if (!need_x)
+            continue;
+        for (int k = 0; k < K; k++) {
+            REAL *g = ROW(gf, k);
+            const REAL t0 = tw[4 * k], t1 = tw[4 * k + 1], t2 = tw[4 * k + 2], t3 = tw[4 * k + 3];
+            const REAL *g0 = ROW(gw, 0), *g1 = ROW(gw, 1);
+            const REAL *g2 = ROW(gw, 2), *g3 = ROW(gw, 3);
+            LANES g[j] = t0 * g0[j] + t1 * g1[j] + t2 * g2[j] + t3 * g3[j];
+        }
+        /* f's prefix for layers 0..l = (c_l, s_l) (x) prefix_{l-1}, from the last layer down */
+        for (int l = L - 1; l >= 0; l--) {
+            const int i = l * n + wire;
+            const REAL *cl = ROW(w.c, i), *sl = ROW(w.s, i);
+            if (l == 0) {
+                memcpy(g_c, gf, sizeof(REAL) * W * 2);  /* g_c, g_s are adjacent rows */
+            } else {
+                const int m = 1 << l;
+                LANES g_c[j] = g_s[j] = 0;
+                for (int e = 0; e < m; e++) {
+                    const REAL *pre = ROW(Fw, m - 2 + e);
+                    REAL *lo = ROW(gf, e);
+                    const REAL *hi = ROW(gf, m + e);
+                    LANES {
+                        g_c[j] += lo[j] * pre[j];
+                        g_s[j] += hi[j] * pre[j];
+                        lo[j] = lo[j] * cl[j] + hi[j] * sl[j];
+                    }
+                }
+            }
+            if (i < n_inputs) {  /* d cos(x/2) = -sin(x/2) / 2, d sin(x/2) = cos(x/2) / 2 */
+                REAL *g = ROW(gx, i);
+                LANES g[j] = (g_s[j] * cl[j] - g_c[j] * sl[j]) * (REAL)0.5;
+            }
+        }
+    }
+}
+
 /* Encoder backward: from x, t and g_psi (B, 2**n) complex, g_x (B, n_inputs) (if need_x)
  * and g_t (M, n, 2**L, 4), each summed over its segment's rows (if need_t). Segments as in
  * qk_encode_fwd. Recomputes the forward. */
@@ -225,7 +310,7 @@ void FN(qk_encode_bwd)(long B, long M, int n, int n_inputs, int L, const REAL *x
                        REAL *g_x, REAL *g_t_all)
 {
     const size_t d = (size_t)1 << n;
-    const int K = 1 << L, FW = 2 * K - 2;
+    const int K = 1 << L;
     FN(block) w = FN(block_alloc)(n, L);
     /* G: grad of the current prefix (2d rows); gv: grad of v (4n rows); gf: grad of f (K
      * rows); g_c, g_s: of one layer's cos, sin; gx: grad x (n_inputs rows); acc: per-lane
@@ -245,80 +330,7 @@ void FN(qk_encode_bwd)(long B, long M, int n, int n_inputs, int L, const REAL *x
             const int nb = end - b0 < W ? (int)(end - b0) : W;
             FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, t);
             FN(load_rows)(G, g_psi, b0, nb, 2 * d);
-            /* grad of each wire's v, from the last wire down: prefix_k = v[k] (x) prefix_{k-1} */
-            for (int k = n - 1; k >= 1; k--) {
-                const int m = 1 << k;
-                const REAL *a_re = ROW(w.v, 4 * k), *a_im = ROW(w.v, 4 * k + 1);
-                const REAL *b_re = ROW(w.v, 4 * k + 2), *b_im = ROW(w.v, 4 * k + 3);
-                REAL *g0_re = ROW(gv, 4 * k), *g0_im = ROW(gv, 4 * k + 1);
-                REAL *g1_re = ROW(gv, 4 * k + 2), *g1_im = ROW(gv, 4 * k + 3);
-                LANES g0_re[j] = g0_im[j] = g1_re[j] = g1_im[j] = 0;
-                for (int e = 0; e < m; e++) {
-                    const REAL *p_re = ROW(w.P, 2 * (m - 2 + e)), *p_im = p_re + W;
-                    REAL *h0_re = ROW(G, 2 * e), *h0_im = h0_re + W;
-                    const REAL *h1_re = ROW(G, 2 * (m + e)), *h1_im = h1_re + W;
-                    LANES {
-                        /* g_v[k][bit] += G[bit, e] * conj(prefix_{k-1}[e]) */
-                        g0_re[j] += h0_re[j] * p_re[j] + h0_im[j] * p_im[j];
-                        g0_im[j] += h0_im[j] * p_re[j] - h0_re[j] * p_im[j];
-                        g1_re[j] += h1_re[j] * p_re[j] + h1_im[j] * p_im[j];
-                        g1_im[j] += h1_im[j] * p_re[j] - h1_re[j] * p_im[j];
-                        /* grad prefix_{k-1}[e] = sum over the bit of G[bit, e] * conj(v[k][bit]) */
-                        const REAL re = h0_re[j] * a_re[j] + h0_im[j] * a_im[j]
-                                        + h1_re[j] * b_re[j] + h1_im[j] * b_im[j];
-                        h0_im[j] = h0_im[j] * a_re[j] - h0_re[j] * a_im[j]
-                                   + h1_im[j] * b_re[j] - h1_re[j] * b_im[j];
-                        h0_re[j] = re;
-                    }
-                }
-            }
-            memcpy(gv, G, sizeof(REAL) * W * 4);
-            /* v[w] = T^T f, real: gv's 4 rows are the grad of T's columns */
-            for (int wire = 0; wire < n; wire++) {
-                const REAL *Fw = ROW(w.F, wire * FW), *f = ROW(Fw, K - 2), *gw = ROW(gv, 4 * wire);
-                const REAL *tw = t + (size_t)wire * K * 4;
-                if (need_t)
-                    for (int k = 0; k < K; k++)
-                        for (int q = 0; q < 4; q++) {
-                            REAL *a = ROW(acc, (wire * K + k) * 4 + q);
-                            const REAL *fk = ROW(f, k), *gq = ROW(gw, q);
-                            LANES a[j] += fk[j] * gq[j];
-                        }
-                if (!need_x)
-                    continue;
-                for (int k = 0; k < K; k++) {
-                    REAL *g = ROW(gf, k);
-                    const REAL t0 = tw[4 * k], t1 = tw[4 * k + 1], t2 = tw[4 * k + 2], t3 = tw[4 * k + 3];
-                    const REAL *g0 = ROW(gw, 0), *g1 = ROW(gw, 1);
-                    const REAL *g2 = ROW(gw, 2), *g3 = ROW(gw, 3);
-                    LANES g[j] = t0 * g0[j] + t1 * g1[j] + t2 * g2[j] + t3 * g3[j];
-                }
-                /* f's prefix for layers 0..l = (c_l, s_l) (x) prefix_{l-1}, from the last layer down */
-                for (int l = L - 1; l >= 0; l--) {
-                    const int i = l * n + wire;
-                    const REAL *cl = ROW(w.c, i), *sl = ROW(w.s, i);
-                    if (l == 0) {
-                        memcpy(g_c, gf, sizeof(REAL) * W * 2);  /* g_c, g_s are adjacent rows */
-                    } else {
-                        const int m = 1 << l;
-                        LANES g_c[j] = g_s[j] = 0;
-                        for (int e = 0; e < m; e++) {
-                            const REAL *pre = ROW(Fw, m - 2 + e);
-                            REAL *lo = ROW(gf, e);
-                            const REAL *hi = ROW(gf, m + e);
-                            LANES {
-                                g_c[j] += lo[j] * pre[j];
-                                g_s[j] += hi[j] * pre[j];
-                                lo[j] = lo[j] * cl[j] + hi[j] * sl[j];
-                            }
-                        }
-                    }
-                    if (i < n_inputs) {  /* d cos(x/2) = -sin(x/2) / 2, d sin(x/2) = cos(x/2) / 2 */
-                        REAL *g = ROW(gx, i);
-                        LANES g[j] = (g_s[j] * cl[j] - g_c[j] * sl[j]) * (REAL)0.5;
-                    }
-                }
-            }
+            FN(encode_block_bwd)(&w, G, gv, gf, g_c, g_s, gx, acc, n, n_inputs, L, t, need_x, need_t);
             if (need_x)
                 FN(store_rows)(g_x, gx, b0, nb, n_inputs);
         }
@@ -607,6 +619,160 @@ void FN(qk_unitary_bwd)(long M, int n, int n_ops, const int *ops, long G_total, 
         }
     }
     free(G);
+}
+
+
+/* ---- encoder, psi @ R and readout in one pass ------------------------------------------
+ * out = readout(encode(x, t) @ r) without the (B, d) states ever leaving a block: per
+ * block psi (lanes) -> phi[i] = sum_j psi[j] r[j][i] -> <Z_q>. The rows are S segments of
+ * B / S (S models, model-major); segment s uses t + s t_step and r + s r_step (a step of 0:
+ * one t or r shared by all). r NULL: no ansatz steps (phi = psi). */
+
+/* phi (2d rows) = psi @ r for the block's lanes */
+static void FN(apply_r)(const REAL *psi, const REAL *r, REAL *phi, size_t d)
+{
+    for (size_t i = 0; i < d; i++) {
+        REAL *yr = ROW(phi, 2 * i), *yi = ROW(phi, 2 * i + 1);
+        LANES yr[j] = yi[j] = 0;
+        for (size_t k = 0; k < d; k++) {
+            const REAL cr = r[2 * (k * d + i)], ci = r[2 * (k * d + i) + 1];
+            const REAL *xr = ROW(psi, 2 * k), *xi = ROW(psi, 2 * k + 1);
+            CMUL_ADD(yr, yi, cr, ci, xr, xi);
+        }
+    }
+}
+
+void FN(qk_eur_fwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, const REAL *t,
+                    long t_step, const REAL *r, long r_step, REAL *out)
+{
+    const size_t d = (size_t)1 << n;
+    const long seg = S > 0 ? B / S : 0;
+    FN(block) w = FN(block_alloc)(n, L);
+    REAL *phi = malloc(sizeof(REAL) * W * (2 * d + n)), *o = ROW(phi, 2 * d);
+    const REAL *psi = ROW(w.P, 2 * (d - 2));
+    for (long sg = 0; sg < S; sg++) {
+        const REAL *ts = t + sg * t_step, *rs = r ? r + 2 * sg * r_step : NULL;
+        for (long b0 = sg * seg; b0 < (sg + 1) * seg; b0 += W) {
+            const int nb = (sg + 1) * seg - b0 < W ? (int)((sg + 1) * seg - b0) : W;
+            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, ts);
+            const REAL *ph = psi;
+            if (rs) {
+                FN(apply_r)(psi, rs, phi, d);
+                ph = phi;
+            }
+            memset(o, 0, sizeof(REAL) * W * n);
+            for (size_t i = 0; i < d; i++) {
+                const REAL *re = ROW(ph, 2 * i), *im = ROW(ph, 2 * i + 1);
+                REAL prob[W];
+                LANES prob[j] = re[j] * re[j] + im[j] * im[j];
+                for (int q = 0; q < n; q++) {
+                    REAL *oq = ROW(o, q);
+                    if ((i >> q) & 1)
+                        LANES oq[j] -= prob[j];
+                    else
+                        LANES oq[j] += prob[j];
+                }
+            }
+            FN(store_rows)(out, o, b0, nb, n);
+        }
+    }
+    free(phi);
+    free(w.h);
+}
+
+/* Backward of qk_eur_fwd (recomputes the forward per block): g_x (B, n_inputs) if need_x;
+ * g_t, g_r (zeroed by the caller, laid out as t, r) += each segment's sums at s t_step,
+ * s r_step, if need_t / need_r. */
+void FN(qk_eur_bwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, const REAL *t,
+                    long t_step, const REAL *r, long r_step, const REAL *g_out, int need_x,
+                    int need_t, int need_r, REAL *g_x, REAL *g_t, REAL *g_r)
+{
+    const size_t d = (size_t)1 << n;
+    const int K = 1 << L;
+    const long seg = S > 0 ? B / S : 0;
+    need_r = need_r && r != NULL;
+    FN(block) w = FN(block_alloc)(n, L);
+    const size_t acc_t = need_t ? (size_t)n * K * 4 : 0, acc_r = need_r ? 2 * d * d : 0;
+    /* phi, grad phi (2d rows each), G = grad psi (2d), gv (4n), gf (K), g_c, g_s, gx
+     * (n_inputs), gq (n), zg (1), then the per-lane sums of g_t and g_r */
+    const size_t rows = 6 * d + 4 * (size_t)n + K + 2 + n_inputs + n + 1 + acc_t + acc_r;
+    REAL *phi = calloc((size_t)W * rows, sizeof(REAL));
+    REAL *gphi = ROW(phi, 2 * d), *G = ROW(gphi, 2 * d), *gv = ROW(G, 2 * d);
+    REAL *gf = ROW(gv, 4 * n), *g_c = ROW(gf, K), *g_s = ROW(g_c, 1), *gx = ROW(g_s, 1);
+    REAL *gq = ROW(gx, n_inputs), *zg = ROW(gq, n), *at = ROW(zg, 1), *ar = ROW(at, acc_t);
+    const REAL *psi = ROW(w.P, 2 * (d - 2));
+    for (long sg = 0; sg < S; sg++) {
+        const REAL *ts = t + sg * t_step, *rs = r ? r + 2 * sg * r_step : NULL;
+        memset(at, 0, sizeof(REAL) * W * (acc_t + acc_r));
+        for (long b0 = sg * seg; b0 < (sg + 1) * seg; b0 += W) {
+            const int nb = (sg + 1) * seg - b0 < W ? (int)((sg + 1) * seg - b0) : W;
+            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, ts);
+            const REAL *ph = psi;
+            if (rs) {
+                FN(apply_r)(psi, rs, phi, d);
+                ph = phi;
+            }
+            /* readout: grad phi[i] = 2 phi[i] sum_q g_out[q] z_q(i) */
+            FN(load_rows)(gq, g_out, b0, nb, n);
+            for (size_t i = 0; i < d; i++) {
+                LANES zg[j] = 0;
+                for (int q = 0; q < n; q++) {
+                    const REAL *g = ROW(gq, q);
+                    if ((i >> q) & 1)
+                        LANES zg[j] -= g[j];
+                    else
+                        LANES zg[j] += g[j];
+                }
+                const REAL *pr = ROW(ph, 2 * i), *pi = ROW(ph, 2 * i + 1);
+                REAL *yr = ROW(gphi, 2 * i), *yi = ROW(gphi, 2 * i + 1);
+                LANES {
+                    yr[j] = 2 * zg[j] * pr[j];
+                    yi[j] = 2 * zg[j] * pi[j];
+                }
+            }
+            if (rs) {
+                /* phi = psi @ r: grad r[k][i] += conj(psi[k]) grad phi[i];
+                 * grad psi[k] = sum_i conj(r[k][i]) grad phi[i] */
+                for (size_t k = 0; k < d; k++) {
+                    const REAL *xr = ROW(psi, 2 * k), *xi = ROW(psi, 2 * k + 1);
+                    REAL *hr = ROW(G, 2 * k), *hi = ROW(G, 2 * k + 1);
+                    LANES hr[j] = hi[j] = 0;
+                    for (size_t i = 0; i < d; i++) {
+                        const REAL *yr = ROW(gphi, 2 * i), *yi = ROW(gphi, 2 * i + 1);
+                        const REAL cr = rs[2 * (k * d + i)], ci = -rs[2 * (k * d + i) + 1];
+                        CMUL_ADD(hr, hi, cr, ci, yr, yi);
+                        if (need_r) {
+                            REAL *ur = ROW(ar, 2 * (k * d + i)), *ui = ROW(ar, 2 * (k * d + i) + 1);
+                            LANES {
+                                ur[j] += xr[j] * yr[j] + xi[j] * yi[j];
+                                ui[j] += xr[j] * yi[j] - xi[j] * yr[j];
+                            }
+                        }
+                    }
+                }
+            } else {
+                memcpy(G, gphi, sizeof(REAL) * W * 2 * d);
+            }
+            FN(encode_block_bwd)(&w, G, gv, gf, g_c, g_s, gx, at, n, n_inputs, L, ts, need_x,
+                                 need_t);
+            if (need_x)
+                FN(store_rows)(g_x, gx, b0, nb, n_inputs);
+        }
+        for (size_t e = 0; e < acc_t; e++) {  /* the sums over the lanes */
+            double sum = 0;
+            for (int j = 0; j < W; j++)
+                sum += ROW(at, e)[j];
+            g_t[sg * t_step + e] += (REAL)sum;
+        }
+        for (size_t e = 0; e < acc_r; e++) {
+            double sum = 0;
+            for (int j = 0; j < W; j++)
+                sum += ROW(ar, e)[j];
+            g_r[2 * sg * r_step + e] += (REAL)sum;
+        }
+    }
+    free(phi);
+    free(w.h);
 }
 
 #undef CMUL_SET

@@ -202,6 +202,8 @@ class Kernels:
                 ("qk_readout_fwd", [long, i, p, p]),
                 ("qk_readout_bwd", [long, i, p, p, p]),
                 ("qk_unitary_fwd", [long, i, i, p, long, p, p, p, p, p]),
+                ("qk_eur_fwd", [long, long, i, i, i, p, p, long, p, long, p]),
+                ("qk_eur_bwd", [long, long, i, i, i, p, p, long, p, long, p, i, i, i, p, p, p]),
                 ("qk_unitary_bwd", [long, i, i, p, long, p, p, p, p, p, p]),
             ):
                 fn = getattr(lib, f"{name}_{sfx}")
@@ -285,6 +287,60 @@ class Kernels:
             b, n, phi.data_ptr(), g_out.data_ptr(), g_phi.data_ptr()
         )
         return g_phi
+
+    def _eur_args(self, x: torch.Tensor, t_ri: torch.Tensor, r: torch.Tensor | None, s: int):
+        """Checked, contiguous (x, t_ri, r, t_step, r_step, L) for S = s segments of x's rows
+        (B, n_inputs); t_ri (n, 2**L, 4) or per segment (S, n, 2**L, 4), r None, (d, d) or
+        (S, d, d)."""
+        if x.dim() != 2 or s < 1 or x.shape[0] % s or t_ri.dim() not in (3, 4):
+            raise ValueError(
+                f"kernel arguments x {tuple(x.shape)}, t_ri {tuple(t_ri.shape)}, S {s}"
+            )
+        n, k = t_ri.shape[-3], t_ri.shape[-2]
+        if t_ri.shape[-1] != 4 or (t_ri.dim() == 4 and t_ri.shape[0] != s):
+            raise ValueError(
+                f"kernel argument t_ri {tuple(t_ri.shape)}; expected ([{s},] n, 2**L, 4)"
+            )
+        t_step = n * k * 4 if t_ri.dim() == 4 else 0
+        x = _arg(x, x.dtype, tuple(x.shape))
+        t_ri = _arg(t_ri, x.dtype, tuple(t_ri.shape))
+        r_step = 0
+        if r is not None:
+            d = 2**n
+            per = r.dim() == 3
+            r = _arg(r, _COMPLEX[x.dtype], (s, d, d) if per else (d, d))
+            r_step = d * d if per else 0
+        return x, t_ri, r, t_step, r_step, n, k.bit_length() - 1
+
+    def eur_fwd(self, x: torch.Tensor, t_ri: torch.Tensor, r: torch.Tensor | None, s: int):
+        """readout(encode(x, t_ri) @ r): x (B, n_inputs) in s model-major segments, t_ri
+        and r shared or one per segment (`_eur_args`) -> (B, n) real."""
+        x, t_ri, r, t_step, r_step, n, layers = self._eur_args(x, t_ri, r, s)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        self._fn["qk_eur_fwd", x.dtype](
+            x.shape[0], s, n, x.shape[1], layers, x.data_ptr(), t_ri.data_ptr(), t_step,
+            _ptr(r), r_step, out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    def eur_bwd(
+        self, x: torch.Tensor, t_ri: torch.Tensor, r: torch.Tensor | None, s: int,
+        g_out: torch.Tensor, need_x: bool, need_t: bool, need_r: bool,
+    ):  # fmt: skip
+        """(grad x, grad t_ri, grad r) of eur_fwd from grad out (B, n); None where not
+        needed (grad r also None without r)."""
+        x, t_ri, r, t_step, r_step, n, layers = self._eur_args(x, t_ri, r, s)
+        g_out = _arg(g_out, x.dtype, (x.shape[0], n))
+        need_r = need_r and r is not None
+        g_x = torch.empty_like(x) if need_x else None
+        g_t = torch.zeros_like(t_ri) if need_t else None
+        g_r = torch.zeros_like(r) if need_r else None
+        self._fn["qk_eur_bwd", x.dtype](
+            x.shape[0], s, n, x.shape[1], layers, x.data_ptr(), t_ri.data_ptr(), t_step,
+            _ptr(r), r_step, g_out.data_ptr(), int(need_x), int(need_t), int(need_r),
+            _ptr(g_x), _ptr(g_t), _ptr(g_r),
+        )  # fmt: skip
+        return g_x, g_t, g_r
 
     # Lanes per block of kernels.c (W): the tape of unitary_fwd holds W rows per block.
     LANES = 16

@@ -971,11 +971,10 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t_ri, r, sim):
         ctx.sim, ctx.kern = sim, _c_kernels(x)
-        if ctx.kern is not None:  # (..., B, d) states, sample-major; rows model-major
-            psi = _unrows(ctx.kern.encode_fwd(_rows(x, x.shape[-1]), t_ri), x, sim.d)
-            phi = psi if r is None else psi @ r
-            out = ctx.kern.readout_fwd(_rows(phi, sim.d), sim.n)
-            ctx.save_for_backward(x, t_ri, r, psi, phi)
+        if ctx.kern is not None:  # one pass per block of rows; rows model-major
+            ctx.segments = x.shape[0] if x.dim() == 3 else 1
+            out = ctx.kern.eur_fwd(_rows(x, x.shape[-1]), t_ri, r, ctx.segments)
+            ctx.save_for_backward(x, t_ri, r)
             return _unrows(out, x, sim.n)
         outs, ctx.state = [], []
         for xm, tm, rm in _per_model(x, t_ri, r):
@@ -990,20 +989,11 @@ class _EncodeUnitaryReadout(torch.autograd.Function):
         need_x, need_t, need_r = ctx.needs_input_grad[:3]
         sim = ctx.sim
         if ctx.kern is not None:
-            x, t_ri, r, psi, phi = ctx.saved_tensors
-            need_r = need_r and r is not None
-            # phi = psi @ r: grad r = psi^H @ g_phi, grad psi = g_phi @ r^H
-            g_phi = ctx.kern.readout_bwd(_rows(phi, sim.d), _rows(g_out, sim.n))
-            g_phi = _unrows(g_phi, phi, sim.d)  # (..., B, d)
-            g_r = None
-            if need_r and r.dim() == 2:  # one r for all rows (and models)
-                g_r = psi.reshape(-1, sim.d).conj().T @ g_phi.reshape(-1, sim.d)
-            elif need_r:
-                g_r = psi.conj().transpose(-1, -2) @ g_phi
-            g_psi = g_phi if r is None else g_phi @ r.conj().transpose(-1, -2)
-            g_x, g_t = ctx.kern.encode_bwd(
-                _rows(x, x.shape[-1]), t_ri, _rows(g_psi, sim.d), need_x, need_t
-            )
+            x, t_ri, r = ctx.saved_tensors
+            g_x, g_t, g_r = ctx.kern.eur_bwd(
+                _rows(x, x.shape[-1]), t_ri, r, ctx.segments, _rows(g_out, sim.n),
+                need_x, need_t, need_r,
+            )  # fmt: skip
             return None if g_x is None else _unrows(g_x, x, x.shape[-1]), g_t, g_r, None
         x, t_ri, r = ctx.saved_tensors
         need_r = need_r and r is not None

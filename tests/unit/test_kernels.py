@@ -193,12 +193,14 @@ def test_compiled_library_is_cached(fresh_load):
 @needs_cc
 @pytest.mark.parametrize("unitary", [True, False])
 @pytest.mark.parametrize("shared", [False, True])
-def test_per_model_segments(unitary, shared):
+@pytest.mark.parametrize("block", ["rxyz_cnot", "rzz_ry"])
+def test_per_model_segments(unitary, shared, block):
     """Many models at once (x (M, B, k), per-model w (M, P) or one shared w): the C
-    kernels' per-model T segments against the torch path, including a batch that is not
-    a multiple of the kernels' block of samples."""
+    kernels' per-model T and R segments against the torch path, including a batch that is
+    not a multiple of the kernels' block of samples; rzz_ry has no leading local step, so
+    its encoder T is shared while R is per model."""
     rng = np.random.default_rng(11)
-    f = FragmentSpec(n_qubits=4, n_inputs=13, block="rxyz_cnot", depth=2, entanglement="ring")
+    f = FragmentSpec(n_qubits=4, n_inputs=13, block=block, depth=2, entanglement="ring")
     x = torch.tensor(rng.uniform(-np.pi, np.pi, (3, 19, 13)))
     w = torch.tensor(rng.uniform(-np.pi, np.pi, (f.n_params,) if shared else (3, f.n_params)))
     got = {}
