@@ -566,7 +566,7 @@ static void FN(op_bwd)(const int *op, int n, const REAL *g, const int *perm, con
 }
 
 /* R (M, d, d) complex of the program (see above); tape (M, blocks, n_ops, 2d, W) real,
- * blocks = ceil(d / W). */
+ * blocks = ceil(d / W), or NULL when no backward follows. */
 void FN(qk_unitary_fwd)(long M, int n, int n_ops, const int *ops, long G_total, const REAL *g,
                         const int *perm, const REAL *sign, REAL *tape, REAL *r)
 {
@@ -581,9 +581,10 @@ void FN(qk_unitary_fwd)(long M, int n, int n_ops, const int *ops, long G_total, 
             memset(S, 0, sizeof(REAL) * state);
             for (int j = 0; j < nb; j++)
                 ROW(S, 2 * (j0 + j))[j] = 1;  /* lane j: the basis state e_{j0 + j} */
-            REAL *tp = tape + ((size_t)m * blocks + blk) * n_ops * state;
+            REAL *tp = tape ? tape + ((size_t)m * blocks + blk) * n_ops * state : NULL;
             for (int o = 0; o < n_ops; o++) {
-                memcpy(tp + o * state, S, sizeof(REAL) * state);
+                if (tp)  /* NULL: no backward will follow */
+                    memcpy(tp + o * state, S, sizeof(REAL) * state);
                 FN(op_fwd)(ops + 4 * o, n, gm, perm, sign, S, tmp);
             }
             FN(store_rows)(r + 2 * (size_t)d * d * m, S, j0, nb, 2 * d);

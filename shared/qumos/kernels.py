@@ -345,21 +345,22 @@ class Kernels:
     # Lanes per block of kernels.c (W): the tape of unitary_fwd holds W rows per block.
     LANES = 16
 
-    def unitary_fwd(self, n: int, program: UnitaryProgram, g: torch.Tensor):
+    def unitary_fwd(self, n: int, program: UnitaryProgram, g: torch.Tensor, tape: bool = True):
         """R = U^T (M, d, d) complex of `program` with gate entries g (M, G) complex (one
-        model per row), and the tape unitary_bwd needs."""
+        model per row), and the tape unitary_bwd needs (None if not `tape`)."""
         m, size = self._program_args(n, program, g)
         real = _REAL[g.dtype]
         g = _arg(g, g.dtype, (m, size))
         d, blocks = 2**n, -(-(2**n) // self.LANES)
-        tape = torch.empty(m * blocks * len(program.ops) * 2 * d * self.LANES, dtype=real)
+        rows = m * blocks * len(program.ops) * 2 * d * self.LANES
+        tape_t = torch.empty(rows, dtype=real) if tape else None
         r = torch.empty(m, d, d, dtype=g.dtype)
         sign = program.sign_as(real)
         self._fn["qk_unitary_fwd", real](
             m, n, len(program.ops), program.ops.data_ptr(), size, g.data_ptr(),
-            program.perm.data_ptr(), sign.data_ptr(), tape.data_ptr(), r.data_ptr(),
+            program.perm.data_ptr(), sign.data_ptr(), _ptr(tape_t), r.data_ptr(),
         )  # fmt: skip
-        return r, tape
+        return r, tape_t
 
     def unitary_bwd(
         self, n: int, program: UnitaryProgram, g: torch.Tensor, tape: torch.Tensor,

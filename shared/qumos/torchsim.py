@@ -1021,7 +1021,7 @@ class _UnitaryC(torch.autograd.Function):
     def forward(ctx, g, sim, kern):
         single = g.dim() == 1
         g2 = g.reshape(1, -1) if single else g
-        r, tape = kern.unitary_fwd(sim.n, sim.program, g2)
+        r, tape = kern.unitary_fwd(sim.n, sim.program, g2, tape=ctx.needs_input_grad[0])
         ctx.save_for_backward(g2, tape)
         ctx.sim, ctx.kern, ctx.single = sim, kern, single
         return r[0] if single else r
