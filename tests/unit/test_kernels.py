@@ -309,3 +309,21 @@ def test_native_build_first_portable_apart_and_as_fallback(fresh_load, monkeypat
     monkeypatch.setattr(kernels, "NATIVE", ["-mno-such-option-for-qumos"])
     assert kernels._compile() == portable  # the refused native build falls back
     assert not list(fresh_load.glob("*.tmp"))
+
+
+@needs_cc
+def test_fused_pass_refuses_inconsistent_segments():
+    """The fused encoder-unitary-readout pass checks its segments before touching memory:
+    rows not divisible into the segments, or per-segment T / R of another count."""
+    k = kernels.get()
+    assert k is not None
+    x = torch.zeros(10, 4)
+    t = torch.zeros(4, 2, 4)
+    with pytest.raises(ValueError, match="kernel arguments"):
+        k.eur_fwd(x, t, None, 3)  # 10 rows are not 3 segments
+    with pytest.raises(ValueError, match="t_ri"):
+        k.eur_fwd(x, torch.zeros(5, 4, 2, 4), None, 2)  # T for 5 segments, 2 asked
+    with pytest.raises(ValueError, match="kernel argument"):
+        k.eur_fwd(x, t, torch.zeros(3, 16, 16, dtype=torch.complex64), 2)  # R for 3
+    out = k.eur_fwd(x, t, torch.eye(16, dtype=torch.complex64).expand(2, 16, 16), 2)
+    assert out.shape == (10, 4)
