@@ -144,13 +144,19 @@ def _prod0(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return out
 
 
+def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """flat[..., index]: (..., *index.shape). By index_select on the flattened index, whose
+    forward and backward (index_add) cost about half of advanced indexing's (measured at
+    72 models)."""
+    out = flat.index_select(-1, index.reshape(-1))
+    return out.reshape(*flat.shape[:-1], *index.shape)
+
+
 def _gather_kron(mats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(..., d, d) entries prod_w mats.flat[index[w, i, j]] of per-wire (..., n, 2, 2)
     matrices: kron(mats) for `kron_index`, or that matrix with rows/columns permuted
     (folded perms). Leading axes: one matrix per model."""
-    if mats.dim() == 3:
-        return _prod0(mats.reshape(-1)[index])
-    return _prod0(mats.reshape(*mats.shape[:-3], -1)[..., index], dim=-3)
+    return _prod0(_take(mats.reshape(*mats.shape[:-3], -1), index), dim=-3)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -252,9 +258,7 @@ def _features(tab: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """prod over factors of the table entries at `index` (F, *shape, K): (..., *shape, K)
     real, the leading axes of tab (..., P+1, width) one per model. One gather, one
     product chain."""
-    if tab.dim() == 2:
-        return _prod0(tab.reshape(-1)[index])
-    return _prod0(tab.reshape(*tab.shape[:-2], -1)[..., index], dim=-index.dim())
+    return _prod0(_take(tab.reshape(*tab.shape[:-2], -1), index), dim=-index.dim())
 
 
 def _as_real_columns(coef: torch.Tensor, cdtype: torch.dtype, cache: dict) -> torch.Tensor:
