@@ -106,3 +106,14 @@ def test_canonical_design_key_ignores_first_reupload():
     c = validate_design({"fragments": [{}, {"depth": 3, "reupload": True}]})
     assert c.key() != a.key()
     assert isinstance(a, Design)
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES)
+@pytest.mark.parametrize("entanglement", ["ring", "linear", "full"])
+def test_cached_n_params_counts_the_ansatz_weights(block, entanglement):
+    """n_params is cached per architecture; it is what the op list holds."""
+    for n, depth in ((2, 1), (4, 3), (7, 2)):
+        f = FragmentSpec(
+            n_qubits=n, n_inputs=n, block=block, depth=depth, entanglement=entanglement
+        )
+        assert f.n_params == sum(len(op.index) for op in f.ansatz_ops()) > 0
