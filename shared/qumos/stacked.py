@@ -126,7 +126,10 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
         raise ArchitectureMismatch("no models to stack")
     ref = architecture_of(models[0])
     for i, m in enumerate(models[1:], 1):
-        diff = _first_difference(ref, architecture_of(m))
+        arch = architecture_of(m)
+        if arch == ref:  # the common case, in one comparison; the walk only to name it
+            continue
+        diff = _first_difference(ref, arch) or "its architecture"
         if diff:
             raise ArchitectureMismatch(
                 f"models[{i}] differs from models[0] in {diff}; only models of one "
