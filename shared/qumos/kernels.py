@@ -40,7 +40,7 @@ COMPILER = shlex.split(os.environ.get("CC", "cc"))
 # -fopenmp-simd: honour kernels.c's "omp simd" loops (no OpenMP runtime).
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99"]
 # Tried first: the CPU's own vector width (16 lanes of a block in one AVX-512 register
-# instead of four SSE ones; a 4-qubit training step 1.4-1.6x faster with the unitary
+# instead of four SSE ones; a 4-qubit training step 1.2-2.1x faster with the unitary
 # kernel, bench/bench_kernels_native.py). The library is then tied to this CPU, so the
 # cache key includes the CPU's identity (`_cpu_id`); QUMOS_KERNEL_NATIVE=0 leaves it out.
 NATIVE = ["-march=native"]
