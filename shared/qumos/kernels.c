@@ -345,6 +345,24 @@ void FN(qk_encode_bwd)(long B, long M, int n, int n_inputs, int L, const REAL *x
     free(w.h);
 }
 
+/* o (n rows) = <Z_q> of the block's states phi (2d rows): sum_i |phi_i|^2 z_q(i). */
+static void FN(readout_block)(const REAL *phi, REAL *o, size_t d, int n)
+{
+    memset(o, 0, sizeof(REAL) * W * n);
+    for (size_t i = 0; i < d; i++) {
+        const REAL *re = ROW(phi, 2 * i), *im = ROW(phi, 2 * i + 1);
+        REAL prob[W];
+        LANES prob[j] = re[j] * re[j] + im[j] * im[j];
+        for (int q = 0; q < n; q++) {
+            REAL *oq = ROW(o, q);
+            if ((i >> q) & 1)
+                LANES oq[j] -= prob[j];
+            else
+                LANES oq[j] += prob[j];
+        }
+    }
+}
+
 /* Readout: phi (B, 2**n) complex -> out (B, n), out[b, q] = sum_i |phi_i|^2 z_q(i), with
  * z_q(i) = +1 if bit q of i is 0 else -1. */
 void FN(qk_readout_fwd)(long B, int n, const REAL *phi, REAL *out)
@@ -354,19 +372,7 @@ void FN(qk_readout_fwd)(long B, int n, const REAL *phi, REAL *out)
     for (long b0 = 0; b0 < B; b0 += W) {
         const int nb = B - b0 < W ? (int)(B - b0) : W;
         FN(load_rows)(rows, phi, b0, nb, 2 * d);
-        memset(o, 0, sizeof(REAL) * W * n);
-        for (size_t i = 0; i < d; i++) {
-            const REAL *re = ROW(rows, 2 * i), *im = ROW(rows, 2 * i + 1);
-            REAL prob[W];
-            LANES prob[j] = re[j] * re[j] + im[j] * im[j];
-            for (int q = 0; q < n; q++) {
-                REAL *oq = ROW(o, q);
-                if ((i >> q) & 1)
-                    LANES oq[j] -= prob[j];
-                else
-                    LANES oq[j] += prob[j];
-            }
-        }
+        FN(readout_block)(rows, o, d, n);
         FN(store_rows)(out, o, b0, nb, n);
     }
     free(rows);
@@ -661,19 +667,7 @@ void FN(qk_eur_fwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, c
                 FN(apply_r)(psi, rs, phi, d);
                 ph = phi;
             }
-            memset(o, 0, sizeof(REAL) * W * n);
-            for (size_t i = 0; i < d; i++) {
-                const REAL *re = ROW(ph, 2 * i), *im = ROW(ph, 2 * i + 1);
-                REAL prob[W];
-                LANES prob[j] = re[j] * re[j] + im[j] * im[j];
-                for (int q = 0; q < n; q++) {
-                    REAL *oq = ROW(o, q);
-                    if ((i >> q) & 1)
-                        LANES oq[j] -= prob[j];
-                    else
-                        LANES oq[j] += prob[j];
-                }
-            }
+            FN(readout_block)(ph, o, d, n);
             FN(store_rows)(out, o, b0, nb, n);
         }
     }
