@@ -649,6 +649,20 @@ static void FN(apply_r)(const REAL *psi, const REAL *r, REAL *phi, size_t d)
     }
 }
 
+/* The block's forward up to phi: encode (psi in w), then phi = psi @ rs into `phi` (2d
+ * rows); returns phi, or psi itself without rs. */
+static const REAL *FN(eur_block)(FN(block) *w, long b0, int nb, int n, int n_inputs, int L,
+                                 const REAL *x, const REAL *ts, const REAL *rs, REAL *phi)
+{
+    const size_t d = (size_t)1 << n;
+    const REAL *psi = ROW(w->P, 2 * (d - 2));
+    FN(encode_block)(w, b0, nb, n, n_inputs, L, x, ts);
+    if (!rs)
+        return psi;
+    FN(apply_r)(psi, rs, phi, d);
+    return phi;
+}
+
 void FN(qk_eur_fwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, const REAL *t,
                     long t_step, const REAL *r, long r_step, REAL *out)
 {
@@ -656,17 +670,11 @@ void FN(qk_eur_fwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, c
     const long seg = S > 0 ? B / S : 0;
     FN(block) w = FN(block_alloc)(n, L);
     REAL *phi = malloc(sizeof(REAL) * W * (2 * d + n)), *o = ROW(phi, 2 * d);
-    const REAL *psi = ROW(w.P, 2 * (d - 2));
     for (long sg = 0; sg < S; sg++) {
         const REAL *ts = t + sg * t_step, *rs = r ? r + 2 * sg * r_step : NULL;
         for (long b0 = sg * seg; b0 < (sg + 1) * seg; b0 += W) {
             const int nb = (sg + 1) * seg - b0 < W ? (int)((sg + 1) * seg - b0) : W;
-            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, ts);
-            const REAL *ph = psi;
-            if (rs) {
-                FN(apply_r)(psi, rs, phi, d);
-                ph = phi;
-            }
+            const REAL *ph = FN(eur_block)(&w, b0, nb, n, n_inputs, L, x, ts, rs, phi);
             FN(readout_block)(ph, o, d, n);
             FN(store_rows)(out, o, b0, nb, n);
         }
@@ -701,12 +709,7 @@ void FN(qk_eur_bwd)(long B, long S, int n, int n_inputs, int L, const REAL *x, c
         memset(at, 0, sizeof(REAL) * W * (acc_t + acc_r));
         for (long b0 = sg * seg; b0 < (sg + 1) * seg; b0 += W) {
             const int nb = (sg + 1) * seg - b0 < W ? (int)((sg + 1) * seg - b0) : W;
-            FN(encode_block)(&w, b0, nb, n, n_inputs, L, x, ts);
-            const REAL *ph = psi;
-            if (rs) {
-                FN(apply_r)(psi, rs, phi, d);
-                ph = phi;
-            }
+            const REAL *ph = FN(eur_block)(&w, b0, nb, n, n_inputs, L, x, ts, rs, phi);
             /* readout: grad phi[i] = 2 phi[i] sum_q g_out[q] z_q(i) */
             FN(load_rows)(gq, g_out, b0, nb, n);
             for (size_t i = 0; i < d; i++) {
