@@ -152,6 +152,14 @@ def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.reshape(*flat.shape[:-1], *index.shape)
 
 
+def _diag_phases(w: torch.Tensor, step) -> torch.Tensor:
+    """A diag step's (..., d) complex phases exp(-i/2 sum_k w[idx_k] zz_k): its rzz gates
+    on every basis state."""
+    idx, zz = step
+    phase = (w[..., idx] @ zz) * -0.5
+    return torch.polar(torch.ones_like(phase), phase)
+
+
 def _gather_kron(mats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(..., d, d) entries prod_w mats.flat[index[w, i, j]] of per-wire (..., n, 2, 2)
     matrices: kron(mats) for `kron_index`, or that matrix with rows/columns permuted
@@ -567,9 +575,7 @@ class FragmentSim:
             if kind in ("local", "gates2q"):
                 parts.append(payload.matrices(tab, self.cdtype).reshape(*lead, -1))
             elif kind == "diag":
-                idx, zz = payload
-                phase = (w[..., idx] @ zz) * -0.5
-                parts.append(torch.polar(torch.ones_like(phase), phase))
+                parts.append(_diag_phases(w, payload))
         return torch.cat(parts, dim=-1)
 
     def _unitary_kernel(self, t: torch.Tensor) -> kernels.Kernels | None:
@@ -620,7 +626,7 @@ class FragmentSim:
         signed permutations are folded away: building R then costs a product per further
         step. (Counting every step made 4-qubit fragments at the attacker's ~22 images
         run the state path, 0-35% slower per training step than this one, measured.)"""
-        if self.program is not None and _c_kernels(torch.empty(0, dtype=self.dtype)) is not None:
+        if self.program is not None and self.dtype in _C_DTYPES and kernels.get() is not None:
             return True  # R in one C call: cheaper than the steps on any batch
         return self.d * self.build_cost + batch * self.d**2 < batch * self.state_cost
 
@@ -693,11 +699,10 @@ class FragmentSim:
                 perm, sign = step
                 state = state[..., perm] if sign is None else state[..., perm] * sign
             elif kind == "diag":
-                idx, zz = step
-                phase = (w[..., idx] @ zz) * -0.5  # (..., d)
-                if phase.dim() > 1:
-                    phase = phase.unsqueeze(-2)  # per model: over its batch
-                state = state * torch.polar(torch.ones_like(phase), phase)
+                phases = _diag_phases(w, step)  # (..., d)
+                if phases.dim() > 1:
+                    phases = phases.unsqueeze(-2)  # per model: over its batch
+                state = state * phases
             else:
                 if self.n <= DENSE_LOCAL_QUBITS:
                     state = _mm(state, step.embedded(tab, self.cdtype, self.n))
@@ -846,6 +851,9 @@ def _readout_fwd(sim: FragmentSim, psi: torch.Tensor):
 def _readout_bwd(sim: FragmentSim, psi: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
     """grad psi (d, B) complex from grad out (B, n)."""
     return (sim.z_t.T @ g_out.T) * (2 * psi)  # (d, B)
+
+
+_C_DTYPES = (torch.float32, torch.float64)  # the real dtypes the C kernels take
 
 
 def _c_kernels(t: torch.Tensor) -> kernels.Kernels | None:
