@@ -18,6 +18,7 @@ import gzip
 import struct
 import urllib.request
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,17 @@ class TaskData:
     test: Split
 
 
+@lru_cache(maxsize=4)
 def _load_raw(name: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset's images and labels, read once per process (mnist-small's CSV parse is
+    ~4 s; an evaluation loads one split per seed) and kept read-only: every split copies."""
+    x, y = _read_raw(name, data_dir)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _read_raw(name: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         from sklearn.datasets import load_digits
 

@@ -75,3 +75,26 @@ def test_unknown_dataset_and_task():
         load_task("cifar", 4)
     with pytest.raises(DatasetError, match="task"):
         load_task("digits", 3)
+
+
+def test_raw_images_are_read_once_and_splits_are_copies(monkeypatch):
+    """An evaluation loads one split per seed: the dataset is parsed once per process,
+    kept read-only, and a split changed by its caller leaves the next load intact."""
+    import qumos.datasets as ds
+
+    ds._load_raw.cache_clear()
+    reads = []
+    real = ds._read_raw
+    monkeypatch.setattr(ds, "_read_raw", lambda *a: reads.append(a) or real(*a))
+    a = load_task("digits", 4, seed=1)
+    a.train.raw[:] = -1
+    a.train.x[:] = -1
+    b = load_task("digits", 4, seed=1)
+    c = load_task("digits", 4, seed=2)
+    assert len(reads) == 1
+    assert b.train.raw.min() >= 0 and b.train.x.min() >= 0
+    assert not np.array_equal(b.train.y, c.train.y)
+    raw, _ = ds._load_raw("digits", None)
+    with pytest.raises(ValueError):
+        raw[0, 0] = 1
+    ds._load_raw.cache_clear()
