@@ -487,25 +487,6 @@ class _Eval:
         return acc, loss
 
 
-def _leading_rows(
-    x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, soft: bool
-) -> bool:
-    """Whether the selection rows (xv, labels yv) are the first rows of the training data
-    with the same labels -- one-hot targets when they are soft, so that the training
-    cross-entropy of those rows is the selection's."""
-    n = len(xv)
-    if xv.shape[1:] != x.shape[1:] or not torch.equal(x[:n], xv):
-        return False
-    if not soft:
-        return torch.equal(y[:n], yv)
-    head = y[:n]
-    if n and (int(yv.min()) < 0 or int(yv.max()) >= head.shape[1]):
-        return False
-    one_hot = torch.zeros_like(head)
-    one_hot[torch.arange(n), yv] = 1
-    return torch.equal(head, one_hot)
-
-
 def fit_many(
     models: Sequence[DistributedQNN],
     x_train,
@@ -567,22 +548,20 @@ def fit_many(
     gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
     opt = StackedAdam(stack, [c.lr for c in cfgs])
 
-    # Full batch with the selection data the first rows of the training data, their
-    # targets the selection labels (the attacker's case: the labelled images, then for
-    # self-training the pseudo-labelled log rows): the selection figures of the values
-    # after epoch e are those rows' figures in epoch e + 1's training forward (the same
-    # rows and values, permuted), so that pass is not run twice.
-    n_sel = torch.tensor([len(x) for x in xvs], dtype=torch.float64)
+    # Full batch with the training data as selection data (the attacker's case): the
+    # selection figures of the values after epoch e are those of epoch e + 1's training
+    # forward (the same rows and values, permuted), so that pass is not run twice.
     fused = (
         stack.has_trainable
+        and not soft
         and len({c.epochs for c in cfgs}) == 1
         and all(n > 0 and c.batch_size >= n for n, c in zip(n_train, cfgs))
         and all(
-            0 < len(xv) <= len(x) and _leading_rows(x, y, xv, yv, soft)
+            xv.shape == x.shape and torch.equal(xv, x) and torch.equal(yv, y)
             for xv, x, yv, y in zip(xvs, xs, yvs, ys)
         )
     )
-    sel_rows = n_sel.to(torch.long)[:, None]  # training rows below this index select
+    n_rows = torch.tensor(n_train, dtype=torch.float64)
     best_acc, best_loss = (None, None) if fused else val_eval(stack, any_loss)
     best_epoch = [0] * m_all
     best_flat = stack.flat.clone()
@@ -651,11 +630,10 @@ def fit_many(
             ).view(m_all, idx.shape[2])
             if fused:  # the figures of the values before this step, as _Eval computes them
                 with torch.no_grad():
-                    valid = (mask[:, s] > 0) & (ix < sel_rows)
+                    valid = mask[:, s] > 0
                     pred = torch.softmax(logits, dim=-1).argmax(-1)
-                    label = target.argmax(-1) if soft else target
-                    acc = ((pred == label) & valid).double().sum(1) / n_sel
-                    loss = ((ce.double() * valid).sum(1) / n_sel) if any_loss else None
+                    acc = ((pred == target) & valid).double().sum(1) / n_rows
+                    loss = ((ce.double() * valid).sum(1) / n_rows) if any_loss else None
                 if pending is None:  # epoch 0: the starting point
                     best_acc, best_loss = acc, loss
                 else:

@@ -413,47 +413,6 @@ def test_attacker_scale_full_batch_self_selection(block, frozen, monkeypatch):
     assert len(calls) == 2  # the last epoch's selection and the training accuracy
 
 
-@pytest.mark.parametrize("frozen", [None, 0])
-def test_self_training_selection_rows_lead_the_training_rows(frozen, monkeypatch):
-    """Self-training's case: the labelled rows (one-hot targets) first, then pseudo-labelled
-    rows with soft targets; selection on the labelled rows with the loss tie-break. The
-    selection figures come from the training forward's leading rows: fit's results, no
-    pass per epoch. When the leading targets are not the selection labels, the separate
-    selection pass runs (and the results are still fit's)."""
-    import qumos.stacked as st
-
-    calls = []
-    orig = st._Eval.__call__
-    monkeypatch.setattr(
-        st._Eval, "__call__", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
-    )
-    spec = make_spec("u3cu3", 4, "1-1", True, "linear")
-    rng = np.random.default_rng(17)
-    labelled = [data(rng, k) for k in (5, 8, 6)]
-    extra = [rng.uniform(0, np.pi, (k, 16)) for k in (9, 4, 12)]
-    xs = [np.concatenate([x, u]) for (x, _), u in zip(labelled, extra)]
-    ts = [
-        np.concatenate([np.eye(4)[y], rng.dirichlet(np.ones(4), size=len(u))])
-        for (_, y), u in zip(labelled, extra)
-    ]
-    xv, yv = [x for x, _ in labelled], [y for _, y in labelled]
-    cfgs = [
-        TrainConfig(epochs=7, lr=0.1, batch_size=32, seed=s, select="acc_loss") for s in range(3)
-    ]
-    for fused in (True, False):
-        if not fused:  # model 1's leading targets no longer the selection labels
-            ts[1] = ts[1].copy()
-            ts[1][0] = np.roll(ts[1][0], 1)
-        calls.clear()
-        models = make_models(spec, 3, frozen)
-        got, want, ref = run_both(models, xs, ts, xv, yv, cfgs)
-        assert_results_equal(got, want)
-        for a, b in zip(got, want):
-            assert abs(a.val_loss - b.val_loss) < 1e-12
-        assert_models_close(models, ref, atol=1e-5)
-        assert len(calls) == (2 if fused else 7 + 2)
-
-
 def test_input_hiding_transform_stacks_like_one_by_one():
     """A model with the company's input-hiding transform (features -> fragment 0's angles)
     stacks: outputs equal one by one, and fit_many trains the transform as fit does."""
