@@ -24,7 +24,7 @@ from qumos.search.evaluator import (
 )
 from qumos.search.evolution import evolution_search, mutate
 from qumos.search.experiment import even_split
-from qumos.search.report import markdown_table, table_row, target_checks
+from qumos.search.report import markdown_table, median_in_search, table_row, target_checks
 from qumos.search.search import Budget, pareto_front, ppo_search, random_search
 from qumos.spec import Design, design_from_flags
 
@@ -320,6 +320,21 @@ def test_report_table_and_target_checks():
     table = markdown_table(rows)
     assert table.count("\n") == 6
     assert "| engine (PPO) | 0: `x`<br>1: `x`<br>2: `x` | 0.660 ± 0.008 | 0.860 ± 0.008 |" in table
+
+
+def test_median_in_search_counts_the_designs_that_clear_the_bars():
+    recs = [
+        {**_rec(0.9, [0.6], S=0.6, scratch=0.5), "reward": 0.9},  # secure (1.0), accurate
+        {**_rec(0.8, [0.6], S=0.6, scratch=0.5), "reward": 0.8},  # secure, 0.1 below
+        {**_rec(0.9, [0.85], S=0.6, scratch=0.5), "reward": 0.65},  # leaks: security 1/6
+        {**_rec(0.88, [0.66], S=0.6, scratch=0.5), "reward": 0.82},  # security 0.79
+    ]
+    med = median_in_search(recs, acc_centralized=0.905)
+    assert med["designs"] == 4 and med["reward"] == pytest.approx(0.81)
+    assert med["share_secure"] == pytest.approx(0.75)
+    assert med["share_secure_and_accurate"] == pytest.approx(0.5)  # 0.9 and 0.88 >= 0.875
+    assert "share_secure_and_accurate" not in median_in_search(recs)
+    assert median_in_search([]) == {}
 
 
 def test_evolution_respects_budget_and_seeds_differ(tmp_path):

@@ -439,7 +439,10 @@ def run_task(
                 "rows": rows,
                 "checks": target_checks(rows, gap),
                 "centralized_compared": cen_label,
-                "random_median_in_search": median_in_search(all_recs.get("random", [])),
+                "random_median_in_search": median_in_search(
+                    all_recs.get("random", []),
+                    statistics.fmean(r["victim_acc"][0] for r in cen_rows),
+                ),
                 "searches": {
                     method_label(m): [
                         {k: v for k, v in res.items() if k != "records"}

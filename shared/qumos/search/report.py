@@ -89,19 +89,46 @@ def table_row(
     }
 
 
-def median_in_search(recs: list[dict]) -> dict:
+SECURE_MIN = 0.7  # the first target's security bar
+ACCURATE_WITHIN = 0.03  # ... and its accuracy bar, below the centralized search's
+
+
+def median_in_search(recs: list[dict], acc_centralized: float | None = None) -> dict:
+    """The random searches' designs as evaluated in-search: the median design's figures and
+    the share of designs that already clear the first target's bars (security >= 0.7;
+    and accuracy within 0.03 of `acc_centralized`), i.e. how much a search has to find."""
     if not recs:
         return {}
 
     def med(k: str) -> float:
         return statistics.median(r[k][0] for r in recs)
 
-    return {
+    secure = [r["security"][0] >= SECURE_MIN for r in recs]
+    out = {
         "designs": len(recs),
         "reward": statistics.median(r["reward"] for r in recs),
         "accuracy": med("victim_acc"),
         "security": med("security"),
+        "share_secure": statistics.fmean(secure),
     }
+    if acc_centralized is not None:
+        out["share_secure_and_accurate"] = statistics.fmean(
+            s and r["victim_acc"][0] >= acc_centralized - ACCURATE_WITHIN
+            for s, r in zip(secure, recs)
+        )
+    return out
+
+
+def _shares(med: dict) -> str:
+    if "share_secure" not in med:  # a result.json written before the shares were counted
+        return ""
+    text = f" Random designs with security >= {SECURE_MIN}: {med['share_secure']:.0%}"
+    if "share_secure_and_accurate" in med:
+        text += (
+            f"; and within {ACCURATE_WITHIN} of the centralized accuracy as well: "
+            f"{med['share_secure_and_accurate']:.0%}"
+        )
+    return text + " (in-search, one evaluation seed each)."
 
 
 def _apart(a: list, b: list) -> bool:
@@ -241,7 +268,9 @@ def write_report(out: Path, command: str | None = None) -> Path:
                     f"Median random design (in-search, {st['random_median_in_search']['designs']}"
                     f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
                     f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
-                    f"{st['random_median_in_search']['security']:.3f}.\n\n"
+                    f"{st['random_median_in_search']['security']:.3f}."
+                    + _shares(st["random_median_in_search"])
+                    + "\n\n"
                     if st["random_median_in_search"]
                     else ""
                 )
