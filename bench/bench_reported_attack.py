@@ -39,6 +39,7 @@ def _ms(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator
     from qumos.search.parallel import make_executor
+    from qumos.spec import Design
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--result", required=True, help="a task's result.json of qumos experiment")
@@ -83,14 +84,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the default figures are the experiment's own records (its cache); never recomputed
     exp_cache = EvalCache(result_path.parent / "cache.jsonl")
+    # the tables name designs by their short form, which omits the entanglement: the
+    # design itself is the experiment's held-out record's
+    by_short: dict[str, dict[str, Design]] = {}
+    for r in exp_cache.records.values():
+        if r["fingerprint"] == base.fingerprint():
+            by_short.setdefault(r["short"], {})[r["key"]] = Design.model_validate(r["design"])
+    shorts = {sh for lab in wanted for sh in rows[lab]["designs"].values()}
+    missing = sorted(shorts - set(by_short))
+    if missing:
+        sys.exit(f"--result: the experiment's cache lacks the default held-out record of {missing}")
+    twice = sorted(sh for sh in shorts if len(by_short[sh]) > 1)
+    if twice:
+        sys.exit(f"--result: {twice} name several designs (entanglements) in the cache")
     designs = {
-        label: {int(s): _design(short, res["task"]) for s, short in rows[label]["designs"].items()}
+        label: {
+            int(s): next(iter(by_short[short].values()))
+            for s, short in rows[label]["designs"].items()
+        }
         for label in wanted
     }
     unique = {d.key(): d for per in designs.values() for d in per.values()}
-    missing = [d.short() for d in unique.values() if exp_cache.get(d, base) is None]
-    if missing:
-        sys.exit(f"--result: the experiment's cache lacks the default held-out record of {missing}")
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     cache = EvalCache(out / "cache.jsonl")
@@ -120,13 +134,6 @@ def main() -> None:
         f"{base.attack_restarts} restarts per strategy (profile {base.attack_profile}); "
         f"load average at start {load[0]:.2f}.\n\n" + table + "\n"
     )
-
-
-def _design(short: str, task_name: str):
-    from qumos.spec import parse_short_design
-
-    dataset, _, task = task_name.rpartition("-")
-    return parse_short_design(short, dataset, int(task))
 
 
 def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
