@@ -48,10 +48,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", help="default results/reported-attack/TASK-FRACTION")
     args = ap.parse_args()
+    if args.workers < 1:
+        ap.error(f"--workers: {args.workers}; allowed: 1 or more")
 
     result_path = Path(args.result)
     if not result_path.is_file():
-        sys.exit(f"--result: {result_path} is not a file")
+        ap.error(f"--result: {result_path} is not a file")
     res = json.loads(result_path.read_text())
     settings = res["settings"]
     if args.fraction is None:
@@ -59,7 +61,7 @@ def main() -> None:
     else:
         match = [s for s in settings if abs(s["fraction"] - args.fraction) < 1e-12]
         if not match:
-            sys.exit(
+            ap.error(
                 f"--fraction: {args.fraction}; this result has "
                 f"{', '.join(str(s['fraction']) for s in settings)}"
             )
@@ -68,7 +70,7 @@ def main() -> None:
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in wanted if r not in rows]
     if unknown:
-        sys.exit(f"--rows: {unknown} not in this setting; rows: {sorted(rows)}")
+        ap.error(f"--rows: {unknown} not in this setting; rows: {sorted(rows)}")
     frac = setting["fraction"]
     heldout = tuple(res["config"]["heldout_seeds"])
     lam = res["config"]["lam"]
@@ -93,10 +95,10 @@ def main() -> None:
     shorts = {sh for lab in wanted for sh in rows[lab]["designs"].values()}
     missing = sorted(shorts - set(by_short))
     if missing:
-        sys.exit(f"--result: the experiment's cache lacks the default held-out record of {missing}")
+        ap.error(f"--result: the experiment's cache lacks the default held-out record of {missing}")
     twice = sorted(sh for sh in shorts if len(by_short[sh]) > 1)
     if twice:
-        sys.exit(f"--result: {twice} name several designs (entanglements) in the cache")
+        ap.error(f"--result: {twice} name several designs (entanglements) in the cache")
     designs = {
         label: {
             int(s): next(iter(by_short[short].values()))
@@ -115,7 +117,7 @@ def main() -> None:
     for bname, cfg in budgets.items():
         if bname == "default":
             continue
-        ev = Evaluator(cfg, lam, cache, executor)
+        ev = Evaluator(cfg, lam, cache, executor, on_record=_progress(bname))
         todo = [d for d in unique.values() if cache.get(d, cfg) is None]
         print(
             f"{bname}: {len(todo)} of {len(unique)} designs to evaluate on seeds {list(heldout)}",
@@ -134,6 +136,17 @@ def main() -> None:
         f"{base.attack_restarts} restarts per strategy (profile {base.attack_profile}); "
         f"load average at start {load[0]:.2f}.\n\n" + table + "\n"
     )
+
+
+def _progress(budget: str):
+    def show(rec: dict, fresh: bool) -> None:
+        print(
+            f"  {budget}: {rec['short']} security {rec['security'][0]:.3f} "
+            f"({rec['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    return show
 
 
 def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
