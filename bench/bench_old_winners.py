@@ -68,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator, old_reward, reward
     from qumos.search.parallel import make_executor
+    from qumos.search.report import cell_text
     from qumos.spec import Design
 
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -100,7 +101,7 @@ def main() -> None:
     for r in rows:
         rec = recs[Design.model_validate(r["design"]).key()]
         lines.append(
-            f"| {r['run']} | {r['task']} | {r['method']} | `{r['short']}` | "
+            f"| {r['run']} | {r['task']} | {r['method']} | `{cell_text(r['short'])}` | "
             f"{r['reported']:.3f} | {old_reward(rec, 1.0):.3f} | {reward(rec, 1.0):.3f} | "
             f"{rec['victim_acc'][0]:.3f} ± {rec['victim_acc'][1]:.3f} | {rec['S'][0]:.3f} "
             f"({', '.join(sorted(set(rec['S_reference'])))}) | "

@@ -33,7 +33,7 @@ TOLERANCE = 0.05  # the independent attacker's check: held-out figures hold with
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def main() -> None:
@@ -151,6 +151,7 @@ def _progress(budget: str):
 
 def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
     from qumos.search.evaluator import reward
+    from qumos.search.report import cell_text
 
     lines = [
         "| row | figure | " + " | ".join(budgets) + " | largest drop |",
@@ -175,7 +176,7 @@ def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
         for s, d in sorted(per.items()):
             sec = [recs[b][d.key()]["security"][0] for b in budgets]
             lines.append(
-                f"| {label}, search seed {s}: `{d.short()}` | security | "
+                f"| {label}, search seed {s}: `{cell_text(d.short())}` | security | "
                 + " | ".join(f"{x:.3f}" for x in sec)
                 + f" | {sec[0] - min(sec[1:]):+.3f} |"
             )
@@ -183,7 +184,7 @@ def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
         "",
         f"Largest drop of a row's mean held-out security under the stronger budgets: "
         f"{worst:.3f} ({'holds' if worst <= TOLERANCE else 'does NOT hold'} within "
-        f"{TOLERANCE}). Mean ± std over search seeds; each figure a mean over the held-out seeds.",
+        f"{TOLERANCE}). Mean ± population std over search seeds (as the experiment's tables); each figure a mean over the held-out seeds.",
     ]
     return "\n".join(lines)
 

@@ -109,6 +109,7 @@ def strong(args) -> None:
     import torch
     from qumos.search.env import DesignSpace
     from qumos.search.evaluator import EvalConfig, evaluate_design, reward
+    from qumos.search.report import cell_text
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
@@ -153,7 +154,7 @@ def strong(args) -> None:
         ]
         cells.append(f"{reward(a, 1.0):.3f} / {reward(b, 1.0):.3f}")
         cells.append(f"{a['security'][0]:.3f} / {b['security'][0]:.3f}")
-        print(f"| `{short}` | " + " | ".join(cells) + " |")
+        print(f"| `{cell_text(short)}` | " + " | ".join(cells) + " |")
 
 
 def _warm(job):

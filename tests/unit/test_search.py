@@ -337,6 +337,15 @@ def test_median_in_search_counts_the_designs_that_clear_the_bars():
     assert median_in_search([]) == {}
 
 
+def test_report_table_escapes_the_pipes_of_a_design():
+    row = table_row("engine (PPO)", {0: _rec(0.9, [0.6], S=0.6, scratch=0.5)}, None, 1.0)
+    row["designs"] = {0: "u3cu3:2-2-2|tanh|readout"}
+    line = markdown_table([row]).splitlines()[-1]
+    assert "`u3cu3:2-2-2\\|tanh\\|readout`" in line
+    # the row still has the table's nine cells
+    assert line.replace("\\|", "").count("|") == 10
+
+
 def test_evolution_respects_budget_and_seeds_differ(tmp_path):
     space = DesignSpace(n_fragments=2, **SMALL)
     cfg = CHEAP.with_(attacks=False)

@@ -174,6 +174,11 @@ def _f(v) -> str:
     return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
 
 
+def cell_text(text: str) -> str:
+    """`text` inside a markdown table cell (its pipes escaped)."""
+    return text.replace("|", "\\|")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| method | final design per search seed | held-out reward | accuracy | security "
@@ -181,7 +186,8 @@ def markdown_table(rows: list[dict]) -> str:
     )
     lines = [head]
     for r in rows:
-        designs = "<br>".join(f"{s}: `{d}`" for s, d in r["designs"].items())
+        # a design's `|glue|head` would end the table cell: GFM reads `\|` as a pipe
+        designs = "<br>".join(f"{s}: `{cell_text(d)}`" for s, d in r["designs"].items())
         lines.append(
             "| "
             + " | ".join(
