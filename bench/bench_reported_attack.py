@@ -131,7 +131,9 @@ def main() -> None:
         f"# {res['task']}, labelled fraction {frac:g}: the reported designs under a stronger "
         "attacker\n\n"
         f"Command: `python bench/bench_reported_attack.py --result {result_path} --fraction "
-        f'{frac:g} --rows "{args.rows}" --workers {args.workers}`\n\n'
+        f'{frac:g} --rows "{args.rows}" --workers {args.workers}'
+        + (f" --out {args.out}" if args.out else "")
+        + "`\n\n"
         f"Held-out seeds {list(heldout)}; default attacker {base.attack_epochs} steps x "
         f"{base.attack_restarts} restarts per strategy (profile {base.attack_profile}); "
         f"load average at start {load[0]:.2f}.\n\n" + table + "\n"
