@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.experiments import TINY
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_reported_attack.py"
 
@@ -26,34 +28,9 @@ def _tiny_experiment(out: Path) -> Path:
     from typer.testing import CliRunner
 
     args = [
-        "experiment",
-        "--tasks",
-        "digits-2",
-        "--fractions",
-        "0.05",
-        "--methods",
-        "random",
-        "--search-seeds",
-        "0",
-        "--heldout-seeds",
-        "100",
-        "--max-evals",
-        "2",
-        "--centralized-evals",
-        "1",
-        "--fragments",
-        "2",
-        "--max-depth",
-        "1",
-        "--victim-epochs",
-        "1",
-        "--attack-epochs",
-        "1",
-        "--attack-restarts",
-        "1",
-        "--out",
-        str(out),
-        "--json",
+        *"experiment --tasks digits-2 --fractions 0.05 --methods random".split(),
+        *"--search-seeds 0 --heldout-seeds 100 --max-evals 2 --centralized-evals 1".split(),
+        *("--out", str(out), "--json", *TINY),
     ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output

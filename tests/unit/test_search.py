@@ -28,6 +28,8 @@ from qumos.search.report import markdown_table, median_in_search, table_row, tar
 from qumos.search.search import Budget, pareto_front, ppo_search, random_search
 from qumos.spec import Design, design_from_flags
 
+from tests.support.experiments import TINY
+
 CHEAP = EvalConfig(seeds=(0,), victim_epochs=1, attack_epochs=1, attack_restarts=1)
 SMALL = {"depths": (1,)}
 
@@ -422,18 +424,9 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
         app,
         [
             "search",
-            "--fragments",
-            "2",
-            "--max-depth",
-            "1",
+            *TINY,
             "--max-evals",
             "2",
-            "--victim-epochs",
-            "1",
-            "--attack-epochs",
-            "1",
-            "--attack-restarts",
-            "1",
             "--method",
             "random",
             "--out",
@@ -490,22 +483,6 @@ def test_victims_of_all_seeds_train_together_as_one_by_one():
         one, _, want = train_design(design, data, TrainConfig(epochs=2, seed=s))
         assert acc == pytest.approx(want, abs=1 / len(data.test.y))
         np.testing.assert_allclose(spec.fragments[0].params, one.fragments[0].params, atol=2e-3)
-
-
-TINY = [
-    "--fragments",
-    "2",
-    "--max-depth",
-    "1",
-    "--victim-epochs",
-    "1",
-    "--attack-epochs",
-    "1",
-    "--attack-restarts",
-    "1",
-    "--rollout",
-    "2",
-]
 
 
 def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
