@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,10 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "shared"))
 
 TOLERANCE = 0.05  # the independent attacker's check: held-out figures hold within this
-
-
-def _ms(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def main() -> None:
@@ -153,7 +148,7 @@ def _progress(budget: str):
 
 def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
     from qumos.search.evaluator import reward
-    from qumos.search.report import cell_text
+    from qumos.search.report import cell_text, mean_std
 
     lines = [
         "| row | figure | " + " | ".join(budgets) + " | largest drop |",
@@ -170,7 +165,7 @@ def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
             ("worst attacker accuracy (max_j A_j)", lambda r: r["worst_attacker_acc"][0]),
             ("S (best no-theft reference)", lambda r: r["S"][0]),
         ):
-            vals = [_ms([get(recs[b][d.key()]) for d in per.values()]) for b in budgets]
+            vals = [mean_std([get(recs[b][d.key()]) for d in per.values()]) for b in budgets]
             drop = max(vals[0][0] - v[0] for v in vals[1:])
             if name == "security":
                 worst = drop if worst is None else max(worst, drop)

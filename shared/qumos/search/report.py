@@ -95,8 +95,9 @@ ACCURATE_WITHIN = 0.03  # ... and its accuracy bar, below the centralized search
 
 def median_in_search(recs: list[dict], acc_centralized: float | None = None) -> dict:
     """The random searches' designs as evaluated in-search: the median design's figures and
-    the share of designs that already clear the first target's bars (security >= 0.7;
-    and accuracy within 0.03 of `acc_centralized`), i.e. how much a search has to find."""
+    the share of designs that already clear the first target's bars (security >= SECURE_MIN;
+    and accuracy within ACCURATE_WITHIN of `acc_centralized`): how much a search has to
+    find. `target_checks` holds the engine's design to the same bars."""
     if not recs:
         return {}
 
@@ -149,9 +150,10 @@ def target_checks(rows: list[dict], value_gap: float) -> dict:
         return out
     out.update(
         {
-            "engine_security_ge_0.7": eng["security"][0] >= 0.7,
+            "engine_security_ge_0.7": eng["security"][0] >= SECURE_MIN,
             "engine_accuracy_gap_to_centralized": cen["accuracy"][0] - eng["accuracy"][0],
-            "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0] <= 0.03,
+            "engine_within_0.03_of_centralized": cen["accuracy"][0] - eng["accuracy"][0]
+            <= ACCURATE_WITHIN,
             "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
         }
     )
