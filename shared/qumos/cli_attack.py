@@ -50,6 +50,7 @@ _FLAGS = {
 def _as_flag(e: QumosError) -> QumosError:
     """`field: message` from the library -> `--flag: message` where the field is a flag."""
     field, _, rest = str(e).partition(": ")
+    field = "coalition" if field == "coalition_size" else field
     if field in _FLAGS:
         return QumosError(f"--{field}: {rest}")
     return QumosError(str(e))
@@ -70,7 +71,9 @@ def attack(
         100, help="own images sent through the public API (breach+queries, queries)"
     ),
     coalition: str = typer.Option(
-        "", help="providers breached together (profile coalition), e.g. provider-a,provider-c"
+        "",
+        help="profile coalition: the providers breached together, e.g. provider-a,provider-c, "
+        "or a number m (every coalition of up to m providers in turn, the worst counts)",
     ),
     artifact: Path | None = typer.Option(
         None, help="the victim's artifact: its design (Kerckhoffs) and the scoring"
@@ -119,9 +122,12 @@ def attack(
             restarts=restarts,
             traffic=traffic,
             know_architecture=not guess_architecture,
-            coalition=parse_names(
+            coalition=()
+            if coalition.strip().isdigit()
+            else parse_names(
                 coalition, "--coalition", tuple(f"provider-{chr(97 + k)}" for k in range(26))
             ),
+            coalition_size=int(coalition) if coalition.strip().isdigit() else 0,
             strategies=parse_names(strategies, "--strategies", strategies_of(profile)),
         )
         seed_list = parse_seeds(seeds)

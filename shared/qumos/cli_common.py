@@ -132,3 +132,30 @@ def attack_progress(bar, tid):
         )
 
     return prog
+
+
+def parse_coalition(text: str, flag: str, n_providers: int) -> tuple[tuple[str, ...], int]:
+    """`--...coalition`: provider names (provider-a,provider-c) or a number m (every
+    coalition of up to m providers in turn). Returns (names, size); checked against the
+    `n_providers` every design has."""
+    from qumos.errors import QumosError
+    from qumos.spec import provider_name
+
+    text = text.strip()
+    allowed = [provider_name(k) for k in range(n_providers)]
+    if text.isdigit():
+        m = int(text)
+        if not 1 <= m < n_providers:
+            raise QumosError(
+                f"{flag}: {m} providers; allowed: 1 to {n_providers - 1} (the designs have "
+                f"{n_providers}; all of them together hold the whole model)"
+            )
+        return (), m
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise QumosError(
+            f"{flag}: {unknown} not providers of the designs; allowed: {', '.join(allowed)}, "
+            f"or a number 1 to {n_providers - 1}"
+        )
+    return names, 0

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import typer
-from qumos.cli_common import console, emit, fail, progress_bar
+from qumos.cli_common import console, emit, fail, parse_coalition, progress_bar
 from qumos.errors import QumosError
 
 commands = typer.Typer()  # added to the `qumos` app by qumos.cli
@@ -47,11 +47,26 @@ def _eval_config(
     data_dir,
     attack_profile="breach",
     attack_queries=100,
+    attack_coalition="",
+    n_providers=3,
 ):
     from qumos.search.evaluator import EvalConfig, attack_config
 
     if victim_epochs < 1:
         raise QumosError(f"--victim-epochs: {victim_epochs}; allowed: 1 or more")
+    names, size = (), 0
+    if attack_coalition or attack_profile == "coalition":
+        if attack_profile != "coalition":
+            raise QumosError(
+                f"--attack-coalition: only --attack-profile coalition takes one "
+                f"(profile is {attack_profile})"
+            )
+        if not attack_coalition:
+            raise QumosError(
+                "--attack-coalition: --attack-profile coalition needs it: provider names "
+                "(provider-a,provider-b) or a number m (every coalition of up to m providers)"
+            )
+        names, size = parse_coalition(attack_coalition, "--attack-coalition", n_providers)
     cfg = EvalConfig(
         seeds=_seeds(seeds, "--seeds"),
         victim_epochs=victim_epochs,
@@ -60,6 +75,8 @@ def _eval_config(
         attack_fraction=attack_fraction,
         attack_profile=attack_profile,
         attack_queries=attack_queries,
+        attack_coalition=names,
+        attack_coalition_size=size,
         data_dir=str(data_dir),
     )
     try:
@@ -104,6 +121,11 @@ PROFILE = typer.Option(
     help="attacker profile: breach, breach+queries, queries, coalition (see docs/threat-model.md)",
 )
 QUERIES = typer.Option(100, help="query profiles: queries the attacker sends")
+COALITION = typer.Option(
+    "",
+    help="profile coalition: the providers breached together (provider-a,provider-b) or a "
+    "number m (every coalition of up to m providers in turn, the worst counts)",
+)
 RAY = typer.Option(None, help="run evaluations on this Ray cluster (e.g. auto, ray://h:10001)")
 
 
@@ -130,6 +152,7 @@ def search(
     attack_fraction: float = ATTACK_FRACTION,
     attack_profile: str = PROFILE,
     attack_queries: int = QUERIES,
+    attack_coalition: str = COALITION,
     workers: int = WORKERS,
     ray_address: str | None = RAY,
     rollout: int = ROLLOUT,
@@ -174,6 +197,8 @@ def search(
             data_dir,
             attack_profile,
             attack_queries,
+            attack_coalition,
+            2 if k is None else k,  # open: the smallest design has 2 fragments
         )
         if lam == 0 and space.n_fragments == 1:
             ecfg = ecfg.with_(attacks=False)
@@ -282,6 +307,7 @@ def experiment(
     attack_restarts: int = ATTACK_RESTARTS,
     attack_profile: str = PROFILE,
     attack_queries: int = QUERIES,
+    attack_coalition: str = COALITION,
     workers: int = WORKERS,
     ray_address: str | None = RAY,
     rollout: int = ROLLOUT,
@@ -291,7 +317,12 @@ def experiment(
 ) -> None:
     """The engine against its baselines: several search seeds, held-out figures, per task
     and attacker budget; a markdown report and Pareto plots. Resumes from its caches."""
-    from qumos.search.experiment import ExperimentConfig, parse_task, run_task
+    from qumos.search.experiment import (
+        ExperimentConfig,
+        check_distinct_budgets,
+        parse_task,
+        run_task,
+    )
     from qumos.search.parallel import make_executor
     from qumos.search.report import write_report
 
@@ -335,9 +366,12 @@ def experiment(
             data_dir,
             attack_profile,
             attack_queries,
+            attack_coalition,
+            fragments,
         )
         cfg.validate(ecfg)
         _check_data([parse_task(n) for n in names], data_dir)
+        check_distinct_budgets(cfg, str(data_dir))
     except QumosError as e:
         fail(e)
     command = "qumos " + shlex.join(sys.argv[1:])

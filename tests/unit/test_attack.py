@@ -68,6 +68,12 @@ def test_leak_formula():
         (dict(profile="breach+queries", queries=0), "queries: is 0; profile breach\\+queries"),
         (dict(profile="coalition"), "coalition: profile coalition needs"),
         (dict(profile="breach", coalition=("provider-a",)), "coalition: only profile coalition"),
+        (dict(profile="breach", coalition_size=2), "coalition_size: only profile coalition"),
+        (
+            dict(profile="coalition", coalition=("provider-a",), coalition_size=1),
+            "coalition: profile coalition needs .* not both",
+        ),
+        (dict(profile="coalition", coalition_size=-1), "coalition_size: is -1; allowed: 1 to"),
         (dict(profile="breach", strategies=("insider",)), "strategies: unknown strategy 'insider'"),
     ],
 )
@@ -83,6 +89,32 @@ def test_coalition_must_name_providers_of_the_design_and_fewer_than_all():
     with pytest.raises(AttackError, match="breaches 3 of 3 providers"):
         AttackConfig(profile="coalition", coalition=tuple(names)).validate(3, names)
     AttackConfig(profile="coalition", coalition=("provider-a", "provider-c")).validate(3, names)
+
+
+def test_coalition_size_is_fewer_than_the_providers_and_breaches_every_smaller_coalition():
+    from qumos.attack.driver import breach_units
+
+    with pytest.raises(AttackError, match="coalition_size: is 3; allowed: 1 to 2"):
+        AttackConfig(profile="coalition", coalition_size=3).validate(3)
+    cfg = AttackConfig(profile="coalition", coalition_size=2).validate(3)
+
+    class H:
+        def __init__(self, p):
+            self.provider = p
+
+    hs = [H("provider-a"), H("provider-b"), H("provider-c")]
+    units = [[h.provider for h in u] for u in breach_units(cfg, hs)]
+    # a coalition can ignore a member: the single breaches are units too
+    assert units == [
+        ["provider-a"],
+        ["provider-b"],
+        ["provider-c"],
+        ["provider-a", "provider-b"],
+        ["provider-a", "provider-c"],
+        ["provider-b", "provider-c"],
+    ]
+    with pytest.raises(AttackError, match="coalition_size: is 2; the design has 2"):
+        breach_units(cfg, hs[:2])
 
 
 def test_profiles_and_their_strategies():

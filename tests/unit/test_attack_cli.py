@@ -79,6 +79,37 @@ def test_attack_reads_a_provider_directory(small_artifact, tmp_path):
     assert [p["provider"] for p in d["providers"]] == ["provider-c"]
 
 
+def test_attack_by_coalition_size_breaches_every_coalition_up_to_it(small_artifact):
+    r = qumos(
+        "attack",
+        "--artifact",
+        str(small_artifact),
+        "--profile",
+        "coalition",
+        "--coalition",
+        "2",
+        "--epochs",
+        "2",
+        "--restarts",
+        "1",
+        "--seeds",
+        "0",
+        "--strategies",
+        "knn,head_only",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    units = [p["provider"] for p in json.loads(r.stdout)["providers"]]
+    assert units == [
+        "provider-a",
+        "provider-b",
+        "provider-c",
+        "provider-a+provider-b",
+        "provider-a+provider-c",
+        "provider-b+provider-c",
+    ]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -92,6 +123,7 @@ def test_attack_reads_a_provider_directory(small_artifact, tmp_path):
             "--coalition: breaches 3 of 3 providers",
         ),
         (["--profile", "coalition"], "--coalition: profile coalition needs"),
+        (["--profile", "coalition", "--coalition", "3"], "--coalition: is 3; allowed: 1 to 2"),
         (["--profile", "queries", "--queries", "1000"], "--queries: 1000 is more than the"),
         (["--strategies", "insider"], "--strategies: unknown 'insider'"),
         (["--seeds", "x"], "--seeds: 'x' is not"),

@@ -348,6 +348,37 @@ def test_report_table_escapes_the_pipes_of_a_design():
     assert line.replace("\\|", "").count("|") == 10
 
 
+def test_coalition_fields_leave_the_cached_fingerprints_alone():
+    """Records cached before the coalition fields keep their keys; a coalition changes
+    the fingerprint and reaches the attack configuration."""
+    from qumos.search.evaluator import attack_config
+
+    plain = EvalConfig(attack_fraction=0.01)
+    assert plain.fingerprint() == "9ff1d2285e7c"  # the key of the committed 1% records
+    by_size = plain.with_(attack_profile="coalition", attack_coalition_size=2)
+    named = plain.with_(attack_profile="coalition", attack_coalition=("provider-a", "provider-b"))
+    assert len({plain.fingerprint(), by_size.fingerprint(), named.fingerprint()}) == 3
+    assert attack_config(by_size).coalition_size == 2
+    assert attack_config(named).coalition == ("provider-a", "provider-b")
+
+
+def test_report_names_the_coalition_and_the_labelled_images():
+    from qumos.search.experiment import labelled_images
+    from qumos.search.report import labelled_label, profile_label
+
+    assert profile_label({"attack_profile": "breach"}) == "`breach`"
+    assert (
+        profile_label({"attack_profile": "coalition", "attack_coalition_size": 2})
+        == "`coalition` (every coalition of up to 2 providers)"
+    )
+    assert labelled_label([1, 1, 1, 1]) == " (4 labelled images, 1 per class)"
+    assert labelled_label([1, 2, 1, 2]) == " (6 labelled images, 1, 2, 1, 2 per class)"
+    assert labelled_label(None) == ""
+    # digits-4's training split: ~107 images per class
+    assert labelled_images("digits", 4, 0.01, "data") == [1, 1, 1, 1]
+    assert labelled_images("digits", 4, 0.02, "data") == [2, 2, 2, 2]
+
+
 def test_evolution_respects_budget_and_seeds_differ(tmp_path):
     space = DesignSpace(n_fragments=2, **SMALL)
     cfg = CHEAP.with_(attacks=False)
@@ -466,6 +497,13 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
         app, ["search", "--rollout", "1", "--max-evals", "1", "--out", str(tmp_path / "bad")]
     )
     assert bad.exit_code == 2 and "--rollout" in bad.output
+    # open fragments: the smallest design has 2 providers, so a coalition is 1 of them
+    bad = runner.invoke(
+        app,
+        ["search", "--fragments", "open", "--attack-profile", "coalition"]
+        + ["--attack-coalition", "2", "--max-evals", "1", "--out", str(tmp_path / "bad")],
+    )
+    assert bad.exit_code == 2 and "--attack-coalition: 2 providers; allowed: 1 to 1" in bad.output
 
 
 def test_victims_of_all_seeds_train_together_as_one_by_one():
@@ -587,6 +625,15 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
         (["--gap-fractions", "0.01"], "--gap-fractions"),
         (["--methods", "ppo-warm"], "--warm-start"),
         (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),
+        # digits-4: 4 labelled images (1 per class) at both
+        (["--fractions", "0.005,0.0075"], "--fractions: 0.005 and 0.0075"),
+        (["--attack-profile", "coalition"], "--attack-coalition"),
+        (["--attack-coalition", "2"], "--attack-coalition: only --attack-profile coalition"),
+        (["--attack-profile", "coalition", "--attack-coalition", "3"], "--attack-coalition: 3"),
+        (
+            ["--attack-profile", "coalition", "--attack-coalition", "provider-a,provider-d"],
+            "--attack-coalition: ['provider-d']",
+        ),
     ],
 )
 def test_experiment_rejects_inconsistent_flags_before_work(tmp_path, extra, flag):

@@ -12,7 +12,8 @@ figure the project prints comes from one `AttackConfig` run through
 |                  | public API, their rows attributed in provider j's log                  |
 | `queries`        | `queries` and the labelled budget, no breach (the reference for        |
 |                  | `breach+queries`)                                                     |
-| `coalition`      | m < K providers breached together (fragments and logs)                |
+| `coalition`      | m < K providers breached together (fragments and logs): the named     |
+|                  | ones, or every coalition of up to `coalition_size` (the worst counts) |
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class AttackConfig:
     fraction: float = 0.05  # labelled share of the task's training split, (0, 1]
     queries: int = 100  # own unlabelled images sent through the public API (query profiles)
     coalition: tuple[str, ...] = ()  # provider names breached together (profile coalition)
+    coalition_size: int = 0  # profile coalition, instead of names: every coalition up to this size
     epochs: int = 75  # optimiser passes per restart (full batch: steps)
     restarts: int = 24  # restarts per trainable strategy (LRS cycled), probabilities averaged
     lrs: tuple[float, ...] = DEFAULT_LRS
@@ -105,28 +107,11 @@ class AttackConfig:
         if self.traffic < 0:
             raise AttackError(f"traffic: is {self.traffic}; allowed: >= 0")
         if self.profile == "coalition":
-            if not self.coalition:
-                raise AttackError(
-                    "coalition: profile coalition needs the breached providers, "
-                    "e.g. provider-a,provider-c"
-                )
-            if len(set(self.coalition)) != len(self.coalition):
-                raise AttackError(f"coalition: names a provider twice: {list(self.coalition)}")
-            if providers is not None:
-                unknown = [p for p in self.coalition if p not in providers]
-                if unknown:
-                    raise AttackError(
-                        f"coalition: {unknown} not in the design; its providers are {providers}"
-                    )
-            if n_providers is not None and len(self.coalition) >= n_providers:
-                raise AttackError(
-                    f"coalition: breaches {len(self.coalition)} of "
-                    f"{n_providers} providers; a coalition holds fewer than all "
-                    "(all of them hold the whole model)"
-                )
-        elif self.coalition:
+            self._validate_coalition(n_providers, providers)
+        elif self.coalition or self.coalition_size:
+            field = "coalition" if self.coalition else "coalition_size"
             raise AttackError(
-                f"coalition: only profile coalition takes a coalition (profile is {self.profile})"
+                f"{field}: only profile coalition takes a coalition (profile is {self.profile})"
             )
         allowed = strategies_of(self.profile)
         for s in self.strategies:
@@ -136,6 +121,38 @@ class AttackConfig:
                     f"{self.profile}; allowed: {list(allowed)}"
                 )
         return self
+
+    def _validate_coalition(self, n_providers: int | None, providers: list[str] | None) -> None:
+        if bool(self.coalition) == bool(self.coalition_size):
+            raise AttackError(
+                "coalition: profile coalition needs the breached providers, e.g. "
+                "provider-a,provider-c, or (coalition_size) a number m: every coalition of "
+                "up to m providers in turn, the worst counts; not both"
+            )
+        if self.coalition_size:
+            if self.coalition_size < 1 or (
+                n_providers is not None and self.coalition_size >= n_providers
+            ):
+                most = "n_providers - 1" if n_providers is None else str(n_providers - 1)
+                raise AttackError(
+                    f"coalition_size: is {self.coalition_size}; allowed: 1 to {most} "
+                    "(all providers together hold the whole model)"
+                )
+            return
+        if len(set(self.coalition)) != len(self.coalition):
+            raise AttackError(f"coalition: names a provider twice: {list(self.coalition)}")
+        if providers is not None:
+            unknown = [p for p in self.coalition if p not in providers]
+            if unknown:
+                raise AttackError(
+                    f"coalition: {unknown} not in the design; its providers are {providers}"
+                )
+        if n_providers is not None and len(self.coalition) >= n_providers:
+            raise AttackError(
+                f"coalition: breaches {len(self.coalition)} of "
+                f"{n_providers} providers; a coalition holds fewer than all "
+                "(all of them hold the whole model)"
+            )
 
     def lr(self, restart: int) -> float:
         return self.lrs[restart % len(self.lrs)]

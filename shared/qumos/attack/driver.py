@@ -5,8 +5,8 @@
 For each seed the attacker draws its labelled images (`attacker_data`); under a query
 profile it sends its own `cfg.queries` images through the public API (`victim.oracle`);
 then, for each breach unit (each provider in turn for `breach` and `breach+queries`, the
-coalition as one unit, no unit for `queries`), every strategy of the profile runs and is
-scored on the test split. The references (S) do not depend on the breach and run once per
+coalition as one unit or every coalition of up to `coalition_size` providers in turn, no unit
+for `queries`), every strategy of the profile runs and is scored on the test split. The references (S) do not depend on the breach and run once per
 seed. Metrics (per seed, then mean and population std over seeds):
 
     A_j      best test accuracy over the profile's thefts for breach unit j
@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import combinations
 
 import numpy as np
 import torch
@@ -140,6 +141,19 @@ def in_process_holdings(
 def breach_units(cfg: AttackConfig, holdings: Sequence[Holdings]) -> list[list[Holdings]]:
     if cfg.profile == "queries":
         return [[]]
+    if cfg.profile == "coalition" and cfg.coalition_size:
+        if cfg.coalition_size >= len(holdings):
+            raise AttackError(
+                f"coalition_size: is {cfg.coalition_size}; the design has {len(holdings)} "
+                f"providers; allowed: 1 to {len(holdings) - 1}"
+            )
+        # up to m: a coalition can always ignore a member, so its worst case includes
+        # every smaller coalition (the single breaches too)
+        return [
+            list(unit)
+            for m in range(1, cfg.coalition_size + 1)
+            for unit in combinations(holdings, m)
+        ]
     if cfg.profile == "coalition":
         by = {h.provider: h for h in holdings}
         missing = [p for p in cfg.coalition if p not in by]

@@ -45,7 +45,9 @@ class EvalConfig:
     victim_lr: float = 0.03
     victim_batch_size: int = 32
     attacks: bool = True  # False: victim accuracy only (lambda-0 centralized search)
-    attack_profile: str = "breach"  # qumos.attack profile (coalition needs `coalition`)
+    attack_profile: str = "breach"  # qumos.attack profile (coalition needs a coalition)
+    attack_coalition: tuple[str, ...] = ()  # profile coalition: the providers breached together
+    attack_coalition_size: int = 0  # profile coalition: every coalition of up to this many
     attack_fraction: float = 0.05  # attacker's share of the labelled training data
     attack_epochs: int = 75  # training steps per restart (the converged default)
     attack_restarts: int = 24  # restarts, averaged (the converged default)
@@ -59,6 +61,9 @@ class EvalConfig:
         d = asdict(self)
         d.pop("data_dir")
         d.pop("batched")
+        if not self.attack_coalition and not self.attack_coalition_size:
+            # absent unless set: records cached before these fields keep their fingerprint
+            del d["attack_coalition"], d["attack_coalition_size"]
         if not self.attacks:  # the attacker's settings do not change a victim-only record
             d = {k: v for k, v in d.items() if not k.startswith("attack") and k != "strategies"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -91,6 +96,8 @@ def attack_config(cfg: EvalConfig):
         epochs=cfg.attack_epochs,
         restarts=cfg.attack_restarts,
         queries=cfg.attack_queries,
+        coalition=tuple(cfg.attack_coalition),
+        coalition_size=cfg.attack_coalition_size,
         traffic=cfg.attack_traffic,
         strategies=tuple(cfg.strategies),
         batched=cfg.batched,

@@ -103,6 +103,35 @@ def even_split(design: Design, k: int) -> Design:
     )
 
 
+def labelled_images(dataset: str, task: int, fraction: float, data_dir: str) -> list[int]:
+    """The attacker's labelled images per class at `fraction` (the same for every seed:
+    the splits are stratified, so each class's share of the training split is fixed)."""
+    import numpy as np
+    from qumos.attack.holdings import attacker_data
+    from qumos.datasets import load_task
+
+    own = attacker_data(load_task(dataset, task, seed=0, data_dir=Path(data_dir)), fraction, 0)
+    return np.bincount(own.y).tolist()
+
+
+def check_distinct_budgets(cfg: ExperimentConfig, data_dir: str) -> None:
+    """Two labelled fractions that draw the same images are one setting measured twice
+    (e.g. 0.005 and 0.0075 on mnist-small-4: 2 per class at both): name them."""
+    fracs = (*cfg.fractions, *cfg.gap_fractions)
+    for name in cfg.tasks:
+        dataset, task = parse_task(name)
+        seen: dict[tuple[int, ...], float] = {}
+        for f in fracs:
+            per_class = tuple(labelled_images(dataset, task, f, data_dir))
+            if per_class in seen:
+                raise QumosError(
+                    f"--fractions: {seen[per_class]:g} and {f:g} give {name}'s attacker the "
+                    f"same labelled images ({sum(per_class)}: {list(per_class)} per class); "
+                    "keep one"
+                )
+            seen[per_class] = f
+
+
 @dataclass
 class ExperimentConfig:
     tasks: tuple[str, ...] = ("digits-4",)
@@ -431,6 +460,7 @@ def run_task(
         settings.append(
             {
                 "fraction": frac,
+                "labelled_per_class": labelled_images(tr.dataset, tr.task, frac, ecfg.data_dir),
                 "value_gap": gap,
                 # what the most accurate final design of any row is worth beyond S
                 "best_accuracy_minus_S": best_acc - statistics.fmean(r["S"][0] for r in cen_rows),

@@ -181,6 +181,28 @@ def cell_text(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def profile_label(e: dict) -> str:
+    """The attacker profile of an eval_config, with its coalition if any."""
+    names, size = e.get("attack_coalition") or (), e.get("attack_coalition_size") or 0
+    if size:
+        return f"`{e['attack_profile']}` (every coalition of up to {size} providers)"
+    if names:
+        return f"`{e['attack_profile']}` ({'+'.join(names)})"
+    return f"`{e['attack_profile']}`"
+
+
+def labelled_label(per_class: list[int] | None) -> str:
+    """' (4 labelled images, 1 per class)' for a setting's heading ('' when unknown)."""
+    if not per_class:
+        return ""
+    each = (
+        f"{per_class[0]} per class"
+        if len(set(per_class)) == 1
+        else f"{', '.join(map(str, per_class))} per class"
+    )
+    return f" ({sum(per_class)} labelled images, {each})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| method | final design per search seed | held-out reward | accuracy | security "
@@ -250,7 +272,7 @@ def write_report(out: Path, command: str | None = None) -> Path:
             f"## {res['task']}\n\nSearch: {c['max_evals']} distinct designs per "
             f"search, search seeds {c['search_seeds']}, evaluation seeds "
             f"{e['seeds']} while searching, held-out seeds {c['heldout_seeds']}; "
-            f"profile `{e['attack_profile']}`, {e['attack_restarts']} restarts x "
+            f"profile {profile_label(e)}, {e['attack_restarts']} restarts x "
             f"{e['attack_epochs']} steps; victim {e['victim_epochs']} epochs; "
             f"lambda {c['lam']}; K = {c['n_fragments']}. Throughput: "
             f"{_num(res.get('designs_per_hour_per_core'))} designs per hour per "
@@ -259,7 +281,9 @@ def write_report(out: Path, command: str | None = None) -> Path:
         for st in res["settings"]:
             ch = st["checks"]
             parts.append(
-                f"### attacker's labelled fraction {st['fraction']:g}\n\n"
+                f"### attacker's labelled fraction {st['fraction']:g}"
+                + labelled_label(st.get("labelled_per_class"))
+                + "\n\n"
                 f"Value gap acc_centralized - S = **{st['value_gap']:.3f}** (acc_centralized: "
                 f"{st.get('centralized_compared', CENTRALIZED_K1)}; S = "
                 f"{_f(st['S'])}, {', '.join(st['S_reference'])}; the most accurate final "
