@@ -52,54 +52,27 @@ def test_attack_json_summary(small_artifact):
         assert p["A"][0] == pytest.approx(p["theft_ratio"][0] * d["victim_acc"][0])
 
 
+def _tiny_units(artifact, *args: str) -> list[str]:
+    """A two-step, one-restart attack on seed 0 with two strategies: its breach units."""
+    r = qumos(
+        "attack", "--artifact", str(artifact), *args, "--epochs", "2", "--restarts", "1",
+        "--seeds", "0", "--strategies", "knn,head_only", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return [p["provider"] for p in json.loads(r.stdout)["providers"]]
+
+
 def test_attack_reads_a_provider_directory(small_artifact, tmp_path):
     from qumos.artifact import load_artifact
     from qumos.store import ProviderStore
 
     store = ProviderStore.create(tmp_path / "provider-c", "provider-c")
     store.put(load_artifact(small_artifact).fragment_file(2))
-    r = qumos(
-        "attack",
-        "--artifact",
-        str(small_artifact),
-        "--provider-dir",
-        str(store.root),
-        "--epochs",
-        "2",
-        "--restarts",
-        "1",
-        "--seeds",
-        "0",
-        "--strategies",
-        "knn,head_only",
-        "--json",
-    )
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert [p["provider"] for p in d["providers"]] == ["provider-c"]
+    assert _tiny_units(small_artifact, "--provider-dir", str(store.root)) == ["provider-c"]
 
 
 def test_attack_by_coalition_size_breaches_every_coalition_up_to_it(small_artifact):
-    r = qumos(
-        "attack",
-        "--artifact",
-        str(small_artifact),
-        "--profile",
-        "coalition",
-        "--coalition",
-        "2",
-        "--epochs",
-        "2",
-        "--restarts",
-        "1",
-        "--seeds",
-        "0",
-        "--strategies",
-        "knn,head_only",
-        "--json",
-    )
-    assert r.returncode == 0, r.stderr
-    units = [p["provider"] for p in json.loads(r.stdout)["providers"]]
+    units = _tiny_units(small_artifact, "--profile", "coalition", "--coalition", "2")
     assert units == [
         "provider-a",
         "provider-b",
