@@ -96,7 +96,7 @@ def test_attack_by_coalition_size_breaches_every_coalition_up_to_it(small_artifa
             "--coalition: breaches 3 of 3 providers",
         ),
         (["--profile", "coalition"], "--coalition: profile coalition needs"),
-        (["--profile", "coalition", "--coalition", "3"], "--coalition: is 3; allowed: 1 to 2"),
+        (["--profile", "coalition", "--coalition", "0"], "--coalition: profile coalition needs"),
         (["--profile", "queries", "--queries", "1000"], "--queries: 1000 is more than the"),
         (["--strategies", "insider"], "--strategies: unknown 'insider'"),
         (["--seeds", "x"], "--seeds: 'x' is not"),

@@ -130,14 +130,10 @@ class AttackConfig:
                 "up to m providers in turn, the worst counts; not both"
             )
         if self.coalition_size:
-            if self.coalition_size < 1 or (
-                n_providers is not None and self.coalition_size >= n_providers
-            ):
-                most = "n_providers - 1" if n_providers is None else str(n_providers - 1)
-                raise AttackError(
-                    f"coalition_size: is {self.coalition_size}; allowed: 1 to {most} "
-                    "(all providers together hold the whole model)"
-                )
+            # no upper bound: a design of at most m providers is held whole by the
+            # coalition (the centralized design of an experiment, a 2-fragment design)
+            if self.coalition_size < 1:
+                raise AttackError(f"coalition_size: is {self.coalition_size}; allowed: 1 or more")
             return
         if len(set(self.coalition)) != len(self.coalition):
             raise AttackError(f"coalition: names a provider twice: {list(self.coalition)}")

@@ -142,16 +142,12 @@ def breach_units(cfg: AttackConfig, holdings: Sequence[Holdings]) -> list[list[H
     if cfg.profile == "queries":
         return [[]]
     if cfg.profile == "coalition" and cfg.coalition_size:
-        if cfg.coalition_size >= len(holdings):
-            raise AttackError(
-                f"coalition_size: is {cfg.coalition_size}; the design has {len(holdings)} "
-                f"providers; allowed: 1 to {len(holdings) - 1}"
-            )
         # up to m: a coalition can always ignore a member, so its worst case includes
-        # every smaller coalition (the single breaches too)
+        # every smaller coalition (the single breaches too); a design of at most m
+        # providers is held whole
         return [
             list(unit)
-            for m in range(1, cfg.coalition_size + 1)
+            for m in range(1, min(cfg.coalition_size, len(holdings)) + 1)
             for unit in combinations(holdings, m)
         ]
     if cfg.profile == "coalition":
