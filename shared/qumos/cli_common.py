@@ -142,6 +142,11 @@ def parse_coalition(text: str, flag: str, n_providers: int) -> tuple[tuple[str, 
     from qumos.spec import provider_name
 
     text = text.strip()
+    if n_providers < 2:
+        raise QumosError(
+            f"{flag}: the designs have {n_providers} provider; a coalition needs designs of "
+            "2 or more fragments (or use profile breach)"
+        )
     allowed = [provider_name(k) for k in range(n_providers)]
     if text.isdigit():
         m = int(text)

@@ -504,6 +504,12 @@ def test_cli_search_writes_outputs_loadable_by_train(tmp_path):
         + ["--attack-coalition", "2", "--max-evals", "1", "--out", str(tmp_path / "bad")],
     )
     assert bad.exit_code == 2 and "--attack-coalition: 2 providers; allowed: 1 to 1" in bad.output
+    bad = runner.invoke(
+        app,
+        ["search", "--fragments", "1", "--attack-profile", "coalition"]
+        + ["--attack-coalition", "1", "--max-evals", "1", "--out", str(tmp_path / "bad")],
+    )
+    assert bad.exit_code == 2 and "a coalition needs designs of 2 or more" in bad.output
 
 
 def test_victims_of_all_seeds_train_together_as_one_by_one():
