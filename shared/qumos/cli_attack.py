@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qumos.cli_common import attack_progress, emit, fail, progress_bar
+from qumos.cli_common import attack_progress, emit, fail, parse_coalition, progress_bar
 from qumos.errors import AttackError, QumosError
 
 commands = typer.Typer()  # added to the `qumos` app by qumos.cli
@@ -114,6 +114,7 @@ def attack(
     try:
         if profile not in PROFILES:
             raise QumosError(f"--profile: unknown {profile!r}; allowed: {', '.join(PROFILES)}")
+        coalition_names, coalition_size = parse_coalition(coalition, "--coalition")
         cfg = AttackConfig(
             profile=profile,
             queries=queries,
@@ -122,12 +123,8 @@ def attack(
             restarts=restarts,
             traffic=traffic,
             know_architecture=not guess_architecture,
-            coalition=()
-            if coalition.strip().isdigit()
-            else parse_names(
-                coalition, "--coalition", tuple(f"provider-{chr(97 + k)}" for k in range(26))
-            ),
-            coalition_size=int(coalition) if coalition.strip().isdigit() else 0,
+            coalition=coalition_names,
+            coalition_size=coalition_size,
             strategies=parse_names(strategies, "--strategies", strategies_of(profile)),
         )
         seed_list = parse_seeds(seeds)

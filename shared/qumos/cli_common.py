@@ -134,23 +134,26 @@ def attack_progress(bar, tid):
     return prog
 
 
-def parse_coalition(text: str, flag: str, n_providers: int) -> tuple[tuple[str, ...], int]:
+def parse_coalition(
+    text: str, flag: str, n_providers: int | None = None
+) -> tuple[tuple[str, ...], int]:
     """`--...coalition`: provider names (provider-a,provider-c) or a number m (every
     coalition of up to m providers in turn). Returns (names, size); checked against the
-    `n_providers` every design has."""
+    `n_providers` every design has when it is known (otherwise against provider-a..z;
+    the attack's config checks the victim's own providers before it breaches)."""
     from qumos.errors import QumosError
     from qumos.spec import provider_name
 
     text = text.strip()
-    if n_providers < 2:
+    if n_providers is not None and n_providers < 2:
         raise QumosError(
             f"{flag}: the designs have {n_providers} provider; a coalition needs designs of "
             "2 or more fragments (or use profile breach)"
         )
-    allowed = [provider_name(k) for k in range(n_providers)]
+    allowed = [provider_name(k) for k in range(26 if n_providers is None else n_providers)]
     if text.isdigit():
         m = int(text)
-        if not 1 <= m < n_providers:
+        if n_providers is not None and not 1 <= m < n_providers:
             raise QumosError(
                 f"{flag}: {m} providers; allowed: 1 to {n_providers - 1} (the designs have "
                 f"{n_providers}; all of them together hold the whole model)"
@@ -159,8 +162,9 @@ def parse_coalition(text: str, flag: str, n_providers: int) -> tuple[tuple[str, 
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [n for n in names if n not in allowed]
     if unknown:
+        sizes = "a number >= 1" if n_providers is None else f"a number 1 to {n_providers - 1}"
         raise QumosError(
             f"{flag}: {unknown} not providers of the designs; allowed: {', '.join(allowed)}, "
-            f"or a number 1 to {n_providers - 1}"
+            f"or {sizes}"
         )
     return names, 0

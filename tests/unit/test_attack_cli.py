@@ -95,6 +95,10 @@ def test_attack_by_coalition_size_breaches_every_coalition_up_to_it(small_artifa
             ["--profile", "coalition", "--coalition", "provider-a,provider-b,provider-c"],
             "--coalition: breaches 3 of 3 providers",
         ),
+        (
+            ["--profile", "coalition", "--coalition", "provider-a,evil"],
+            "--coalition: ['evil'] not providers of the designs",
+        ),
         (["--profile", "coalition"], "--coalition: profile coalition needs"),
         (["--profile", "coalition", "--coalition", "0"], "--coalition: profile coalition needs"),
         (["--profile", "queries", "--queries", "1000"], "--queries: 1000 is more than the"),
