@@ -18,6 +18,7 @@ from qumos.search.evaluator import (
     EvalCache,
     EvalConfig,
     Evaluator,
+    code_revision,
     evaluate_design,
     old_reward,
     reward,
@@ -165,6 +166,13 @@ def test_evaluator_reward_and_cache_resume(tmp_path):
     assert rec2["reward"] == pytest.approx(rec["victim_acc"][0] - 0.5 * gain)
     # A different evaluation budget is a different cache entry.
     assert EvalCache(cache_file).get(design, CHEAP.with_(victim_epochs=2)) is None
+    # Each stored record names the source revision that computed it; an old record
+    # (written before the stamp) keeps loading, without one.
+    stored = json.loads(cache_file.read_text().splitlines()[0])
+    assert stored["code"] == code_revision() and len(stored["code"]) == 12
+    old = {k: v for k, v in stored.items() if k != "code"}
+    cache_file.write_text(json.dumps(old) + "\n")
+    assert "code" not in EvalCache(cache_file).get(design, CHEAP)
 
 
 def test_evaluation_is_seeded_and_centralized_is_a_full_theft():

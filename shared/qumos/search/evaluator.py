@@ -20,7 +20,10 @@ needs nothing else); such records have no attack figures and a reward only for l
 
 Records are plain dicts, cached in a JSONL file by `design.key()` plus the evaluation
 config's fingerprint (lambda is not part of it: the reward is recomputed from the
-stored figures), so a crashed search resumes without evaluating anything twice.
+stored figures), so a crashed search resumes without evaluating anything twice. Each
+record written carries `code`, a hash of the package's source that computed it (not part
+of the key: figures from two revisions can differ by float rounding, amplified by
+training on a handful of images, and the stamp says which revision a figure came from).
 """
 
 from __future__ import annotations
@@ -220,8 +223,21 @@ def old_reward(rec: dict, lam: float) -> float:
     return rec["victim_acc"][0] - lam * rec["old_gain"][0]
 
 
+@lru_cache(maxsize=1)
+def code_revision() -> str:
+    """12 hex digits of a hash over the qumos package's .py and .c sources: the revision
+    that computed a record (a git checkout is not needed, so it works in the images)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 class EvalCache:
-    """Evaluated designs, persisted as one JSON object per line (append-only)."""
+    """Evaluated designs, persisted as one JSON object per line (append-only); a new
+    record is stamped with `code` (`code_revision()`) unless it already has one."""
 
     def __init__(self, path: Path | None):
         self.path = Path(path) if path else None
@@ -242,6 +258,7 @@ class EvalCache:
         return self.records.get(self.cache_key(design.key(), cfg.fingerprint()))
 
     def put(self, rec: dict) -> None:
+        rec.setdefault("code", code_revision())
         self.records[self.cache_key(rec["key"], rec["fingerprint"])] = rec
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
