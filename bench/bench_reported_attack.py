@@ -81,26 +81,39 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the default figures are the experiment's own records (its cache); never recomputed
     exp_cache = EvalCache(result_path.parent / "cache.jsonl")
-    # the tables name designs by their short form, which omits the entanglement: the
-    # design itself is the experiment's held-out record's
+    # the experiment's held-out records (at the default budget) by design key; a row names
+    # its designs by key, or (result.json files written before keys) by short form, which
+    # omits the entanglement
+    by_key: dict[str, Design] = {}
     by_short: dict[str, dict[str, Design]] = {}
     for r in exp_cache.records.values():
         if r["fingerprint"] == base.fingerprint():
-            by_short.setdefault(r["short"], {})[r["key"]] = Design.model_validate(r["design"])
-    shorts = {sh for lab in wanted for sh in rows[lab]["designs"].values()}
-    missing = sorted(shorts - set(by_short))
-    if missing:
-        ap.error(f"--result: the experiment's cache lacks the default held-out record of {missing}")
-    twice = sorted(sh for sh in shorts if len(by_short[sh]) > 1)
-    if twice:
-        ap.error(f"--result: {twice} name several designs (entanglements) in the cache")
-    designs = {
-        label: {
-            int(s): next(iter(by_short[short].values()))
-            for s, short in rows[label]["designs"].items()
+            d = Design.model_validate(r["design"])
+            by_key[r["key"]] = d
+            by_short.setdefault(r["short"], {})[r["key"]] = d
+    designs: dict[str, dict[int, Design]] = {}
+    for label in wanted:
+        row = rows[label]
+        if "keys" in row:
+            missing = sorted(k for k in row["keys"].values() if k not in by_key)
+            if missing:
+                ap.error(f"--result: the experiment's cache lacks the held-out record of {missing}")
+            designs[label] = {int(s): by_key[k] for s, k in row["keys"].items()}
+            continue
+        shorts = set(row["designs"].values())
+        missing = sorted(shorts - set(by_short))
+        if missing:
+            ap.error(f"--result: the experiment's cache lacks the held-out record of {missing}")
+        twice = sorted(sh for sh in shorts if len(by_short[sh]) > 1)
+        if twice:
+            ap.error(
+                f"--result: row {label!r} names {twice}, several designs (entanglements) in "
+                "the cache; rerun the experiment's command (it resumes from its cache) to "
+                "write design keys into result.json"
+            )
+        designs[label] = {
+            int(s): next(iter(by_short[sh].values())) for s, sh in row["designs"].items()
         }
-        for label in wanted
-    }
     unique = {d.key(): d for per in designs.values() for d in per.values()}
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)

@@ -67,3 +67,29 @@ def test_bad_flags_are_refused(tmp_path):
     assert "2x steps: 0 of 2 designs to evaluate" in again.stdout
     assert "2x restarts: 0 of 2 designs to evaluate" in again.stdout
     assert (bench_out / "README.md").read_text().count("| security |") >= 2
+
+    # the rows name their designs by key: a short form shared by two designs (they
+    # differ only in entanglement) is resolved by the key; a result.json written before
+    # keys, whose short form is ambiguous, is refused with what to do
+    res = json.loads(result.read_text())
+    exp_cache = result.parent / "cache.jsonl"
+    records = [json.loads(line) for line in exp_cache.read_text().splitlines()]
+    even = next(r for r in res["settings"][0]["rows"] if r["method"] == "even split into 2")
+    assert set(even["keys"]) == set(even["designs"]) == {"0"}
+    rec = next(r for r in records if r["key"] == even["keys"]["0"])
+    twin = json.loads(json.dumps(rec))
+    for f in twin["design"]["fragments"]:
+        f["entanglement"] = "full" if f["entanglement"] != "full" else "ring"
+    twin["key"] = "0" * 16
+    with exp_cache.open("a") as fh:
+        fh.write(json.dumps(twin) + "\n")
+    by_key = _run(*args)
+    assert by_key.returncode == 0, by_key.stderr
+    assert "2x steps: 0 of 2 designs to evaluate" in by_key.stdout
+    for row in res["settings"][0]["rows"]:
+        row.pop("keys")
+    old = tmp_path / "exp" / "digits-2" / "old-result.json"
+    old.write_text(json.dumps(res))
+    refused = _run("--result", str(old), "--rows", "even split into 2", "--out", str(bench_out))
+    assert refused.returncode == 2
+    assert "row 'even split into 2' names" in refused.stderr and "rerun" in refused.stderr

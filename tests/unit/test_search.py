@@ -309,6 +309,8 @@ def test_report_table_and_target_checks():
         row("random (median design)", 0.7, [0.69]),
     ]
     assert rows[2]["accuracy"][0] == pytest.approx(0.89)
+    # each seed's final design by its key too: the short form omits the entanglement
+    assert rows[2]["keys"] == {str(s): f"k{0.88 + 0.01 * s}[0.62]" for s in (0, 1, 2)}
     assert rows[2]["in_search_reward"] == pytest.approx([0.85, statistics.pstdev([0.9, 0.8, 0.85])])
     checks = target_checks(rows, value_gap=0.3)
     assert checks["carries_comparison"] and checks["engine_security_ge_0.7"]

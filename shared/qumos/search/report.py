@@ -76,6 +76,8 @@ def table_row(
     return {
         "method": label,
         "designs": {str(s): r["short"] for s, r in held.items()},
+        # the short form omits the entanglement; the key names the design exactly
+        "keys": {str(s): r["key"] for s, r in held.items()},
         "reward": mean_std([reward(r, lam) for r in recs]),
         "old_reward": mean_std([old_reward(r, lam) for r in recs]),
         "accuracy": mean_std([r["victim_acc"][0] for r in recs]),
