@@ -94,7 +94,7 @@ def _read_raw(name: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]
     if name == "fashion-mnist-small":
         x, y = _read_raw("fashion-mnist", data_dir)  # not cached: only the subset is kept
         keep = np.sort(
-            np.concatenate([np.flatnonzero(y == c)[:SMALL_PER_CLASS] for c in range(10)])
+            np.concatenate([np.flatnonzero(y == c)[:SMALL_PER_CLASS] for c in np.unique(y)])
         )
         return x[keep], y[keep]
     if name in ("mnist", "fashion-mnist"):

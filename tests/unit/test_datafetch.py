@@ -128,3 +128,16 @@ def test_cli_fetch_data_refuses_bad_input(tmp_path):
     assert r.exit_code == 2 and "--tarball" in r.output
     r = CliRunner().invoke(app, ["fetch-data", "cifar", "--data-dir", str(tmp_path), "--json"])
     assert r.exit_code == 2 and "cannot be fetched" in r.output
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_dataset_help_names_every_dataset(command):
+    """The CLI keeps qumos.spec out of its start-up, so its help lists the datasets by
+    hand: this keeps the list in step with DATASET_IMAGES."""
+    from qumos.cli import app
+    from qumos.spec import DATASET_IMAGES
+
+    r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0
+    for name in DATASET_IMAGES:
+        assert name in r.output, name
