@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import warnings
 
 import numpy as np
@@ -232,6 +233,72 @@ def test_process_pool_matches_serial():
     assert ser[0]["pid"] == os.getpid() and all(r["pid"] != os.getpid() for r in par)
     with pytest.raises(QumosError, match="workers"):
         make_executor(0)
+
+
+_KILLED_PARENT = """
+import time
+from qumos.search.parallel import PoolExecutor
+pool = PoolExecutor(2)
+pool.map(time.sleep, [0.5, 0.5])
+print("ready", flush=True)
+pool.map(time.sleep, [300, 300])
+"""
+
+
+def _pool_workers(parent: int) -> list[int]:
+    from pathlib import Path
+
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(120)
+def test_pool_workers_exit_when_their_run_is_killed():
+    """A SIGKILLed run (the OOM killer, `kill -9`, a lost session) leaves no worker
+    behind: before the watchdog each one blocked forever holding 1.4 GB."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = _pool_workers(parent.pid)
+        assert workers, "the pool started no worker"
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers outlived their run"
+    finally:
+        parent.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -2,14 +2,20 @@
 
 Every executor has `map(fn, items, done=None) -> list` (results in the order of `items`;
 `done(i, result)` is called as each finishes) and `close()`. `fn` must be a picklable
-top-level function. Workers use one torch thread each, so N workers use N cores.
+top-level function. Workers use one torch thread each, so N workers use N cores. A
+pool worker exits as soon as the process that started it dies, even by SIGKILL, so a
+killed or crashed run leaves no worker behind (finished results are already in the
+run's cache; the rerun resumes from it).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
 from qumos.errors import QumosError
@@ -21,6 +27,22 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: one torch thread, and a daemon thread that ends this worker when
+    its parent dies. Without it a worker of a killed run blocks forever on the task
+    queue (it holds that pipe's write end itself, so it never reads end-of-file)."""
+    _init_worker()
+    parent = mp.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch(sentinel: int) -> None:
+        wait_ready([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, args=(parent.sentinel,), daemon=True).start()
 
 
 class SerialExecutor:
@@ -48,7 +70,9 @@ class PoolExecutor:
             raise QumosError(f"workers: {workers}; allowed: 1 or more")
         self.workers = workers
         self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker
+            max_workers=workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_exit_with_parent,
         )
 
     def map(self, fn: Callable, items: Sequence, done: DoneFn | None = None) -> list:
