@@ -414,6 +414,10 @@ def test_median_in_search_counts_the_designs_that_clear_the_bars():
     assert med["share_secure_and_accurate"] == pytest.approx(0.5)  # 0.9 and 0.88 >= 0.875
     assert "share_secure_and_accurate" not in median_in_search(recs)
     assert median_in_search([]) == {}
+    from qumos.search.report import _shares
+
+    assert _shares(med).endswith("50% (in-search, one evaluation seed each).")
+    assert _shares(med, 3).endswith("(in-search, each the mean of 3 evaluation seeds).")
 
 
 def test_report_table_escapes_the_pipes_of_a_design():

@@ -122,7 +122,7 @@ def median_in_search(recs: list[dict], acc_centralized: float | None = None) -> 
     return out
 
 
-def _shares(med: dict) -> str:
+def _shares(med: dict, n_seeds: int = 1) -> str:
     if "share_secure" not in med:  # a result.json written before the shares were counted
         return ""
     text = f" Random designs with security >= {SECURE_MIN}: {med['share_secure']:.0%}"
@@ -131,7 +131,12 @@ def _shares(med: dict) -> str:
             f"; and within {ACCURATE_WITHIN} of the centralized accuracy as well: "
             f"{med['share_secure_and_accurate']:.0%}"
         )
-    return text + " (in-search, one evaluation seed each)."
+    each = (
+        "one evaluation seed each"
+        if n_seeds == 1
+        else f"each the mean of {n_seeds} evaluation seeds"
+    )
+    return text + f" (in-search, {each})."
 
 
 def _apart(a: list, b: list) -> bool:
@@ -303,7 +308,7 @@ def write_report(out: Path, command: str | None = None) -> Path:
                     f" designs): reward {st['random_median_in_search']['reward']:.3f}, "
                     f"accuracy {st['random_median_in_search']['accuracy']:.3f}, security "
                     f"{st['random_median_in_search']['security']:.3f}."
-                    + _shares(st["random_median_in_search"])
+                    + _shares(st["random_median_in_search"], len(e["seeds"]))
                     + "\n\n"
                     if st["random_median_in_search"]
                     else ""
