@@ -224,12 +224,11 @@ def old_reward(rec: dict, lam: float) -> float:
 
 
 @lru_cache(maxsize=1)
-@lru_cache(maxsize=1)
 def code_revision() -> str:
     """12 hex digits of a hash over the qumos package's .py and .c sources: the revision
     that computed a record (a git checkout is not needed, so it works in the images).
-    Hashed once per process, when first asked (the first record written): a checkout
-    edited while a long run goes on does not relabel what the running code computes."""
+    Hashed once per process (cached), so a checkout edited during a long run does not
+    relabel what the running code computes."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
