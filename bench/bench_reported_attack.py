@@ -91,14 +91,14 @@ def main() -> None:
             d = Design.model_validate(r["design"])
             by_key[r["key"]] = d
             by_short.setdefault(r["short"], {})[r["key"]] = d
-    designs: dict[str, dict[int, Design]] = {}
+    designs: dict[str, dict[int | str, Design]] = {}
     for label in wanted:
         row = rows[label]
         if "keys" in row:
             missing = sorted(k for k in row["keys"].values() if k not in by_key)
             if missing:
                 ap.error(f"--result: the experiment's cache lacks the held-out record of {missing}")
-            designs[label] = {int(s): by_key[k] for s, k in row["keys"].items()}
+            designs[label] = {_entry(s): by_key[k] for s, k in row["keys"].items()}
             continue
         shorts = set(row["designs"].values())
         missing = sorted(shorts - set(by_short))
@@ -112,7 +112,7 @@ def main() -> None:
                 "write design keys into result.json"
             )
         designs[label] = {
-            int(s): next(iter(by_short[sh].values())) for s, sh in row["designs"].items()
+            _entry(s): next(iter(by_short[sh].values())) for s, sh in row["designs"].items()
         }
     unique = {d.key(): d for per in designs.values() for d in per.values()}
     load = os.getloadavg()
@@ -146,6 +146,18 @@ def main() -> None:
         f"{base.attack_restarts} restarts per strategy (profile {base.attack_profile}); "
         f"load average at start {load[0]:.2f}.\n\n" + table + "\n"
     )
+
+
+def _entry(s: str) -> int | str:
+    """A row's entry: a search seed, or "seed:offset" for a row of several designs per seed."""
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
+def _entry_text(s: int | str) -> str:
+    if isinstance(s, int):
+        return f"search seed {s}"
+    seed, off = s.split(":")
+    return f"search seed {seed}, median {off}" if off != "+0" else f"search seed {seed}, median"
 
 
 def _progress(budget: str):
@@ -190,7 +202,7 @@ def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
         for s, d in sorted(per.items()):
             sec = [recs[b][d.key()]["security"][0] for b in budgets]
             lines.append(
-                f"| {label}, search seed {s}: `{cell_text(d.short())}` | security | "
+                f"| {label}, {_entry_text(s)}: `{cell_text(d.short())}` | security | "
                 + " | ".join(f"{x:.3f}" for x in sec)
                 + f" | {sec[0] - min(sec[1:]):+.3f} |"
             )

@@ -300,6 +300,11 @@ def experiment(
     fragments: int = typer.Option(3, help="fragments of the distributed designs (2-4)"),
     max_depth: int = typer.Option(6, help="fragment depths searched: 1 to this (<= 6)"),
     max_evals: int = typer.Option(16, help="distinct designs per search"),
+    middle_random: int = typer.Option(
+        5,
+        help="the random searches' N designs around the median, held out as one more "
+        "baseline row (odd; 1: the median design only)",
+    ),
     centralized_evals: int = typer.Option(16, help="distinct designs per centralized search"),
     budget_minutes: float | None = typer.Option(None, help="optional wall clock per search"),
     lam: float = typer.Option(1.0, "--lambda"),
@@ -351,6 +356,7 @@ def experiment(
             lam=lam,
             max_evals=max_evals,
             centralized_evals=centralized_evals,
+            middle_random=middle_random,
             budget_minutes=budget_minutes,
             workers=workers,
             ray_address=ray_address,

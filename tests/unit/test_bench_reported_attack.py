@@ -93,3 +93,11 @@ def test_bad_flags_are_refused(tmp_path):
     refused = _run("--result", str(old), "--rows", "even split into 2", "--out", str(bench_out))
     assert refused.returncode == 2
     assert "row 'even split into 2' names" in refused.stderr and "rerun" in refused.stderr
+
+    # a row of several designs per search seed (entries "seed:offset") is read too
+    mid = _run(
+        "--result", str(result), "--rows", "random (middle 5 designs)", "--out", str(bench_out)
+    )
+    assert mid.returncode == 0, mid.stderr
+    assert "| random (middle 5 designs), search seed 0, median: `" in mid.stdout
+    assert "| random (middle 5 designs), search seed 0, median +1: `" in mid.stdout

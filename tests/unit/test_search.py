@@ -376,6 +376,16 @@ def test_report_table_and_target_checks():
         row("random (median design)", 0.7, [0.69]),
     ]
     assert rows[2]["accuracy"][0] == pytest.approx(0.89)
+    # a row of several designs per search seed: entries "seed:offset", spread over designs
+    mid = table_row(
+        "random (middle 3 designs)",
+        {f"{s}:{o:+d}": _rec(0.7, [0.64 + 0.01 * o], 0.6, 0.5) for s in (0, 1) for o in (-1, 0, 1)},
+        None,
+        1.0,
+    )
+    assert mid["search_seeds"] == [0, 1] and len(mid["keys"]) == 6
+    assert mid["security"][1] > 0  # the designs differ; one seed's mean would hide it
+    assert target_checks([*rows, mid], 0.3)["middle_random_security_lower_beyond_spread"]
     # each seed's final design by its key too: the short form omits the entanglement
     assert rows[2]["keys"] == {str(s): f"k{0.88 + 0.01 * s}[0.62]" for s in (0, 1, 2)}
     assert rows[2]["in_search_reward"] == pytest.approx([0.85, statistics.pstdev([0.9, 0.8, 0.85])])
@@ -399,6 +409,19 @@ def test_report_table_and_target_checks():
     table = markdown_table(rows)
     assert table.count("\n") == 6
     assert "| engine (PPO) | 0: `x`<br>1: `x`<br>2: `x` | 0.660 ± 0.008 | 0.860 ± 0.008 |" in table
+
+
+def test_middle_designs_are_the_ones_around_the_median_by_reward():
+    from qumos.search.experiment import _median_design, middle_designs
+
+    recs = [{"key": k, "reward": r} for k, r in zip("abcdefg", (0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2))]
+    # by reward: c .1, g .2, e .3, a .5, d .7, f .8, b .9
+    mid = middle_designs(recs, 5)
+    assert {o: r["key"] for o, r in mid.items()} == {-2: "g", -1: "e", 0: "a", 1: "d", 2: "f"}
+    assert mid[0] is _median_design(recs)
+    assert [r["key"] for r in middle_designs(recs, 1).values()] == ["a"]
+    # fewer records than asked: all of them; an even count's median is the lower middle
+    assert {o: r["key"] for o, r in middle_designs(recs[:2], 5).items()} == {0: "a", 1: "b"}
 
 
 def test_median_in_search_counts_the_designs_that_clear_the_bars():
@@ -651,11 +674,18 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
         "even split into 2",
         "random (best by reward)",
         "random (median design)",
+        "random (middle 5 designs)",
         "regularized evolution",
         "engine (PPO)",
         "engine (PPO, sequential)",
     ]
     assert all(row["search_seeds"] == [0, 1] for row in st["rows"])
+    # the designs around the median: all 3 of each 3-design search, one entry per design;
+    # offset 0 is the median design
+    mid, med = st["rows"][5], st["rows"][4]
+    assert sorted(mid["keys"]) == [f"{s}:{o}" for s in (0, 1) for o in ("+0", "+1", "-1")]
+    assert all(mid["keys"][f"{s}:+0"] == med["keys"][str(s)] for s in (0, 1))
+    assert "middle_random_security_lower_beyond_spread" in st["checks"]
     # the all-in-one row: 2-fragment designs, a breach of the one provider is a full theft
     aio = st["rows"][1]
     assert all(d.count("-") == 1 for d in aio["designs"].values())
@@ -709,6 +739,8 @@ def test_tiny_experiment_end_to_end_on_digits_2_resumes(tmp_path):
         (["--search-seeds", "1,1"], "--search-seeds"),
         (["--fractions", "0"], "--fractions"),
         (["--hiding", "maybe"], "--hiding"),
+        (["--middle-random", "4"], "--middle-random: 4; allowed: an odd number"),
+        (["--middle-random", "0"], "--middle-random"),
         (["--gap-fractions", "0.01"], "--gap-fractions"),
         (["--methods", "ppo-warm"], "--warm-start"),
         (["--methods", "ppo-warm", "--warm-start", "nowhere"], "--warm-start"),

@@ -153,6 +153,9 @@ class ExperimentConfig:
     tournament: int = 3  # evolution
     warm_start: Path | None = None  # ppo-warm: another task's output dir (its policies/)
     hiding: tuple[bool, ...] = (False,)  # input hiding: off, on, or (False, True) the choice
+    # the random searches' N designs around the median (by in-search reward), held out as
+    # one more baseline row: firmer than the single median design, whose rank is noisy
+    middle_random: int = 5
 
     def validate(self, ecfg: EvalConfig) -> ExperimentConfig:
         """Raise QumosError naming the flag for inconsistent settings (before any work)."""
@@ -193,6 +196,11 @@ class ExperimentConfig:
             raise QumosError(
                 f"--max-evals: {self.max_evals}, --centralized-evals: "
                 f"{self.centralized_evals}; allowed: 1 or more"
+            )
+        if self.middle_random < 1 or self.middle_random % 2 == 0:
+            raise QumosError(
+                f"--middle-random: {self.middle_random}; allowed: an odd number, 1 or more "
+                "(1: the median design only)"
             )
         if self.rollout < 2:
             raise QumosError(f"--rollout: {self.rollout}; allowed: 2 or more")
@@ -363,6 +371,22 @@ def _median_design(records: list[dict]) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
+def middle_designs(records: list[dict], n: int) -> dict[int, dict]:
+    """The `n` records around the median by reward, by offset from it (0: the median
+    design of `_median_design`); fewer when the search has fewer records."""
+    ranked = sorted(records, key=lambda r: r["reward"])
+    mid = (len(ranked) - 1) // 2
+    return {
+        off: ranked[mid + off]
+        for off in range(-(n // 2), n // 2 + 1)
+        if 0 <= mid + off < len(ranked)
+    }
+
+
+def middle_label(n: int) -> str:
+    return f"random (middle {n} designs)"
+
+
 def run_task(
     task_name: str,
     cfg: ExperimentConfig,
@@ -397,7 +421,7 @@ def run_task(
         methods = cfg.methods if frac in cfg.fractions else ()
         e = ecfg.with_(attack_fraction=frac)
         log(f"[{task_name}] attacker budget: labelled fraction {frac}")
-        finals: dict[str, dict[int, Design]] = {
+        finals: dict[str, dict[int | str, Design]] = {
             CENTRALIZED_K1: cen_best,
             f"even split into {cfg.n_fragments}": {
                 s: even_split(d, cfg.n_fragments) for s, d in cen_best.items()
@@ -420,6 +444,13 @@ def run_task(
                     s: Design.model_validate(_median_design(res["records"])["design"])
                     for s, res in searches[m].items()
                 }
+                if cfg.middle_random > 1:
+                    # one entry per design ("seed:offset"): its spread is over designs
+                    finals[middle_label(cfg.middle_random)] = {
+                        f"{s}:{off:+d}": Design.model_validate(r["design"])
+                        for s, res in searches[m].items()
+                        for off, r in middle_designs(res["records"], cfg.middle_random).items()
+                    }
         log(f"[{task_name}] held-out evaluation on seeds {list(cfg.heldout_seeds)}")
         unique = {d.key(): d for per in (*finals.values(), ceil_best) for d in per.values()}
         held = {r["key"]: r for r in tr.heldout(list(unique.values()), e)}

@@ -69,9 +69,10 @@ def mean_std(values: list[float]) -> list[float | None]:
 
 
 def table_row(
-    label: str, held: dict[int, dict], in_search: dict[int, float] | None, lam: float
+    label: str, held: dict[int | str, dict], in_search: dict[int, float] | None, lam: float
 ) -> dict:
-    """Mean ± std over search seeds of the held-out figures of each seed's final design."""
+    """Mean ± std over search seeds of the held-out figures of each seed's final design;
+    over designs for a row of several designs per seed (keys "seed:offset")."""
     recs = list(held.values())
     return {
         "method": label,
@@ -87,7 +88,7 @@ def table_row(
         "S": mean_std([r["S"][0] for r in recs]),
         "eval_seed_std_security": mean_std([r["security"][1] for r in recs])[0],
         "in_search_reward": mean_std(list(in_search.values())) if in_search else [None, None],
-        "search_seeds": sorted(held),
+        "search_seeds": sorted({int(str(s).split(":")[0]) for s in held}),
     }
 
 
@@ -167,6 +168,10 @@ def target_checks(rows: list[dict], value_gap: float) -> dict:
     med = by.get("random (median design)")
     if med:
         out["median_random_security_lower_beyond_spread"] = _apart(eng["security"], med["security"])
+    mid = next((r for r in rows if r["method"].startswith("random (middle ")), None)
+    if mid:
+        # the same clause against the designs around the median (spread over designs)
+        out["middle_random_security_lower_beyond_spread"] = _apart(eng["security"], mid["security"])
     rnd = by.get(method_label("random"))
     if rnd:
         out["engine_reward_minus_random"] = eng["reward"][0] - rnd["reward"][0]
