@@ -276,7 +276,10 @@ def write_report(out: Path, command: str | None = None) -> Path:
         "(the formula before threat model v2); security = 1 - max_j clip((A_j - S) / "
         "(acc - S), 0, 1); theft ratio = max_j A_j / acc. In-search reward: the "
         "winner's reward on the search's own seeds (biased upwards: it selected the "
-        "design).\n",
+        "design). The row random (middle N designs) is the exception: its figures are over "
+        "designs, the N around each random search's median by in-search reward (entries "
+        "seed:offset; offset 0 is the median design), so its spread is the spread of the "
+        "designs a random search draws near its median.\n",
     ]
     for res in results:
         c, e = res["config"], res["eval_config"]
