@@ -56,10 +56,12 @@ from qumos.search.evaluator import EvalCache, EvalConfig, Evaluator, reward
 from qumos.search.report import (
     ALL_IN_ONE,
     CENTRALIZED_K1,
+    MEDIAN_RANDOM,
     all_in_one,
     mean_std,
     median_in_search,
     method_label,
+    middle_label,
     table_row,
     target_checks,
 )
@@ -383,10 +385,6 @@ def middle_designs(records: list[dict], n: int) -> dict[int, dict]:
     }
 
 
-def middle_label(n: int) -> str:
-    return f"random (middle {n} designs)"
-
-
 def run_task(
     task_name: str,
     cfg: ExperimentConfig,
@@ -440,7 +438,7 @@ def run_task(
                 finals[label][s] = Design.model_validate(best["design"])
                 in_search[label][s] = best["reward"]
             if m == "random":
-                finals["random (median design)"] = {
+                finals[MEDIAN_RANDOM] = {
                     s: Design.model_validate(_median_design(res["records"])["design"])
                     for s, res in searches[m].items()
                 }

@@ -14,6 +14,13 @@ ENGINE = "ppo"  # the method the targets are checked for
 VALUE_GAP_MIN = 0.15
 CENTRALIZED_K1 = "centralized search (K=1, lambda=0)"
 ALL_IN_ONE = "centralized, {k}-fragment architectures on one provider (lambda=0)"
+MEDIAN_RANDOM = "random (median design)"
+MIDDLE_RANDOM = re.compile(r"random \(middle (\d+) designs\)")
+
+
+def middle_label(n: int) -> str:
+    """The row of the random searches' `n` designs around the median (`MIDDLE_RANDOM`)."""
+    return f"random (middle {n} designs)"
 
 
 def all_in_one(rec: dict) -> dict:
@@ -165,10 +172,10 @@ def target_checks(rows: list[dict], value_gap: float) -> dict:
             "even_split_security_lower_beyond_spread": _apart(eng["security"], split["security"]),
         }
     )
-    med = by.get("random (median design)")
+    med = by.get(MEDIAN_RANDOM)
     if med:
         out["median_random_security_lower_beyond_spread"] = _apart(eng["security"], med["security"])
-    mid = next((r for r in rows if r["method"].startswith("random (middle ")), None)
+    mid = next((r for r in rows if MIDDLE_RANDOM.fullmatch(r["method"])), None)
     if mid:
         # the same clause against the designs around the median (spread over designs)
         out["middle_random_security_lower_beyond_spread"] = _apart(eng["security"], mid["security"])
