@@ -420,7 +420,7 @@ def run_task(
         e = ecfg.with_(attack_fraction=frac)
         log(f"[{task_name}] attacker budget: labelled fraction {frac}")
         finals: dict[str, dict[int | str, Design]] = {
-            CENTRALIZED_K1: cen_best,
+            CENTRALIZED_K1: {s: d for s, d in cen_best.items()},
             f"even split into {cfg.n_fragments}": {
                 s: even_split(d, cfg.n_fragments) for s, d in cen_best.items()
             },
@@ -450,7 +450,8 @@ def run_task(
                         for off, r in middle_designs(res["records"], cfg.middle_random).items()
                     }
         log(f"[{task_name}] held-out evaluation on seeds {list(cfg.heldout_seeds)}")
-        unique = {d.key(): d for per in (*finals.values(), ceil_best) for d in per.values()}
+        every = [d for per in finals.values() for d in per.values()] + list(ceil_best.values())
+        unique = {d.key(): d for d in every}
         held = {r["key"]: r for r in tr.heldout(list(unique.values()), e)}
         rows = [
             table_row(

@@ -76,7 +76,10 @@ def mean_std(values: list[float]) -> list[float | None]:
 
 
 def table_row(
-    label: str, held: dict[int | str, dict], in_search: dict[int, float] | None, lam: float
+    label: str,
+    held: dict[int, dict] | dict[int | str, dict],
+    in_search: dict[int, float] | None,
+    lam: float,
 ) -> dict:
     """Mean ± std over search seeds of the held-out figures of each seed's final design;
     over designs for a row of several designs per seed (keys "seed:offset")."""
