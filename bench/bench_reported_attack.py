@@ -154,10 +154,12 @@ def _entry(s: str) -> int | str:
 
 
 def _entry_text(s: int | str) -> str:
+    from qumos.search.report import entry_seed
+
     if isinstance(s, int):
         return f"search seed {s}"
-    seed, off = s.split(":")
-    return f"search seed {seed}, median {off}" if off != "+0" else f"search seed {seed}, median"
+    off = s.split(":")[1]
+    return f"search seed {entry_seed(s)}, median" + ("" if off == "+0" else f" {off}")
 
 
 def _progress(budget: str):

@@ -369,13 +369,13 @@ def _best_design(search: dict) -> Design:
 
 
 def _median_design(records: list[dict]) -> dict:
-    ranked = sorted(records, key=lambda r: r["reward"])
-    return ranked[(len(ranked) - 1) // 2]
+    """The median record by reward (the lower middle for an even count)."""
+    return middle_designs(records, 1)[0]
 
 
 def middle_designs(records: list[dict], n: int) -> dict[int, dict]:
     """The `n` records around the median by reward, by offset from it (0: the median
-    design of `_median_design`); fewer when the search has fewer records."""
+    design); fewer when the search has fewer records."""
     ranked = sorted(records, key=lambda r: r["reward"])
     mid = (len(ranked) - 1) // 2
     return {

@@ -18,6 +18,11 @@ MEDIAN_RANDOM = "random (median design)"
 MIDDLE_RANDOM = re.compile(r"random \(middle (\d+) designs\)")
 
 
+def entry_seed(entry: int | str) -> int:
+    """The search seed of a row's entry: a seed, or "seed:offset" in the middle row."""
+    return int(str(entry).split(":")[0])
+
+
 def middle_label(n: int) -> str:
     """The row of the random searches' `n` designs around the median (`MIDDLE_RANDOM`)."""
     return f"random (middle {n} designs)"
@@ -98,7 +103,7 @@ def table_row(
         "S": mean_std([r["S"][0] for r in recs]),
         "eval_seed_std_security": mean_std([r["security"][1] for r in recs])[0],
         "in_search_reward": mean_std(list(in_search.values())) if in_search else [None, None],
-        "search_seeds": sorted({int(str(s).split(":")[0]) for s in held}),
+        "search_seeds": sorted({entry_seed(s) for s in held}),
     }
 
 
