@@ -172,14 +172,26 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
         "short": design.short(),
         "key": design.key(),
         "n_fragments": len(design.fragments),
-        "seeds": list(cfg.seeds),
         "fingerprint": cfg.fingerprint(),
         "attacked": cfg.attacks,
+        **summarize(per_seed),
+    }
+    rec["seconds"] = time.perf_counter() - t0
+    rec["pid"] = os.getpid()
+    return rec
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """A record's figures (mean, population std over its evaluation seeds) from its
+    per-seed rows; the attack figures when the rows carry them. `pool_records` calls it
+    on the rows of several records of one design."""
+    out: dict = {
+        "seeds": [r["seed"] for r in per_seed],
         "victim_acc": _ms([r["victim_acc"] for r in per_seed]),
     }
-    if cfg.attacks:
+    if "attacker_acc" in per_seed[0]:
         k = len(per_seed[0]["attacker_acc"])
-        rec.update(
+        out.update(
             scratch_acc=_ms([r["scratch"] for r in per_seed]),
             S=_ms([r["S"] for r in per_seed]),
             S_reference=[r["S_reference"] for r in per_seed],
@@ -192,10 +204,30 @@ def evaluate_design(job: tuple[dict, EvalConfig]) -> dict:
             worst_leak=_ms([max(r["leak"]) for r in per_seed]),
             security=_ms([r["security"] for r in per_seed]),
         )
-    rec["per_seed"] = per_seed
-    rec["seconds"] = time.perf_counter() - t0
-    rec["pid"] = os.getpid()
-    return rec
+    out["per_seed"] = per_seed
+    return out
+
+
+def pool_records(recs: list[dict]) -> dict:
+    """One design's held-out records on disjoint evaluation seeds (the same design, the
+    same attacker budget: the caller's to check) as one record over all their seeds: the
+    per-seed rows joined and summarized again. Refuses records of different designs, a
+    mix of attacked and unattacked ones, or overlapping seeds (ValueError)."""
+    keys = {r["key"] for r in recs}
+    if len(keys) != 1:
+        raise ValueError(f"records of different designs: {sorted(keys)}")
+    attacked = {bool(r["attacked"]) for r in recs}
+    if len(attacked) != 1:
+        raise ValueError("records with and without attacks")
+    seeds = [s for r in recs for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"overlapping evaluation seeds: {sorted(seeds)}")
+    per_seed = [row for r in recs for row in r["per_seed"]]
+    return {
+        **{k: v for k, v in recs[0].items() if k not in ("seconds", "pid")},
+        "fingerprint": "+".join(r["fingerprint"] for r in recs),
+        **summarize(per_seed),
+    }
 
 
 def _attacked(rec: dict, lam: float) -> None:
