@@ -13,7 +13,13 @@ std over search seeds) and the largest drop of a row's mean security.
         [--fraction 0.01] [--rows "engine (PPO),random (median design)"] [--workers 2] \
         [--out results/reported-attack/digits-4-0.01]
 
-Resumable: the stronger budgets' evaluations are cached in OUT/cache.jsonl; the table
+With `--result` given twice or more (the same experiment rerun on disjoint held-out
+seeds, as `bench/pool_heldout.py` pools them), each run's designs are re-evaluated on its
+own held-out seeds and every figure is pooled over all of them: one record per design and
+budget over every seed (`evaluator.pool_records`).
+
+Resumable: the stronger budgets' evaluations are cached in OUT/cache.jsonl (a fresh OUT
+can start from the caches of earlier reports on the same seeds, concatenated); the table
 goes to OUT/README.md.
 """
 
@@ -37,18 +43,33 @@ def main() -> None:
     from qumos.spec import Design
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--result", required=True, help="a task's result.json of qumos experiment")
+    ap.add_argument(
+        "--result",
+        action="append",
+        required=True,
+        help="a task's result.json of qumos experiment; twice or more: the same experiment "
+        "on disjoint held-out seeds, pooled",
+    )
     ap.add_argument("--fraction", type=float, help="the setting (default: the first)")
     ap.add_argument("--rows", default="engine (PPO)", help="comma-separated table rows")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", help="default results/reported-attack/TASK-FRACTION")
+    ap.add_argument("--out", help="default results/reported-attack/TASK-FRACTION[-pooled]")
     args = ap.parse_args()
     if args.workers < 1:
         ap.error(f"--workers: {args.workers}; allowed: 1 or more")
 
-    result_path = Path(args.result)
-    if not result_path.is_file():
-        ap.error(f"--result: {result_path} is not a file")
+    paths = [Path(p) for p in args.result]
+    for p in paths:
+        if not p.is_file():
+            ap.error(f"--result: {p} is not a file")
+    if len(paths) > 1:
+        from qumos.search.pooled import load_run, same_experiment
+
+        try:
+            same_experiment([load_run(p, args.fraction) for p in paths])
+        except ValueError as e:
+            ap.error(f"--result: {e}")
+    result_path = paths[0]
     res = json.loads(result_path.read_text())
     settings = res["settings"]
     if args.fraction is None:
@@ -67,20 +88,33 @@ def main() -> None:
     if unknown:
         ap.error(f"--rows: {unknown} not in this setting; rows: {sorted(rows)}")
     frac = setting["fraction"]
-    heldout = tuple(res["config"]["heldout_seeds"])
     lam = res["config"]["lam"]
     ec = res["eval_config"]
     ecfg = EvalConfig(**{**ec, "seeds": tuple(ec["seeds"]), "strategies": tuple(ec["strategies"])})
-    base = ecfg.with_(attack_fraction=frac, seeds=heldout)
-    budgets = {
-        "default": base,
-        "2x steps": base.with_(attack_epochs=2 * base.attack_epochs),
-        "2x restarts": base.with_(attack_restarts=2 * base.attack_restarts),
-    }
-    out = Path(args.out or ROOT / "results" / "reported-attack" / f"{res['task']}-{frac:g}")
+    # one run per result.json: its held-out seeds, its budgets, its experiment's cache
+    runs = []
+    for p in paths:
+        held = tuple(json.loads(p.read_text())["config"]["heldout_seeds"])
+        base_p = ecfg.with_(attack_fraction=frac, seeds=held)
+        runs.append(
+            (
+                held,
+                {
+                    "default": base_p,
+                    "2x steps": base_p.with_(attack_epochs=2 * base_p.attack_epochs),
+                    "2x restarts": base_p.with_(attack_restarts=2 * base_p.attack_restarts),
+                },
+                EvalCache(p.parent / "cache.jsonl"),
+            )
+        )
+    heldout = tuple(s for held, _, _ in runs for s in held)
+    base = runs[0][1]["default"]
+    budget_names = list(runs[0][1])
+    suffix = "-pooled" if len(paths) > 1 else ""
+    out = Path(args.out or ROOT / "results" / "reported-attack" / f"{res['task']}-{frac:g}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     # the default figures are the experiment's own records (its cache); never recomputed
-    exp_cache = EvalCache(result_path.parent / "cache.jsonl")
+    exp_cache = runs[0][2]
     # the experiment's held-out records (at the default budget) by design key; a row names
     # its designs by key, or (result.json files written before keys) by short form, which
     # omits the entanglement
@@ -119,33 +153,52 @@ def main() -> None:
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     cache = EvalCache(out / "cache.jsonl")
     executor = make_executor(args.workers)
-    recs: dict[str, dict[str, dict]] = {
-        "default": {k: exp_cache.get(d, base) for k, d in unique.items()}
-    }
-    for bname, cfg in budgets.items():
-        if bname == "default":
-            continue
-        ev = Evaluator(cfg, lam, cache, executor, on_record=_progress(bname))
-        todo = [d for d in unique.values() if cache.get(d, cfg) is None]
-        print(
-            f"{bname}: {len(todo)} of {len(unique)} designs to evaluate on seeds {list(heldout)}",
-            flush=True,
-        )
-        got = ev.evaluate_many(list(unique.values()))
-        recs[bname] = {r["key"]: r for r in got}
-    table = render(designs, recs, lam, list(budgets))
+    per_run: list[dict[str, dict[str, dict]]] = []
+    for held, budgets, run_cache in runs:
+        got_run: dict[str, dict[str, dict]] = {}
+        for bname, cfg in budgets.items():
+            if bname == "default":
+                got_run[bname] = {}
+                for k, d in unique.items():
+                    rec = run_cache.get(d, cfg)
+                    if rec is None:
+                        ap.error(f"--result: a run lacks the held-out record of {d.short()}")
+                    got_run[bname][k] = rec
+                continue
+            ev = Evaluator(cfg, lam, cache, executor, on_record=_progress(bname))
+            todo = [d for d in unique.values() if cache.get(d, cfg) is None]
+            print(
+                f"{bname}: {len(todo)} of {len(unique)} designs to evaluate on seeds {list(held)}",
+                flush=True,
+            )
+            got = ev.evaluate_many(list(unique.values()))
+            got_run[bname] = {r["key"]: r for r in got}
+        per_run.append(got_run)
+    recs = {b: {k: _pooled([g[b][k] for g in per_run]) for k in unique} for b in budget_names}
+    table = render(designs, recs, lam, budget_names)
     print(table)
     (out / "README.md").write_text(
         f"# {res['task']}, labelled fraction {frac:g}: the reported designs under a stronger "
         "attacker\n\n"
-        f"Command: `python bench/bench_reported_attack.py --result {result_path} --fraction "
+        "Command: `python bench/bench_reported_attack.py "
+        + " ".join(f"--result {p}" for p in paths)
+        + " --fraction "
         f'{frac:g} --rows "{args.rows}" --workers {args.workers}'
         + (f" --out {args.out}" if args.out else "")
         + "`\n\n"
-        f"Held-out seeds {list(heldout)}; default attacker {base.attack_epochs} steps x "
+        f"Held-out seeds {list(heldout)}"
+        + (" (pooled over the runs)" if len(paths) > 1 else "")
+        + f"; default attacker {base.attack_epochs} steps x "
         f"{base.attack_restarts} restarts per strategy (profile {base.attack_profile}); "
         f"load average at start {load[0]:.2f}.\n\n" + table + "\n"
     )
+
+
+def _pooled(recs: list[dict]) -> dict:
+    """One design's records of one budget: itself, or pooled over disjoint seed sets."""
+    from qumos.search.evaluator import pool_records
+
+    return recs[0] if len(recs) == 1 else pool_records(recs)
 
 
 def _entry(s: str) -> int | str:
@@ -175,6 +228,7 @@ def _progress(budget: str):
 
 def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
     from qumos.search.evaluator import reward
+    from qumos.search.pooled import margins
     from qumos.search.report import cell_text, mean_std
 
     lines = [
@@ -208,6 +262,33 @@ def render(designs: dict, recs: dict, lam: float, budgets: list[str]) -> str:
                 + " | ".join(f"{x:.3f}" for x in sec)
                 + f" | {sec[0] - min(sec[1:]):+.3f} |"
             )
+    # the first target's clauses under each budget: the engine above each baseline row by
+    # more than the spread (the sum of the two stds over search seeds)
+    per_budget = [
+        margins(
+            [
+                {
+                    "method": label,
+                    "security": list(
+                        mean_std([recs[b][d.key()]["security"][0] for d in per.values()])
+                    ),
+                }
+                for label, per in designs.items()
+            ]
+        )
+        for b in budgets
+    ]
+    for base_row in per_budget[0]:
+        lines.append(
+            f"| engine - {base_row} | security above it (spread) | "
+            + " | ".join(
+                f"{m[base_row][0]:.3f} ({m[base_row][1]:.3f}, "
+                + ("beyond" if m[base_row][0] > m[base_row][1] else "INSIDE")
+                + ")"
+                for m in per_budget
+            )
+            + " | |"
+        )
     lines += [
         "",
         f"Largest drop of a row's mean held-out security under the stronger budgets: "

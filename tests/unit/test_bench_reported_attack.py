@@ -1,8 +1,10 @@
 """bench/bench_reported_attack.py: bad flags are refused before any work; on a tiny
 experiment it re-evaluates the reported designs on the held-out seeds under twice the
-attacker's steps and restarts, prints the table, and a rerun evaluates nothing again."""
+attacker's steps and restarts, prints the table, and a rerun evaluates nothing again;
+given the same experiment on two disjoint sets of held-out seeds, it pools them."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +25,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _tiny_experiment(out: Path) -> Path:
+def _tiny_experiment(out: Path, heldout: str = "100") -> Path:
     from qumos.cli import app
     from typer.testing import CliRunner
 
     args = [
         *"experiment --tasks digits-2 --fractions 0.05 --methods random".split(),
-        *"--search-seeds 0 --heldout-seeds 100 --max-evals 2 --centralized-evals 1".split(),
+        *f"--search-seeds 0 --heldout-seeds {heldout} --max-evals 2".split(),
+        *"--centralized-evals 1".split(),
         *("--out", str(out), "--json", *TINY),
     ]
     r = CliRunner().invoke(app, args)
@@ -101,3 +104,49 @@ def test_bad_flags_are_refused(tmp_path):
     assert mid.returncode == 0, mid.stderr
     assert "| random (middle 5 designs), search seed 0, median: `" in mid.stdout
     assert "| random (middle 5 designs), search seed 0, median +1: `" in mid.stdout
+
+
+def test_two_held_out_seed_sets_are_pooled(tmp_path):
+    first = _tiny_experiment(tmp_path / "a", "100")
+    # the same experiment rerun into a copy of its output on another held-out seed
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second = _tiny_experiment(tmp_path / "b", "101")
+    refused = _run("--result", str(first), "--result", str(first))
+    assert refused.returncode == 2 and "--result:" in refused.stderr
+    assert "held-out seeds [100] used by another run" in refused.stderr
+
+    out = tmp_path / "pooled"
+    rows = "random (best by reward),even split into 2"
+    args = ["--result", str(first), "--result", str(second), "--rows", rows, "--workers", "1"]
+    r = _run(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    # each run's designs on its own held-out seeds, under each stronger budget
+    assert "2x steps: 2 of 2 designs to evaluate on seeds [100]" in r.stdout
+    assert "2x steps: 2 of 2 designs to evaluate on seeds [101]" in r.stdout
+    cached = [json.loads(line) for line in (out / "cache.jsonl").read_text().splitlines()]
+    assert sorted(rec["seeds"][0] for rec in cached) == [100] * 4 + [101] * 4
+    readme = (out / "README.md").read_text()
+    assert "Held-out seeds [100, 101] (pooled over the runs)" in readme
+    assert f"--result {first} --result {second}" in readme
+
+    # the pooled default figure is the mean over both seeds of each run's own record
+    from qumos.search.evaluator import EvalCache, EvalConfig
+
+    res = json.loads(first.read_text())
+    even = next(x for x in res["settings"][0]["rows"] if x["method"] == "even split into 2")
+    ec = res["eval_config"]
+    cfg = EvalConfig(**{**ec, "seeds": tuple(ec["seeds"]), "strategies": tuple(ec["strategies"])})
+    secs = []
+    for path, seed in ((first, 100), (second, 101)):
+        recs = EvalCache(path.parent / "cache.jsonl").records.values()
+        want = cfg.with_(attack_fraction=0.05, seeds=(seed,)).fingerprint()
+        secs += [
+            x["security"][0]
+            for x in recs
+            if x["key"] == even["keys"]["0"] and x["fingerprint"] == want
+        ]
+    assert len(secs) == 2
+    line = next(
+        x for x in r.stdout.splitlines() if x.startswith("| even split into 2 | security |")
+    )
+    assert line.split("|")[3].strip().startswith(f"{(secs[0] + secs[1]) / 2:.3f}")

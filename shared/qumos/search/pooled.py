@@ -79,7 +79,9 @@ def load_run(path: Path, fraction: float | None) -> Run:
     return Run(path, res, setting, records)
 
 
-def _same_experiment(runs: list[Run]) -> None:
+def same_experiment(runs: list[Run]) -> None:
+    """ValueError unless `runs` are one experiment (task, configuration, fraction, rows and
+    their designs) on disjoint sets of held-out seeds."""
     first = runs[0]
 
     def conf(r: Run) -> dict:
@@ -133,7 +135,7 @@ def pool(runs: list[Run]) -> dict:
     rows, value gap, target checks and clause margins, as `run_task` computes them."""
     if len(runs) < 2:
         raise ValueError("pooling needs two runs or more")
-    _same_experiment(runs)
+    same_experiment(runs)
     first = runs[0]
     lam = first.result["config"]["lam"]
     ceil_label = ALL_IN_ONE.format(k=first.result["config"]["n_fragments"])
